@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine (see README):
+#   make run    set up, build, and run the main job on MNIST
+#   make test   set up (with the test services), then run every check and test
+# Everything downloaded or built is cached under ~/.cache/defuse (DEFUSE_CACHE).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+ENV := . ./env.sh
+RUN_OUT ?= runs/mnist
+
+.PHONY: setup setup-test build release run test lint fmt
+
+setup:
+	deploy/setup.sh
+
+setup-test:
+	deploy/setup.sh --test
+
+build: setup
+	$(ENV) && cargo build --workspace
+
+release: setup
+	$(ENV) && cargo build --release -p defuse
+
+# The main job. Until `defuse run` lands this trains the two built-in models.
+run: release
+	$(ENV) && "$$CARGO_TARGET_DIR/release/defuse" train classifier --data data/mnist --out $(RUN_OUT)/classifier.safetensors
+	$(ENV) && "$$CARGO_TARGET_DIR/release/defuse" train vae --data data/mnist --out $(RUN_OUT)/vae.safetensors
+
+lint: setup
+	$(ENV) && cargo fmt --all --check
+	$(ENV) && cargo clippy --workspace --all-targets -- -D warnings
+
+test: setup-test lint
+	$(ENV) && cargo nextest run --workspace --no-fail-fast
+
+fmt:
+	cargo fmt --all

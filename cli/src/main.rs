@@ -1,0 +1,248 @@
+//! `defuse`: the command-line front of Defuse.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use defuse_core::data::DataSpec;
+use defuse_core::models::{parse_device, Classifier, CnnArch, Vae, VaeArch};
+use defuse_core::train::{self, TrainOptions};
+
+mod logging;
+
+#[derive(Parser)]
+#[command(
+    name = "defuse",
+    version,
+    about = "Find and fix the systematic failures of image classifiers"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text (also: DEFUSE_LOG_FORMAT=json). Levels: RUST_LOG.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a built-in model on a dataset.
+    Train {
+        #[command(subcommand)]
+        what: TrainWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainWhat {
+    /// The built-in CNN classifier.
+    Classifier {
+        #[command(flatten)]
+        common: TrainArgs,
+        /// Width of the first convolution.
+        #[arg(long, default_value_t = 32)]
+        width: i64,
+    },
+    /// The built-in convolutional VAE.
+    Vae {
+        #[command(flatten)]
+        common: TrainArgs,
+        /// Latent size.
+        #[arg(long, default_value_t = 10)]
+        latent: i64,
+        /// Weight of the KL term (1 = plain VAE).
+        #[arg(long, default_value_t = 1.0)]
+        beta: f64,
+        /// Width of the first convolution.
+        #[arg(long, default_value_t = 32)]
+        width: i64,
+        /// Size of the hidden linear layer.
+        #[arg(long, default_value_t = 256)]
+        hidden: i64,
+        /// Where to write a PNG of test inputs above their reconstructions
+        /// (default: next to --out, `<out>.recon.png`).
+        #[arg(long)]
+        grid: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset folder (IDX files or <class>/ image folders).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output model file (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Multiply the learning rate by this after every epoch.
+    #[arg(long, default_value_t = 0.7)]
+    lr_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Use only the first N training images (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit_train: usize,
+    /// Stop each epoch after N batches (0 = all).
+    #[arg(long, default_value_t = 0)]
+    max_batches: usize,
+}
+
+impl TrainArgs {
+    fn options(&self, default_epochs: usize) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs.unwrap_or(default_epochs),
+            batch_size: self.batch,
+            lr: self.lr,
+            seed: self.seed,
+            max_batches: self.max_batches,
+            lr_decay: self.lr_decay,
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<defuse_core::data::Dataset> {
+        let mut spec = DataSpec::from_path(&self.data);
+        spec.limit_train = self.limit_train;
+        let ds = spec.load()?;
+        tracing::info!(
+            dataset = %ds.name, train = ds.train.len(), test = ds.test.len(), classes = ds.num_classes(),
+            shape = ?ds.image_shape(), "dataset loaded"
+        );
+        Ok(ds)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_json);
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Exit codes: 0 success, 1 a failure while running, 2 bad input (usage, config, data
+/// or model files): fix the input and run again.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<defuse_core::Error>() {
+        Some(defuse_core::Error::Torch(_)) | Some(defuse_core::Error::Io { .. }) => 1,
+        Some(_) => 2,
+        None => 1,
+    }
+}
+
+fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Train { what } => train_cmd(what),
+    }
+}
+
+fn train_cmd(what: TrainWhat) -> anyhow::Result<()> {
+    match what {
+        TrainWhat::Classifier { common, width } => {
+            let device = parse_device(&common.device)?;
+            let ds = common.load()?;
+            tch::manual_seed(common.seed as i64);
+            let [c, h, w] = ds.image_shape();
+            let arch = CnnArch {
+                channels: c,
+                height: h,
+                width: w,
+                num_classes: ds.num_classes() as i64,
+                width_base: width,
+            };
+            let mut clf = Classifier::new_builtin(arch, device)?;
+            let started = std::time::Instant::now();
+            let history = train::train_classifier(&ds, &mut clf, &common.options(4))?;
+            create_parent(&common.out)?;
+            clf.save(&common.out)?;
+            let last = history.last().expect("at least one epoch");
+            let summary = serde_json::json!({
+                "model": "classifier", "dataset": ds.name, "out": common.out,
+                "test_accuracy": last.test_accuracy, "epochs": history,
+                "seconds": started.elapsed().as_secs_f64(),
+            });
+            write_json(&common.out.with_extension("json"), &summary)?;
+            println!(
+                "classifier: test accuracy {:.2}% after {} epochs ({:.0} s); saved {}",
+                100.0 * last.test_accuracy,
+                history.len(),
+                started.elapsed().as_secs_f64(),
+                common.out.display()
+            );
+        }
+        TrainWhat::Vae {
+            common,
+            latent,
+            beta,
+            width,
+            hidden,
+            grid,
+        } => {
+            let device = parse_device(&common.device)?;
+            let ds = common.load()?;
+            tch::manual_seed(common.seed as i64);
+            let [c, h, w] = ds.image_shape();
+            let arch = VaeArch {
+                channels: c,
+                height: h,
+                width: w,
+                latent,
+                width_base: width,
+                hidden,
+                beta,
+            };
+            if latent < 1 || !(beta.is_finite() && beta >= 0.0) {
+                anyhow::bail!(defuse_core::Error::invalid(
+                    "vae",
+                    "latent must be >= 1 and beta >= 0"
+                ));
+            }
+            let mut vae = Vae::new_builtin(arch, device)?;
+            let started = std::time::Instant::now();
+            let history = train::train_vae(&ds, &mut vae, &common.options(10))?;
+            create_parent(&common.out)?;
+            vae.save(&common.out)?;
+            let grid = grid.unwrap_or_else(|| common.out.with_extension("recon.png"));
+            let x = ds.test.images(0..16.min(ds.test.len()), device);
+            let recon = train::reconstruct(&vae, &x)?;
+            defuse_core::images::write_grid(&grid, &[x, recon], 3)?;
+            let last = history.last().expect("at least one epoch");
+            let summary = serde_json::json!({
+                "model": "vae", "dataset": ds.name, "out": common.out, "latent": latent, "beta": beta,
+                "test_reconstruction": last.test_reconstruction, "test_kl": last.test_kl,
+                "epochs": history, "grid": grid, "seconds": started.elapsed().as_secs_f64(),
+            });
+            write_json(&common.out.with_extension("json"), &summary)?;
+            println!(
+                "vae: test reconstruction {:.2} + KL {:.2} per image after {} epochs ({:.0} s); saved {}, grid {}",
+                last.test_reconstruction, last.test_kl, history.len(), started.elapsed().as_secs_f64(),
+                common.out.display(), grid.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn create_parent(path: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,436 @@
+//! Datasets: labelled images with a train and a test split, read from IDX files
+//! (MNIST, Fashion-MNIST, the 32x32 GTSRB copy) or from an image-folder layout.
+//! Pixels are kept as bytes (HWC) and become float32 NCHW in [0,1] one batch at a time.
+mod folder;
+pub mod idx;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Which split of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitName {
+    Train,
+    #[default]
+    Test,
+}
+
+impl std::fmt::Display for SplitName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SplitName::Train => "train",
+            SplitName::Test => "test",
+        })
+    }
+}
+
+/// One split: `len` images of the dataset's shape, stored HWC as bytes.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub images: Vec<u8>,
+    pub labels: Vec<i64>,
+    /// bytes per image (H * W * C)
+    stride: usize,
+    shape: [usize; 3],
+}
+
+impl Split {
+    fn new(images: Vec<u8>, labels: Vec<i64>, shape: [usize; 3]) -> Self {
+        let stride = shape.iter().product();
+        debug_assert_eq!(images.len(), stride * labels.len());
+        Split {
+            images,
+            labels,
+            stride,
+            shape,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Images `range` as float32 NCHW in [0,1] on `device`.
+    pub fn images(&self, range: Range<usize>, device: Device) -> Tensor {
+        let bytes = &self.images[range.start * self.stride..range.end * self.stride];
+        self.to_tensor(bytes, range.len(), device)
+    }
+
+    /// The images at `indices` (any order, repeats allowed) as float32 NCHW in [0,1].
+    pub fn gather(&self, indices: &[usize], device: Device) -> Tensor {
+        let mut bytes = Vec::with_capacity(indices.len() * self.stride);
+        for &i in indices {
+            bytes.extend_from_slice(&self.images[i * self.stride..(i + 1) * self.stride]);
+        }
+        self.to_tensor(&bytes, indices.len(), device)
+    }
+
+    pub fn labels(&self, range: Range<usize>, device: Device) -> Tensor {
+        Tensor::from_slice(&self.labels[range]).to_device(device)
+    }
+
+    pub fn gather_labels(&self, indices: &[usize], device: Device) -> Tensor {
+        let v: Vec<i64> = indices.iter().map(|&i| self.labels[i]).collect();
+        Tensor::from_slice(&v).to_device(device)
+    }
+
+    fn to_tensor(&self, bytes: &[u8], n: usize, device: Device) -> Tensor {
+        let [h, w, c] = self.shape;
+        Tensor::from_slice(bytes)
+            .view([n as i64, h as i64, w as i64, c as i64])
+            .to_device(device)
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 255.0
+    }
+
+    /// Keeps the first `n` images (for quick runs and tests).
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(self.len());
+        self.labels.truncate(n);
+        self.images.truncate(n * self.stride);
+    }
+}
+
+/// A labelled image dataset.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub class_names: Vec<String>,
+    /// channels, height, width
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub train: Split,
+    pub test: Split,
+}
+
+impl Dataset {
+    pub fn num_classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    pub fn split(&self, which: SplitName) -> &Split {
+        match which {
+            SplitName::Train => &self.train,
+            SplitName::Test => &self.test,
+        }
+    }
+
+    /// `[C, H, W]`, the shape every model of this dataset takes.
+    pub fn image_shape(&self) -> [i64; 3] {
+        [self.channels as i64, self.height as i64, self.width as i64]
+    }
+
+    /// The class name, or the class id as text when the dataset has no names.
+    pub fn class_name(&self, class: i64) -> String {
+        usize::try_from(class)
+            .ok()
+            .and_then(|c| self.class_names.get(c).cloned())
+            .unwrap_or_else(|| class.to_string())
+    }
+
+    /// Index ranges of at most `shard_size` images covering `split`: what a shard is.
+    pub fn shards(&self, which: SplitName, shard_size: usize) -> Vec<Range<usize>> {
+        let n = self.split(which).len();
+        let size = shard_size.max(1);
+        (0..n.div_ceil(size))
+            .map(|i| i * size..((i + 1) * size).min(n))
+            .collect()
+    }
+}
+
+/// Where a dataset comes from; the `[data]` table of a job config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A folder of IDX files (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
+    /// `t10k-...` or `test-...`) or an image folder (`<class>/*.png`, optionally under
+    /// `train/` and `test/`).
+    pub path: PathBuf,
+    /// `idx`, `folder`, or `auto` (default: IDX when the folder holds IDX files).
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Name shown in reports; default: the folder's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Class names, in class-id order; default: the ids (IDX) or folder names.
+    #[serde(default)]
+    pub class_names: Option<Vec<String>>,
+    /// Number of classes; default: the number of class names, or the largest label + 1.
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+    /// Image folders without `train/` and `test/`: every k-th image per class goes to
+    /// test, for a test fraction of 1/k (default 0.2).
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    /// Use only the first images of each split (0 = all); for quick runs.
+    #[serde(default)]
+    pub limit_train: usize,
+    #[serde(default)]
+    pub limit_test: usize,
+}
+
+fn default_test_fraction() -> f64 {
+    0.2
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    #[default]
+    Auto,
+    Idx,
+    Folder,
+}
+
+impl DataSpec {
+    pub fn from_path(path: impl Into<PathBuf>) -> Self {
+        DataSpec {
+            path: path.into(),
+            format: DataFormat::Auto,
+            name: None,
+            class_names: None,
+            num_classes: None,
+            test_fraction: default_test_fraction(),
+            limit_train: 0,
+            limit_test: 0,
+        }
+    }
+
+    pub fn load(&self) -> Result<Dataset> {
+        if !self.path.is_dir() {
+            return Err(Error::invalid(
+                "data.path",
+                format!(
+                    "{} is not a folder (expected IDX files or <class>/ folders)",
+                    self.path.display()
+                ),
+            ));
+        }
+        let format = match self.format {
+            DataFormat::Auto if find_idx(&self.path, &["train-images"]).is_some() => {
+                DataFormat::Idx
+            }
+            DataFormat::Auto => DataFormat::Folder,
+            f => f,
+        };
+        let raw = match format {
+            DataFormat::Idx => load_idx_dir(&self.path)?,
+            _ => folder::load(&self.path, self.test_fraction)?,
+        };
+        let mut ds = self.finish(raw)?;
+        if self.limit_train > 0 {
+            ds.train.truncate(self.limit_train);
+        }
+        if self.limit_test > 0 {
+            ds.test.truncate(self.limit_test);
+        }
+        Ok(ds)
+    }
+
+    fn finish(&self, raw: RawDataset) -> Result<Dataset> {
+        let name = self.name.clone().unwrap_or_else(|| {
+            self.path
+                .canonicalize()
+                .unwrap_or_else(|_| self.path.clone())
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data".into())
+        });
+        let max_label = raw
+            .train
+            .1
+            .iter()
+            .chain(&raw.test.1)
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let class_names = match (&self.class_names, self.num_classes, raw.class_names) {
+            (Some(names), Some(n), _) if names.len() != n => {
+                return Err(Error::invalid(
+                    "data.class_names",
+                    format!("{} names given but num_classes is {n}", names.len()),
+                ))
+            }
+            (Some(names), _, _) => names.clone(),
+            (None, Some(n), Some(names)) if names.len() != n => {
+                return Err(Error::invalid(
+                    "data.num_classes",
+                    format!(
+                        "{n} given but {} has {} class folders",
+                        self.path.display(),
+                        names.len()
+                    ),
+                ))
+            }
+            (None, _, Some(names)) => names,
+            (None, Some(n), None) => (0..n).map(|i| i.to_string()).collect(),
+            (None, None, None) => (0..=max_label).map(|i| i.to_string()).collect(),
+        };
+        if class_names.is_empty() {
+            return Err(Error::invalid(
+                "data.num_classes",
+                "a dataset needs at least one class",
+            ));
+        }
+        for (which, (file, labels)) in [
+            ("train", (&raw.train_labels_file, &raw.train.1)),
+            ("test", (&raw.test_labels_file, &raw.test.1)),
+        ] {
+            if let Some((i, &l)) = labels
+                .iter()
+                .enumerate()
+                .find(|(_, &l)| l < 0 || l as usize >= class_names.len())
+            {
+                return Err(Error::format(
+                    file,
+                    format!("{which} label {l} at index {i} is out of range: the dataset has {} classes (0..{})", class_names.len(), class_names.len() - 1),
+                ));
+            }
+        }
+        let [h, w, c] = raw.shape;
+        Ok(Dataset {
+            name,
+            class_names,
+            channels: c,
+            height: h,
+            width: w,
+            train: Split::new(raw.train.0, raw.train.1, raw.shape),
+            test: Split::new(raw.test.0, raw.test.1, raw.shape),
+        })
+    }
+}
+
+/// What a reader produces: bytes and labels per split, the HWC shape, and the files
+/// the labels came from (for error messages).
+pub(crate) struct RawDataset {
+    pub shape: [usize; 3],
+    pub train: (Vec<u8>, Vec<i64>),
+    pub test: (Vec<u8>, Vec<i64>),
+    pub class_names: Option<Vec<String>>,
+    pub train_labels_file: PathBuf,
+    pub test_labels_file: PathBuf,
+}
+
+fn find_idx(dir: &Path, prefixes: &[&str]) -> Option<PathBuf> {
+    let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            prefixes.iter().any(|pre| name.starts_with(pre))
+                && (name.ends_with("-ubyte") || name.ends_with("-ubyte.gz"))
+        })
+        .collect();
+    hits.sort();
+    hits.into_iter().next()
+}
+
+fn load_idx_dir(dir: &Path) -> Result<RawDataset> {
+    let need = |prefixes: &[&str], what: &str| {
+        find_idx(dir, prefixes).ok_or_else(|| {
+            Error::format(
+                dir,
+                format!(
+                    "no {what} file ({}-idx*-ubyte[.gz]) in this folder",
+                    prefixes.join("-... or ")
+                ),
+            )
+        })
+    };
+    let train_images = need(&["train-images"], "train images")?;
+    let train_labels = need(&["train-labels"], "train labels")?;
+    let test_images = need(&["t10k-images", "test-images"], "test images")?;
+    let test_labels = need(&["t10k-labels", "test-labels"], "test labels")?;
+    let (shape, train_x) = read_images(&train_images)?;
+    let (test_shape, test_x) = read_images(&test_images)?;
+    if shape != test_shape {
+        return Err(Error::format(
+            &test_images,
+            format!("test images are {test_shape:?} (HWC) but train images are {shape:?}"),
+        ));
+    }
+    let train_y = read_labels(
+        &train_labels,
+        train_x.len() / shape.iter().product::<usize>(),
+        &train_images,
+    )?;
+    let test_y = read_labels(
+        &test_labels,
+        test_x.len() / shape.iter().product::<usize>(),
+        &test_images,
+    )?;
+    Ok(RawDataset {
+        shape,
+        train: (train_x, train_y),
+        test: (test_x, test_y),
+        class_names: None,
+        train_labels_file: train_labels,
+        test_labels_file: test_labels,
+    })
+}
+
+fn read_images(path: &Path) -> Result<([usize; 3], Vec<u8>)> {
+    let a = idx::read_idx(path)?;
+    let shape = match a.dims[..] {
+        [_, h, w] => [h, w, 1],
+        [_, h, w, c] if c == 1 || c == 3 => [h, w, c],
+        [_, _, _, c] => {
+            return Err(Error::format(
+                path,
+                format!("images have {c} channels, expected 1 or 3"),
+            ))
+        }
+        _ => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "images need 3 (N,H,W) or 4 (N,H,W,C) dimensions, the file has {:?}",
+                    a.dims
+                ),
+            ))
+        }
+    };
+    if shape[0] == 0 || shape[1] == 0 {
+        return Err(Error::format(
+            path,
+            format!("empty image size {}x{}", shape[0], shape[1]),
+        ));
+    }
+    Ok((shape, a.data))
+}
+
+fn read_labels(path: &Path, n_images: usize, images: &Path) -> Result<Vec<i64>> {
+    let a = idx::read_idx(path)?;
+    if a.dims.len() != 1 {
+        return Err(Error::format(
+            path,
+            format!("labels need 1 dimension, the file has {:?}", a.dims),
+        ));
+    }
+    if a.dims[0] != n_images {
+        return Err(Error::format(
+            path,
+            format!(
+                "{} labels but {} has {n_images} images",
+                a.dims[0],
+                images.display()
+            ),
+        ));
+    }
+    Ok(a.data.into_iter().map(i64::from).collect())
+}

@@ -1,0 +1,12 @@
+//! The Defuse method without any network: data readers, models, training, and (in
+//! later modules) identify, distill and correct. Both the coordinator and the worker
+//! link this crate; see DESIGN.md for the whole picture.
+pub mod data;
+pub mod error;
+pub mod images;
+pub mod models;
+pub mod progress;
+pub mod tensor_io;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,290 @@
+//! Model loading (built-in and TorchScript, good and mismatched), fine-tuning a
+//! TorchScript classifier, and short training runs that must lower the loss.
+use std::path::{Path, PathBuf};
+
+use defuse_core::data::DataSpec;
+use defuse_core::models::{load_vae, Classifier, CnnArch, Vae, VaeArch};
+use defuse_core::train::{self, TrainOptions};
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor};
+
+const MNIST: [i64; 3] = [1, 28, 28];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn mnist_subset(train: usize, test: usize) -> defuse_core::data::Dataset {
+    let mut spec = DataSpec::from_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"));
+    spec.limit_train = train;
+    spec.limit_test = test;
+    spec.load()
+        .expect("deploy/setup.sh puts MNIST in data/mnist")
+}
+
+fn clf_err(name: &str, classes: i64) -> String {
+    Classifier::load(&fixture(name), MNIST, classes, Device::Cpu)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn torchscript_classifier_loads_and_mismatches_are_explained() {
+    let c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+    assert!(c.is_torchscript());
+    let out = c
+        .forward(
+            &Tensor::rand([3, 1, 28, 28], (Kind::Float, Device::Cpu)),
+            false,
+        )
+        .unwrap();
+    assert_eq!(out.size(), [3, 10]);
+
+    let e = clf_err("classifier_5_classes.pt", 10);
+    assert!(
+        e.contains("classifier_5_classes.pt")
+            && e.contains("returns 5 logits")
+            && e.contains("10 classes"),
+        "{e}"
+    );
+    let e = clf_err("classifier_3_channels.pt", 10);
+    assert!(
+        e.contains("classifier_3_channels.pt") && e.contains("[2, 1, 28, 28]"),
+        "{e}"
+    );
+    for bad in ["empty.pt", "classifier_truncated.pt", "garbage.pt"] {
+        let e = clf_err(bad, 10);
+        assert!(
+            e.contains(bad) && e.contains("not a loadable TorchScript module"),
+            "{bad}: {e}"
+        );
+    }
+    let e = clf_err("does-not-exist.pt", 10);
+    assert!(e.contains("does-not-exist.pt"), "{e}");
+}
+
+#[test]
+fn torchscript_vae_loads_and_mismatches_are_explained() {
+    let v = load_vae(
+        &fixture("encoder_ok.pt"),
+        Some(&fixture("decoder_ok.pt")),
+        MNIST,
+        Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(v.latent(), 4);
+    let x = Tensor::rand([5, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let (mu, logvar) = v.encode(&x).unwrap();
+    assert_eq!((mu.size(), logvar.size()), (vec![5, 4], vec![5, 4]));
+    assert_eq!(v.decode(&mu).unwrap().size(), [5, 1, 28, 28]);
+
+    let err = |enc: &str, dec: &str| {
+        load_vae(&fixture(enc), Some(&fixture(dec)), MNIST, Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("encoder_single_output.pt", "decoder_ok.pt");
+    assert!(
+        e.contains("encoder_single_output.pt") && e.contains("(mu, logvar)"),
+        "{e}"
+    );
+    let e = err("encoder_ok.pt", "decoder_32px.pt");
+    assert!(
+        e.contains("decoder_32px.pt")
+            && e.contains("[2, 1, 32, 32]")
+            && e.contains("expected [2, 1, 28, 28]"),
+        "{e}"
+    );
+    let e = err("encoder_ok.pt", "decoder_latent6.pt");
+    assert!(
+        e.contains("decoder_latent6.pt") && e.contains("[2, 4] batch of codes"),
+        "{e}"
+    );
+    let e = load_vae(&fixture("encoder_ok.pt"), None, MNIST, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs its decoder"), "{e}");
+    // a classifier is not a VAE
+    let e = err("classifier_ok.pt", "decoder_ok.pt");
+    assert!(e.contains("(mu, logvar)"), "{e}");
+}
+
+#[test]
+fn torchscript_classifier_fine_tunes_and_saves_as_torchscript() {
+    let ds = mnist_subset(512, 256);
+    let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+    let n_params = c.var_store().trainable_variables().len();
+    assert_eq!(n_params, 4, "conv and fc weights and biases are trainable");
+    let x = ds.train.images(0..512, Device::Cpu);
+    let y = ds.train.labels(0..512, Device::Cpu);
+    let before = f64::try_from(c.forward(&x, false).unwrap().cross_entropy_for_logits(&y)).unwrap();
+    c.set_train(true);
+    let mut opt = tch::nn::Sgd {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .build(c.var_store(), 0.05)
+    .unwrap();
+    for _ in 0..30 {
+        let loss = c.forward(&x, true).unwrap().cross_entropy_for_logits(&y);
+        opt.backward_step(&loss);
+    }
+    c.set_train(false);
+    let after = f64::try_from(c.forward(&x, false).unwrap().cross_entropy_for_logits(&y)).unwrap();
+    assert!(
+        after < 0.7 * before,
+        "fine-tuning lowers the loss: {before} -> {after}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tuned.pt");
+    c.save(&out).unwrap();
+    let again = Classifier::load(&out, MNIST, 10, Device::Cpu).unwrap();
+    assert!(again.is_torchscript());
+    let reloaded = f64::try_from(
+        again
+            .forward(&x, false)
+            .unwrap()
+            .cross_entropy_for_logits(&y),
+    )
+    .unwrap();
+    assert!(
+        (reloaded - after).abs() < 1e-5,
+        "saved weights are the tuned ones: {after} vs {reloaded}"
+    );
+}
+
+#[test]
+fn builtin_classifier_trains_saves_and_reloads() {
+    let ds = mnist_subset(3000, 500);
+    tch::manual_seed(1);
+    let arch = CnnArch {
+        channels: 1,
+        height: 28,
+        width: 28,
+        num_classes: 10,
+        width_base: 8,
+    };
+    let mut c = Classifier::new_builtin(arch, Device::Cpu).unwrap();
+    let untrained = train::accuracy(&c, &ds.test, Device::Cpu).unwrap();
+    let opts = TrainOptions {
+        epochs: 2,
+        batch_size: 64,
+        lr: 2e-3,
+        seed: 3,
+        max_batches: 0,
+        lr_decay: 1.0,
+    };
+    let history = train::train_classifier(&ds, &mut c, &opts).unwrap();
+    assert!(history[1].train_loss < history[0].train_loss, "{history:?}");
+    let acc = history[1].test_accuracy;
+    assert!(
+        acc > 0.8 && acc > untrained + 0.5,
+        "accuracy {untrained} -> {acc}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("clf.safetensors");
+    c.save(&p).unwrap();
+    let back = Classifier::load(&p, [1, 28, 28], 10, Device::Cpu).unwrap();
+    assert!(!back.is_torchscript());
+    assert_eq!(train::accuracy(&back, &ds.test, Device::Cpu).unwrap(), acc);
+    // the same file against another dataset's shape or class count
+    let e = Classifier::load(&p, [3, 32, 32], 10, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("clf.safetensors")
+            && e.contains("takes [1, 28, 28]")
+            && e.contains("[3, 32, 32]"),
+        "{e}"
+    );
+    let e = Classifier::load(&p, [1, 28, 28], 43, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("returns 10 logits") && e.contains("43 classes"),
+        "{e}"
+    );
+    // a VAE file is not a classifier
+    let v = Vae::new_builtin(
+        VaeArch {
+            channels: 1,
+            height: 28,
+            width: 28,
+            latent: 3,
+            width_base: 4,
+            hidden: 16,
+            beta: 1.0,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let vp = dir.path().join("vae.safetensors");
+    v.save(&vp).unwrap();
+    let e = Classifier::load(&vp, [1, 28, 28], 10, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("built-in 'vae' model, expected a 'cnn'"), "{e}");
+    let e = Classifier::load(
+        &fixture("empty.pt").with_extension("safetensors"),
+        MNIST,
+        10,
+        Device::Cpu,
+    );
+    assert!(e.is_err());
+}
+
+#[test]
+fn builtin_vae_training_lowers_the_loss_and_reloads() {
+    let ds = mnist_subset(2000, 300);
+    tch::manual_seed(2);
+    let arch = VaeArch {
+        channels: 1,
+        height: 28,
+        width: 28,
+        latent: 6,
+        width_base: 16,
+        hidden: 64,
+        beta: 1.0,
+    };
+    let mut v = Vae::new_builtin(arch, Device::Cpu).unwrap();
+    let (rec0, kl0) = train::vae_test_loss(&v, &ds.test).unwrap();
+    let opts = TrainOptions {
+        epochs: 2,
+        batch_size: 64,
+        lr: 2e-3,
+        seed: 1,
+        max_batches: 0,
+        lr_decay: 1.0,
+    };
+    let h = train::train_vae(&ds, &mut v, &opts).unwrap();
+    assert!(h[1].train_loss < h[0].train_loss, "{h:?}");
+    assert!(
+        h[1].test_reconstruction + h[1].test_kl < 0.6 * (rec0 + kl0),
+        "{rec0}+{kl0} -> {h:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("vae.safetensors");
+    v.save(&p).unwrap();
+    let back = load_vae(&p, None, MNIST, Device::Cpu).unwrap();
+    assert_eq!(back.latent(), 6);
+    let (r1, _) = train::vae_test_loss(&back, &ds.test).unwrap();
+    assert!(
+        (r1 - h[1].test_reconstruction).abs() < 1e-3,
+        "{r1} vs {:?}",
+        h[1]
+    );
+    let e = load_vae(&p, None, [3, 32, 32], Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vae.safetensors")
+            && e.contains("takes [1, 28, 28]")
+            && e.contains("[3, 32, 32]"),
+        "{e}"
+    );
+}
