@@ -26,11 +26,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fit a Dirichlet-process Gaussian mixture to the rows of an N x D matrix.
+    Cluster(ClusterArgs),
     /// Train a built-in model on a dataset.
     Train {
         #[command(subcommand)]
         what: TrainWhat,
     },
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Input matrix: .npy (f4/f8, C order) or .safetensors (tensor `codes` or the only one).
+    input: PathBuf,
+    /// Output JSON: weights, means, covariances, per-row assignments.
+    #[arg(long)]
+    out: PathBuf,
+    /// Truncation level (most components).
+    #[arg(long, default_value_t = 100)]
+    max_components: usize,
+    /// Components above this weight count as effective.
+    #[arg(long, default_value_t = 0.01)]
+    weight_cutoff: f64,
+    #[arg(long, default_value_t = 1000)]
+    max_iter: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    tol: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -145,7 +168,33 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Train { what } => train_cmd(what),
+        Command::Cluster(a) => cluster_cmd(a),
     }
+}
+
+fn cluster_cmd(a: ClusterArgs) -> anyhow::Result<()> {
+    use defuse_core::dpgmm::{DpGmm, DpGmmOptions};
+    let x = defuse_core::tensor_io::read_matrix(&a.input)?;
+    let o = DpGmmOptions { max_components: a.max_components, max_iter: a.max_iter, tol: a.tol, ..Default::default() };
+    let started = std::time::Instant::now();
+    let m = DpGmm::fit(&x, &o, a.seed)?;
+    let assignments = m.predict(&x)?;
+    let effective: Vec<usize> = (0..m.n_components()).filter(|&k| m.weights[k] > a.weight_cutoff).collect();
+    let out = serde_json::json!({
+        "input": a.input, "n": x.size()[0], "d": x.size()[1],
+        "weights": m.weights, "means": m.means, "covariances": m.covariances,
+        "assignments": assignments, "effective_components": effective,
+        "n_effective": effective.len(), "weight_cutoff": a.weight_cutoff,
+        "mean_log_likelihood": m.score(&x)?, "lower_bound": m.lower_bounds.last(),
+        "n_iter": m.n_iter, "converged": m.converged, "seconds": started.elapsed().as_secs_f64(),
+    });
+    create_parent(&a.out)?;
+    write_json(&a.out, &out)?;
+    println!(
+        "cluster: {} rows, {} effective components (weight > {}), {} iterations; wrote {}",
+        x.size()[0], effective.len(), a.weight_cutoff, m.n_iter, a.out.display()
+    );
+    Ok(())
 }
 
 fn train_cmd(what: TrainWhat) -> anyhow::Result<()> {

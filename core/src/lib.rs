@@ -2,10 +2,13 @@
 //! later modules) identify, distill and correct. Both the coordinator and the worker
 //! link this crate; see DESIGN.md for the whole picture.
 pub mod data;
+pub mod dpgmm;
 pub mod error;
+pub mod identify;
 pub mod images;
 pub mod models;
 pub mod progress;
+pub mod seeds;
 pub mod tensor_io;
 pub mod train;
 
