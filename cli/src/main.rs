@@ -9,6 +9,7 @@ use defuse_core::models::{parse_device, Classifier, CnnArch, Vae, VaeArch};
 use defuse_core::train::{self, TrainOptions};
 
 mod logging;
+mod run;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +27,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole job in one process: models, identify, distill, label, correct, report.
+    /// Resumes after the last finished step. Exit code 3: waiting for labels.
+    Run {
+        /// The job file (TOML); see examples/.
+        config: PathBuf,
+        /// Output folder (default: the config's `out`, else runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Label a job's failure scenarios: `defuse label runs/x 3=8 5=discard`, or --file.
+    Label {
+        /// The job's output folder.
+        job: PathBuf,
+        /// A JSON file {"<scenario id>": <class id> | "<class name>" | "discard"}.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// <scenario>=<class id or name>|discard
+        pairs: Vec<String>,
+    },
     /// Fit a Dirichlet-process Gaussian mixture to the rows of an N x D matrix.
     Cluster(ClusterArgs),
     /// Train a built-in model on a dataset.
@@ -146,8 +166,9 @@ impl TrainArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_json);
-    match run(cli.cmd) {
-        Ok(()) => ExitCode::SUCCESS,
+    match dispatch(cli.cmd) {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(exit_code(&e))
@@ -156,7 +177,7 @@ fn main() -> ExitCode {
 }
 
 /// Exit codes: 0 success, 1 a failure while running, 2 bad input (usage, config, data
-/// or model files): fix the input and run again.
+/// or model files): fix the input and run again; 3 (`run`) waiting for labels.
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<defuse_core::Error>() {
         Some(defuse_core::Error::Torch(_)) | Some(defuse_core::Error::Io { .. }) => 1,
@@ -165,10 +186,12 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-fn run(cmd: Command) -> anyhow::Result<()> {
+fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
     match cmd {
-        Command::Train { what } => train_cmd(what),
-        Command::Cluster(a) => cluster_cmd(a),
+        Command::Run { config, out } => run::run(&config, out),
+        Command::Label { job, file, pairs } => run::label(&job, file.as_deref(), &pairs).map(|()| None),
+        Command::Train { what } => train_cmd(what).map(|()| None),
+        Command::Cluster(a) => cluster_cmd(a).map(|()| None),
     }
 }
 

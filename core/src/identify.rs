@@ -87,6 +87,8 @@ pub struct IdentifyOptions {
     pub chunk: usize,
     /// Search only the first images of the split (0 = all).
     pub limit: usize,
+    /// Images per shard: the unit of work, of resume, and of distribution.
+    pub shard_size: usize,
 }
 
 impl Default for IdentifyOptions {
@@ -100,13 +102,20 @@ impl Default for IdentifyOptions {
             batch_size: 32,
             chunk: 400,
             limit: 0,
+            shard_size: 1000,
         }
     }
 }
 
 impl IdentifyOptions {
     pub fn validate(&self) -> Result<()> {
-        for (name, v) in [("samples", self.samples), ("keep", self.keep), ("batch_size", self.batch_size), ("chunk", self.chunk)] {
+        for (name, v) in [
+            ("samples", self.samples),
+            ("keep", self.keep),
+            ("batch_size", self.batch_size),
+            ("chunk", self.chunk),
+            ("shard_size", self.shard_size),
+        ] {
             if v == 0 {
                 return Err(Error::invalid(format!("identify.{name}"), "must be at least 1"));
             }

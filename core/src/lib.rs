@@ -1,13 +1,17 @@
 //! The Defuse method without any network: data readers, models, training, and (in
 //! later modules) identify, distill and correct. Both the coordinator and the worker
 //! link this crate; see DESIGN.md for the whole picture.
+pub mod correct;
 pub mod data;
 pub mod dpgmm;
 pub mod error;
 pub mod identify;
 pub mod images;
 pub mod models;
+pub mod pipeline;
 pub mod progress;
+pub mod report;
+pub mod scenarios;
 pub mod seeds;
 pub mod tensor_io;
 pub mod train;

@@ -680,14 +680,17 @@ fn write_builtin<A: Serialize>(path: &Path, vs: &nn::VarStore, kind: &str, arch:
 }
 
 /// Where a job's models come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelFiles {
     /// Classifier: built-in `.safetensors` or TorchScript `.pt`.
+    #[serde(default)]
     pub classifier: Option<PathBuf>,
     /// VAE: built-in `.safetensors`, or a TorchScript encoder (with `vae_decoder`).
+    #[serde(default)]
     pub vae: Option<PathBuf>,
     /// TorchScript decoder, when `vae` is a TorchScript encoder.
+    #[serde(default)]
     pub vae_decoder: Option<PathBuf>,
 }
 

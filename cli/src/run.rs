@@ -1,0 +1,82 @@
+//! `defuse run` and `defuse label`: a whole job in one process, and labelling its
+//! scenarios by hand.
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use defuse_core::pipeline::{self, JobConfig, RunOutcome};
+use defuse_core::scenarios::{self, Scenario};
+
+/// Exit code of a run that stopped to wait for labels.
+pub const EXIT_AWAITING_LABELS: u8 = 3;
+
+pub fn run(config: &Path, out: Option<PathBuf>) -> anyhow::Result<Option<u8>> {
+    let mut cfg = JobConfig::load(config)?;
+    if out.is_some() {
+        cfg.out = out;
+    }
+    let out_dir = cfg.out_dir();
+    let started = std::time::Instant::now();
+    match pipeline::run(&cfg)? {
+        RunOutcome::Finished(s) => {
+            println!("defuse run: {} finished in {:.0} s", s.job, started.elapsed().as_secs_f64());
+            println!(
+                "  {} images searched, {} failures from {} images ({:.1}% of them), {} scenarios ({} labelled)",
+                s.n_images_searched, s.n_failures, s.n_images_with_failure, 100.0 * s.failure_rate_per_image, s.n_scenarios, s.n_labelled
+            );
+            println!("  test accuracy      {:6.2}% -> {:6.2}%", 100.0 * s.test_accuracy_before, 100.0 * s.test_accuracy_after);
+            println!("  scenario accuracy  {:6.2}% -> {:6.2}%", 100.0 * s.scenario_accuracy_before, 100.0 * s.scenario_accuracy_after);
+            let steps: Vec<String> = s.step_seconds.iter().map(|(n, t)| format!("{n} {t:.0}s")).collect();
+            println!("  steps: {}", steps.join(", "));
+            println!("  report: {}", out_dir.join("report/index.html").display());
+            Ok(None)
+        }
+        RunOutcome::AwaitingLabels { scenarios } => {
+            println!(
+                "defuse run: {scenarios} scenarios are waiting for labels (label.mode = \"manual\").\n  look at {}/distill/scenario-<id>.png, then\n  defuse label {} <id>=<class>|discard ...   (or --file labels.json)\n  and run `defuse run {}` again to correct.",
+                out_dir.display(),
+                out_dir.display(),
+                config.display()
+            );
+            Ok(Some(EXIT_AWAITING_LABELS))
+        }
+    }
+}
+
+/// Labels a job's scenarios: `pairs` like `3=8` or `5=discard`, or a labels file.
+pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::Result<()> {
+    let scen_path = job_dir.join("distill/scenarios.json");
+    let scenarios: Vec<Scenario> = pipeline::read_json(&scen_path)
+        .with_context(|| format!("{} has no distilled scenarios yet (run `defuse run` first)", job_dir.display()))?;
+    let class_names = class_names(job_dir)?;
+    let labels = match (file, pairs.is_empty()) {
+        (Some(f), true) => scenarios::read_labels(f, &scenarios, &class_names)?,
+        (None, false) => {
+            let mut kv = Vec::new();
+            for p in pairs {
+                let (k, v) = p.split_once('=').ok_or_else(|| {
+                    defuse_core::Error::invalid("label", format!("'{p}' is not <scenario>=<class>|discard"))
+                })?;
+                kv.push((k, v));
+            }
+            scenarios::validate_labels(kv, &scenarios, &class_names)
+                .map_err(|m| defuse_core::Error::invalid("label", m))?
+        }
+        _ => anyhow::bail!(defuse_core::Error::invalid("label", "give either --file or <scenario>=<class> pairs")),
+    };
+    // merge with labels given before
+    let path = job_dir.join("labels.json");
+    let mut all = if path.exists() { scenarios::read_labels(&path, &scenarios, &class_names)? } else { Default::default() };
+    all.extend(labels);
+    scenarios::write_labels(&path, &all)?;
+    let missing: Vec<usize> = scenarios.iter().map(|s| s.id).filter(|id| !all.contains_key(id)).collect();
+    println!("labels: {} of {} scenarios labelled; wrote {}", all.len(), scenarios.len(), path.display());
+    if !missing.is_empty() {
+        println!("  not labelled yet (they are left out of the correction): {missing:?}");
+    }
+    Ok(())
+}
+
+/// Class names of a job (written by `defuse run`).
+fn class_names(job_dir: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(pipeline::read_json(&job_dir.join("classes.json"))?)
+}

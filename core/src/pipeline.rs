@@ -1,0 +1,475 @@
+//! A whole Defuse job in one process: models, identify, distill, label, correct,
+//! report. Every step writes its outputs under the job's folder with a `done.json`
+//! that records a hash of the configuration it depends on, so a rerun picks up after
+//! the last finished step (and redoes a step whose configuration changed, with
+//! everything after it).
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Device;
+
+use crate::correct::{self, CorrectOptions};
+use crate::data::{DataSpec, Dataset};
+use crate::error::{Error, Result};
+use crate::identify::{self, Failures, IdentifyOptions, IdentifyStats};
+use crate::models::{self, Classifier, CnnArch, ModelFiles, Vae, VaeArch};
+use crate::scenarios::{self, DistillOptions, Label, Labels, Scenario};
+use crate::train::{self, TrainOptions};
+use crate::{progress, report};
+
+/// A job: one TOML file. Every field but `data.path` has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name, shown in reports; default: the config file's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Seed of every random draw (see the determinism rule).
+    #[serde(default)]
+    pub seed: u64,
+    /// Output folder; default `runs/<name>`.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub data: DataSpec,
+    /// The models under test; missing ones are trained with `[train]`.
+    #[serde(default)]
+    pub models: ModelFiles,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub identify: IdentifyOptions,
+    #[serde(default)]
+    pub distill: DistillOptions,
+    #[serde(default)]
+    pub label: LabelSection,
+    #[serde(default)]
+    pub correct: CorrectOptions,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// How to train the models a job does not bring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub classifier_epochs: usize,
+    pub classifier_lr_decay: f64,
+    pub classifier_width: i64,
+    pub vae_epochs: usize,
+    pub vae_lr_decay: f64,
+    pub vae_latent: i64,
+    pub vae_beta: f64,
+    pub vae_width: i64,
+    pub vae_hidden: i64,
+    pub batch_size: usize,
+    pub lr: f64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            classifier_epochs: 4,
+            classifier_lr_decay: 0.7,
+            classifier_width: 32,
+            vae_epochs: 10,
+            vae_lr_decay: 1.0,
+            vae_latent: 10,
+            vae_beta: 1.0,
+            vae_width: 32,
+            vae_hidden: 256,
+            batch_size: 128,
+            lr: 1e-3,
+        }
+    }
+}
+
+/// `[label]`: where the scenario labels come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelSection {
+    pub mode: LabelMode,
+    /// The labels file for `mode = "file"`.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for LabelSection {
+    fn default() -> Self {
+        LabelSection { mode: LabelMode::SourceMajority, file: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelMode {
+    /// Each scenario gets the majority true label of its codes' source images.
+    SourceMajority,
+    /// Labels from `label.file`.
+    File,
+    /// A person labels: the run stops after distill until `defuse label` has
+    /// written `<out>/labels.json`.
+    Manual,
+}
+
+impl JobConfig {
+    /// Reads and validates a job file; unknown fields and bad values are errors.
+    pub fn load(path: &Path) -> Result<JobConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut c: JobConfig = toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        if c.name.is_none() {
+            c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        c.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        models::parse_device(&self.device)?;
+        self.identify.validate()?;
+        self.distill.validate()?;
+        self.correct.validate()?;
+        if self.label.mode == LabelMode::File && self.label.file.is_none() {
+            return Err(Error::invalid("label.file", "mode = \"file\" needs label.file"));
+        }
+        if self.models.vae_decoder.is_some() && self.models.vae.is_none() {
+            return Err(Error::invalid("models.vae_decoder", "given without models.vae (the encoder)"));
+        }
+        let t = &self.train;
+        if t.classifier_epochs == 0 || t.vae_epochs == 0 || t.batch_size == 0 || t.vae_latent < 1 {
+            return Err(Error::invalid("train", "epochs, batch_size and vae_latent must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
+    }
+}
+
+/// The steps, in order.
+pub const STEPS: [&str; 6] = ["models", "identify", "distill", "label", "correct", "report"];
+
+/// Outcome of a run.
+#[derive(Debug)]
+pub enum RunOutcome {
+    Finished(Box<report::Summary>),
+    /// `label.mode = "manual"` and no labels yet: the run stopped after distill.
+    AwaitingLabels { scenarios: usize },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Done {
+    hash: String,
+    seconds: f64,
+}
+
+fn hash_of(parts: &[&dyn erased::Json]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.json().as_bytes());
+        h.update([0]);
+    }
+    format!("{:x}", h.finalize())[..16].to_string()
+}
+
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("config serialises")
+        }
+    }
+}
+
+struct Job<'a> {
+    cfg: &'a JobConfig,
+    out: PathBuf,
+    timings: Vec<(String, f64)>,
+}
+
+impl Job<'_> {
+    fn dir(&self, step: &str) -> Result<PathBuf> {
+        let d = self.out.join(step);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        Ok(d)
+    }
+
+    fn done(&self, step: &str, hash: &str) -> bool {
+        let p = self.out.join(step).join("done.json");
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| serde_json::from_str::<Done>(&s).ok())
+            .is_some_and(|d| d.hash == hash)
+    }
+
+    fn mark(&mut self, step: &str, hash: &str, started: Instant) -> Result<()> {
+        let seconds = started.elapsed().as_secs_f64();
+        let p = self.dir(step)?.join("done.json");
+        std::fs::write(&p, serde_json::to_string(&Done { hash: hash.into(), seconds }).expect("json"))
+            .map_err(|e| Error::io(&p, e))?;
+        self.timings.push((step.into(), seconds));
+        tracing::info!(step, seconds, "step done");
+        Ok(())
+    }
+
+    fn reuse(&mut self, step: &str) {
+        tracing::info!(step, "step already done, reusing its outputs");
+        let p = self.out.join(step).join("done.json");
+        let secs = std::fs::read_to_string(p).ok().and_then(|s| serde_json::from_str::<Done>(&s).ok()).map_or(0.0, |d| d.seconds);
+        self.timings.push((step.into(), secs));
+    }
+}
+
+/// Runs (or resumes) a job.
+pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
+    cfg.validate()?;
+    let device = models::parse_device(&cfg.device)?;
+    let mut job = Job { cfg, out: cfg.out_dir(), timings: vec![] };
+    std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
+    let ds = cfg.data.load()?;
+    write_json(&job.out.join("classes.json"), &ds.class_names)?;
+    let toml_path = job.out.join("job.toml");
+    std::fs::write(&toml_path, toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?)
+        .map_err(|e| Error::io(&toml_path, e))?;
+    tracing::info!(dataset = %ds.name, train = ds.train.len(), test = ds.test.len(), classes = ds.num_classes(), "dataset loaded");
+
+    // models
+    let h_models = hash_of(&[&cfg.data, &cfg.models, &cfg.train, &cfg.seed]);
+    let started = Instant::now();
+    let was_done = job.done("models", &h_models);
+    let (clf, vae) = load_or_train_models(&job, &ds, device, was_done)?;
+    if was_done { job.reuse("models") } else { job.mark("models", &h_models, started)? }
+
+    // identify
+    let h_identify = hash_of(&[&h_models, &cfg.identify]);
+    let started = Instant::now();
+    let failures_path = job.out.join("identify/failures.safetensors");
+    let (failures, istats) = if job.done("identify", &h_identify) {
+        job.reuse("identify");
+        Failures::read(&failures_path)?
+    } else {
+        let r = run_identify(&job, &ds, &clf, &vae, &h_identify)?;
+        r.0.write(&failures_path, &r.1)?;
+        job.mark("identify", &h_identify, started)?;
+        r
+    };
+    tracing::info!(searched = istats.n_searched, failures = failures.len(), images_with_failure = istats.n_images_with_failure, "identify");
+
+    // distill
+    let h_distill = hash_of(&[&h_identify, &cfg.distill]);
+    let started = Instant::now();
+    let scen_path = job.out.join("distill/scenarios.json");
+    let scenarios: Vec<Scenario> = if job.done("distill", &h_distill) {
+        job.reuse("distill");
+        read_json(&scen_path)?
+    } else {
+        let dir = job.dir("distill")?;
+        let (gmm, mut scenarios, assign) = scenarios::distill(&failures, &cfg.distill, cfg.seed)?;
+        for s in &mut scenarios {
+            let codes = s.sample_codes(cfg.distill.grid_samples, cfg.distill.tau, cfg.seed, 0)?;
+            let (imgs, preds) = scenarios::decode_and_classify(&vae, &clf, &codes)?;
+            crate::images::write_grid(&dir.join(format!("scenario-{}.png", s.id)), &[imgs], 3)?;
+            s.sample_predictions = preds;
+        }
+        write_json(&dir.join("gmm.json"), &gmm)?;
+        write_json(&dir.join("assignments.json"), &assign)?;
+        write_json(&scen_path, &scenarios)?;
+        job.mark("distill", &h_distill, started)?;
+        scenarios
+    };
+    tracing::info!(scenarios = scenarios.len(), "distill");
+
+    // label
+    let labels_path = job.out.join("labels.json");
+    let label_input = match cfg.label.mode {
+        LabelMode::File => std::fs::read_to_string(cfg.label.file.as_ref().expect("validated"))
+            .map_err(|e| Error::io(cfg.label.file.as_ref().expect("validated"), e))?,
+        LabelMode::Manual => std::fs::read_to_string(&labels_path).unwrap_or_default(),
+        LabelMode::SourceMajority => String::new(),
+    };
+    let h_label = hash_of(&[&h_distill, &cfg.label, &label_input]);
+    let started = Instant::now();
+    let labels: Labels = match cfg.label.mode {
+        LabelMode::SourceMajority => scenarios.iter().filter_map(|s| Some((s.id, Label::Class(s.source_majority()?)))).collect(),
+        LabelMode::File => scenarios::read_labels(cfg.label.file.as_ref().expect("validated"), &scenarios, &ds.class_names)?,
+        LabelMode::Manual => {
+            if !labels_path.exists() {
+                tracing::info!(scenarios = scenarios.len(), "waiting for labels: run `defuse label`");
+                return Ok(RunOutcome::AwaitingLabels { scenarios: scenarios.len() });
+            }
+            scenarios::read_labels(&labels_path, &scenarios, &ds.class_names)?
+        }
+    };
+    if cfg.label.mode != LabelMode::Manual {
+        scenarios::write_labels(&labels_path, &labels)?;
+    }
+    if job.done("label", &h_label) { job.reuse("label") } else { job.mark("label", &h_label, started)? }
+
+    // correct
+    let h_correct = hash_of(&[&h_label, &cfg.correct]);
+    let started = Instant::now();
+    let tuned_path = job.out.join("correct").join(format!("classifier.{}", clf.extension()));
+    let eval_path = job.out.join("correct/evaluation.json");
+    let evaluation: report::Evaluation = if job.done("correct", &h_correct) {
+        job.reuse("correct");
+        read_json(&eval_path)?
+    } else {
+        job.dir("correct")?;
+        let data = correct::scenario_data(&vae, &scenarios, &labels, cfg.distill.tau, &cfg.correct, cfg.seed)?;
+        let test_before = train::accuracy(&clf, &ds.test, device)?;
+        let (scn_before, per_before) = correct::accuracy_by_group(&clf, &data.test_x, &data.test_y, &data.test_scenario)?;
+        let mut tuned = load_classifier_again(&job, &ds, device)?;
+        tch::manual_seed(cfg.seed as i64);
+        let history = correct::fine_tune(&mut tuned, &ds.train, &data, &cfg.correct, cfg.seed)?;
+        tuned.save(&tuned_path)?;
+        let test_after = train::accuracy(&tuned, &ds.test, device)?;
+        let (scn_after, per_after) = correct::accuracy_by_group(&tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
+        let ev = report::Evaluation {
+            test_accuracy_before: test_before,
+            test_accuracy_after: test_after,
+            scenario_accuracy_before: scn_before,
+            scenario_accuracy_after: scn_after,
+            per_scenario_before: per_before,
+            per_scenario_after: per_after,
+            scenario_train_samples: data.train_x.size()[0] as usize,
+            scenario_test_samples: data.test_x.size()[0] as usize,
+            history,
+            model: tuned_path.clone(),
+        };
+        write_json(&eval_path, &ev)?;
+        job.mark("correct", &h_correct, started)?;
+        ev
+    };
+
+    // report
+    let started = Instant::now();
+    let h_report = hash_of(&[&h_correct]);
+    let mut timings = job.timings.clone();
+    timings.push(("report".into(), 0.0));
+    let summary = report::Summary::new(cfg, &ds, &istats, &failures, &scenarios, &labels, &evaluation, timings);
+    report::write(&job.out.join("report"), &summary, &job.out.join("distill"))?;
+    job.mark("report", &h_report, started)?;
+    Ok(RunOutcome::Finished(Box::new(summary)))
+}
+
+fn load_or_train_models(job: &Job, ds: &Dataset, device: Device, done: bool) -> Result<(Classifier, Vae)> {
+    let cfg = job.cfg;
+    let shape = ds.image_shape();
+    let nc = ds.num_classes() as i64;
+    let t = &cfg.train;
+    let clf = match &cfg.models.classifier {
+        Some(p) => Classifier::load(p, shape, nc, device)?,
+        None => {
+            let p = job.out.join("models/classifier.safetensors");
+            if done && p.exists() {
+                Classifier::load(&p, shape, nc, device)?
+            } else {
+                tracing::info!("training the built-in classifier ([train] settings)");
+                tch::manual_seed(cfg.seed as i64);
+                let [c, h, w] = shape;
+                let mut m = Classifier::new_builtin(CnnArch { channels: c, height: h, width: w, num_classes: nc, width_base: t.classifier_width }, device)?;
+                let o = TrainOptions { epochs: t.classifier_epochs, batch_size: t.batch_size, lr: t.lr, seed: cfg.seed, max_batches: 0, lr_decay: t.classifier_lr_decay };
+                train::train_classifier(ds, &mut m, &o)?;
+                job.dir("models")?;
+                m.save(&p)?;
+                m
+            }
+        }
+    };
+    let vae = match &cfg.models.vae {
+        Some(p) => models::load_vae(p, cfg.models.vae_decoder.as_deref(), shape, device)?,
+        None => {
+            let p = job.out.join("models/vae.safetensors");
+            if done && p.exists() {
+                models::load_vae(&p, None, shape, device)?
+            } else {
+                tracing::info!("training the built-in VAE ([train] settings)");
+                tch::manual_seed(cfg.seed as i64 + 1);
+                let [c, h, w] = shape;
+                let arch = VaeArch { channels: c, height: h, width: w, latent: t.vae_latent, width_base: t.vae_width, hidden: t.vae_hidden, beta: t.vae_beta };
+                let mut m = Vae::new_builtin(arch, device)?;
+                let o = TrainOptions { epochs: t.vae_epochs, batch_size: t.batch_size, lr: t.lr, seed: cfg.seed, max_batches: 0, lr_decay: t.vae_lr_decay };
+                train::train_vae(ds, &mut m, &o)?;
+                job.dir("models")?;
+                m.save(&p)?;
+                let x = ds.test.images(0..16.min(ds.test.len()), device);
+                crate::images::write_grid(&job.out.join("models/vae.recon.png"), &[x.shallow_clone(), train::reconstruct(&m, &x)?], 3)?;
+                m
+            }
+        }
+    };
+    Ok((clf, vae))
+}
+
+/// A second, independent copy of the classifier under test, to fine-tune.
+fn load_classifier_again(job: &Job, ds: &Dataset, device: Device) -> Result<Classifier> {
+    let p = job.cfg.models.classifier.clone().unwrap_or_else(|| job.out.join("models/classifier.safetensors"));
+    Classifier::load(&p, ds.image_shape(), ds.num_classes() as i64, device)
+}
+
+/// Identify over every shard of the split; finished shards are reused.
+fn run_identify(job: &Job, ds: &Dataset, clf: &Classifier, vae: &Vae, hash: &str) -> Result<(Failures, IdentifyStats)> {
+    let cfg = job.cfg;
+    let o = &cfg.identify;
+    let dir = job.dir("identify")?;
+    // shards of another configuration are stale
+    let hash_file = dir.join("shards.hash");
+    if std::fs::read_to_string(&hash_file).ok().as_deref() != Some(hash) {
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("shard-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        std::fs::write(&hash_file, hash).map_err(|e| Error::io(&hash_file, e))?;
+    }
+    let split = ds.split(o.split);
+    let n = if o.limit > 0 { o.limit.min(split.len()) } else { split.len() };
+    let shards: Vec<_> = ds.shards(o.split, o.shard_size).into_iter().filter(|r| r.start < n).map(|r| r.start..r.end.min(n)).collect();
+    let bar = progress::bar(n as u64, "identify");
+    let mut parts = Vec::new();
+    let mut total = IdentifyStats { split: o.split, start: 0, end: n, n_images: n, ..Default::default() };
+    for (i, range) in shards.into_iter().enumerate() {
+        let p = dir.join(format!("shard-{i:05}.safetensors"));
+        let (f, s) = match Failures::read(&p) {
+            Ok(r) if r.1.start == range.start && r.1.end == range.end => {
+                bar.inc(range.len() as u64);
+                r
+            }
+            _ => {
+                let r = identify::identify(split, o.split, range.clone(), clf, vae, o, cfg.seed, |k| bar.inc(k as u64))?;
+                r.0.write(&p, &r.1)?;
+                r
+            }
+        };
+        total.n_searched += s.n_searched;
+        total.n_recon_wrong += s.n_recon_wrong;
+        total.n_wrong += s.n_wrong;
+        total.n_perturbations += s.n_perturbations;
+        total.n_failures += s.n_failures;
+        total.n_images_with_failure += s.n_images_with_failure;
+        parts.push(f);
+        bar.set_message(format!("{} failures", total.n_failures));
+    }
+    bar.finish_and_clear();
+    Ok((Failures::concat(parts, vae.latent()), total))
+}
+
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).expect("serialisable")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+

@@ -1,0 +1,251 @@
+//! Distill and label: cluster the failure codes into scenarios, sample each scenario
+//! for a person (or an oracle) to judge, and hold the one label per scenario.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::seq::index::sample;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::dpgmm::{DpGmm, DpGmmOptions};
+use crate::error::{Error, Result};
+use crate::identify::Failures;
+use crate::models::{Classifier, Vae};
+use crate::seeds::{rng_for, Step};
+
+/// Options of the distill step (the `[distill]` table of a job config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillOptions {
+    /// Truncation level of the DP-GMM (authors: 100).
+    pub max_components: usize,
+    /// Fit on at most this many codes, drawn without replacement (authors: 10,000
+    /// with replacement); every code is then assigned to a component.
+    pub subsample: usize,
+    /// Components above this weight are failure scenarios.
+    pub weight_cutoff: f64,
+    /// Samples of a scenario come from `N(mean, tau * Sigma)`.
+    pub tau: f64,
+    pub max_iter: usize,
+    pub tol: f64,
+    /// Samples shown per scenario (grid and predictions).
+    pub grid_samples: usize,
+}
+
+impl Default for DistillOptions {
+    fn default() -> Self {
+        DistillOptions {
+            max_components: 100,
+            subsample: 10_000,
+            weight_cutoff: 0.01,
+            tau: 0.01,
+            max_iter: 1000,
+            tol: 1e-3,
+            grid_samples: 16,
+        }
+    }
+}
+
+impl DistillOptions {
+    pub fn gmm(&self) -> DpGmmOptions {
+        DpGmmOptions { max_components: self.max_components, max_iter: self.max_iter, tol: self.tol, ..Default::default() }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.gmm().validate()?;
+        if !(self.weight_cutoff >= 0.0 && self.weight_cutoff < 1.0) {
+            return Err(Error::invalid("distill.weight_cutoff", format!("{} is not in [0, 1)", self.weight_cutoff)));
+        }
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return Err(Error::invalid("distill.tau", format!("{} is not positive", self.tau)));
+        }
+        if self.subsample < 2 {
+            return Err(Error::invalid("distill.subsample", "must be at least 2"));
+        }
+        Ok(())
+    }
+}
+
+/// One failure scenario: a heavy component of the mixture.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scenario {
+    /// 0.. in order of decreasing weight.
+    pub id: usize,
+    pub component: usize,
+    pub weight: f64,
+    /// Failure codes assigned to it.
+    pub size: usize,
+    pub mean: Vec<f64>,
+    pub covariance: Vec<Vec<f64>>,
+    /// The classifier's majority prediction on its failure codes.
+    pub predicted: i64,
+    /// True labels of the source images of its codes: label -> count.
+    pub source_labels: BTreeMap<i64, usize>,
+    /// The classifier's predictions on the grid samples, in grid order.
+    pub sample_predictions: Vec<i64>,
+}
+
+impl Scenario {
+    /// The `source-majority` oracle: the most common true label of the sources.
+    pub fn source_majority(&self) -> Option<i64> {
+        self.source_labels.iter().max_by_key(|(l, &c)| (c, std::cmp::Reverse(**l))).map(|(&l, _)| l)
+    }
+
+    /// `n` codes from `N(mean, tau * Sigma)`, seeded by `(seed, scenario, purpose)`.
+    pub fn sample_codes(&self, n: usize, tau: f64, seed: u64, purpose: u64) -> Result<Tensor> {
+        let d = self.mean.len() as i64;
+        let cov = Tensor::from_slice(&self.covariance.concat()).view([d, d]) * tau;
+        let chol = (cov + Tensor::eye(d, (Kind::Double, Device::Cpu)) * 1e-9)
+            .f_linalg_cholesky(false)
+            .map_err(|_| Error::invalid("scenario", format!("covariance of scenario {} is not positive definite", self.id)))?;
+        let mut rng = rng_for(seed, Step::Scenario, &[self.id as u64, purpose]);
+        let z: Vec<f64> = (0..n * d as usize).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let eps = Tensor::from_slice(&z).view([n as i64, d]);
+        Ok((eps.matmul(&chol.transpose(0, 1)) + Tensor::from_slice(&self.mean).unsqueeze(0)).to_kind(Kind::Float))
+    }
+}
+
+/// Fits the mixture on (a subsample of) the failure codes and returns the scenarios,
+/// heaviest first, and every code's component.
+pub fn distill(f: &Failures, o: &DistillOptions, seed: u64) -> Result<(DpGmm, Vec<Scenario>, Vec<i64>)> {
+    o.validate()?;
+    if f.len() < 2 {
+        return Err(Error::invalid(
+            "distill",
+            format!("{} failures found: too few to cluster; search more images or perturb more (identify.samples, sigma)", f.len()),
+        ));
+    }
+    let codes = f.codes.to_kind(Kind::Double);
+    let fit_on = if f.len() > o.subsample {
+        let mut rng = rng_for(seed, Step::Subsample, &[]);
+        let mut idx: Vec<i64> = sample(&mut rng, f.len(), o.subsample).into_iter().map(|i| i as i64).collect();
+        idx.sort_unstable();
+        codes.index_select(0, &Tensor::from_slice(&idx))
+    } else {
+        codes.shallow_clone()
+    };
+    let gmm = DpGmm::fit(&fit_on, &o.gmm(), seed)?;
+    let assign = gmm.predict(&codes)?;
+    let mut heavy: Vec<usize> = (0..gmm.n_components()).filter(|&k| gmm.weights[k] > o.weight_cutoff).collect();
+    heavy.sort_by(|&a, &b| gmm.weights[b].total_cmp(&gmm.weights[a]).then(a.cmp(&b)));
+    let scenarios = heavy
+        .into_iter()
+        .enumerate()
+        .map(|(id, k)| {
+            let members: Vec<usize> = (0..f.len()).filter(|&i| assign[i] == k as i64).collect();
+            let mut preds: BTreeMap<i64, usize> = BTreeMap::new();
+            let mut sources: BTreeMap<i64, usize> = BTreeMap::new();
+            for &i in &members {
+                *preds.entry(f.predicted[i]).or_default() += 1;
+                *sources.entry(f.true_label[i]).or_default() += 1;
+            }
+            Scenario {
+                id,
+                component: k,
+                weight: gmm.weights[k],
+                size: members.len(),
+                mean: gmm.means[k].clone(),
+                covariance: gmm.covariances[k].clone(),
+                predicted: preds.iter().max_by_key(|(l, &c)| (c, std::cmp::Reverse(**l))).map(|(&l, _)| l).unwrap_or(-1),
+                source_labels: sources,
+                sample_predictions: vec![],
+            }
+        })
+        .collect();
+    Ok((gmm, scenarios, assign))
+}
+
+/// Decodes `codes` in batches and classifies them: images and predictions.
+pub fn decode_and_classify(vae: &Vae, clf: &Classifier, codes: &Tensor) -> Result<(Tensor, Vec<i64>)> {
+    tch::no_grad(|| {
+        let imgs = vae.decode(&codes.to_device(vae.device()))?;
+        let (pred, _) = clf.predict(&imgs, 500)?;
+        Ok((imgs, Vec::<i64>::try_from(pred.to_device(Device::Cpu))?))
+    })
+}
+
+/// A scenario's label: a class, or discard (not a failure, or not recognisable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Label {
+    Class(i64),
+    Discard,
+}
+
+impl Serialize for Label {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Label::Class(c) => s.serialize_i64(*c),
+            Label::Discard => s.serialize_str("discard"),
+        }
+    }
+}
+
+/// Labels of a job: scenario id -> label.
+pub type Labels = BTreeMap<usize, Label>;
+
+/// Parses one label value: a class id, a class name, or `discard`.
+pub fn parse_label(v: &str, class_names: &[String]) -> std::result::Result<Label, String> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("discard") {
+        return Ok(Label::Discard);
+    }
+    let class = match v.parse::<i64>() {
+        Ok(c) => c,
+        Err(_) => class_names.iter().position(|n| n == v).map(|c| c as i64).ok_or_else(|| {
+            format!("'{v}' is not a class id, a class name or 'discard'")
+        })?,
+    };
+    if class < 0 || class as usize >= class_names.len() {
+        return Err(format!("class {class} is out of range: the dataset has {} classes (0..{})", class_names.len(), class_names.len() - 1));
+    }
+    Ok(Label::Class(class))
+}
+
+/// Validates `pairs` (scenario id text, label text) against the scenarios and classes;
+/// all or nothing.
+pub fn validate_labels<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    scenarios: &[Scenario],
+    class_names: &[String],
+) -> std::result::Result<Labels, String> {
+    let mut out = Labels::new();
+    for (id, value) in pairs {
+        let sid: usize = id.trim().parse().map_err(|_| format!("'{id}' is not a scenario id"))?;
+        if !scenarios.iter().any(|s| s.id == sid) {
+            return Err(format!("scenario {sid} does not exist (this job has scenarios 0..{})", scenarios.len().saturating_sub(1)));
+        }
+        let label = parse_label(value, class_names).map_err(|e| format!("scenario {sid}: {e}"))?;
+        if out.insert(sid, label).is_some() {
+            return Err(format!("scenario {sid} is labelled twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a labels file: a JSON object `{"<scenario id>": <class id> | "<class name>" | "discard"}`.
+pub fn read_labels(path: &Path, scenarios: &[Scenario], class_names: &[String]) -> Result<Labels> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}")))?;
+    let pairs: Vec<(String, String)> = v
+        .into_iter()
+        .map(|(k, v)| {
+            let val = match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, val)
+        })
+        .collect();
+    validate_labels(pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())), scenarios, class_names)
+        .map_err(|m| Error::format(path, m))
+}
+
+pub fn write_labels(path: &Path, labels: &Labels) -> Result<()> {
+    let obj: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| (k.to_string(), serde_json::to_value(v).expect("label"))).collect();
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&obj).expect("json")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
