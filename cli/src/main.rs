@@ -189,7 +189,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
     match cmd {
         Command::Run { config, out } => run::run(&config, out),
-        Command::Label { job, file, pairs } => run::label(&job, file.as_deref(), &pairs).map(|()| None),
+        Command::Label { job, file, pairs } => {
+            run::label(&job, file.as_deref(), &pairs).map(|()| None)
+        }
         Command::Train { what } => train_cmd(what).map(|()| None),
         Command::Cluster(a) => cluster_cmd(a).map(|()| None),
     }
@@ -198,11 +200,18 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
 fn cluster_cmd(a: ClusterArgs) -> anyhow::Result<()> {
     use defuse_core::dpgmm::{DpGmm, DpGmmOptions};
     let x = defuse_core::tensor_io::read_matrix(&a.input)?;
-    let o = DpGmmOptions { max_components: a.max_components, max_iter: a.max_iter, tol: a.tol, ..Default::default() };
+    let o = DpGmmOptions {
+        max_components: a.max_components,
+        max_iter: a.max_iter,
+        tol: a.tol,
+        ..Default::default()
+    };
     let started = std::time::Instant::now();
     let m = DpGmm::fit(&x, &o, a.seed)?;
     let assignments = m.predict(&x)?;
-    let effective: Vec<usize> = (0..m.n_components()).filter(|&k| m.weights[k] > a.weight_cutoff).collect();
+    let effective: Vec<usize> = (0..m.n_components())
+        .filter(|&k| m.weights[k] > a.weight_cutoff)
+        .collect();
     let out = serde_json::json!({
         "input": a.input, "n": x.size()[0], "d": x.size()[1],
         "weights": m.weights, "means": m.means, "covariances": m.covariances,
@@ -215,7 +224,11 @@ fn cluster_cmd(a: ClusterArgs) -> anyhow::Result<()> {
     write_json(&a.out, &out)?;
     println!(
         "cluster: {} rows, {} effective components (weight > {}), {} iterations; wrote {}",
-        x.size()[0], effective.len(), a.weight_cutoff, m.n_iter, a.out.display()
+        x.size()[0],
+        effective.len(),
+        a.weight_cutoff,
+        m.n_iter,
+        a.out.display()
     );
     Ok(())
 }

@@ -18,14 +18,30 @@ pub fn run(config: &Path, out: Option<PathBuf>) -> anyhow::Result<Option<u8>> {
     let started = std::time::Instant::now();
     match pipeline::run(&cfg)? {
         RunOutcome::Finished(s) => {
-            println!("defuse run: {} finished in {:.0} s", s.job, started.elapsed().as_secs_f64());
+            println!(
+                "defuse run: {} finished in {:.0} s",
+                s.job,
+                started.elapsed().as_secs_f64()
+            );
             println!(
                 "  {} images searched, {} failures from {} images ({:.1}% of them), {} scenarios ({} labelled)",
                 s.n_images_searched, s.n_failures, s.n_images_with_failure, 100.0 * s.failure_rate_per_image, s.n_scenarios, s.n_labelled
             );
-            println!("  test accuracy      {:6.2}% -> {:6.2}%", 100.0 * s.test_accuracy_before, 100.0 * s.test_accuracy_after);
-            println!("  scenario accuracy  {:6.2}% -> {:6.2}%", 100.0 * s.scenario_accuracy_before, 100.0 * s.scenario_accuracy_after);
-            let steps: Vec<String> = s.step_seconds.iter().map(|(n, t)| format!("{n} {t:.0}s")).collect();
+            println!(
+                "  test accuracy      {:6.2}% -> {:6.2}%",
+                100.0 * s.test_accuracy_before,
+                100.0 * s.test_accuracy_after
+            );
+            println!(
+                "  scenario accuracy  {:6.2}% -> {:6.2}%",
+                100.0 * s.scenario_accuracy_before,
+                100.0 * s.scenario_accuracy_after
+            );
+            let steps: Vec<String> = s
+                .step_seconds
+                .iter()
+                .map(|(n, t)| format!("{n} {t:.0}s"))
+                .collect();
             println!("  steps: {}", steps.join(", "));
             println!("  report: {}", out_dir.join("report/index.html").display());
             Ok(None)
@@ -45,8 +61,12 @@ pub fn run(config: &Path, out: Option<PathBuf>) -> anyhow::Result<Option<u8>> {
 /// Labels a job's scenarios: `pairs` like `3=8` or `5=discard`, or a labels file.
 pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::Result<()> {
     let scen_path = job_dir.join("distill/scenarios.json");
-    let scenarios: Vec<Scenario> = pipeline::read_json(&scen_path)
-        .with_context(|| format!("{} has no distilled scenarios yet (run `defuse run` first)", job_dir.display()))?;
+    let scenarios: Vec<Scenario> = pipeline::read_json(&scen_path).with_context(|| {
+        format!(
+            "{} has no distilled scenarios yet (run `defuse run` first)",
+            job_dir.display()
+        )
+    })?;
     let class_names = class_names(job_dir)?;
     let labels = match (file, pairs.is_empty()) {
         (Some(f), true) => scenarios::read_labels(f, &scenarios, &class_names)?,
@@ -54,22 +74,41 @@ pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::R
             let mut kv = Vec::new();
             for p in pairs {
                 let (k, v) = p.split_once('=').ok_or_else(|| {
-                    defuse_core::Error::invalid("label", format!("'{p}' is not <scenario>=<class>|discard"))
+                    defuse_core::Error::invalid(
+                        "label",
+                        format!("'{p}' is not <scenario>=<class>|discard"),
+                    )
                 })?;
                 kv.push((k, v));
             }
             scenarios::validate_labels(kv, &scenarios, &class_names)
                 .map_err(|m| defuse_core::Error::invalid("label", m))?
         }
-        _ => anyhow::bail!(defuse_core::Error::invalid("label", "give either --file or <scenario>=<class> pairs")),
+        _ => anyhow::bail!(defuse_core::Error::invalid(
+            "label",
+            "give either --file or <scenario>=<class> pairs"
+        )),
     };
     // merge with labels given before
     let path = job_dir.join("labels.json");
-    let mut all = if path.exists() { scenarios::read_labels(&path, &scenarios, &class_names)? } else { Default::default() };
+    let mut all = if path.exists() {
+        scenarios::read_labels(&path, &scenarios, &class_names)?
+    } else {
+        Default::default()
+    };
     all.extend(labels);
     scenarios::write_labels(&path, &all)?;
-    let missing: Vec<usize> = scenarios.iter().map(|s| s.id).filter(|id| !all.contains_key(id)).collect();
-    println!("labels: {} of {} scenarios labelled; wrote {}", all.len(), scenarios.len(), path.display());
+    let missing: Vec<usize> = scenarios
+        .iter()
+        .map(|s| s.id)
+        .filter(|id| !all.contains_key(id))
+        .collect();
+    println!(
+        "labels: {} of {} scenarios labelled; wrote {}",
+        all.len(),
+        scenarios.len(),
+        path.display()
+    );
     if !missing.is_empty() {
         println!("  not labelled yet (they are left out of the correction): {missing:?}");
     }

@@ -54,19 +54,34 @@ impl Default for CorrectOptions {
 impl CorrectOptions {
     pub fn validate(&self) -> Result<()> {
         if self.samples_per_scenario < 2 {
-            return Err(Error::invalid("correct.samples_per_scenario", "must be at least 2"));
+            return Err(Error::invalid(
+                "correct.samples_per_scenario",
+                "must be at least 2",
+            ));
         }
         if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
-            return Err(Error::invalid("correct.test_fraction", format!("{} is not in (0, 1)", self.test_fraction)));
+            return Err(Error::invalid(
+                "correct.test_fraction",
+                format!("{} is not in (0, 1)", self.test_fraction),
+            ));
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return Err(Error::invalid("correct.lambda", format!("{} is not >= 0", self.lambda)));
+            return Err(Error::invalid(
+                "correct.lambda",
+                format!("{} is not >= 0", self.lambda),
+            ));
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) || !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::invalid("correct", "lr must be > 0 and momentum in [0, 1)"));
+        if !(self.lr.is_finite() && self.lr > 0.0 && (0.0..1.0).contains(&self.momentum)) {
+            return Err(Error::invalid(
+                "correct",
+                "lr must be > 0 and momentum in [0, 1)",
+            ));
         }
         if self.batch_size == 0 || self.scenario_batch_size == 0 || self.epochs == 0 {
-            return Err(Error::invalid("correct", "batch_size, scenario_batch_size and epochs must be at least 1"));
+            return Err(Error::invalid(
+                "correct",
+                "batch_size, scenario_batch_size and epochs must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -85,25 +100,50 @@ pub struct ScenarioData {
 
 /// Draws `M` codes per labelled (not discarded) scenario, decodes them, and splits
 /// them: the first `(1 - test_fraction) M` train, the rest test.
-pub fn scenario_data(vae: &Vae, scenarios: &[Scenario], labels: &Labels, tau: f64, o: &CorrectOptions, seed: u64) -> Result<ScenarioData> {
+pub fn scenario_data(
+    vae: &Vae,
+    scenarios: &[Scenario],
+    labels: &Labels,
+    tau: f64,
+    o: &CorrectOptions,
+    seed: u64,
+) -> Result<ScenarioData> {
     o.validate()?;
     let m = o.samples_per_scenario;
-    let n_train = ((1.0 - o.test_fraction) * m as f64).round().clamp(1.0, (m - 1) as f64) as i64;
+    let n_train = ((1.0 - o.test_fraction) * m as f64)
+        .round()
+        .clamp(1.0, (m - 1) as f64) as i64;
     let (mut tx, mut ty, mut vx, mut vy, mut vs) = (vec![], vec![], vec![], vec![], vec![]);
     for s in scenarios {
-        let Some(Label::Class(class)) = labels.get(&s.id).copied() else { continue };
+        let Some(Label::Class(class)) = labels.get(&s.id).copied() else {
+            continue;
+        };
         let codes = s.sample_codes(m, tau, seed, 1)?;
-        let imgs = tch::no_grad(|| vae.decode(&codes.to_device(vae.device())))?.to_device(Device::Cpu);
+        let imgs =
+            tch::no_grad(|| vae.decode(&codes.to_device(vae.device())))?.to_device(Device::Cpu);
         tx.push(imgs.narrow(0, 0, n_train));
         vx.push(imgs.narrow(0, n_train, m as i64 - n_train));
         ty.push(Tensor::full([n_train], class, (Kind::Int64, Device::Cpu)));
-        vy.push(Tensor::full([m as i64 - n_train], class, (Kind::Int64, Device::Cpu)));
+        vy.push(Tensor::full(
+            [m as i64 - n_train],
+            class,
+            (Kind::Int64, Device::Cpu),
+        ));
         vs.extend(std::iter::repeat_n(s.id, m - n_train as usize));
     }
     if tx.is_empty() {
-        return Err(Error::invalid("labels", "no scenario has a class label (all discarded?): nothing to correct"));
+        return Err(Error::invalid(
+            "labels",
+            "no scenario has a class label (all discarded?): nothing to correct",
+        ));
     }
-    Ok(ScenarioData { train_x: Tensor::cat(&tx, 0), train_y: Tensor::cat(&ty, 0), test_x: Tensor::cat(&vx, 0), test_y: Tensor::cat(&vy, 0), test_scenario: vs })
+    Ok(ScenarioData {
+        train_x: Tensor::cat(&tx, 0),
+        train_y: Tensor::cat(&ty, 0),
+        test_x: Tensor::cat(&vx, 0),
+        test_y: Tensor::cat(&vy, 0),
+        test_scenario: vs,
+    })
 }
 
 /// Loss terms of one fine-tune pass.
@@ -151,9 +191,19 @@ pub fn fine_tune_steps(
 }
 
 /// Fine-tunes `clf` in place (single process).
-pub fn fine_tune(clf: &mut Classifier, train: &Split, data: &ScenarioData, o: &CorrectOptions, seed: u64) -> Result<Vec<CorrectEpoch>> {
+pub fn fine_tune(
+    clf: &mut Classifier,
+    train: &Split,
+    data: &ScenarioData,
+    o: &CorrectOptions,
+    seed: u64,
+) -> Result<Vec<CorrectEpoch>> {
     o.validate()?;
-    let mut opt = nn::Sgd { momentum: o.momentum, ..Default::default() }.build(clf.var_store(), o.lr)?;
+    let mut opt = nn::Sgd {
+        momentum: o.momentum,
+        ..Default::default()
+    }
+    .build(clf.var_store(), o.lr)?;
     let mut history = Vec::new();
     let n_scn = data.train_x.size()[0] as usize;
     for epoch in 1..=o.epochs {
@@ -162,13 +212,39 @@ pub fn fine_tune(clf: &mut Classifier, train: &Split, data: &ScenarioData, o: &C
         let scn_order = epoch_permutation(n_scn, seed, epoch as u64, 1);
         // as many scenario batches as train batches, cycling through the scenario set
         let scn_batches: Vec<Vec<i64>> = (0..batches.len())
-            .map(|b| (0..o.scenario_batch_size).map(|j| scn_order[(b * o.scenario_batch_size + j) % n_scn] as i64).collect())
+            .map(|b| {
+                (0..o.scenario_batch_size)
+                    .map(|j| scn_order[(b * o.scenario_batch_size + j) % n_scn] as i64)
+                    .collect()
+            })
             .collect();
-        let bar = progress::bar(batches.len() as u64, &format!("correct epoch {epoch}/{}", o.epochs));
-        let (ct, cs, n) = fine_tune_steps(clf, &mut opt, train, &batches, &data.train_x, &data.train_y, &scn_batches, o.lambda, || bar.inc(1))?;
+        let bar = progress::bar(
+            batches.len() as u64,
+            &format!("correct epoch {epoch}/{}", o.epochs),
+        );
+        let (ct, cs, n) = fine_tune_steps(
+            clf,
+            &mut opt,
+            train,
+            &batches,
+            &data.train_x,
+            &data.train_y,
+            &scn_batches,
+            o.lambda,
+            || bar.inc(1),
+        )?;
         bar.finish_and_clear();
-        let e = CorrectEpoch { epoch, ce_train: ct / n as f64, ce_scenario: cs / n as f64 };
-        tracing::info!(epoch, ce_train = e.ce_train, ce_scenario = e.ce_scenario, "correct epoch done");
+        let e = CorrectEpoch {
+            epoch,
+            ce_train: ct / n as f64,
+            ce_scenario: cs / n as f64,
+        };
+        tracing::info!(
+            epoch,
+            ce_train = e.ce_train,
+            ce_scenario = e.ce_scenario,
+            "correct epoch done"
+        );
         history.push(e);
     }
     Ok(history)
@@ -182,7 +258,12 @@ fn epoch_permutation(n: usize, seed: u64, epoch: u64, stream: u64) -> Vec<usize>
 }
 
 /// Accuracy on labelled images (`x` on the CPU), overall and per group.
-pub fn accuracy_by_group(clf: &Classifier, x: &Tensor, y: &Tensor, groups: &[usize]) -> Result<(f64, std::collections::BTreeMap<usize, f64>)> {
+pub fn accuracy_by_group(
+    clf: &Classifier,
+    x: &Tensor,
+    y: &Tensor,
+    groups: &[usize],
+) -> Result<(f64, std::collections::BTreeMap<usize, f64>)> {
     let (pred, _) = clf.predict(&x.to_device(clf.device()), 500)?;
     let right = Vec::<bool>::try_from(pred.to_device(Device::Cpu).eq_tensor(y))?;
     let mut per: std::collections::BTreeMap<usize, (usize, usize)> = Default::default();
@@ -192,5 +273,10 @@ pub fn accuracy_by_group(clf: &Classifier, x: &Tensor, y: &Tensor, groups: &[usi
         e.1 += 1;
     }
     let overall = right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
-    Ok((overall, per.into_iter().map(|(g, (r, n))| (g, r as f64 / n as f64)).collect()))
+    Ok((
+        overall,
+        per.into_iter()
+            .map(|(g, (r, n))| (g, r as f64 / n as f64))
+            .collect(),
+    ))
 }

@@ -47,13 +47,19 @@ impl Default for DpGmmOptions {
 impl DpGmmOptions {
     pub fn validate(&self) -> Result<()> {
         if self.max_components == 0 {
-            return Err(Error::invalid("distill.max_components", "must be at least 1"));
+            return Err(Error::invalid(
+                "distill.max_components",
+                "must be at least 1",
+            ));
         }
         if self.max_iter == 0 {
             return Err(Error::invalid("distill.max_iter", "must be at least 1"));
         }
         if !(self.reg_covar >= 0.0 && self.tol > 0.0 && self.mean_precision_prior > 0.0) {
-            return Err(Error::invalid("distill", "reg_covar >= 0, tol > 0 and mean_precision_prior > 0 are required"));
+            return Err(Error::invalid(
+                "distill",
+                "reg_covar >= 0, tol > 0 and mean_precision_prior > 0 are required",
+            ));
         }
         Ok(())
     }
@@ -116,10 +122,18 @@ impl DpGmm {
         let x = x.to_kind(Kind::Double).to_device(Device::Cpu);
         let (n, d) = match x.size()[..] {
             [n, d] if n >= 2 && d >= 1 => (n, d),
-            ref s => return Err(Error::invalid("distill input", format!("need an [N >= 2, D] matrix, got {s:?}"))),
+            ref s => {
+                return Err(Error::invalid(
+                    "distill input",
+                    format!("need an [N >= 2, D] matrix, got {s:?}"),
+                ))
+            }
         };
         if !bool::try_from(x.isfinite().all())? {
-            return Err(Error::invalid("distill input", "the codes contain NaN or infinite values"));
+            return Err(Error::invalid(
+                "distill input",
+                "the codes contain NaN or infinite values",
+            ));
         }
         let k = (o.max_components as i64).min(n);
         let xc = &x - x.mean_dim(0, false, Kind::Double);
@@ -155,7 +169,10 @@ impl DpGmm {
             }
         }
         if !converged {
-            tracing::warn!(max_iter = o.max_iter, "dp-gmm did not converge; raise distill.max_iter");
+            tracing::warn!(
+                max_iter = o.max_iter,
+                "dp-gmm did not converge; raise distill.max_iter"
+            );
         }
         let mut out = DpGmm {
             weights: vec![],
@@ -168,7 +185,9 @@ impl DpGmm {
         };
         out.weights = Vec::<f64>::try_from(weights(&state))?;
         out.means = to_rows(&state.means)?;
-        out.covariances = (0..k).map(|i| to_rows(&state.covariances.get(i))).collect::<Result<_>>()?;
+        out.covariances = (0..k)
+            .map(|i| to_rows(&state.covariances.get(i)))
+            .collect::<Result<_>>()?;
         out.state = Some(state);
         Ok(out)
     }
@@ -180,19 +199,26 @@ impl DpGmm {
     fn state(&self) -> Result<State> {
         match &self.state {
             Some(s) => Ok(s.clone()),
-            None => Err(Error::invalid("dp-gmm", "a mixture read back from JSON cannot predict; refit it")),
+            None => Err(Error::invalid(
+                "dp-gmm",
+                "a mixture read back from JSON cannot predict; refit it",
+            )),
         }
     }
 
     /// Per-row responsibilities `[N, K]` (the posterior over components).
     pub fn predict_proba(&self, x: &Tensor) -> Result<Tensor> {
         let s = self.state()?;
-        Ok(e_step(&x.to_kind(Kind::Double).to_device(Device::Cpu), &s).1.exp())
+        Ok(e_step(&x.to_kind(Kind::Double).to_device(Device::Cpu), &s)
+            .1
+            .exp())
     }
 
     /// Most likely component of every row.
     pub fn predict(&self, x: &Tensor) -> Result<Vec<i64>> {
-        Ok(Vec::<i64>::try_from(self.predict_proba(x)?.argmax(1, false))?)
+        Ok(Vec::<i64>::try_from(
+            self.predict_proba(x)?.argmax(1, false),
+        )?)
     }
 
     /// Mean log-likelihood per row under the plug-in mixture (weights, means,
@@ -202,8 +228,16 @@ impl DpGmm {
         let k = self.n_components() as i64;
         let d = x.size()[1];
         let means = Tensor::from_slice(&self.means.concat()).view([k, d]);
-        let covs = Tensor::from_slice(&self.covariances.iter().flatten().flatten().copied().collect::<Vec<_>>())
-            .view([k, d, d]);
+        let covs = Tensor::from_slice(
+            &self
+                .covariances
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect::<Vec<_>>(),
+        )
+        .view([k, d, d]);
         let prec_chol = precision_cholesky(&covs)?;
         let lw = Tensor::from_slice(&self.weights).clamp_min(1e-300).log();
         let lp = log_gaussian(&x, &means, &prec_chol) + lw.unsqueeze(0);
@@ -261,7 +295,14 @@ fn m_step(x: &Tensor, resp: &Tensor, p: &Priors, reg: f64) -> Result<State> {
         / dof.view([-1, 1, 1]);
     let _ = d;
     let prec_chol = precision_cholesky(&covariances)?;
-    Ok(State { wc, mean_precision, means, dof, covariances, prec_chol })
+    Ok(State {
+        wc,
+        mean_precision,
+        means,
+        dof,
+        covariances,
+        prec_chol,
+    })
 }
 
 /// Upper-triangular `P` with `P P^T = Sigma^-1`, per component (scikit-learn's
@@ -282,9 +323,16 @@ fn precision_cholesky(covs: &Tensor) -> Result<Tensor> {
 /// `log N(x | mu_k, Sigma_k)` for all rows and components `[N, K]`.
 fn log_gaussian(x: &Tensor, means: &Tensor, prec_chol: &Tensor) -> Tensor {
     let d = x.size()[1] as f64;
-    let log_det = prec_chol.diagonal(0, 1, 2).log().sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
+    let log_det =
+        prec_chol
+            .diagonal(0, 1, 2)
+            .log()
+            .sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
     let y = x.unsqueeze(0).matmul(prec_chol) - means.unsqueeze(1).matmul(prec_chol); // [K, N, D]
-    let maha = y.square().sum_dim_intlist([2].as_slice(), false, Kind::Double).transpose(0, 1); // [N, K]
+    let maha = y
+        .square()
+        .sum_dim_intlist([2].as_slice(), false, Kind::Double)
+        .transpose(0, 1); // [N, K]
     (maha + d * (2.0 * std::f64::consts::PI).ln()) * -0.5 + log_det.unsqueeze(0)
 }
 
@@ -295,20 +343,28 @@ fn log_weights(s: &State) -> Tensor {
     let db = b.digamma();
     let k = a.size()[0];
     let cum = (&db - &dsum).cumsum(0, Kind::Double);
-    let shifted = Tensor::cat(&[Tensor::zeros([1], (Kind::Double, Device::Cpu)), cum.narrow(0, 0, k - 1)], 0);
+    let shifted = Tensor::cat(
+        &[
+            Tensor::zeros([1], (Kind::Double, Device::Cpu)),
+            cum.narrow(0, 0, k - 1),
+        ],
+        0,
+    );
     da - dsum + shifted
 }
 
 fn e_step(x: &Tensor, s: &State) -> (Tensor, Tensor) {
     let d = x.size()[1];
     let df = d as f64;
-    let log_gauss = log_gaussian(x, &s.means, &s.prec_chol) - (s.dof.log() * (0.5 * df)).unsqueeze(0);
+    let log_gauss =
+        log_gaussian(x, &s.means, &s.prec_chol) - (s.dof.log() * (0.5 * df)).unsqueeze(0);
     let ar = Tensor::arange(d, (Kind::Double, Device::Cpu));
     let log_lambda = ((s.dof.unsqueeze(1) - ar.unsqueeze(0)) * 0.5)
         .digamma()
         .sum_dim_intlist([1].as_slice(), false, Kind::Double)
         + df * 2f64.ln();
-    let log_prob = log_gauss + ((log_lambda - s.mean_precision.reciprocal() * df) * 0.5).unsqueeze(0);
+    let log_prob =
+        log_gauss + ((log_lambda - s.mean_precision.reciprocal() * df) * 0.5).unsqueeze(0);
     let weighted = log_prob + log_weights(s).unsqueeze(0);
     let norm = weighted.logsumexp([1], true);
     let log_resp = &weighted - &norm;
@@ -317,16 +373,24 @@ fn e_step(x: &Tensor, s: &State) -> (Tensor, Tensor) {
 
 fn lower_bound(log_resp: &Tensor, s: &State, d: i64) -> f64 {
     let df = d as f64;
-    let log_det_chol = s.prec_chol.diagonal(0, 1, 2).log().sum_dim_intlist([1].as_slice(), false, Kind::Double)
-        - s.dof.log() * (0.5 * df);
+    let log_det_chol =
+        s.prec_chol
+            .diagonal(0, 1, 2)
+            .log()
+            .sum_dim_intlist([1].as_slice(), false, Kind::Double)
+            - s.dof.log() * (0.5 * df);
     let ar = Tensor::arange(d, (Kind::Double, Device::Cpu));
-    let lgam = ((s.dof.unsqueeze(1) - ar.unsqueeze(0)) * 0.5).lgamma().sum_dim_intlist([1].as_slice(), false, Kind::Double);
+    let lgam = ((s.dof.unsqueeze(1) - ar.unsqueeze(0)) * 0.5)
+        .lgamma()
+        .sum_dim_intlist([1].as_slice(), false, Kind::Double);
     let log_wishart = -(&s.dof * &log_det_chol + &s.dof * (df * 0.5 * 2f64.ln()) + lgam);
     let (a, b) = &s.wc;
     let betaln = a.lgamma() + b.lgamma() - (a + b).lgamma();
     let log_norm_weight = -betaln.sum(Kind::Double);
     let ent = (log_resp.exp() * log_resp).sum(Kind::Double);
-    let v = -ent - log_wishart.sum(Kind::Double) - log_norm_weight
+    let v = -ent
+        - log_wishart.sum(Kind::Double)
+        - log_norm_weight
         - s.mean_precision.log().sum(Kind::Double) * (0.5 * df);
     f64::try_from(v).unwrap_or(f64::NAN)
 }
@@ -337,7 +401,10 @@ fn weights(s: &State) -> Tensor {
     let tmp = b / &sum;
     let k = a.size()[0];
     let cp = Tensor::cat(
-        &[Tensor::ones([1], (Kind::Double, Device::Cpu)), tmp.narrow(0, 0, k - 1).cumprod(0, Kind::Double)],
+        &[
+            Tensor::ones([1], (Kind::Double, Device::Cpu)),
+            tmp.narrow(0, 0, k - 1).cumprod(0, Kind::Double),
+        ],
         0,
     );
     let w = a / sum * cp;
@@ -359,10 +426,24 @@ mod tests {
     #[test]
     fn lower_bound_never_decreases_and_weights_sum_to_one() {
         let x = blobs();
-        let m = DpGmm::fit(&x, &DpGmmOptions { max_components: 15, tol: 1e-8, ..Default::default() }, 1).unwrap();
+        let m = DpGmm::fit(
+            &x,
+            &DpGmmOptions {
+                max_components: 15,
+                tol: 1e-8,
+                ..Default::default()
+            },
+            1,
+        )
+        .unwrap();
         assert!(m.lower_bounds.len() > 3);
         for w in m.lower_bounds.windows(2) {
-            assert!(w[1] >= w[0] - 1e-9 * w[0].abs(), "lower bound decreased: {} -> {}", w[0], w[1]);
+            assert!(
+                w[1] >= w[0] - 1e-9 * w[0].abs(),
+                "lower bound decreased: {} -> {}",
+                w[0],
+                w[1]
+            );
         }
         assert!((m.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
         let big: Vec<f64> = m.weights.iter().copied().filter(|&w| w > 0.05).collect();
@@ -375,16 +456,28 @@ mod tests {
     #[test]
     fn same_seed_same_fit_and_bad_input_is_refused() {
         let x = blobs();
-        let o = DpGmmOptions { max_components: 10, ..Default::default() };
+        let o = DpGmmOptions {
+            max_components: 10,
+            ..Default::default()
+        };
         let a = DpGmm::fit(&x, &o, 5).unwrap();
         let b = DpGmm::fit(&x, &o, 5).unwrap();
         assert_eq!(a.weights, b.weights);
         assert_eq!(a.predict(&x).unwrap(), b.predict(&x).unwrap());
         let nan = Tensor::from_slice(&[1.0f64, f64::NAN, 2.0, 3.0]).view([2, 2]);
-        assert!(DpGmm::fit(&nan, &o, 0).unwrap_err().to_string().contains("NaN"));
+        assert!(DpGmm::fit(&nan, &o, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("NaN"));
         let one = Tensor::ones([1, 3], (Kind::Double, Device::Cpu));
         assert!(DpGmm::fit(&one, &o, 0).is_err());
-        let bad = DpGmmOptions { max_components: 0, ..Default::default() };
-        assert!(DpGmm::fit(&x, &bad, 0).unwrap_err().to_string().contains("max_components"));
+        let bad = DpGmmOptions {
+            max_components: 0,
+            ..Default::default()
+        };
+        assert!(DpGmm::fit(&x, &bad, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("max_components"));
     }
 }

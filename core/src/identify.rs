@@ -41,11 +41,19 @@ impl Perturbation {
     pub fn validate(&self) -> Result<()> {
         match *self {
             Perturbation::Gaussian { sigma } if !(sigma.is_finite() && sigma > 0.0) => {
-                Err(Error::invalid("identify.perturbation.sigma", format!("{sigma} is not a positive number")))
+                Err(Error::invalid(
+                    "identify.perturbation.sigma",
+                    format!("{sigma} is not a positive number"),
+                ))
             }
-            Perturbation::Beta { a, b } if !(a.is_finite() && a > 0.0 && b.is_finite() && b > 0.0) => Err(
-                Error::invalid("identify.perturbation", format!("beta a = {a}, b = {b}: both must be positive")),
-            ),
+            Perturbation::Beta { a, b }
+                if !(a.is_finite() && a > 0.0 && b.is_finite() && b > 0.0) =>
+            {
+                Err(Error::invalid(
+                    "identify.perturbation",
+                    format!("beta a = {a}, b = {b}: both must be positive"),
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -117,7 +125,10 @@ impl IdentifyOptions {
             ("shard_size", self.shard_size),
         ] {
             if v == 0 {
-                return Err(Error::invalid(format!("identify.{name}"), "must be at least 1"));
+                return Err(Error::invalid(
+                    format!("identify.{name}"),
+                    "must be at least 1",
+                ));
             }
         }
         self.perturbation.validate()
@@ -206,10 +217,17 @@ impl Failures {
             ("eps_norm".to_string(), f(&self.eps_norm)),
         ];
         let stats_json = serde_json::to_string(stats).expect("stats serialise");
-        tensor_io::write(path, &tensors, HashMap::from([("defuse.identify".to_string(), stats_json.clone())]))?;
+        tensor_io::write(
+            path,
+            &tensors,
+            HashMap::from([("defuse.identify".to_string(), stats_json.clone())]),
+        )?;
         let manifest = path.with_extension("json");
-        std::fs::write(&manifest, serde_json::to_string_pretty(stats).expect("stats serialise"))
-            .map_err(|e| Error::io(&manifest, e))
+        std::fs::write(
+            &manifest,
+            serde_json::to_string_pretty(stats).expect("stats serialise"),
+        )
+        .map_err(|e| Error::io(&manifest, e))
     }
 
     pub fn read(path: &Path) -> Result<(Failures, IdentifyStats)> {
@@ -218,7 +236,10 @@ impl Failures {
             .get("defuse.identify")
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or_else(|| Error::format(path, "missing or invalid 'defuse.identify' metadata"))?;
-        let mut take = |name: &str| t.remove(name).ok_or_else(|| Error::format(path, format!("tensor '{name}' is missing")));
+        let mut take = |name: &str| {
+            t.remove(name)
+                .ok_or_else(|| Error::format(path, format!("tensor '{name}' is missing")))
+        };
         let codes = take("codes")?;
         let i64s = |x: Tensor| Vec::<i64>::try_from(x.to_kind(Kind::Int64)).map_err(Error::Torch);
         let f32s = |x: Tensor| Vec::<f32>::try_from(x.to_kind(Kind::Float)).map_err(Error::Torch);
@@ -232,7 +253,14 @@ impl Failures {
         };
         let n = out.len();
         if out.codes.size().first().copied() != Some(n as i64)
-            || [out.true_label.len(), out.predicted.len(), out.confidence.len(), out.eps_norm.len()].iter().any(|&l| l != n)
+            || [
+                out.true_label.len(),
+                out.predicted.len(),
+                out.confidence.len(),
+                out.eps_norm.len(),
+            ]
+            .iter()
+            .any(|&l| l != n)
         {
             return Err(Error::format(path, "tensors of different lengths"));
         }
@@ -241,6 +269,7 @@ impl Failures {
 }
 
 /// Searches `range` of `split` for failures.
+#[allow(clippy::too_many_arguments)]
 pub fn identify(
     split: &Split,
     which: SplitName,
@@ -255,13 +284,24 @@ pub fn identify(
     if range.end > split.len() || range.start > range.end {
         return Err(Error::invalid(
             "identify range",
-            format!("{}..{} is outside the {which} split of {} images", range.start, range.end, split.len()),
+            format!(
+                "{}..{} is outside the {which} split of {} images",
+                range.start,
+                range.end,
+                split.len()
+            ),
         ));
     }
     let device = clf.device();
     let d = vae.latent();
     let (q, keep) = (o.samples, o.keep);
-    let mut stats = IdentifyStats { split: which, start: range.start, end: range.end, n_images: range.len(), ..Default::default() };
+    let mut stats = IdentifyStats {
+        split: which,
+        start: range.start,
+        end: range.end,
+        n_images: range.len(),
+        ..Default::default()
+    };
     let mut parts = Vec::new();
     tch::no_grad(|| -> Result<()> {
         for start in range.clone().step_by(o.batch_size) {
@@ -275,7 +315,8 @@ pub fn identify(
                 let right = p.eq_tensor(&y);
                 let recon_right = pr.eq_tensor(&y);
                 stats.n_wrong += i64::try_from(right.logical_not().sum(Kind::Int64))? as usize;
-                stats.n_recon_wrong += i64::try_from(recon_right.logical_not().sum(Kind::Int64))? as usize;
+                stats.n_recon_wrong +=
+                    i64::try_from(recon_right.logical_not().sum(Kind::Int64))? as usize;
                 Vec::<bool>::try_from(right.logical_and(&recon_right).to_device(Device::Cpu))?
             } else {
                 vec![true; end - start]
@@ -288,13 +329,19 @@ pub fn identify(
             let b = picked.len();
             stats.n_searched += b;
             stats.n_perturbations += b * q;
-            let idx = Tensor::from_slice(&picked.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+            let idx = Tensor::from_slice(&picked.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                .to_device(device);
             let mu = mu.index_select(0, &idx);
             let mut noise = Vec::with_capacity(b * q * d as usize);
             for &i in &picked {
-                noise.extend(o.perturbation.draw(job_seed, which, start + i, q, d as usize));
+                noise.extend(
+                    o.perturbation
+                        .draw(job_seed, which, start + i, q, d as usize),
+                );
             }
-            let eps = Tensor::from_slice(&noise).view([b as i64, q as i64, d]).to_device(device);
+            let eps = Tensor::from_slice(&noise)
+                .view([b as i64, q as i64, d])
+                .to_device(device);
             let z = (mu.unsqueeze(1) + &eps).view([-1, d]);
             let mut preds = Vec::new();
             let mut confs = Vec::new();
@@ -308,12 +355,17 @@ pub fn identify(
             }
             let pred = Vec::<i64>::try_from(Tensor::cat(&preds, 0).to_device(Device::Cpu))?;
             let conf = Vec::<f32>::try_from(Tensor::cat(&confs, 0).to_device(Device::Cpu))?;
-            let norms = Vec::<f32>::try_from(eps.view([-1, d]).norm_scalaropt_dim(2, [1], false).to_device(Device::Cpu))?;
+            let norms = Vec::<f32>::try_from(
+                eps.view([-1, d])
+                    .norm_scalaropt_dim(2, [1], false)
+                    .to_device(Device::Cpu),
+            )?;
             let mut rows = Vec::new();
             let mut part = Failures::empty(d);
             for (j, &i) in picked.iter().enumerate() {
                 let label = split.labels[start + i];
-                let mut fails: Vec<usize> = (j * q..(j + 1) * q).filter(|&r| pred[r] != label).collect();
+                let mut fails: Vec<usize> =
+                    (j * q..(j + 1) * q).filter(|&r| pred[r] != label).collect();
                 if fails.is_empty() {
                     continue;
                 }
@@ -330,7 +382,9 @@ pub fn identify(
                 }
             }
             if !rows.is_empty() {
-                part.codes = z.index_select(0, &Tensor::from_slice(&rows).to_device(device)).to_device(Device::Cpu);
+                part.codes = z
+                    .index_select(0, &Tensor::from_slice(&rows).to_device(device))
+                    .to_device(Device::Cpu);
                 parts.push(part);
             }
         }

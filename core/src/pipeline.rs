@@ -15,7 +15,7 @@ use crate::data::{DataSpec, Dataset};
 use crate::error::{Error, Result};
 use crate::identify::{self, Failures, IdentifyOptions, IdentifyStats};
 use crate::models::{self, Classifier, CnnArch, ModelFiles, Vae, VaeArch};
-use crate::scenarios::{self, DistillOptions, Label, Labels, Scenario};
+use crate::scenarios::{self, DistillOptions, Labels, Scenario};
 use crate::train::{self, TrainOptions};
 use crate::{progress, report};
 
@@ -97,11 +97,18 @@ pub struct LabelSection {
     pub mode: LabelMode,
     /// The labels file for `mode = "file"`.
     pub file: Option<PathBuf>,
+    /// `source-majority` discards a scenario whose majority source label covers less
+    /// than this share of its failures (an ambiguous scenario a person would discard).
+    pub min_purity: f64,
 }
 
 impl Default for LabelSection {
     fn default() -> Self {
-        LabelSection { mode: LabelMode::SourceMajority, file: None }
+        LabelSection {
+            mode: LabelMode::SourceMajority,
+            file: None,
+            min_purity: 0.5,
+        }
     }
 }
 
@@ -121,11 +128,13 @@ impl JobConfig {
     /// Reads and validates a job file; unknown fields and bad values are errors.
     pub fn load(path: &Path) -> Result<JobConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut c: JobConfig = toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let mut c: JobConfig =
+            toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         if c.name.is_none() {
             c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         }
-        c.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        c.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(c)
     }
 
@@ -134,33 +143,54 @@ impl JobConfig {
         self.identify.validate()?;
         self.distill.validate()?;
         self.correct.validate()?;
+        if !(0.0..=1.0).contains(&self.label.min_purity) {
+            return Err(Error::invalid(
+                "label.min_purity",
+                format!("{} is not in [0, 1]", self.label.min_purity),
+            ));
+        }
         if self.label.mode == LabelMode::File && self.label.file.is_none() {
-            return Err(Error::invalid("label.file", "mode = \"file\" needs label.file"));
+            return Err(Error::invalid(
+                "label.file",
+                "mode = \"file\" needs label.file",
+            ));
         }
         if self.models.vae_decoder.is_some() && self.models.vae.is_none() {
-            return Err(Error::invalid("models.vae_decoder", "given without models.vae (the encoder)"));
+            return Err(Error::invalid(
+                "models.vae_decoder",
+                "given without models.vae (the encoder)",
+            ));
         }
         let t = &self.train;
         if t.classifier_epochs == 0 || t.vae_epochs == 0 || t.batch_size == 0 || t.vae_latent < 1 {
-            return Err(Error::invalid("train", "epochs, batch_size and vae_latent must be at least 1"));
+            return Err(Error::invalid(
+                "train",
+                "epochs, batch_size and vae_latent must be at least 1",
+            ));
         }
         Ok(())
     }
 
     pub fn out_dir(&self) -> PathBuf {
-        self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
     }
 }
 
 /// The steps, in order.
-pub const STEPS: [&str; 6] = ["models", "identify", "distill", "label", "correct", "report"];
+pub const STEPS: [&str; 6] = [
+    "models", "identify", "distill", "label", "correct", "report",
+];
 
 /// Outcome of a run.
 #[derive(Debug)]
 pub enum RunOutcome {
     Finished(Box<report::Summary>),
     /// `label.mode = "manual"` and no labels yet: the run stopped after distill.
-    AwaitingLabels { scenarios: usize },
+    AwaitingLabels {
+        scenarios: usize,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -213,8 +243,15 @@ impl Job<'_> {
     fn mark(&mut self, step: &str, hash: &str, started: Instant) -> Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         let p = self.dir(step)?.join("done.json");
-        std::fs::write(&p, serde_json::to_string(&Done { hash: hash.into(), seconds }).expect("json"))
-            .map_err(|e| Error::io(&p, e))?;
+        std::fs::write(
+            &p,
+            serde_json::to_string(&Done {
+                hash: hash.into(),
+                seconds,
+            })
+            .expect("json"),
+        )
+        .map_err(|e| Error::io(&p, e))?;
         self.timings.push((step.into(), seconds));
         tracing::info!(step, seconds, "step done");
         Ok(())
@@ -223,7 +260,10 @@ impl Job<'_> {
     fn reuse(&mut self, step: &str) {
         tracing::info!(step, "step already done, reusing its outputs");
         let p = self.out.join(step).join("done.json");
-        let secs = std::fs::read_to_string(p).ok().and_then(|s| serde_json::from_str::<Done>(&s).ok()).map_or(0.0, |d| d.seconds);
+        let secs = std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| serde_json::from_str::<Done>(&s).ok())
+            .map_or(0.0, |d| d.seconds);
         self.timings.push((step.into(), secs));
     }
 }
@@ -232,13 +272,20 @@ impl Job<'_> {
 pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
     cfg.validate()?;
     let device = models::parse_device(&cfg.device)?;
-    let mut job = Job { cfg, out: cfg.out_dir(), timings: vec![] };
+    let mut job = Job {
+        cfg,
+        out: cfg.out_dir(),
+        timings: vec![],
+    };
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let ds = cfg.data.load()?;
     write_json(&job.out.join("classes.json"), &ds.class_names)?;
     let toml_path = job.out.join("job.toml");
-    std::fs::write(&toml_path, toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?)
-        .map_err(|e| Error::io(&toml_path, e))?;
+    std::fs::write(
+        &toml_path,
+        toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?,
+    )
+    .map_err(|e| Error::io(&toml_path, e))?;
     tracing::info!(dataset = %ds.name, train = ds.train.len(), test = ds.test.len(), classes = ds.num_classes(), "dataset loaded");
 
     // models
@@ -246,7 +293,11 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
     let started = Instant::now();
     let was_done = job.done("models", &h_models);
     let (clf, vae) = load_or_train_models(&job, &ds, device, was_done)?;
-    if was_done { job.reuse("models") } else { job.mark("models", &h_models, started)? }
+    if was_done {
+        job.reuse("models")
+    } else {
+        job.mark("models", &h_models, started)?
+    }
 
     // identify
     let h_identify = hash_of(&[&h_models, &cfg.identify]);
@@ -261,7 +312,12 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
         job.mark("identify", &h_identify, started)?;
         r
     };
-    tracing::info!(searched = istats.n_searched, failures = failures.len(), images_with_failure = istats.n_images_with_failure, "identify");
+    tracing::info!(
+        searched = istats.n_searched,
+        failures = failures.len(),
+        images_with_failure = istats.n_images_with_failure,
+        "identify"
+    );
 
     // distill
     let h_distill = hash_of(&[&h_identify, &cfg.distill]);
@@ -298,12 +354,23 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
     let h_label = hash_of(&[&h_distill, &cfg.label, &label_input]);
     let started = Instant::now();
     let labels: Labels = match cfg.label.mode {
-        LabelMode::SourceMajority => scenarios.iter().filter_map(|s| Some((s.id, Label::Class(s.source_majority()?)))).collect(),
-        LabelMode::File => scenarios::read_labels(cfg.label.file.as_ref().expect("validated"), &scenarios, &ds.class_names)?,
+        LabelMode::SourceMajority => {
+            scenarios::source_majority_labels(&scenarios, cfg.label.min_purity)
+        }
+        LabelMode::File => scenarios::read_labels(
+            cfg.label.file.as_ref().expect("validated"),
+            &scenarios,
+            &ds.class_names,
+        )?,
         LabelMode::Manual => {
             if !labels_path.exists() {
-                tracing::info!(scenarios = scenarios.len(), "waiting for labels: run `defuse label`");
-                return Ok(RunOutcome::AwaitingLabels { scenarios: scenarios.len() });
+                tracing::info!(
+                    scenarios = scenarios.len(),
+                    "waiting for labels: run `defuse label`"
+                );
+                return Ok(RunOutcome::AwaitingLabels {
+                    scenarios: scenarios.len(),
+                });
             }
             scenarios::read_labels(&labels_path, &scenarios, &ds.class_names)?
         }
@@ -311,27 +378,43 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
     if cfg.label.mode != LabelMode::Manual {
         scenarios::write_labels(&labels_path, &labels)?;
     }
-    if job.done("label", &h_label) { job.reuse("label") } else { job.mark("label", &h_label, started)? }
+    if job.done("label", &h_label) {
+        job.reuse("label")
+    } else {
+        job.mark("label", &h_label, started)?
+    }
 
     // correct
     let h_correct = hash_of(&[&h_label, &cfg.correct]);
     let started = Instant::now();
-    let tuned_path = job.out.join("correct").join(format!("classifier.{}", clf.extension()));
+    let tuned_path = job
+        .out
+        .join("correct")
+        .join(format!("classifier.{}", clf.extension()));
     let eval_path = job.out.join("correct/evaluation.json");
     let evaluation: report::Evaluation = if job.done("correct", &h_correct) {
         job.reuse("correct");
         read_json(&eval_path)?
     } else {
         job.dir("correct")?;
-        let data = correct::scenario_data(&vae, &scenarios, &labels, cfg.distill.tau, &cfg.correct, cfg.seed)?;
+        let data = correct::scenario_data(
+            &vae,
+            &scenarios,
+            &labels,
+            cfg.distill.tau,
+            &cfg.correct,
+            cfg.seed,
+        )?;
         let test_before = train::accuracy(&clf, &ds.test, device)?;
-        let (scn_before, per_before) = correct::accuracy_by_group(&clf, &data.test_x, &data.test_y, &data.test_scenario)?;
+        let (scn_before, per_before) =
+            correct::accuracy_by_group(&clf, &data.test_x, &data.test_y, &data.test_scenario)?;
         let mut tuned = load_classifier_again(&job, &ds, device)?;
         tch::manual_seed(cfg.seed as i64);
         let history = correct::fine_tune(&mut tuned, &ds.train, &data, &cfg.correct, cfg.seed)?;
         tuned.save(&tuned_path)?;
         let test_after = train::accuracy(&tuned, &ds.test, device)?;
-        let (scn_after, per_after) = correct::accuracy_by_group(&tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
+        let (scn_after, per_after) =
+            correct::accuracy_by_group(&tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
         let ev = report::Evaluation {
             test_accuracy_before: test_before,
             test_accuracy_after: test_after,
@@ -354,13 +437,27 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
     let h_report = hash_of(&[&h_correct]);
     let mut timings = job.timings.clone();
     timings.push(("report".into(), 0.0));
-    let summary = report::Summary::new(cfg, &ds, &istats, &failures, &scenarios, &labels, &evaluation, timings);
+    let summary = report::Summary::new(
+        cfg,
+        &ds,
+        &istats,
+        &failures,
+        &scenarios,
+        &labels,
+        &evaluation,
+        timings,
+    );
     report::write(&job.out.join("report"), &summary, &job.out.join("distill"))?;
     job.mark("report", &h_report, started)?;
     Ok(RunOutcome::Finished(Box::new(summary)))
 }
 
-fn load_or_train_models(job: &Job, ds: &Dataset, device: Device, done: bool) -> Result<(Classifier, Vae)> {
+fn load_or_train_models(
+    job: &Job,
+    ds: &Dataset,
+    device: Device,
+    done: bool,
+) -> Result<(Classifier, Vae)> {
     let cfg = job.cfg;
     let shape = ds.image_shape();
     let nc = ds.num_classes() as i64;
@@ -375,8 +472,24 @@ fn load_or_train_models(job: &Job, ds: &Dataset, device: Device, done: bool) -> 
                 tracing::info!("training the built-in classifier ([train] settings)");
                 tch::manual_seed(cfg.seed as i64);
                 let [c, h, w] = shape;
-                let mut m = Classifier::new_builtin(CnnArch { channels: c, height: h, width: w, num_classes: nc, width_base: t.classifier_width }, device)?;
-                let o = TrainOptions { epochs: t.classifier_epochs, batch_size: t.batch_size, lr: t.lr, seed: cfg.seed, max_batches: 0, lr_decay: t.classifier_lr_decay };
+                let mut m = Classifier::new_builtin(
+                    CnnArch {
+                        channels: c,
+                        height: h,
+                        width: w,
+                        num_classes: nc,
+                        width_base: t.classifier_width,
+                    },
+                    device,
+                )?;
+                let o = TrainOptions {
+                    epochs: t.classifier_epochs,
+                    batch_size: t.batch_size,
+                    lr: t.lr,
+                    seed: cfg.seed,
+                    max_batches: 0,
+                    lr_decay: t.classifier_lr_decay,
+                };
                 train::train_classifier(ds, &mut m, &o)?;
                 job.dir("models")?;
                 m.save(&p)?;
@@ -394,14 +507,33 @@ fn load_or_train_models(job: &Job, ds: &Dataset, device: Device, done: bool) -> 
                 tracing::info!("training the built-in VAE ([train] settings)");
                 tch::manual_seed(cfg.seed as i64 + 1);
                 let [c, h, w] = shape;
-                let arch = VaeArch { channels: c, height: h, width: w, latent: t.vae_latent, width_base: t.vae_width, hidden: t.vae_hidden, beta: t.vae_beta };
+                let arch = VaeArch {
+                    channels: c,
+                    height: h,
+                    width: w,
+                    latent: t.vae_latent,
+                    width_base: t.vae_width,
+                    hidden: t.vae_hidden,
+                    beta: t.vae_beta,
+                };
                 let mut m = Vae::new_builtin(arch, device)?;
-                let o = TrainOptions { epochs: t.vae_epochs, batch_size: t.batch_size, lr: t.lr, seed: cfg.seed, max_batches: 0, lr_decay: t.vae_lr_decay };
+                let o = TrainOptions {
+                    epochs: t.vae_epochs,
+                    batch_size: t.batch_size,
+                    lr: t.lr,
+                    seed: cfg.seed,
+                    max_batches: 0,
+                    lr_decay: t.vae_lr_decay,
+                };
                 train::train_vae(ds, &mut m, &o)?;
                 job.dir("models")?;
                 m.save(&p)?;
                 let x = ds.test.images(0..16.min(ds.test.len()), device);
-                crate::images::write_grid(&job.out.join("models/vae.recon.png"), &[x.shallow_clone(), train::reconstruct(&m, &x)?], 3)?;
+                crate::images::write_grid(
+                    &job.out.join("models/vae.recon.png"),
+                    &[x.shallow_clone(), train::reconstruct(&m, &x)?],
+                    3,
+                )?;
                 m
             }
         }
@@ -411,19 +543,33 @@ fn load_or_train_models(job: &Job, ds: &Dataset, device: Device, done: bool) -> 
 
 /// A second, independent copy of the classifier under test, to fine-tune.
 fn load_classifier_again(job: &Job, ds: &Dataset, device: Device) -> Result<Classifier> {
-    let p = job.cfg.models.classifier.clone().unwrap_or_else(|| job.out.join("models/classifier.safetensors"));
+    let p = job
+        .cfg
+        .models
+        .classifier
+        .clone()
+        .unwrap_or_else(|| job.out.join("models/classifier.safetensors"));
     Classifier::load(&p, ds.image_shape(), ds.num_classes() as i64, device)
 }
 
 /// Identify over every shard of the split; finished shards are reused.
-fn run_identify(job: &Job, ds: &Dataset, clf: &Classifier, vae: &Vae, hash: &str) -> Result<(Failures, IdentifyStats)> {
+fn run_identify(
+    job: &Job,
+    ds: &Dataset,
+    clf: &Classifier,
+    vae: &Vae,
+    hash: &str,
+) -> Result<(Failures, IdentifyStats)> {
     let cfg = job.cfg;
     let o = &cfg.identify;
     let dir = job.dir("identify")?;
     // shards of another configuration are stale
     let hash_file = dir.join("shards.hash");
     if std::fs::read_to_string(&hash_file).ok().as_deref() != Some(hash) {
-        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?.flatten() {
+        for e in std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .flatten()
+        {
             if e.file_name().to_string_lossy().starts_with("shard-") {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -431,11 +577,26 @@ fn run_identify(job: &Job, ds: &Dataset, clf: &Classifier, vae: &Vae, hash: &str
         std::fs::write(&hash_file, hash).map_err(|e| Error::io(&hash_file, e))?;
     }
     let split = ds.split(o.split);
-    let n = if o.limit > 0 { o.limit.min(split.len()) } else { split.len() };
-    let shards: Vec<_> = ds.shards(o.split, o.shard_size).into_iter().filter(|r| r.start < n).map(|r| r.start..r.end.min(n)).collect();
+    let n = if o.limit > 0 {
+        o.limit.min(split.len())
+    } else {
+        split.len()
+    };
+    let shards: Vec<_> = ds
+        .shards(o.split, o.shard_size)
+        .into_iter()
+        .filter(|r| r.start < n)
+        .map(|r| r.start..r.end.min(n))
+        .collect();
     let bar = progress::bar(n as u64, "identify");
     let mut parts = Vec::new();
-    let mut total = IdentifyStats { split: o.split, start: 0, end: n, n_images: n, ..Default::default() };
+    let mut total = IdentifyStats {
+        split: o.split,
+        start: 0,
+        end: n,
+        n_images: n,
+        ..Default::default()
+    };
     for (i, range) in shards.into_iter().enumerate() {
         let p = dir.join(format!("shard-{i:05}.safetensors"));
         let (f, s) = match Failures::read(&p) {
@@ -444,7 +605,16 @@ fn run_identify(job: &Job, ds: &Dataset, clf: &Classifier, vae: &Vae, hash: &str
                 r
             }
             _ => {
-                let r = identify::identify(split, o.split, range.clone(), clf, vae, o, cfg.seed, |k| bar.inc(k as u64))?;
+                let r = identify::identify(
+                    split,
+                    o.split,
+                    range.clone(),
+                    clf,
+                    vae,
+                    o,
+                    cfg.seed,
+                    |k| bar.inc(k as u64),
+                )?;
                 r.0.write(&p, &r.1)?;
                 r
             }
@@ -464,7 +634,8 @@ fn run_identify(job: &Job, ds: &Dataset, clf: &Classifier, vae: &Vae, hash: &str
 
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v).expect("serialisable")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).expect("serialisable"))
+        .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
@@ -472,4 +643,3 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
 }
-

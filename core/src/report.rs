@@ -123,10 +123,17 @@ impl Summary {
             n_perturbations: istats.n_perturbations,
             n_failures: failures.len(),
             n_images_with_failure: istats.n_images_with_failure,
-            failure_rate_per_image: istats.n_images_with_failure as f64 / istats.n_searched.max(1) as f64,
+            failure_rate_per_image: istats.n_images_with_failure as f64
+                / istats.n_searched.max(1) as f64,
             n_scenarios: scenarios.len(),
-            n_labelled: labels.values().filter(|l| matches!(l, Label::Class(_))).count(),
-            n_discarded: labels.values().filter(|l| matches!(l, Label::Discard)).count(),
+            n_labelled: labels
+                .values()
+                .filter(|l| matches!(l, Label::Class(_)))
+                .count(),
+            n_discarded: labels
+                .values()
+                .filter(|l| matches!(l, Label::Discard))
+                .count(),
             test_accuracy_before: ev.test_accuracy_before,
             test_accuracy_after: ev.test_accuracy_after,
             scenario_accuracy_before: ev.scenario_accuracy_before,
@@ -151,7 +158,10 @@ pub fn write(dir: &Path, s: &Summary, grids: &Path) -> Result<()> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn pct(x: Option<f64>) -> String {
@@ -159,14 +169,30 @@ fn pct(x: Option<f64>) -> String {
 }
 
 fn render_html(s: &Summary, grids: &Path) -> String {
-    let name = |c: i64| esc(&s.class_names.get(c as usize).cloned().unwrap_or_else(|| c.to_string()));
+    let name = |c: i64| {
+        esc(&s
+            .class_names
+            .get(c as usize)
+            .cloned()
+            .unwrap_or_else(|| c.to_string()))
+    };
     let mut rows = String::new();
     for sc in &s.scenarios {
         let img = std::fs::read(grids.join(format!("scenario-{}.png", sc.id)))
-            .map(|b| format!("<img alt=\"samples of scenario {}\" src=\"data:image/png;base64,{}\">", sc.id, base64::engine::general_purpose::STANDARD.encode(b)))
+            .map(|b| {
+                format!(
+                    "<img alt=\"samples of scenario {}\" src=\"data:image/png;base64,{}\">",
+                    sc.id,
+                    base64::engine::general_purpose::STANDARD.encode(b)
+                )
+            })
             .unwrap_or_default();
         let preds: Vec<String> = sc.sample_predictions.iter().map(|&p| name(p)).collect();
-        let sources: Vec<String> = sc.source_labels.iter().map(|(l, n)| format!("{}: {n}", name(*l))).collect();
+        let sources: Vec<String> = sc
+            .source_labels
+            .iter()
+            .map(|(l, n)| format!("{}: {n}", name(*l)))
+            .collect();
         let label = sc.label.map_or("<em>discarded</em>".to_string(), name);
         rows.push_str(&format!(
             "<section class=\"scn\" id=\"s{id}\"><h3>Scenario {id}</h3>\
@@ -184,7 +210,11 @@ fn render_html(s: &Summary, grids: &Path) -> String {
             sources = sources.join(", "),
         ));
     }
-    let steps: Vec<String> = s.step_seconds.iter().map(|(n, t)| format!("{n} {t:.0} s")).collect();
+    let steps: Vec<String> = s
+        .step_seconds
+        .iter()
+        .map(|(n, t)| format!("{n} {t:.0} s"))
+        .collect();
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Defuse report: {job}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem;color:#222}}

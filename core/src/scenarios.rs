@@ -49,16 +49,27 @@ impl Default for DistillOptions {
 
 impl DistillOptions {
     pub fn gmm(&self) -> DpGmmOptions {
-        DpGmmOptions { max_components: self.max_components, max_iter: self.max_iter, tol: self.tol, ..Default::default() }
+        DpGmmOptions {
+            max_components: self.max_components,
+            max_iter: self.max_iter,
+            tol: self.tol,
+            ..Default::default()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         self.gmm().validate()?;
         if !(self.weight_cutoff >= 0.0 && self.weight_cutoff < 1.0) {
-            return Err(Error::invalid("distill.weight_cutoff", format!("{} is not in [0, 1)", self.weight_cutoff)));
+            return Err(Error::invalid(
+                "distill.weight_cutoff",
+                format!("{} is not in [0, 1)", self.weight_cutoff),
+            ));
         }
         if !(self.tau.is_finite() && self.tau > 0.0) {
-            return Err(Error::invalid("distill.tau", format!("{} is not positive", self.tau)));
+            return Err(Error::invalid(
+                "distill.tau",
+                format!("{} is not positive", self.tau),
+            ));
         }
         if self.subsample < 2 {
             return Err(Error::invalid("distill.subsample", "must be at least 2"));
@@ -89,7 +100,10 @@ pub struct Scenario {
 impl Scenario {
     /// The `source-majority` oracle: the most common true label of the sources.
     pub fn source_majority(&self) -> Option<i64> {
-        self.source_labels.iter().max_by_key(|(l, &c)| (c, std::cmp::Reverse(**l))).map(|(&l, _)| l)
+        self.source_labels
+            .iter()
+            .max_by_key(|(l, &c)| (c, std::cmp::Reverse(**l)))
+            .map(|(&l, _)| l)
     }
 
     /// `n` codes from `N(mean, tau * Sigma)`, seeded by `(seed, scenario, purpose)`.
@@ -98,17 +112,34 @@ impl Scenario {
         let cov = Tensor::from_slice(&self.covariance.concat()).view([d, d]) * tau;
         let chol = (cov + Tensor::eye(d, (Kind::Double, Device::Cpu)) * 1e-9)
             .f_linalg_cholesky(false)
-            .map_err(|_| Error::invalid("scenario", format!("covariance of scenario {} is not positive definite", self.id)))?;
+            .map_err(|_| {
+                Error::invalid(
+                    "scenario",
+                    format!(
+                        "covariance of scenario {} is not positive definite",
+                        self.id
+                    ),
+                )
+            })?;
         let mut rng = rng_for(seed, Step::Scenario, &[self.id as u64, purpose]);
-        let z: Vec<f64> = (0..n * d as usize).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let z: Vec<f64> = (0..n * d as usize)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
         let eps = Tensor::from_slice(&z).view([n as i64, d]);
-        Ok((eps.matmul(&chol.transpose(0, 1)) + Tensor::from_slice(&self.mean).unsqueeze(0)).to_kind(Kind::Float))
+        Ok(
+            (eps.matmul(&chol.transpose(0, 1)) + Tensor::from_slice(&self.mean).unsqueeze(0))
+                .to_kind(Kind::Float),
+        )
     }
 }
 
 /// Fits the mixture on (a subsample of) the failure codes and returns the scenarios,
 /// heaviest first, and every code's component.
-pub fn distill(f: &Failures, o: &DistillOptions, seed: u64) -> Result<(DpGmm, Vec<Scenario>, Vec<i64>)> {
+pub fn distill(
+    f: &Failures,
+    o: &DistillOptions,
+    seed: u64,
+) -> Result<(DpGmm, Vec<Scenario>, Vec<i64>)> {
     o.validate()?;
     if f.len() < 2 {
         return Err(Error::invalid(
@@ -119,7 +150,10 @@ pub fn distill(f: &Failures, o: &DistillOptions, seed: u64) -> Result<(DpGmm, Ve
     let codes = f.codes.to_kind(Kind::Double);
     let fit_on = if f.len() > o.subsample {
         let mut rng = rng_for(seed, Step::Subsample, &[]);
-        let mut idx: Vec<i64> = sample(&mut rng, f.len(), o.subsample).into_iter().map(|i| i as i64).collect();
+        let mut idx: Vec<i64> = sample(&mut rng, f.len(), o.subsample)
+            .into_iter()
+            .map(|i| i as i64)
+            .collect();
         idx.sort_unstable();
         codes.index_select(0, &Tensor::from_slice(&idx))
     } else {
@@ -127,7 +161,9 @@ pub fn distill(f: &Failures, o: &DistillOptions, seed: u64) -> Result<(DpGmm, Ve
     };
     let gmm = DpGmm::fit(&fit_on, &o.gmm(), seed)?;
     let assign = gmm.predict(&codes)?;
-    let mut heavy: Vec<usize> = (0..gmm.n_components()).filter(|&k| gmm.weights[k] > o.weight_cutoff).collect();
+    let mut heavy: Vec<usize> = (0..gmm.n_components())
+        .filter(|&k| gmm.weights[k] > o.weight_cutoff)
+        .collect();
     heavy.sort_by(|&a, &b| gmm.weights[b].total_cmp(&gmm.weights[a]).then(a.cmp(&b)));
     let scenarios = heavy
         .into_iter()
@@ -147,7 +183,11 @@ pub fn distill(f: &Failures, o: &DistillOptions, seed: u64) -> Result<(DpGmm, Ve
                 size: members.len(),
                 mean: gmm.means[k].clone(),
                 covariance: gmm.covariances[k].clone(),
-                predicted: preds.iter().max_by_key(|(l, &c)| (c, std::cmp::Reverse(**l))).map(|(&l, _)| l).unwrap_or(-1),
+                predicted: preds
+                    .iter()
+                    .max_by_key(|(l, &c)| (c, std::cmp::Reverse(**l)))
+                    .map(|(&l, _)| l)
+                    .unwrap_or(-1),
                 source_labels: sources,
                 sample_predictions: vec![],
             }
@@ -157,7 +197,11 @@ pub fn distill(f: &Failures, o: &DistillOptions, seed: u64) -> Result<(DpGmm, Ve
 }
 
 /// Decodes `codes` in batches and classifies them: images and predictions.
-pub fn decode_and_classify(vae: &Vae, clf: &Classifier, codes: &Tensor) -> Result<(Tensor, Vec<i64>)> {
+pub fn decode_and_classify(
+    vae: &Vae,
+    clf: &Classifier,
+    codes: &Tensor,
+) -> Result<(Tensor, Vec<i64>)> {
     tch::no_grad(|| {
         let imgs = vae.decode(&codes.to_device(vae.device()))?;
         let (pred, _) = clf.predict(&imgs, 500)?;
@@ -184,6 +228,24 @@ impl Serialize for Label {
 /// Labels of a job: scenario id -> label.
 pub type Labels = BTreeMap<usize, Label>;
 
+/// The `source-majority` oracle for every scenario: the majority source label, or
+/// discard when that majority covers less than `min_purity` of the scenario.
+pub fn source_majority_labels(scenarios: &[Scenario], min_purity: f64) -> Labels {
+    scenarios
+        .iter()
+        .map(|s| {
+            let total: usize = s.source_labels.values().sum();
+            let label = match s.source_majority() {
+                Some(l) if total > 0 && s.source_labels[&l] as f64 >= min_purity * total as f64 => {
+                    Label::Class(l)
+                }
+                _ => Label::Discard,
+            };
+            (s.id, label)
+        })
+        .collect()
+}
+
 /// Parses one label value: a class id, a class name, or `discard`.
 pub fn parse_label(v: &str, class_names: &[String]) -> std::result::Result<Label, String> {
     let v = v.trim();
@@ -192,12 +254,18 @@ pub fn parse_label(v: &str, class_names: &[String]) -> std::result::Result<Label
     }
     let class = match v.parse::<i64>() {
         Ok(c) => c,
-        Err(_) => class_names.iter().position(|n| n == v).map(|c| c as i64).ok_or_else(|| {
-            format!("'{v}' is not a class id, a class name or 'discard'")
-        })?,
+        Err(_) => class_names
+            .iter()
+            .position(|n| n == v)
+            .map(|c| c as i64)
+            .ok_or_else(|| format!("'{v}' is not a class id, a class name or 'discard'"))?,
     };
     if class < 0 || class as usize >= class_names.len() {
-        return Err(format!("class {class} is out of range: the dataset has {} classes (0..{})", class_names.len(), class_names.len() - 1));
+        return Err(format!(
+            "class {class} is out of range: the dataset has {} classes (0..{})",
+            class_names.len(),
+            class_names.len() - 1
+        ));
     }
     Ok(Label::Class(class))
 }
@@ -211,9 +279,15 @@ pub fn validate_labels<'a>(
 ) -> std::result::Result<Labels, String> {
     let mut out = Labels::new();
     for (id, value) in pairs {
-        let sid: usize = id.trim().parse().map_err(|_| format!("'{id}' is not a scenario id"))?;
+        let sid: usize = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{id}' is not a scenario id"))?;
         if !scenarios.iter().any(|s| s.id == sid) {
-            return Err(format!("scenario {sid} does not exist (this job has scenarios 0..{})", scenarios.len().saturating_sub(1)));
+            return Err(format!(
+                "scenario {sid} does not exist (this job has scenarios 0..{})",
+                scenarios.len().saturating_sub(1)
+            ));
         }
         let label = parse_label(value, class_names).map_err(|e| format!("scenario {sid}: {e}"))?;
         if out.insert(sid, label).is_some() {
@@ -226,8 +300,15 @@ pub fn validate_labels<'a>(
 /// Reads a labels file: a JSON object `{"<scenario id>": <class id> | "<class name>" | "discard"}`.
 pub fn read_labels(path: &Path, scenarios: &[Scenario], class_names: &[String]) -> Result<Labels> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-        .map_err(|e| Error::format(path, format!("expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}")))?;
+    let v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                path,
+                format!(
+                    "expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}"
+                ),
+            )
+        })?;
     let pairs: Vec<(String, String)> = v
         .into_iter()
         .map(|(k, v)| {
@@ -238,14 +319,21 @@ pub fn read_labels(path: &Path, scenarios: &[Scenario], class_names: &[String]) 
             (k, val)
         })
         .collect();
-    validate_labels(pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())), scenarios, class_names)
-        .map_err(|m| Error::format(path, m))
+    validate_labels(
+        pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())),
+        scenarios,
+        class_names,
+    )
+    .map_err(|m| Error::format(path, m))
 }
 
 pub fn write_labels(path: &Path, labels: &Labels) -> Result<()> {
-    let obj: serde_json::Map<String, serde_json::Value> =
-        labels.iter().map(|(k, v)| (k.to_string(), serde_json::to_value(v).expect("label"))).collect();
+    let obj: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::to_value(v).expect("label")))
+        .collect();
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&obj).expect("json")).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&obj).expect("json"))
+        .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

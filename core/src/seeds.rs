@@ -25,7 +25,10 @@ fn mix(mut z: u64) -> u64 {
 
 /// A seed for `(job seed, step, parts...)`.
 pub fn seed_for(job_seed: u64, step: Step, parts: &[u64]) -> u64 {
-    parts.iter().fold(mix(job_seed ^ mix(step as u64)), |acc, &p| mix(acc ^ mix(p)))
+    parts.iter().fold(
+        mix(job_seed ^ mix(step as u64)),
+        |acc, &p| mix(acc ^ mix(p)),
+    )
 }
 
 /// A random generator for `(job seed, step, parts...)`.

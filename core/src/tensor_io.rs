@@ -136,14 +136,20 @@ pub fn read_matrix(path: &Path) -> Result<Tensor> {
                 None => {
                     let mut names: Vec<_> = all.keys().cloned().collect();
                     names.sort();
-                    return Err(Error::format(path, format!("no tensor named 'codes' among {names:?}")));
+                    return Err(Error::format(
+                        path,
+                        format!("no tensor named 'codes' among {names:?}"),
+                    ));
                 }
             }
         }
         _ => return Err(Error::format(path, "expected a .npy or .safetensors file")),
     };
     if t.dim() != 2 {
-        return Err(Error::format(path, format!("expected an N x D matrix, got shape {:?}", t.size())));
+        return Err(Error::format(
+            path,
+            format!("expected an N x D matrix, got shape {:?}", t.size()),
+        ));
     }
     Ok(t.to_kind(Kind::Double))
 }
@@ -157,7 +163,10 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(bad(format!("unsupported .npy version {v}"))),
     };
     let header = bytes
@@ -176,33 +185,52 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
     };
     let descr = field("descr").ok_or_else(|| bad("no 'descr' in header".into()))?;
     if field("fortran_order").as_deref() != Some("False") {
-        return Err(bad("only C-order arrays are supported (fortran_order must be False)".into()));
+        return Err(bad(
+            "only C-order arrays are supported (fortran_order must be False)".into(),
+        ));
     }
     let shape: Vec<i64> = field("shape")
         .ok_or_else(|| bad("no 'shape' in header".into()))?
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<i64>().map_err(|_| bad(format!("bad shape entry '{s}'"))))
+        .map(|s| {
+            s.parse::<i64>()
+                .map_err(|_| bad(format!("bad shape entry '{s}'")))
+        })
         .collect::<Result<_>>()?;
     let (kind, size) = match descr.as_str() {
         "<f4" => (Kind::Float, 4),
         "<f8" => (Kind::Double, 8),
         "<i8" => (Kind::Int64, 8),
         "<i4" => (Kind::Int, 4),
-        d => return Err(bad(format!("dtype '{d}' is not supported (expected <f4, <f8, <i8 or <i4)"))),
+        d => {
+            return Err(bad(format!(
+                "dtype '{d}' is not supported (expected <f4, <f8, <i8 or <i4)"
+            )))
+        }
     };
-    let count = shape.iter().try_fold(1i64, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows".into()))?;
+    let count = shape
+        .iter()
+        .try_fold(1i64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
     let body = &bytes[start + hlen..];
     if body.len() as i64 != count * size {
-        return Err(bad(format!("shape {shape:?} needs {} data bytes, the file has {}", count * size, body.len())));
+        return Err(bad(format!(
+            "shape {shape:?} needs {} data bytes, the file has {}",
+            count * size,
+            body.len()
+        )));
     }
     Ok(Tensor::f_from_data_size(body, &shape, kind)?)
 }
 
 /// Writes a float64 `.npy` (format 1.0), for tools and tests.
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
-    let t = t.to_kind(Kind::Double).to_device(tch::Device::Cpu).contiguous();
+    let t = t
+        .to_kind(Kind::Double)
+        .to_device(tch::Device::Cpu)
+        .contiguous();
     let shape = t.size().iter().map(|d| format!("{d},")).collect::<String>();
     let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({shape}), }}");
     while (10 + header.len() + 1) % 64 != 0 {

@@ -10,26 +10,51 @@ use defuse_core::models::{load_vae, Classifier, Vae};
 use tch::Device;
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// 40 constant 4x4 images: pixel value v_i, label 1 when v_i > 0.5.
 fn planted() -> (tempfile::TempDir, Dataset, Vec<f64>) {
     let d = tempfile::tempdir().unwrap();
     let values: Vec<u8> = (0..40).map(|i| (i * 255 / 39) as u8).collect();
-    let imgs: Vec<u8> = values.iter().flat_map(|&v| std::iter::repeat_n(v, 16)).collect();
-    let labels: Vec<u8> = values.iter().map(|&v| (v as f64 / 255.0 > 0.5) as u8).collect();
+    let imgs: Vec<u8> = values
+        .iter()
+        .flat_map(|&v| std::iter::repeat_n(v, 16))
+        .collect();
+    let labels: Vec<u8> = values
+        .iter()
+        .map(|&v| (v as f64 / 255.0 > 0.5) as u8)
+        .collect();
     for split in ["train", "t10k"] {
-        write_idx(&d.path().join(format!("{split}-images-idx3-ubyte")), &[40, 4, 4], &imgs).unwrap();
-        write_idx(&d.path().join(format!("{split}-labels-idx1-ubyte")), &[40], &labels).unwrap();
+        write_idx(
+            &d.path().join(format!("{split}-images-idx3-ubyte")),
+            &[40, 4, 4],
+            &imgs,
+        )
+        .unwrap();
+        write_idx(
+            &d.path().join(format!("{split}-labels-idx1-ubyte")),
+            &[40],
+            &labels,
+        )
+        .unwrap();
     }
     let ds = DataSpec::from_path(d.path()).load().unwrap();
     (d, ds, values.iter().map(|&v| v as f64 / 255.0).collect())
 }
 
 fn models() -> (Classifier, Vae) {
-    let clf = Classifier::load(&fixture("planted_classifier.pt"), [1, 4, 4], 2, Device::Cpu).unwrap();
-    let vae = load_vae(&fixture("planted_encoder.pt"), Some(&fixture("planted_decoder.pt")), [1, 4, 4], Device::Cpu).unwrap();
+    let clf =
+        Classifier::load(&fixture("planted_classifier.pt"), [1, 4, 4], 2, Device::Cpu).unwrap();
+    let vae = load_vae(
+        &fixture("planted_encoder.pt"),
+        Some(&fixture("planted_decoder.pt")),
+        [1, 4, 4],
+        Device::Cpu,
+    )
+    .unwrap();
     (clf, vae)
 }
 
@@ -46,7 +71,18 @@ fn opts(keep: usize) -> IdentifyOptions {
 
 fn run(ds: &Dataset, range: std::ops::Range<usize>, o: &IdentifyOptions, seed: u64) -> Failures {
     let (clf, vae) = models();
-    identify(&ds.test, SplitName::Test, range, &clf, &vae, o, seed, |_| {}).unwrap().0
+    identify(
+        &ds.test,
+        SplitName::Test,
+        range,
+        &clf,
+        &vae,
+        o,
+        seed,
+        |_| {},
+    )
+    .unwrap()
+    .0
 }
 
 #[test]
@@ -54,7 +90,8 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
     let (_d, ds, values) = planted();
     let (clf, vae) = models();
     let o = opts(3);
-    let (f, stats) = identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 11, |_| {}).unwrap();
+    let (f, stats) =
+        identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 11, |_| {}).unwrap();
     assert_eq!(stats.n_images, 40);
     // the image at exactly 0.5 is labelled 0 and classified 0 (logit tie -> argmax 0)
     assert!(stats.n_searched >= 39, "{stats:?}");
@@ -67,14 +104,30 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
         // a failure crosses the threshold, and the predicted class is the other one
         assert_eq!(f.true_label[i], (v > 0.5) as i64);
         assert_eq!(f.predicted[i], 1 - f.true_label[i]);
-        assert!((z > 0.5) != (v > 0.5), "image {src} value {v} code {z} is no failure");
-        assert!(((z - v).abs() - f.eps_norm[i] as f64).abs() < 1e-5, "eps norm of row {i}");
+        assert!(
+            (z > 0.5) != (v > 0.5),
+            "image {src} value {v} code {z} is no failure"
+        );
+        assert!(
+            ((z - v).abs() - f.eps_norm[i] as f64).abs() < 1e-5,
+            "eps norm of row {i}"
+        );
         assert!(f.eps_norm[i] as f64 >= (0.5 - v).abs() - 1e-6);
-        per_image.entry(f.source_index[i]).or_default().push(f.eps_norm[i]);
+        per_image
+            .entry(f.source_index[i])
+            .or_default()
+            .push(f.eps_norm[i]);
     }
     for (src, norms) in &per_image {
-        assert!(norms.len() <= 3, "image {src} keeps {} > N = 3", norms.len());
-        assert!(norms.windows(2).all(|w| w[0] <= w[1]), "image {src}: not smallest-first {norms:?}");
+        assert!(
+            norms.len() <= 3,
+            "image {src} keeps {} > N = 3",
+            norms.len()
+        );
+        assert!(
+            norms.windows(2).all(|w| w[0] <= w[1]),
+            "image {src}: not smallest-first {norms:?}"
+        );
     }
     // images far from the threshold (5 sigma) never fail, images next to it always do
     for (i, &v) in values.iter().enumerate() {
@@ -84,7 +137,11 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
         }
         if (v - 0.5).abs() < 0.02 && v != 0.5 {
             assert!(has, "image {i} at {v} must fail");
-            assert_eq!(per_image[&(i as i64)].len(), 3, "image {i} has plenty of failures, keeps N");
+            assert_eq!(
+                per_image[&(i as i64)].len(),
+                3,
+                "image {i} has plenty of failures, keeps N"
+            );
         }
     }
     assert_eq!(stats.n_images_with_failure, per_image.len());
@@ -103,14 +160,22 @@ fn shards_give_the_same_failures_as_one_range() {
     let (_d, ds, _) = planted();
     let o = opts(4);
     let whole = run(&ds, 0..40, &o, 5);
-    let parts = vec![run(&ds, 0..9, &o, 5), run(&ds, 9..23, &o, 5), run(&ds, 23..40, &o, 5)];
+    let parts = vec![
+        run(&ds, 0..9, &o, 5),
+        run(&ds, 9..23, &o, 5),
+        run(&ds, 23..40, &o, 5),
+    ];
     let joined = Failures::concat(parts, 1);
     assert_eq!(whole.source_index, joined.source_index);
     assert_eq!(whole.predicted, joined.predicted);
     assert_eq!(whole.eps_norm, joined.eps_norm);
     assert!(whole.codes.equal(&joined.codes));
     // other batch sizes too
-    let o2 = IdentifyOptions { batch_size: 40, chunk: 7, ..o.clone() };
+    let o2 = IdentifyOptions {
+        batch_size: 40,
+        chunk: 7,
+        ..o.clone()
+    };
     let again = run(&ds, 0..40, &o2, 5);
     assert_eq!(whole.eps_norm, again.eps_norm);
     // and another seed gives other draws
@@ -121,7 +186,10 @@ fn shards_give_the_same_failures_as_one_range() {
 #[test]
 fn beta_noise_is_the_authors_uncentred_shift() {
     let (_d, ds, values) = planted();
-    let o = IdentifyOptions { perturbation: Perturbation::Beta { a: 50.0, b: 50.0 }, ..opts(5) };
+    let o = IdentifyOptions {
+        perturbation: Perturbation::Beta { a: 50.0, b: 50.0 },
+        ..opts(5)
+    };
     let f = run(&ds, 0..40, &o, 1);
     let codes = Vec::<f32>::try_from(f.codes.view([-1])).unwrap();
     // Beta(50,50) is about 0.5 +- 0.05: every code moves up by ~0.5, so only images
@@ -139,17 +207,43 @@ fn beta_noise_is_the_authors_uncentred_shift() {
 fn failures_round_trip_through_safetensors() {
     let (_d, ds, _) = planted();
     let (clf, vae) = models();
-    let (f, stats) = identify(&ds.test, SplitName::Test, 3..31, &clf, &vae, &opts(2), 2, |_| {}).unwrap();
+    let (f, stats) = identify(
+        &ds.test,
+        SplitName::Test,
+        3..31,
+        &clf,
+        &vae,
+        &opts(2),
+        2,
+        |_| {},
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("shard-0.safetensors");
     f.write(&p, &stats).unwrap();
-    assert!(p.with_extension("json").exists(), "manifest beside the tensors");
+    assert!(
+        p.with_extension("json").exists(),
+        "manifest beside the tensors"
+    );
     let (g, s2) = Failures::read(&p).unwrap();
     assert_eq!(s2, stats);
     assert_eq!(g.source_index, f.source_index);
     assert_eq!(g.confidence, f.confidence);
     assert!(g.codes.equal(&f.codes));
     // a range outside the split is refused
-    let e = identify(&ds.test, SplitName::Test, 30..41, &clf, &vae, &opts(2), 2, |_| {}).unwrap_err();
-    assert!(e.to_string().contains("outside the test split of 40"), "{e}");
+    let e = identify(
+        &ds.test,
+        SplitName::Test,
+        30..41,
+        &clf,
+        &vae,
+        &opts(2),
+        2,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("outside the test split of 40"),
+        "{e}"
+    );
 }

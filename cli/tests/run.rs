@@ -1,0 +1,234 @@
+//! `defuse run` end to end on a small MNIST subset: the summary, determinism, resume,
+//! manual labelling, and config errors. Real data, real (small) models, the real binary.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn config(out: &Path, extra_label: &str) -> String {
+    format!(
+        r#"
+name = "mnist-small"
+seed = 3
+out = "{out}"
+[data]
+path = "{data}"
+limit_train = 3000
+limit_test = 500
+[train]
+classifier_epochs = 1
+classifier_width = 16
+vae_epochs = 2
+vae_width = 16
+vae_hidden = 64
+vae_latent = 6
+[identify]
+limit = 120
+samples = 40
+keep = 3
+shard_size = 50
+perturbation = {{ kind = "gaussian", sigma = 0.5 }}
+[distill]
+max_components = 15
+[label]
+{extra_label}
+[correct]
+samples_per_scenario = 40
+epochs = 1
+"#,
+        out = out.display(),
+        data = repo().join("data/mnist").display()
+    )
+}
+
+fn defuse(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    eprintln!(
+        "defuse {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn summary(out: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report/summary.json")).unwrap())
+            .unwrap();
+    // what legitimately differs between two runs
+    let o = v.as_object_mut().unwrap();
+    o.remove("step_seconds");
+    o.remove("model");
+    v
+}
+
+#[test]
+fn small_run_is_complete_deterministic_and_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for out in [&a, &b] {
+        let cfg = dir.path().join(format!(
+            "{}.toml",
+            out.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&cfg, config(out, "mode = \"source-majority\"")).unwrap();
+        let r = defuse(&["run", cfg.to_str().unwrap()]);
+        assert!(r.status.success());
+    }
+    let s = summary(&a);
+    for key in [
+        "dataset",
+        "n_images_searched",
+        "n_failures",
+        "n_scenarios",
+        "test_accuracy_before",
+        "test_accuracy_after",
+        "scenario_accuracy_before",
+        "scenario_accuracy_after",
+        "scenarios",
+    ] {
+        assert!(s.get(key).is_some(), "summary.json lacks {key}");
+    }
+    assert_eq!(s["dataset"], "mnist");
+    assert!(s["n_failures"].as_u64().unwrap() > 0);
+    assert!(s["n_scenarios"].as_u64().unwrap() >= 1);
+    for key in [
+        "test_accuracy_before",
+        "test_accuracy_after",
+        "scenario_accuracy_before",
+        "scenario_accuracy_after",
+    ] {
+        let v = s[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    for sc in s["scenarios"].as_array().unwrap() {
+        for key in [
+            "id",
+            "weight",
+            "size",
+            "predicted",
+            "label",
+            "accuracy_before",
+            "accuracy_after",
+        ] {
+            assert!(sc.get(key).is_some(), "scenario lacks {key}: {sc}");
+        }
+    }
+    let html = std::fs::read_to_string(a.join("report/index.html")).unwrap();
+    assert!(html.contains("Scenario 0") && html.contains("data:image/png;base64,"));
+    assert!(a.join("correct/classifier.safetensors").exists());
+    assert!(
+        a.join("identify/shard-00002.safetensors").exists(),
+        "120 images in shards of 50"
+    );
+
+    // same config and seed, another folder: the same summary
+    assert_eq!(s, summary(&b));
+
+    // run again: every step is reused, same summary
+    let cfg_a = dir.path().join("a.toml");
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["run", cfg_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    let log = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(log.matches("step already done").count(), 5, "{log}");
+    assert_eq!(s, summary(&a));
+
+    // a change in [correct] redoes only correct and report
+    let changed = config(&a, "mode = \"source-majority\"")
+        .replace("samples_per_scenario = 40", "samples_per_scenario = 30");
+    std::fs::write(&cfg_a, changed).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["run", cfg_a.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    let log = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(log.matches("step already done").count(), 4, "{log}");
+    assert_eq!(summary(&a)["n_failures"], s["n_failures"]);
+}
+
+#[test]
+fn manual_labels_wait_then_correct() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(&cfg, config(&out, "mode = \"manual\"")).unwrap();
+    let r = defuse(&["run", cfg.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(3), "waits for labels");
+    assert!(!out.join("report/summary.json").exists());
+    let scenarios: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distill/scenarios.json")).unwrap())
+            .unwrap();
+    assert!(!scenarios.is_empty());
+
+    // bad labels are refused and nothing is stored
+    let job = out.to_str().unwrap();
+    let r = defuse(&["label", job, "0=4", "999=1"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("scenario 999 does not exist"));
+    let r = defuse(&["label", job, "0=12"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("out of range"));
+    assert!(!out.join("labels.json").exists());
+
+    // label everything: scenario 0 by name-or-id, the rest discarded except one
+    let mut args = vec!["label".to_string(), job.to_string(), "0=7".to_string()];
+    for s in scenarios.iter().skip(1) {
+        args.push(format!("{}=discard", s["id"]));
+    }
+    let r = defuse(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success());
+    let r = defuse(&["run", cfg.to_str().unwrap()]);
+    assert!(r.status.success());
+    let s = summary(&out);
+    assert_eq!(s["n_labelled"], 1);
+    assert_eq!(
+        s["n_discarded"].as_u64().unwrap() as usize,
+        scenarios.len() - 1
+    );
+    assert_eq!(s["scenarios"][0]["label"], 7);
+    assert!(s["scenarios"][1].get("label").unwrap().is_null() || scenarios.len() == 1);
+}
+
+#[test]
+fn config_errors_name_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    let good = config(&dir.path().join("o"), "");
+    for (bad, expect) in [
+        (
+            good.replace("keep = 3", "keep = 3\nkeeep = 4"),
+            "unknown field `keeep`",
+        ),
+        (good.replace("samples = 40", "samples = -40"), "samples"),
+        (good.replace("keep = 3", "keep = 0"), "identify.keep"),
+        (
+            good.replace(
+                &repo().join("data/mnist").display().to_string(),
+                "/nonexistent/data",
+            ),
+            "/nonexistent/data",
+        ),
+        (good.replace("sigma = 0.5", "sigma = -1.0"), "sigma"),
+    ] {
+        std::fs::write(&cfg, bad).unwrap();
+        let r = defuse(&["run", cfg.to_str().unwrap()]);
+        assert_eq!(r.status.code(), Some(2), "{expect}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(expect), "expected '{expect}' in: {err}");
+        if expect != "/nonexistent/data" {
+            assert!(err.contains("bad.toml"), "names the file: {err}");
+        }
+    }
+    let r = defuse(&["run", "/nonexistent.toml"]);
+    assert_ne!(r.status.code(), Some(0));
+}
