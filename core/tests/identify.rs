@@ -98,9 +98,9 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
     assert!(!f.is_empty());
     let codes = Vec::<f32>::try_from(f.codes.view([-1])).unwrap();
     let mut per_image = std::collections::BTreeMap::<i64, Vec<f32>>::new();
-    for i in 0..f.len() {
+    for (i, &code) in codes.iter().enumerate() {
         let src = f.source_index[i] as usize;
-        let (v, z) = (values[src], codes[i] as f64);
+        let (v, z) = (values[src], code as f64);
         // a failure crosses the threshold, and the predicted class is the other one
         assert_eq!(f.true_label[i], (v > 0.5) as i64);
         assert_eq!(f.predicted[i], 1 - f.true_label[i]);
@@ -194,9 +194,9 @@ fn beta_noise_is_the_authors_uncentred_shift() {
     let codes = Vec::<f32>::try_from(f.codes.view([-1])).unwrap();
     // Beta(50,50) is about 0.5 +- 0.05: every code moves up by ~0.5, so only images
     // below 0.5 can fail (they cross upwards), and those near 0 (+0.5 < 0.5) rarely
-    for i in 0..f.len() {
+    for (i, &code) in codes.iter().enumerate() {
         let v = values[f.source_index[i] as usize];
-        let shift = codes[i] as f64 - v;
+        let shift = code as f64 - v;
         assert!(shift > 0.25 && shift < 0.75, "shift {shift}");
         assert!(v < 0.5);
     }
