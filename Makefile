@@ -5,7 +5,6 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := . ./env.sh
-RUN_OUT ?= runs/mnist
 
 .PHONY: setup setup-test build release run test lint fmt
 
@@ -21,10 +20,9 @@ build: setup
 release: setup
 	$(ENV) && cargo build --release -p defuse
 
-# The main job. Until `defuse run` lands this trains the two built-in models.
+# The main job: Defuse end to end on MNIST (trains the two models first).
 run: release
-	$(ENV) && "$$CARGO_TARGET_DIR/release/defuse" train classifier --data data/mnist --out $(RUN_OUT)/classifier.safetensors
-	$(ENV) && "$$CARGO_TARGET_DIR/release/defuse" train vae --data data/mnist --out $(RUN_OUT)/vae.safetensors
+	$(ENV) && "$$CARGO_TARGET_DIR/release/defuse" run examples/mnist.toml
 
 lint: setup
 	$(ENV) && cargo fmt --all --check

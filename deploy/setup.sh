@@ -87,11 +87,23 @@ install_mnist() {
   done
   mkdir -p "$here/data"
   ln -sfn "$dst" "$here/data/mnist"
-  ln -sfn "$(cd "$here/.." && pwd)/shared/data/gtsrb-32" "$here/data/gtsrb-32" 2>/dev/null || true
+}
+
+# --- GTSRB (32x32 copy): not in any registry; linked from the shared data folder
+link_gtsrb() {
+  local cand
+  for cand in "${DEFUSE_GTSRB:-}" "$here/../shared/data/gtsrb-32" /work/shared/data/gtsrb-32; do
+    if [ -n "$cand" ] && [ -f "$cand/train-images-idx4-ubyte.gz" ]; then
+      ln -sfn "$(cd "$cand" && pwd)" "$here/data/gtsrb-32"
+      return
+    fi
+  done
+  log "GTSRB copy not found (set DEFUSE_GTSRB to its folder); examples/gtsrb.toml needs it"
 }
 
 install_libtorch
 install_mnist
+link_gtsrb
 ln -sfn "$LIBTORCH" "$here/.libtorch"
 
 if [ "$want_test" = 1 ]; then

@@ -41,7 +41,7 @@ impl Default for CorrectOptions {
         CorrectOptions {
             samples_per_scenario: 500,
             test_fraction: 0.3,
-            lambda: 1.0,
+            lambda: 0.5,
             lr: 0.001,
             momentum: 0.9,
             batch_size: 64,

@@ -33,7 +33,7 @@ pub enum Perturbation {
 
 impl Default for Perturbation {
     fn default() -> Self {
-        Perturbation::Gaussian { sigma: 0.5 }
+        Perturbation::Gaussian { sigma: 0.25 }
     }
 }
 
