@@ -19,6 +19,9 @@ pub enum Error {
     /// A bad option value (config field or command-line flag).
     #[error("invalid {field}: {msg}")]
     Invalid { field: String, msg: String },
+    /// The caller asked to stop (a lost lease, a cancelled job, shutdown).
+    #[error("cancelled")]
+    Cancelled,
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

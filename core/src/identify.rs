@@ -268,7 +268,8 @@ impl Failures {
     }
 }
 
-/// Searches `range` of `split` for failures.
+/// Searches `range` of `split` for failures. `progress` hears of every batch of
+/// images done; when it answers false the search stops with `Error::Cancelled`.
 #[allow(clippy::too_many_arguments)]
 pub fn identify(
     split: &Split,
@@ -278,7 +279,7 @@ pub fn identify(
     vae: &Vae,
     o: &IdentifyOptions,
     job_seed: u64,
-    mut progress: impl FnMut(usize),
+    mut progress: impl FnMut(usize) -> bool,
 ) -> Result<(Failures, IdentifyStats)> {
     o.validate()?;
     if range.end > split.len() || range.start > range.end {
@@ -322,7 +323,9 @@ pub fn identify(
                 vec![true; end - start]
             };
             let picked: Vec<usize> = (0..end - start).filter(|&i| ok[i]).collect();
-            progress(end - start);
+            if !progress(end - start) {
+                return Err(Error::Cancelled);
+            }
             if picked.is_empty() {
                 continue;
             }

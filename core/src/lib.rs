@@ -1,6 +1,7 @@
 //! The Defuse method without any network: data readers, models, training, and (in
 //! later modules) identify, distill and correct. Both the coordinator and the worker
 //! link this crate; see DESIGN.md for the whole picture.
+pub mod artifacts;
 pub mod correct;
 pub mod data;
 pub mod dpgmm;

@@ -268,27 +268,30 @@ impl Job<'_> {
     }
 }
 
-/// Runs (or resumes) a job.
-pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
+/// A job whose models are ready: what the identify step and the central steps need.
+pub struct Prepared<'a> {
+    job: Job<'a>,
+    pub ds: Dataset,
+    pub clf: Classifier,
+    pub vae: Vae,
+    device: Device,
+    h_models: String,
+}
+
+/// Runs the models step (loads or trains them) after validating the config, loading
+/// the data and recording the job in its folder.
+pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
     cfg.validate()?;
     let device = models::parse_device(&cfg.device)?;
-    let mut job = Job {
-        cfg,
-        out: cfg.out_dir(),
-        timings: vec![],
-    };
+    let mut job = Job { cfg, out: cfg.out_dir(), timings: vec![] };
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let ds = cfg.data.load()?;
     write_json(&job.out.join("classes.json"), &ds.class_names)?;
     let toml_path = job.out.join("job.toml");
-    std::fs::write(
-        &toml_path,
-        toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?,
-    )
-    .map_err(|e| Error::io(&toml_path, e))?;
+    std::fs::write(&toml_path, toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?)
+        .map_err(|e| Error::io(&toml_path, e))?;
     tracing::info!(dataset = %ds.name, train = ds.train.len(), test = ds.test.len(), classes = ds.num_classes(), "dataset loaded");
 
-    // models
     let h_models = hash_of(&[&cfg.data, &cfg.models, &cfg.train, &cfg.seed]);
     let started = Instant::now();
     let was_done = job.done("models", &h_models);
@@ -298,26 +301,75 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
     } else {
         job.mark("models", &h_models, started)?
     }
+    Ok(Prepared { job, ds, clf, vae, device, h_models })
+}
 
-    // identify
-    let h_identify = hash_of(&[&h_models, &cfg.identify]);
-    let started = Instant::now();
-    let failures_path = job.out.join("identify/failures.safetensors");
-    let (failures, istats) = if job.done("identify", &h_identify) {
-        job.reuse("identify");
-        Failures::read(&failures_path)?
-    } else {
-        let r = run_identify(&job, &ds, &clf, &vae, &h_identify)?;
-        r.0.write(&failures_path, &r.1)?;
-        job.mark("identify", &h_identify, started)?;
-        r
-    };
-    tracing::info!(
-        searched = istats.n_searched,
-        failures = failures.len(),
-        images_with_failure = istats.n_images_with_failure,
-        "identify"
-    );
+impl Prepared<'_> {
+    fn identify_hash(&self) -> String {
+        hash_of(&[&self.h_models, &self.job.cfg.identify])
+    }
+
+    /// Whether identify already finished for this configuration.
+    pub fn identify_done(&self) -> bool {
+        self.job.done("identify", &self.identify_hash())
+    }
+
+    /// The model files (classifier, VAE or encoder, decoder) workers must load.
+    pub fn model_files(&self) -> (PathBuf, PathBuf, Option<PathBuf>) {
+        let cfg = self.job.cfg;
+        let clf = cfg.models.classifier.clone().unwrap_or_else(|| self.job.out.join("models/classifier.safetensors"));
+        let vae = cfg.models.vae.clone().unwrap_or_else(|| self.job.out.join("models/vae.safetensors"));
+        (clf, vae, cfg.models.vae_decoder.clone())
+    }
+
+    /// The identify shards: index ranges of the searched split.
+    pub fn shard_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        shard_ranges(&self.ds, &self.job.cfg.identify)
+    }
+
+    /// Records identify's result (however it was computed) as the finished step.
+    pub fn record_identify(&mut self, failures: &Failures, stats: &IdentifyStats, started: Instant) -> Result<()> {
+        self.job.dir("identify")?;
+        failures.write(&self.job.out.join("identify/failures.safetensors"), stats)?;
+        let h = self.identify_hash();
+        self.job.mark("identify", &h, started)
+    }
+
+    /// Identify in this process, shard by shard (finished shards are reused).
+    pub fn identify_here(&mut self) -> Result<()> {
+        if self.identify_done() {
+            self.job.reuse("identify");
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (f, s) = run_identify(&self.job, &self.ds, &self.clf, &self.vae, &self.identify_hash())?;
+        self.record_identify(&f, &s, started)
+    }
+}
+
+/// Index ranges of at most `shard_size` images over the searched part of the split.
+pub fn shard_ranges(ds: &Dataset, o: &IdentifyOptions) -> Vec<std::ops::Range<usize>> {
+    let n = ds.split(o.split).len();
+    let n = if o.limit > 0 { o.limit.min(n) } else { n };
+    ds.shards(o.split, o.shard_size).into_iter().filter(|r| r.start < n).map(|r| r.start..r.end.min(n)).collect()
+}
+
+/// Runs (or resumes) a whole job in this process.
+pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
+    let mut p = prepare(cfg)?;
+    p.identify_here()?;
+    finish(&mut p)
+}
+
+/// The central steps after identify: distill, label, correct, report.
+pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
+    let cfg = p.job.cfg;
+    let device = p.device;
+    let h_identify = p.identify_hash();
+    let (failures, istats) = Failures::read(&p.job.out.join("identify/failures.safetensors"))?;
+    let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
+    let job = &mut p.job;
+    tracing::info!(searched = istats.n_searched, failures = failures.len(), images_with_failure = istats.n_images_with_failure, "identify");
 
     // distill
     let h_distill = hash_of(&[&h_identify, &cfg.distill]);
@@ -408,7 +460,7 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
         let test_before = train::accuracy(&clf, &ds.test, device)?;
         let (scn_before, per_before) =
             correct::accuracy_by_group(&clf, &data.test_x, &data.test_y, &data.test_scenario)?;
-        let mut tuned = load_classifier_again(&job, &ds, device)?;
+        let mut tuned = load_classifier_again(job, ds, device)?;
         tch::manual_seed(cfg.seed as i64);
         let history = correct::fine_tune(&mut tuned, &ds.train, &data, &cfg.correct, cfg.seed)?;
         tuned.save(&tuned_path)?;
@@ -577,17 +629,8 @@ fn run_identify(
         std::fs::write(&hash_file, hash).map_err(|e| Error::io(&hash_file, e))?;
     }
     let split = ds.split(o.split);
-    let n = if o.limit > 0 {
-        o.limit.min(split.len())
-    } else {
-        split.len()
-    };
-    let shards: Vec<_> = ds
-        .shards(o.split, o.shard_size)
-        .into_iter()
-        .filter(|r| r.start < n)
-        .map(|r| r.start..r.end.min(n))
-        .collect();
+    let shards = shard_ranges(ds, o);
+    let n = shards.last().map_or(0, |r| r.end);
     let bar = progress::bar(n as u64, "identify");
     let mut parts = Vec::new();
     let mut total = IdentifyStats {
@@ -613,7 +656,10 @@ fn run_identify(
                     vae,
                     o,
                     cfg.seed,
-                    |k| bar.inc(k as u64),
+                    |k| {
+                        bar.inc(k as u64);
+                        true
+                    },
                 )?;
                 r.0.write(&p, &r.1)?;
                 r

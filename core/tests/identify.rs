@@ -91,7 +91,7 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
     let (clf, vae) = models();
     let o = opts(3);
     let (f, stats) =
-        identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 11, |_| {}).unwrap();
+        identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 11, |_| true).unwrap();
     assert_eq!(stats.n_images, 40);
     // the image at exactly 0.5 is labelled 0 and classified 0 (logit tie -> argmax 0)
     assert!(stats.n_searched >= 39, "{stats:?}");

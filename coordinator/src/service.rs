@@ -1,0 +1,370 @@
+//! The gRPC services (workers, clients) over the store, and the coordinator's shared
+//! state.
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use defuse_core::artifacts::ArtifactStore;
+use defuse_core::pipeline::JobConfig;
+use defuse_proto::job_service_server::{JobService, JobServiceServer};
+use defuse_proto::worker_service_server::{WorkerService, WorkerServiceServer};
+use defuse_proto::*;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::store::{now_ms, FailOutcome, Fenced, JobRecord, JobState, StateStore, StoreError};
+
+/// Settings of a coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// A lease lasts this long without a heartbeat.
+    pub lease_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Attempts per shard before the job fails.
+    pub max_attempts: u32,
+    /// Period of the driver loop (and reaper).
+    pub tick_ms: u64,
+    /// Where central steps keep a job's files: `<work_dir>/<job id>/`.
+    pub work_dir: PathBuf,
+    /// Embedded mode: a job's files go to its config's `out` folder instead.
+    pub use_job_out: bool,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig { lease_ms: 15_000, heartbeat_ms: 2_000, max_attempts: 3, tick_ms: 500, work_dir: PathBuf::from("coordinator-work"), use_job_out: false }
+    }
+}
+
+/// The plan of a job's identify step, kept in the artifact store (`jobs/<id>/plan.json`)
+/// so a restarted coordinator finds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Plan {
+    pub ranges: Vec<(u64, u64)>,
+    pub classifier_key: String,
+    pub vae_key: String,
+    pub vae_decoder_key: String,
+}
+
+pub(crate) struct Inner {
+    pub cfg: CoordinatorConfig,
+    pub store: Arc<dyn StateStore>,
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// Jobs whose central step runs now in this process.
+    pub in_flight: Mutex<HashSet<String>>,
+    /// Jobs this process has seen: one missing from the store was lost.
+    pub known: Mutex<HashSet<String>>,
+    pub plans: Mutex<HashMap<String, Arc<Plan>>>,
+}
+
+/// A coordinator: clone it freely.
+#[derive(Clone)]
+pub struct Coordinator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Coordinator {
+    pub fn new(cfg: CoordinatorConfig, store: Arc<dyn StateStore>, artifacts: Arc<dyn ArtifactStore>) -> Self {
+        Coordinator {
+            inner: Arc::new(Inner {
+                cfg,
+                store,
+                artifacts,
+                in_flight: Mutex::new(HashSet::new()),
+                known: Mutex::new(HashSet::new()),
+                plans: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.inner.store
+    }
+
+    pub fn artifacts(&self) -> &Arc<dyn ArtifactStore> {
+        &self.inner.artifacts
+    }
+
+    /// Validates and records a job; nothing runs before the driver picks it up.
+    pub async fn submit(&self, config_toml: &str, job_id: Option<String>) -> Result<String, Status> {
+        if config_toml.len() > MAX_MESSAGE_BYTES {
+            return Err(Status::invalid_argument("config larger than 4 MiB"));
+        }
+        let mut cfg: JobConfig =
+            toml::from_str(config_toml).map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
+        cfg.validate().map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
+        if !cfg.data.path.is_dir() {
+            return Err(Status::invalid_argument(format!(
+                "job config: data.path {} is not a folder on the coordinator",
+                cfg.data.path.display()
+            )));
+        }
+        let name = cfg.name.clone().unwrap_or_else(|| "job".into());
+        let id = match job_id.filter(|s| !s.is_empty()) {
+            Some(id) if valid_id(&id) => id,
+            Some(id) => return Err(Status::invalid_argument(format!("job id '{id}': use letters, digits, '-' and '_' only"))),
+            None => format!("{}-{:x}{:04x}", sanitize(&name), now_ms(), rand::random::<u16>()),
+        };
+        cfg.name = Some(name.clone());
+        let now = now_ms();
+        let rec = JobRecord {
+            id: id.clone(),
+            name,
+            state: JobState::Queued,
+            step: "models".into(),
+            config_toml: toml::to_string(&cfg).map_err(|e| Status::internal(e.to_string()))?,
+            n_shards: 0,
+            error: String::new(),
+            created_ms: now,
+            updated_ms: now,
+        };
+        self.inner.store.create_job(&rec).await.map_err(store_status)?;
+        self.inner.known.lock().unwrap().insert(id.clone());
+        tracing::info!(job = %id, "job submitted");
+        Ok(id)
+    }
+
+    pub(crate) fn job_dir(&self, rec: &JobRecord, cfg: &JobConfig) -> PathBuf {
+        if self.inner.cfg.use_job_out {
+            cfg.out_dir()
+        } else {
+            self.inner.cfg.work_dir.join(&rec.id)
+        }
+    }
+
+    pub(crate) async fn plan(&self, job: &str) -> Result<Arc<Plan>, Status> {
+        if let Some(p) = self.inner.plans.lock().unwrap().get(job) {
+            return Ok(p.clone());
+        }
+        let bytes = self.inner.artifacts.get(&format!("jobs/{job}/plan.json")).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let plan: Plan = serde_json::from_slice(&bytes).map_err(|e| Status::internal(format!("plan of job {job}: {e}")))?;
+        let plan = Arc::new(plan);
+        self.inner.plans.lock().unwrap().insert(job.into(), plan.clone());
+        Ok(plan)
+    }
+
+    async fn status_of(&self, rec: &JobRecord) -> JobStatus {
+        let mut steps = Vec::new();
+        let order = ["models", "identify", "finish"];
+        let at = order.iter().position(|s| *s == rec.step).unwrap_or(0);
+        for (i, step) in order.iter().enumerate() {
+            let state = if rec.state == JobState::Done || i < at {
+                "done"
+            } else if i > at {
+                "pending"
+            } else {
+                match rec.state {
+                    JobState::Failed => "failed",
+                    JobState::Cancelled => "cancelled",
+                    JobState::AwaitingLabels => "awaiting_labels",
+                    JobState::Queued => "pending",
+                    _ => "running",
+                }
+            };
+            let mut p = StepProgress { step: step.to_string(), state: state.into(), ..Default::default() };
+            if *step == "identify" {
+                if let Ok(c) = self.inner.store.counts(&rec.id).await {
+                    p.shards_total = c.total as u64;
+                    p.shards_pending = c.pending as u64;
+                    p.shards_leased = c.leased as u64;
+                    p.shards_done = c.done as u64;
+                    p.shards_failed = c.failed as u64;
+                }
+            }
+            steps.push(p);
+        }
+        let summary_json = if rec.state == JobState::Done {
+            self.inner
+                .artifacts
+                .get(&format!("jobs/{}/report/summary.json", rec.id))
+                .await
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        JobStatus {
+            job_id: rec.id.clone(),
+            name: rec.name.clone(),
+            state: rec.state.as_str().into(),
+            step: rec.step.clone(),
+            error: rec.error.clone(),
+            steps,
+            summary_json,
+            created_ms: rec.created_ms,
+            updated_ms: rec.updated_ms,
+        }
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn sanitize(s: &str) -> String {
+    let v: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).take(48).collect();
+    if v.is_empty() { "job".into() } else { v }
+}
+
+pub(crate) fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Lost(_) => Status::failed_precondition(e.to_string()),
+        StoreError::Exists(_) => Status::already_exists(e.to_string()),
+        StoreError::Backend(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Coordinator {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let r = req.into_inner();
+        if r.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(worker = %r.worker_id, version = r.protocol_version, "worker refused: protocol version");
+            return Err(Status::failed_precondition(format!(
+                "worker {} speaks protocol version {}, this coordinator speaks {}: run a worker of the coordinator's release",
+                r.worker_id, r.protocol_version, PROTOCOL_VERSION
+            )));
+        }
+        if !valid_id(&r.worker_id.replace('.', "-")) {
+            return Err(Status::invalid_argument("worker_id: letters, digits, '.', '-' and '_' only"));
+        }
+        let info = serde_json::json!({"host": r.host, "device": r.device, "memory_bytes": r.memory_bytes, "threads": r.threads});
+        self.inner.store.register_worker(&r.worker_id, &info.to_string(), now_ms()).await.map_err(store_status)?;
+        tracing::info!(worker = %r.worker_id, device = %r.device, "worker registered");
+        Ok(Response::new(RegisterResponse { heartbeat_ms: self.inner.cfg.heartbeat_ms, lease_ms: self.inner.cfg.lease_ms, artifacts_url: self.inner.artifacts.url() }))
+    }
+
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+        let worker = req.into_inner().worker_id;
+        let now = now_ms();
+        if !self.inner.store.touch_worker(&worker, now).await.map_err(store_status)? {
+            return Err(Status::failed_precondition(format!("unknown worker {worker}: register first")));
+        }
+        let jobs = self.inner.store.list_jobs().await.map_err(store_status)?;
+        for rec in jobs.iter().filter(|j| j.state == JobState::Running && j.step == "identify") {
+            let lease = match self.inner.store.lease(&rec.id, &worker, now, self.inner.cfg.lease_ms).await {
+                Ok(Some(l)) => l,
+                Ok(None) => continue,
+                Err(e) => return Err(store_status(e)),
+            };
+            let plan = self.plan(&rec.id).await?;
+            let (start, end) = *plan.ranges.get(lease.shard as usize).ok_or_else(|| Status::internal("shard outside the plan"))?;
+            tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
+            return Ok(Response::new(LeaseResponse {
+                task: Some(Task {
+                    task: Some(TaskRef { job: rec.id.clone(), step: "identify".into(), shard: lease.shard, attempt: lease.attempt }),
+                    config_toml: rec.config_toml.clone(),
+                    start,
+                    end,
+                    classifier_key: plan.classifier_key.clone(),
+                    vae_key: plan.vae_key.clone(),
+                    vae_decoder_key: plan.vae_decoder_key.clone(),
+                    output_key: crate::shard_output_key(&rec.id, lease.shard, lease.attempt),
+                }),
+                retry_after_ms: 0,
+            }));
+        }
+        Ok(Response::new(LeaseResponse { task: None, retry_after_ms: 300 }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let now = now_ms();
+        if !self.inner.store.touch_worker(&r.worker_id, now).await.map_err(store_status)? {
+            return Ok(Response::new(HeartbeatResponse { verdicts: vec![], reregister: true }));
+        }
+        let mut verdicts = Vec::new();
+        for t in &r.running {
+            let v = match self.inner.store.renew(&t.job, t.shard, &r.worker_id, t.attempt, now, self.inner.cfg.lease_ms).await {
+                Ok(Fenced::Accepted) => TaskVerdict::Continue,
+                Ok(Fenced::Stale) | Err(StoreError::Lost(_)) => TaskVerdict::Abandon,
+                Err(e) => return Err(store_status(e)),
+            };
+            verdicts.push(v as i32);
+        }
+        Ok(Response::new(HeartbeatResponse { verdicts, reregister: false }))
+    }
+
+    async fn complete(&self, req: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
+        let r = req.into_inner();
+        let t = r.task.ok_or_else(|| Status::invalid_argument("task missing"))?;
+        // the output must be the one of this attempt
+        if r.output_key != crate::shard_output_key(&t.job, t.shard, t.attempt) {
+            return Err(Status::invalid_argument(format!("output key {} is not the key of attempt {}", r.output_key, t.attempt)));
+        }
+        let f = self.inner.store.complete(&t.job, t.shard, &r.worker_id, t.attempt, &r.output_key).await.map_err(store_status)?;
+        let acceptance = match f {
+            Fenced::Accepted => {
+                tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, "shard done");
+                Acceptance::Accepted
+            }
+            Fenced::Stale => {
+                tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, "stale completion ignored");
+                Acceptance::Stale
+            }
+        };
+        Ok(Response::new(CompleteResponse { acceptance: acceptance as i32 }))
+    }
+
+    async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
+        let r = req.into_inner();
+        let t = r.task.ok_or_else(|| Status::invalid_argument("task missing"))?;
+        let e = r.error.unwrap_or_default();
+        let o = self.inner.store.fail(&t.job, t.shard, &r.worker_id, t.attempt, e.retryable, &e.message, self.inner.cfg.max_attempts).await.map_err(store_status)?;
+        tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, retryable = e.retryable, outcome = ?o, error = %e.message, "task failed");
+        let acceptance = if o == FailOutcome::Stale { Acceptance::Stale } else { Acceptance::Accepted };
+        Ok(Response::new(FailResponse { acceptance: acceptance as i32 }))
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Coordinator {
+    async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        let r = req.into_inner();
+        let id = Coordinator::submit(self, &r.config_toml, Some(r.job_id)).await?;
+        Ok(Response::new(SubmitResponse { job_id: id }))
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
+        let id = req.into_inner().job_id;
+        match self.inner.store.get_job(&id).await.map_err(store_status)? {
+            Some(rec) => Ok(Response::new(self.status_of(&rec).await)),
+            None => Err(Status::not_found(format!("no job {id}"))),
+        }
+    }
+
+    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let id = req.into_inner().job_id;
+        self.inner.store.cancel(&id, now_ms()).await.map_err(store_status)?;
+        let rec = self.inner.store.get_job(&id).await.map_err(store_status)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        tracing::info!(job = %id, state = rec.state.as_str(), "cancel");
+        Ok(Response::new(CancelResponse { state: rec.state.as_str().into() }))
+    }
+
+    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let mut jobs = Vec::new();
+        for rec in self.inner.store.list_jobs().await.map_err(store_status)? {
+            jobs.push(self.status_of(&rec).await);
+        }
+        Ok(Response::new(ListResponse { jobs }))
+    }
+}
+
+/// Serves both gRPC services on `listener` and runs the driver loop until `shutdown`.
+pub async fn serve(
+    coord: Coordinator,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let driver = tokio::spawn(crate::driver::run(coord.clone()));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let r = tonic::transport::Server::builder()
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .add_service(WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(JobServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    driver.abort();
+    r
+}

@@ -1,0 +1,242 @@
+//! The in-memory state store of the embedded mode: one lock, the same semantics as
+//! the Redis scripts.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::*;
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    jobs: BTreeMap<String, MemJob>,
+    workers: HashMap<String, (String, u64)>,
+}
+
+#[derive(Debug)]
+struct MemJob {
+    rec: JobRecord,
+    pending: VecDeque<u32>,
+    shards: Vec<ShardInfo>,
+    deadlines: BTreeMap<u32, u64>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn job<'a>(i: &'a mut Inner, id: &str) -> StoreResult<&'a mut MemJob> {
+    i.jobs.get_mut(id).ok_or_else(|| StoreError::Lost(id.into()))
+}
+
+fn fenced(j: &MemJob, shard: u32, worker: &str, attempt: u32) -> bool {
+    j.shards.get(shard as usize).is_some_and(|s| s.state == "leased" && s.owner == worker && s.attempt == attempt)
+}
+
+fn fail_job(j: &mut MemJob, msg: String) {
+    if !j.rec.state.is_final() {
+        j.rec.state = JobState::Failed;
+        j.rec.error = msg;
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    async fn create_job(&self, rec: &JobRecord) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        if i.jobs.contains_key(&rec.id) {
+            return Err(StoreError::Exists(rec.id.clone()));
+        }
+        let j = MemJob { rec: JobRecord { n_shards: 0, ..rec.clone() }, pending: VecDeque::new(), shards: vec![], deadlines: BTreeMap::new() };
+        i.jobs.insert(rec.id.clone(), j);
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
+        Ok(self.inner.lock().unwrap().jobs.get(id).map(|j| j.rec.clone()))
+    }
+
+    async fn list_jobs(&self) -> StoreResult<Vec<JobRecord>> {
+        Ok(self.inner.lock().unwrap().jobs.values().map(|j| j.rec.clone()).collect())
+    }
+
+    async fn set_job_state(&self, id: &str, state: JobState, step: &str, error: &str, now_ms: u64) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if j.rec.state.is_final() {
+            return Ok(());
+        }
+        j.rec.state = state;
+        j.rec.step = step.into();
+        j.rec.error = error.into();
+        j.rec.updated_ms = now_ms;
+        Ok(())
+    }
+
+    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if !j.shards.is_empty() {
+            return Ok(());
+        }
+        j.shards = (0..n).map(|s| ShardInfo { shard: s, state: "pending".into(), ..Default::default() }).collect();
+        j.pending = (0..n).collect();
+        j.rec.n_shards = n;
+        j.rec.updated_ms = now_ms;
+        Ok(())
+    }
+
+    async fn lease(&self, id: &str, worker: &str, now_ms: u64, lease_ms: u64) -> StoreResult<Option<Lease>> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if j.rec.state != JobState::Running {
+            return Ok(None);
+        }
+        let Some(shard) = j.pending.pop_front() else { return Ok(None) };
+        let s = &mut j.shards[shard as usize];
+        s.attempt += 1;
+        s.state = "leased".into();
+        s.owner = worker.into();
+        let deadline_ms = now_ms + lease_ms;
+        j.deadlines.insert(shard, deadline_ms);
+        Ok(Some(Lease { shard, attempt: s.attempt, deadline_ms }))
+    }
+
+    async fn renew(&self, id: &str, shard: u32, worker: &str, attempt: u32, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if !fenced(j, shard, worker, attempt) {
+            return Ok(Fenced::Stale);
+        }
+        j.deadlines.insert(shard, now_ms + lease_ms);
+        Ok(Fenced::Accepted)
+    }
+
+    async fn complete(&self, id: &str, shard: u32, worker: &str, attempt: u32, output: &str) -> StoreResult<Fenced> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if !fenced(j, shard, worker, attempt) {
+            return Ok(Fenced::Stale);
+        }
+        let s = &mut j.shards[shard as usize];
+        s.state = "done".into();
+        s.output = output.into();
+        s.accepted += 1;
+        j.deadlines.remove(&shard);
+        Ok(Fenced::Accepted)
+    }
+
+    async fn fail(&self, id: &str, shard: u32, worker: &str, attempt: u32, retryable: bool, message: &str, max_attempts: u32) -> StoreResult<FailOutcome> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if !fenced(j, shard, worker, attempt) {
+            return Ok(FailOutcome::Stale);
+        }
+        j.deadlines.remove(&shard);
+        let s = &mut j.shards[shard as usize];
+        s.error = message.into();
+        if retryable && attempt < max_attempts {
+            s.state = "pending".into();
+            s.owner.clear();
+            j.pending.push_back(shard);
+            Ok(FailOutcome::Requeued)
+        } else {
+            s.state = "failed".into();
+            let msg = format!("shard {shard} failed on attempt {attempt}: {message}");
+            fail_job(j, msg);
+            Ok(FailOutcome::JobFailed)
+        }
+    }
+
+    async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        let expired: Vec<u32> = j.deadlines.iter().filter(|(_, &d)| d <= now_ms).map(|(&s, _)| s).collect();
+        let mut out = Vec::new();
+        for shard in expired {
+            j.deadlines.remove(&shard);
+            let s = &mut j.shards[shard as usize];
+            let (attempt, owner) = (s.attempt, std::mem::take(&mut s.owner));
+            let requeued = attempt < max_attempts;
+            if requeued {
+                s.state = "pending".into();
+                j.pending.push_back(shard);
+            } else {
+                s.state = "failed".into();
+                s.error = format!("lease expired {attempt} times (workers lost or hung)");
+                let msg = format!("shard {shard} failed: {}", s.error);
+                fail_job(j, msg);
+            }
+            out.push(Expired { shard, attempt, owner, requeued });
+        }
+        Ok(out)
+    }
+
+    async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        let mut c = ShardCounts { total: j.shards.len() as u32, ..Default::default() };
+        for s in &j.shards {
+            match s.state.as_str() {
+                "pending" => c.pending += 1,
+                "leased" => c.leased += 1,
+                "done" => c.done += 1,
+                _ => c.failed += 1,
+            }
+        }
+        Ok(c)
+    }
+
+    async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>> {
+        let mut i = self.inner.lock().unwrap();
+        Ok(job(&mut i, id)?.shards.clone())
+    }
+
+    async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if j.rec.state.is_final() {
+            return Ok(());
+        }
+        for s in &mut j.shards {
+            if s.state == "pending" || s.state == "leased" {
+                s.state = "cancelled".into();
+                s.owner.clear();
+            }
+        }
+        j.pending.clear();
+        j.deadlines.clear();
+        j.rec.state = JobState::Cancelled;
+        j.rec.updated_ms = now_ms;
+        Ok(())
+    }
+
+    async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {
+        self.inner.lock().unwrap().workers.insert(worker.into(), (info_json.into(), now_ms));
+        Ok(())
+    }
+
+    async fn touch_worker(&self, worker: &str, now_ms: u64) -> StoreResult<bool> {
+        let mut i = self.inner.lock().unwrap();
+        match i.workers.get_mut(worker) {
+            Some(w) => {
+                w.1 = now_ms;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn workers(&self) -> StoreResult<Vec<(String, String, u64)>> {
+        let mut v: Vec<_> = self.inner.lock().unwrap().workers.iter().map(|(k, (i, t))| (k.clone(), i.clone(), *t)).collect();
+        v.sort();
+        Ok(v)
+    }
+}

@@ -1,0 +1,439 @@
+//! The Redis state store. All keys of a job share the hash tag `{job:<id>}` so that
+//! the multi-key Lua scripts also run on Redis Cluster; scripts never build key names.
+//!
+//! Per job: `{job:ID}:meta` (hash: the record), `{job:ID}:pending` (list of shard ids),
+//! `{job:ID}:shards` (hash: `<n>:state|attempt|owner|output|accepted|error`),
+//! `{job:ID}:leases` (sorted set: shard by deadline). Global: `defuse:jobs` (set of
+//! ids), `defuse:workers` (hash: id -> info JSON), `defuse:workers:seen` (id -> ms).
+use std::collections::HashMap;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::{AsyncCommands, Script};
+use async_trait::async_trait;
+
+use super::*;
+
+const LOST: &str = "DEFUSE_LOST";
+
+const FENCE: &str = r#"
+local function fenced(shards, shard, worker, attempt)
+  local v = redis.call('HMGET', shards, shard .. ':state', shard .. ':owner', shard .. ':attempt')
+  return v[1] == 'leased' and v[2] == worker and v[3] == attempt
+end
+local function need(meta)
+  if redis.call('EXISTS', meta) == 0 then return false end
+  return true
+end
+local function fail_job(meta, msg, now)
+  local st = redis.call('HGET', meta, 'state')
+  if st ~= 'done' and st ~= 'failed' and st ~= 'cancelled' then
+    redis.call('HSET', meta, 'state', 'failed', 'error', msg, 'updated_ms', now)
+  end
+end
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{FENCE}\n{body}"))
+}
+
+struct Scripts {
+    set_state: Script,
+    plan: Script,
+    lease: Script,
+    renew: Script,
+    complete: Script,
+    fail: Script,
+    reap: Script,
+    cancel: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            // KEYS meta; ARGV state step error now
+            set_state: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'step', ARGV[2], 'error', ARGV[3], 'updated_ms', ARGV[4])
+return 1"#,
+            ),
+            // KEYS meta pending shards; ARGV n now
+            plan: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if tonumber(redis.call('HGET', KEYS[1], 'n_shards') or '0') > 0 then return 0 end
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  redis.call('RPUSH', KEYS[2], i)
+  redis.call('HSET', KEYS[3], i .. ':state', 'pending', i .. ':attempt', 0, i .. ':accepted', 0)
+end
+redis.call('HSET', KEYS[1], 'n_shards', n, 'updated_ms', ARGV[2])
+return 1"#,
+            ),
+            // KEYS meta pending shards leases; ARGV worker now lease_ms
+            lease: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return false end
+local shard = redis.call('LPOP', KEYS[2])
+if not shard then return false end
+local attempt = redis.call('HINCRBY', KEYS[3], shard .. ':attempt', 1)
+local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
+redis.call('HSET', KEYS[3], shard .. ':state', 'leased', shard .. ':owner', ARGV[1])
+redis.call('ZADD', KEYS[4], deadline, shard)
+return {tonumber(shard), attempt, deadline}"#,
+            ),
+            // KEYS meta shards leases; ARGV shard worker attempt now lease_ms
+            renew: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[1])
+return 1"#,
+            ),
+            // KEYS meta shards leases; ARGV shard worker attempt output
+            complete: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'done', ARGV[1] .. ':output', ARGV[4])
+redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':accepted', 1)
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1"#,
+            ),
+            // KEYS meta shards leases pending; ARGV shard worker attempt retryable message max now
+            fail: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 'stale' end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1] .. ':error', ARGV[5])
+if ARGV[4] == '1' and tonumber(ARGV[3]) < tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'pending')
+  redis.call('HDEL', KEYS[2], ARGV[1] .. ':owner')
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+  return 'requeued'
+end
+redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'failed')
+fail_job(KEYS[1], 'shard ' .. ARGV[1] .. ' failed on attempt ' .. ARGV[3] .. ': ' .. ARGV[5], ARGV[7])
+return 'failed'"#,
+            ),
+            // KEYS meta shards leases pending; ARGV now max
+            reap: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+local out = {}
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+for _, shard in ipairs(expired) do
+  redis.call('ZREM', KEYS[3], shard)
+  local attempt = tonumber(redis.call('HGET', KEYS[2], shard .. ':attempt') or '0')
+  local owner = redis.call('HGET', KEYS[2], shard .. ':owner') or ''
+  redis.call('HDEL', KEYS[2], shard .. ':owner')
+  local requeued = 0
+  if attempt < tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[2], shard .. ':state', 'pending')
+    redis.call('RPUSH', KEYS[4], shard)
+    requeued = 1
+  else
+    local msg = 'lease expired ' .. attempt .. ' times (workers lost or hung)'
+    redis.call('HSET', KEYS[2], shard .. ':state', 'failed', shard .. ':error', msg)
+    fail_job(KEYS[1], 'shard ' .. shard .. ' failed: ' .. msg, ARGV[1])
+  end
+  table.insert(out, tonumber(shard)); table.insert(out, attempt); table.insert(out, owner); table.insert(out, requeued)
+end
+return out"#,
+            ),
+            // KEYS meta shards leases pending; ARGV now
+            cancel: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
+local n = tonumber(redis.call('HGET', KEYS[1], 'n_shards') or '0')
+for i = 0, n - 1 do
+  local s = redis.call('HGET', KEYS[2], i .. ':state')
+  if s == 'pending' or s == 'leased' then
+    redis.call('HSET', KEYS[2], i .. ':state', 'cancelled')
+    redis.call('HDEL', KEYS[2], i .. ':owner')
+  end
+end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_ms', ARGV[1])
+return 1"#,
+            ),
+        }
+    }
+}
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    url: String,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisStore({})", self.url)
+    }
+}
+
+struct Keys {
+    meta: String,
+    pending: String,
+    shards: String,
+    leases: String,
+}
+
+fn keys(id: &str) -> Keys {
+    let tag = format!("{{job:{id}}}");
+    Keys { meta: format!("{tag}:meta"), pending: format!("{tag}:pending"), shards: format!("{tag}:shards"), leases: format!("{tag}:leases") }
+}
+
+const JOBS: &str = "defuse:jobs";
+const WORKERS: &str = "defuse:workers";
+const SEEN: &str = "defuse:workers:seen";
+
+impl RedisStore {
+    pub async fn connect(url: &str) -> StoreResult<RedisStore> {
+        let client = ::redis::Client::open(url).map_err(|e| StoreError::Backend(format!("redis URL '{url}': {e}")))?;
+        let cfg = ::redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(3)
+            .set_connection_timeout(std::time::Duration::from_secs(3))
+            .set_response_timeout(std::time::Duration::from_secs(5));
+        let conn = ConnectionManager::new_with_config(client, cfg)
+            .await
+            .map_err(|e| StoreError::Backend(format!("cannot connect to redis at {url}: {e}")))?;
+        Ok(RedisStore { conn, url: url.into(), scripts: Scripts::new() })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+fn lost(id: &str, e: ::redis::RedisError) -> StoreError {
+    if e.to_string().contains(LOST) {
+        StoreError::Lost(id.into())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+fn record(map: HashMap<String, String>) -> Option<JobRecord> {
+    if map.is_empty() {
+        return None;
+    }
+    let g = |k: &str| map.get(k).cloned().unwrap_or_default();
+    let n = |k: &str| map.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some(JobRecord {
+        id: g("id"),
+        name: g("name"),
+        state: JobState::parse(&g("state")).unwrap_or(JobState::Failed),
+        step: g("step"),
+        config_toml: g("config_toml"),
+        n_shards: n("n_shards") as u32,
+        error: g("error"),
+        created_ms: n("created_ms"),
+        updated_ms: n("updated_ms"),
+    })
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    async fn create_job(&self, j: &JobRecord) -> StoreResult<()> {
+        let k = keys(&j.id);
+        let mut c = self.conn();
+        let created: bool = ::redis::cmd("HSETNX").arg(&k.meta).arg("id").arg(&j.id).query_async(&mut c).await?;
+        if !created {
+            return Err(StoreError::Exists(j.id.clone()));
+        }
+        let fields: Vec<(&str, String)> = vec![
+            ("name", j.name.clone()),
+            ("state", j.state.as_str().into()),
+            ("step", j.step.clone()),
+            ("config_toml", j.config_toml.clone()),
+            ("n_shards", "0".into()),
+            ("error", j.error.clone()),
+            ("created_ms", j.created_ms.to_string()),
+            ("updated_ms", j.updated_ms.to_string()),
+        ];
+        let _: () = c.hset_multiple(&k.meta, &fields).await?;
+        let _: () = c.sadd(JOBS, &j.id).await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
+        let map: HashMap<String, String> = self.conn().hgetall(keys(id).meta).await?;
+        Ok(record(map))
+    }
+
+    async fn list_jobs(&self) -> StoreResult<Vec<JobRecord>> {
+        let mut ids: Vec<String> = self.conn().smembers(JOBS).await?;
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(r) = self.get_job(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set_job_state(&self, id: &str, state: JobState, step: &str, error: &str, now_ms: u64) -> StoreResult<()> {
+        let k = keys(id);
+        let _: i64 = self.scripts.set_state.key(&k.meta).arg(state.as_str()).arg(step).arg(error).arg(now_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        Ok(())
+    }
+
+    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()> {
+        let k = keys(id);
+        let _: i64 = self.scripts.plan.key(&k.meta).key(&k.pending).key(&k.shards).arg(n).arg(now_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        Ok(())
+    }
+
+    async fn lease(&self, id: &str, worker: &str, now_ms: u64, lease_ms: u64) -> StoreResult<Option<Lease>> {
+        let k = keys(id);
+        let r: Option<(u32, u32, u64)> = self
+            .scripts
+            .lease
+            .key(&k.meta)
+            .key(&k.pending)
+            .key(&k.shards)
+            .key(&k.leases)
+            .arg(worker)
+            .arg(now_ms)
+            .arg(lease_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(r.map(|(shard, attempt, deadline_ms)| Lease { shard, attempt, deadline_ms }))
+    }
+
+    async fn renew(&self, id: &str, shard: u32, worker: &str, attempt: u32, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
+        let k = keys(id);
+        let r: i64 = self.scripts.renew.key(&k.meta).key(&k.shards).key(&k.leases).arg(shard).arg(worker).arg(attempt).arg(now_ms).arg(lease_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        Ok(if r == 1 { Fenced::Accepted } else { Fenced::Stale })
+    }
+
+    async fn complete(&self, id: &str, shard: u32, worker: &str, attempt: u32, output: &str) -> StoreResult<Fenced> {
+        let k = keys(id);
+        let r: i64 = self.scripts.complete.key(&k.meta).key(&k.shards).key(&k.leases).arg(shard).arg(worker).arg(attempt).arg(output).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        Ok(if r == 1 { Fenced::Accepted } else { Fenced::Stale })
+    }
+
+    async fn fail(&self, id: &str, shard: u32, worker: &str, attempt: u32, retryable: bool, message: &str, max_attempts: u32) -> StoreResult<FailOutcome> {
+        let k = keys(id);
+        let r: String = self
+            .scripts
+            .fail
+            .key(&k.meta)
+            .key(&k.shards)
+            .key(&k.leases)
+            .key(&k.pending)
+            .arg(shard)
+            .arg(worker)
+            .arg(attempt)
+            .arg(if retryable { "1" } else { "0" })
+            .arg(message)
+            .arg(max_attempts)
+            .arg(now_ms())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(match r.as_str() {
+            "requeued" => FailOutcome::Requeued,
+            "failed" => FailOutcome::JobFailed,
+            _ => FailOutcome::Stale,
+        })
+    }
+
+    async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>> {
+        let k = keys(id);
+        let flat: Vec<::redis::Value> = self.scripts.reap.key(&k.meta).key(&k.shards).key(&k.leases).key(&k.pending).arg(now_ms).arg(max_attempts).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        let mut out = Vec::new();
+        for c in flat.chunks(4) {
+            let [s, a, o, r] = c else { break };
+            let num = |v: &::redis::Value| ::redis::from_redis_value::<u64>(v).unwrap_or(0);
+            out.push(Expired {
+                shard: num(s) as u32,
+                attempt: num(a) as u32,
+                owner: ::redis::from_redis_value::<String>(o).unwrap_or_default(),
+                requeued: num(r) == 1,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
+        let shards = self.shards(id).await?;
+        let mut c = ShardCounts { total: shards.len() as u32, ..Default::default() };
+        for s in &shards {
+            match s.state.as_str() {
+                "pending" => c.pending += 1,
+                "leased" => c.leased += 1,
+                "done" => c.done += 1,
+                _ => c.failed += 1,
+            }
+        }
+        Ok(c)
+    }
+
+    async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>> {
+        let k = keys(id);
+        let mut c = self.conn();
+        let exists: bool = c.exists(&k.meta).await?;
+        if !exists {
+            return Err(StoreError::Lost(id.into()));
+        }
+        let n: u32 = c.hget::<_, _, Option<u32>>(&k.meta, "n_shards").await?.unwrap_or(0);
+        let map: HashMap<String, String> = c.hgetall(&k.shards).await?;
+        let mut out: Vec<ShardInfo> = (0..n).map(|s| ShardInfo { shard: s, ..Default::default() }).collect();
+        for (field, v) in map {
+            let Some((s, f)) = field.split_once(':') else { continue };
+            let Some(info) = s.parse::<usize>().ok().and_then(|s| out.get_mut(s)) else { continue };
+            match f {
+                "state" => info.state = v,
+                "attempt" => info.attempt = v.parse().unwrap_or(0),
+                "owner" => info.owner = v,
+                "output" => info.output = v,
+                "accepted" => info.accepted = v.parse().unwrap_or(0),
+                "error" => info.error = v,
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {
+        let k = keys(id);
+        let _: i64 = self.scripts.cancel.key(&k.meta).key(&k.shards).key(&k.leases).key(&k.pending).arg(now_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        Ok(())
+    }
+
+    async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {
+        let mut c = self.conn();
+        let _: () = c.hset(WORKERS, worker, info_json).await?;
+        let _: () = c.hset(SEEN, worker, now_ms).await?;
+        Ok(())
+    }
+
+    async fn touch_worker(&self, worker: &str, now_ms: u64) -> StoreResult<bool> {
+        let mut c = self.conn();
+        let known: bool = c.hexists(WORKERS, worker).await?;
+        if known {
+            let _: () = c.hset(SEEN, worker, now_ms).await?;
+        }
+        Ok(known)
+    }
+
+    async fn workers(&self) -> StoreResult<Vec<(String, String, u64)>> {
+        let mut c = self.conn();
+        let info: HashMap<String, String> = c.hgetall(WORKERS).await?;
+        let seen: HashMap<String, u64> = c.hgetall(SEEN).await?;
+        let mut v: Vec<_> = info.into_iter().map(|(k, i)| { let t = seen.get(&k).copied().unwrap_or(0); (k, i, t) }).collect();
+        v.sort();
+        Ok(v)
+    }
+}

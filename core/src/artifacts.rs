@@ -1,0 +1,341 @@
+//! The artifact store: where shard outputs, models, scenarios and reports live. One
+//! trait, two implementations with one key layout (`jobs/<job>/...`): a local folder
+//! (the embedded default) and S3-compatible object storage (MinIO, Garage, Ceph, AWS).
+//!
+//! An artifact store is named by a URL: `file:///abs/path` (or a plain path) or
+//! `s3://bucket/prefix`. S3 settings come from the environment as every S3 tool reads
+//! them: `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`), `AWS_REGION`,
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`; path-style addressing unless
+//! `DEFUSE_S3_VIRTUAL_HOSTED=1`.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Errors of an artifact store; `retryable` tells a caller whether trying again
+/// (later, or elsewhere) can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact {key} not found in {store}")]
+    NotFound { store: String, key: String },
+    #[error("artifact store {store}, key {key}: {msg}")]
+    Io { store: String, key: String, msg: String },
+    #[error("artifact store URL '{0}': expected file:///path, a path, or s3://bucket/prefix")]
+    BadUrl(String),
+}
+
+impl ArtifactError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, ArtifactError::Io { .. })
+    }
+}
+
+pub type ArtifactResult<T> = std::result::Result<T, ArtifactError>;
+
+#[async_trait]
+pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
+    /// Writes `bytes` at `key`; a reader sees the whole object or none of it.
+    async fn put(&self, key: &str, bytes: Bytes) -> ArtifactResult<()>;
+    async fn get(&self, key: &str) -> ArtifactResult<Bytes>;
+    async fn exists(&self, key: &str) -> ArtifactResult<bool>;
+    /// Keys under `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>>;
+    async fn delete(&self, key: &str) -> ArtifactResult<()>;
+    /// The URL that names this store (given to workers).
+    fn url(&self) -> String;
+
+    /// Uploads a local file.
+    async fn put_file(&self, key: &str, path: &Path) -> ArtifactResult<()> {
+        let bytes = tokio::fs::read(path).await.map_err(|e| ArtifactError::Io {
+            store: self.url(),
+            key: key.into(),
+            msg: format!("cannot read {}: {e}", path.display()),
+        })?;
+        self.put(key, Bytes::from(bytes)).await
+    }
+
+    /// Downloads to a local file (through a temporary file and a rename).
+    async fn get_file(&self, key: &str, path: &Path) -> ArtifactResult<()> {
+        let bytes = self.get(key).await?;
+        let io = |e: std::io::Error| ArtifactError::Io { store: self.url(), key: key.into(), msg: format!("{}: {e}", path.display()) };
+        if let Some(d) = path.parent() {
+            tokio::fs::create_dir_all(d).await.map_err(io)?;
+        }
+        let tmp = path.with_extension(format!("part-{}", std::process::id()));
+        tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
+        tokio::fs::rename(&tmp, path).await.map_err(io)
+    }
+}
+
+/// Opens the store a URL names.
+pub async fn open(url: &str) -> ArtifactResult<Arc<dyn ArtifactStore>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(ArtifactError::BadUrl(url.into()));
+        }
+        Ok(Arc::new(S3Store::from_env(bucket, prefix).await))
+    } else if let Some(p) = url.strip_prefix("file://") {
+        Ok(Arc::new(LocalStore::new(p)))
+    } else if url.contains("://") {
+        Err(ArtifactError::BadUrl(url.into()))
+    } else {
+        Ok(Arc::new(LocalStore::new(url)))
+    }
+}
+
+fn check_key(store: &str, key: &str) -> ArtifactResult<()> {
+    if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p.is_empty()) {
+        return Err(ArtifactError::Io { store: store.into(), key: key.into(), msg: "invalid key".into() });
+    }
+    Ok(())
+}
+
+/// A local folder.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root: PathBuf = root.into();
+        let root = std::path::absolute(&root).unwrap_or(root);
+        LocalStore { root }
+    }
+
+    fn path(&self, key: &str) -> ArtifactResult<PathBuf> {
+        check_key(&self.url(), key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn io(&self, key: &str, e: std::io::Error) -> ArtifactError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ArtifactError::NotFound { store: self.url(), key: key.into() }
+        } else {
+            ArtifactError::Io { store: self.url(), key: key.into(), msg: e.to_string() }
+        }
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for LocalStore {
+    async fn put(&self, key: &str, bytes: Bytes) -> ArtifactResult<()> {
+        let p = self.path(key)?;
+        if let Some(d) = p.parent() {
+            tokio::fs::create_dir_all(d).await.map_err(|e| self.io(key, e))?;
+        }
+        let tmp = p.with_file_name(format!(
+            ".{}.tmp-{}-{}",
+            p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        tokio::fs::write(&tmp, &bytes).await.map_err(|e| self.io(key, e))?;
+        tokio::fs::rename(&tmp, &p).await.map_err(|e| self.io(key, e))
+    }
+
+    async fn get(&self, key: &str) -> ArtifactResult<Bytes> {
+        let p = self.path(key)?;
+        tokio::fs::read(&p).await.map(Bytes::from).map_err(|e| self.io(key, e))
+    }
+
+    async fn exists(&self, key: &str) -> ArtifactResult<bool> {
+        Ok(tokio::fs::try_exists(self.path(key)?).await.unwrap_or(false))
+    }
+
+    async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let mut rd = match tokio::fs::read_dir(&dir).await {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io(prefix, e)),
+            };
+            while let Some(e) = rd.next_entry().await.map_err(|e| self.io(prefix, e))? {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&self.root) {
+                    let key = rel.to_string_lossy().into_owned();
+                    let hidden = rel.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                    if key.starts_with(prefix) && !hidden {
+                        out.push(key);
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> ArtifactResult<()> {
+        match tokio::fs::remove_file(self.path(key)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+/// S3-compatible object storage through `aws-sdk-s3`. Large objects go up in parts;
+/// the SDK retries throttling and transient errors with exponential backoff.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+}
+
+/// Objects above this size are uploaded in parts of this size.
+const PART_BYTES: usize = 8 * 1024 * 1024;
+
+impl S3Store {
+    pub async fn from_env(bucket: &str, prefix: &str) -> Self {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5).with_initial_backoff(Duration::from_millis(200)))
+            .load()
+            .await;
+        let virtual_hosted = std::env::var("DEFUSE_S3_VIRTUAL_HOSTED").is_ok_and(|v| v == "1");
+        let mut b = aws_sdk_s3::config::Builder::from(&conf).force_path_style(!virtual_hosted);
+        if conf.region().is_none() {
+            b = b.region(aws_sdk_s3::config::Region::new("us-east-1"));
+        }
+        S3Store {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            bucket: bucket.into(),
+            prefix: prefix.trim_matches('/').into(),
+        }
+    }
+
+    fn full(&self, key: &str) -> ArtifactResult<String> {
+        check_key(&self.url(), key)?;
+        Ok(if self.prefix.is_empty() { key.into() } else { format!("{}/{key}", self.prefix) })
+    }
+
+    fn err(&self, key: &str, e: impl std::fmt::Display) -> ArtifactError {
+        ArtifactError::Io { store: self.url(), key: key.into(), msg: e.to_string() }
+    }
+
+    /// Creates the bucket when it does not exist (tests, local clusters).
+    pub async fn ensure_bucket(&self) -> ArtifactResult<()> {
+        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+            return Ok(());
+        }
+        self.client.create_bucket().bucket(&self.bucket).send().await.map_err(|e| self.err("", aws_sdk_s3::error::DisplayErrorContext(e)))?;
+        Ok(())
+    }
+
+    async fn put_multipart(&self, key: &str, full: &str, bytes: Bytes) -> ArtifactResult<()> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let e = |x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x));
+        let up = self.client.create_multipart_upload().bucket(&self.bucket).key(full).send().await.map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+        let id = up.upload_id().unwrap_or_default().to_string();
+        let mut parts = Vec::new();
+        for (i, chunk) in bytes.chunks(PART_BYTES).enumerate() {
+            let n = i as i32 + 1;
+            let r = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(&id)
+                .part_number(n)
+                .body(bytes.slice_ref(chunk).into())
+                .send()
+                .await;
+            match r {
+                Ok(r) => parts.push(CompletedPart::builder().part_number(n).set_e_tag(r.e_tag().map(str::to_string)).build()),
+                Err(x) => {
+                    let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(full).upload_id(&id).send().await;
+                    return Err(e(x));
+                }
+            }
+        }
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(&id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .send()
+            .await
+            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for S3Store {
+    async fn put(&self, key: &str, bytes: Bytes) -> ArtifactResult<()> {
+        let full = self.full(key)?;
+        if bytes.len() > PART_BYTES {
+            return self.put_multipart(key, &full, bytes).await;
+        }
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(bytes.into())
+            .send()
+            .await
+            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> ArtifactResult<Bytes> {
+        let full = self.full(key)?;
+        match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
+            Ok(r) => Ok(r.body.collect().await.map_err(|x| self.err(key, x))?.into_bytes()),
+            Err(x) if x.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Err(ArtifactError::NotFound { store: self.url(), key: key.into() })
+            }
+            Err(x) => Err(self.err(key, aws_sdk_s3::error::DisplayErrorContext(x))),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> ArtifactResult<bool> {
+        let full = self.full(key)?;
+        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+            Ok(_) => Ok(true),
+            Err(x) if x.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(x) => Err(self.err(key, aws_sdk_s3::error::DisplayErrorContext(x))),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
+        let full = if self.prefix.is_empty() { prefix.to_string() } else { format!("{}/{prefix}", self.prefix) };
+        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let mut out = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|x| self.err(prefix, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            out.extend(page.contents().iter().filter_map(|o| o.key()).map(|k| k[strip..].to_string()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> ArtifactResult<()> {
+        let full = self.full(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        if self.prefix.is_empty() { format!("s3://{}", self.bucket) } else { format!("s3://{}/{}", self.bucket, self.prefix) }
+    }
+}

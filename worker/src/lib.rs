@@ -1,0 +1,347 @@
+//! The Defuse worker: registers with the coordinator, leases identify tasks, runs
+//! them on its device, writes each output under its attempt's key in the artifact
+//! store, and completes or fails the task with a typed error. Heartbeats run on the
+//! async runtime while the search runs on a blocking thread, so compute never starves
+//! them; a heartbeat answered ABANDON (lease lost, job cancelled) stops the search.
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use defuse_core::artifacts::{self, ArtifactStore};
+use defuse_core::data::Dataset;
+use defuse_core::identify::identify;
+use defuse_core::models::{self, Classifier};
+use defuse_core::pipeline::JobConfig;
+use defuse_proto::worker_service_client::WorkerServiceClient;
+use defuse_proto::*;
+use tonic::transport::{Channel, Endpoint};
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Where downloaded models and outputs wait.
+    pub cache_dir: PathBuf,
+    /// Intra-op threads for libtorch (0: libtorch's default).
+    pub threads: usize,
+    /// Overrides the protocol version sent (tests of the refusal).
+    pub protocol_version: u32,
+}
+
+impl WorkerConfig {
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        WorkerConfig {
+            coordinator: coordinator.into(),
+            device: "cpu".into(),
+            cache_dir: std::env::temp_dir().join("defuse-worker"),
+            threads: 0,
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("coordinator refused this worker: {0}")]
+    Refused(String),
+    #[error("coordinator at {0} unreachable: {1}")]
+    Unreachable(String, String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A fresh id for every start: host name plus a random part, so a restarted worker
+/// never inherits the leases of its previous life.
+pub fn fresh_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect::<String>();
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+struct Running {
+    task: TaskRef,
+    abandon: Arc<AtomicBool>,
+}
+
+/// Runs a worker until `shutdown` resolves: then it stops leasing, hands back the task
+/// it runs (as a retryable SHUTDOWN failure) and returns.
+pub async fn run(cfg: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    let id = fresh_id();
+    let device = models::parse_device(&cfg.device).map_err(|e| WorkerError::Other(e.to_string()))?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let channel = Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(|e| WorkerError::Other(format!("coordinator URL '{}': {e}", cfg.coordinator)))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy();
+    let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let (reg, store) = register(&mut client, &cfg, &id, &stop).await?;
+    let Some((reg, store)) = reg.zip(store) else { return Ok(()) };
+    tracing::info!(worker = %id, device = %cfg.device, artifacts = %store.url(), "worker registered");
+
+    let running: Arc<Mutex<Option<Running>>> = Arc::new(Mutex::new(None));
+    let reregister = Arc::new(AtomicBool::new(false));
+    let hb = tokio::spawn(heartbeat_loop(WorkerServiceClient::new(channel.clone()), id.clone(), running.clone(), reregister.clone(), Duration::from_millis(reg.heartbeat_ms.max(50))));
+    let datasets: Arc<Mutex<HashMap<String, Arc<Dataset>>>> = Default::default();
+
+    while !stop.load(Ordering::SeqCst) {
+        if reregister.swap(false, Ordering::SeqCst) {
+            tracing::warn!(worker = %id, "coordinator does not know this worker: registering again");
+            if register(&mut client, &cfg, &id, &stop).await?.0.is_none() {
+                break;
+            }
+        }
+        let task = match client.lease(LeaseRequest { worker_id: id.clone() }).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                reregister.store(true, Ordering::SeqCst);
+                continue;
+            }
+            Err(s) => {
+                tracing::debug!(error = %s.message(), "lease failed; coordinator unavailable?");
+                sleep_unless(&stop, 500).await;
+                continue;
+            }
+        };
+        let Some(task) = task.task else {
+            sleep_unless(&stop, task.retry_after_ms.clamp(50, 5000)).await;
+            continue;
+        };
+        let tref = task.task.clone().unwrap_or_default();
+        let abandon = Arc::new(AtomicBool::new(false));
+        *running.lock().unwrap() = Some(Running { task: tref.clone(), abandon: abandon.clone() });
+        let outcome = execute(&task, &store, &cfg, device, &datasets, abandon.clone(), stop.clone()).await;
+        *running.lock().unwrap() = None;
+        report(&mut client, &id, &tref, &task.output_key, outcome, &abandon).await;
+    }
+    hb.abort();
+    tracing::info!(worker = %id, "worker stopped");
+    Ok(())
+}
+
+async fn sleep_unless(stop: &AtomicBool, ms: u64) {
+    let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+    while tokio::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(50.min(ms))).await;
+    }
+}
+
+/// Registers (retrying while the coordinator is unreachable); `None` when stopped.
+async fn register(
+    client: &mut WorkerServiceClient<Channel>,
+    cfg: &WorkerConfig,
+    id: &str,
+    stop: &AtomicBool,
+) -> Result<(Option<RegisterResponse>, Option<Arc<dyn ArtifactStore>>), WorkerError> {
+    let req = RegisterRequest {
+        protocol_version: cfg.protocol_version,
+        worker_id: id.into(),
+        host: gethostname::gethostname().to_string_lossy().into_owned(),
+        device: cfg.device.clone(),
+        memory_bytes: 0,
+        threads: cfg.threads as u32,
+    };
+    let mut waited = 0u64;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Ok((None, None));
+        }
+        match client.register(req.clone()).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let store = artifacts::open(&r.artifacts_url).await.map_err(|e| WorkerError::Other(e.to_string()))?;
+                return Ok((Some(r), Some(store)));
+            }
+            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+                return Err(WorkerError::Refused(s.message().to_string()));
+            }
+            Err(s) => {
+                if waited % 10_000 == 0 {
+                    tracing::warn!(coordinator = %cfg.coordinator, error = %s.message(), "coordinator unreachable, retrying");
+                }
+                sleep_unless(stop, 500).await;
+                waited += 500;
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: WorkerServiceClient<Channel>,
+    id: String,
+    running: Arc<Mutex<Option<Running>>>,
+    reregister: Arc<AtomicBool>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let (tasks, flags): (Vec<TaskRef>, Vec<Arc<AtomicBool>>) =
+            running.lock().unwrap().iter().map(|r| (r.task.clone(), r.abandon.clone())).unzip();
+        match client.heartbeat(HeartbeatRequest { worker_id: id.clone(), running: tasks.clone() }).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.reregister {
+                    reregister.store(true, Ordering::SeqCst);
+                }
+                for (i, v) in r.verdicts.iter().enumerate() {
+                    if *v == TaskVerdict::Abandon as i32 {
+                        tracing::warn!(worker = %id, job = %tasks[i].job, shard = tasks[i].shard, attempt = tasks[i].attempt, "lease lost: abandoning the task");
+                        flags[i].store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            Err(s) => tracing::debug!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}
+
+enum Outcome {
+    Done(String),
+    Abandoned,
+    Failed(TaskError),
+}
+
+fn task_error(kind: FailureKind, retryable: bool, message: impl Into<String>) -> TaskError {
+    TaskError { kind: kind as i32, retryable, message: message.into() }
+}
+
+async fn fetch(store: &Arc<dyn ArtifactStore>, key: &str, cache: &std::path::Path) -> Result<PathBuf, TaskError> {
+    let path = cache.join(key);
+    if !path.exists() {
+        store.get_file(key, &path).await.map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+    }
+    Ok(path)
+}
+
+async fn execute(
+    task: &Task,
+    store: &Arc<dyn ArtifactStore>,
+    cfg: &WorkerConfig,
+    device: tch::Device,
+    datasets: &Arc<Mutex<HashMap<String, Arc<Dataset>>>>,
+    abandon: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Outcome {
+    let t = task.task.clone().unwrap_or_default();
+    let job_cfg: JobConfig = match toml::from_str(&task.config_toml) {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(task_error(FailureKind::Execution, false, format!("job config: {e}"))),
+    };
+    let cache = cfg.cache_dir.join("artifacts");
+    let clf_path = match fetch(store, &task.classifier_key, &cache).await { Ok(p) => p, Err(e) => return Outcome::Failed(e) };
+    let vae_path = match fetch(store, &task.vae_key, &cache).await { Ok(p) => p, Err(e) => return Outcome::Failed(e) };
+    let dec_path = if task.vae_decoder_key.is_empty() {
+        None
+    } else {
+        match fetch(store, &task.vae_decoder_key, &cache).await { Ok(p) => Some(p), Err(e) => return Outcome::Failed(e) }
+    };
+    let out_path = cfg.cache_dir.join("out").join(&task.output_key);
+    let datasets = datasets.clone();
+    let (start, end) = (task.start as usize, task.end as usize);
+    let out2 = out_path.clone();
+    let flags = (abandon.clone(), stop.clone());
+    let r = tokio::task::spawn_blocking(move || -> Result<(), TaskError> {
+        let exec = |e: defuse_core::Error| {
+            let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
+            task_error(FailureKind::Execution, retryable, e.to_string())
+        };
+        let key = serde_json::to_string(&job_cfg.data).unwrap_or_default();
+        let cached = datasets.lock().unwrap().get(&key).cloned();
+        let ds = match cached {
+            Some(d) => d,
+            None => {
+                let d = Arc::new(job_cfg.data.load().map_err(exec)?);
+                datasets.lock().unwrap().insert(key, d.clone());
+                d
+            }
+        };
+        let shape = ds.image_shape();
+        let clf = Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;
+        let vae = models::load_vae(&vae_path, dec_path.as_deref(), shape, device).map_err(exec)?;
+        let o = &job_cfg.identify;
+        let (f, s) = identify(ds.split(o.split), o.split, start..end, &clf, &vae, o, job_cfg.seed, |_| {
+            !flags.0.load(Ordering::SeqCst) && !flags.1.load(Ordering::SeqCst)
+        })
+        .map_err(exec)?;
+        if let Some(d) = out2.parent() {
+            std::fs::create_dir_all(d).map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+        }
+        f.write(&out2, &s).map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+        Ok(())
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.message == "cancelled" => {
+            return if stop.load(Ordering::SeqCst) {
+                Outcome::Failed(task_error(FailureKind::Shutdown, true, "worker shutting down; task handed back"))
+            } else {
+                Outcome::Abandoned
+            };
+        }
+        Ok(Err(e)) => return Outcome::Failed(e),
+        Err(e) => return Outcome::Failed(task_error(FailureKind::Execution, true, format!("task panicked: {e}"))),
+    }
+    if abandon.load(Ordering::SeqCst) {
+        return Outcome::Abandoned;
+    }
+    tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, "shard searched, uploading");
+    match store.put_file(&task.output_key, &out_path).await {
+        Ok(()) => Outcome::Done(task.output_key.clone()),
+        Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
+    }
+}
+
+async fn report(client: &mut WorkerServiceClient<Channel>, id: &str, t: &TaskRef, output_key: &str, outcome: Outcome, _abandon: &AtomicBool) {
+    // a completion or failure must reach the coordinator; retry through short outages
+    for attempt in 0..60 {
+        let r = match &outcome {
+            Outcome::Abandoned => return,
+            Outcome::Done(key) => client
+                .complete(CompleteRequest { worker_id: id.into(), task: Some(t.clone()), output_key: key.clone(), stats_json: String::new() })
+                .await
+                .map(|r| r.into_inner().acceptance),
+            Outcome::Failed(e) => client
+                .fail(FailRequest { worker_id: id.into(), task: Some(t.clone()), error: Some(e.clone()) })
+                .await
+                .map(|r| r.into_inner().acceptance),
+        };
+        match r {
+            Ok(a) => {
+                if a == Acceptance::Stale as i32 {
+                    tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, output = output_key, "coordinator answered STALE: the result is ignored");
+                } else if let Outcome::Failed(e) = &outcome {
+                    tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, error = %e.message, "task failed");
+                } else {
+                    tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, "task done");
+                }
+                return;
+            }
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) => {
+                if attempt % 10 == 0 {
+                    tracing::warn!(error = %s.message(), "cannot report the task yet; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => {
+                tracing::error!(error = %s.message(), "coordinator refused the report");
+                return;
+            }
+        }
+    }
+}
