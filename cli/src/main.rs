@@ -8,6 +8,7 @@ use defuse_core::data::DataSpec;
 use defuse_core::models::{parse_device, Classifier, CnnArch, Vae, VaeArch};
 use defuse_core::train::{self, TrainOptions};
 
+mod cluster;
 mod logging;
 mod run;
 
@@ -35,6 +36,67 @@ enum Command {
         /// Output folder (default: the config's `out`, else runs/<name>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Workers in this process.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+    /// Run a coordinator: job state in Redis (--redis or REDIS_URL; memory without),
+    /// artifacts in a folder or S3 (--artifacts file:///path | s3://bucket/prefix).
+    Coordinator {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: String,
+        #[arg(long, env = "REDIS_URL")]
+        redis: Option<String>,
+        #[arg(long, env = "DEFUSE_ARTIFACTS")]
+        artifacts: Option<String>,
+        /// Where central steps keep each job's files.
+        #[arg(long, default_value = "coordinator-work")]
+        work_dir: PathBuf,
+        #[arg(long, default_value_t = 15_000)]
+        lease_ms: u64,
+        #[arg(long, default_value_t = 2_000)]
+        heartbeat_ms: u64,
+        /// Attempts per shard before its job fails.
+        #[arg(long, default_value_t = 3)]
+        max_attempts: u32,
+    },
+    /// Run a worker: lease tasks from a coordinator and run them on a device.
+    Worker {
+        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
+        /// cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "/tmp/defuse-worker")]
+        cache_dir: PathBuf,
+        /// libtorch intra-op threads (0: its default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Protocol version to announce (for testing refusals).
+        #[arg(long, hide = true)]
+        protocol_version: Option<u32>,
+    },
+    /// Submit a job to a coordinator; prints its id.
+    Submit {
+        config: PathBuf,
+        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
+        #[arg(long)]
+        job_id: Option<String>,
+    },
+    /// Jobs of a coordinator, or one job's steps and shards.
+    Status {
+        job: Option<String>,
+        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job: no shard stays leased, no task keeps running.
+    Cancel {
+        job: String,
+        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        coordinator: String,
     },
     /// Label a job's failure scenarios: `defuse label runs/x 3=8 5=discard`, or --file.
     Label {
@@ -188,7 +250,24 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
     match cmd {
-        Command::Run { config, out } => run::run(&config, out),
+        Command::Run { config, out, workers } => run::run(&config, out, workers),
+        Command::Coordinator { listen, redis, artifacts, work_dir, lease_ms, heartbeat_ms, max_attempts } => {
+            cluster::coordinator(cluster::CoordinatorArgs { listen, redis, artifacts, work_dir, lease_ms, heartbeat_ms, max_attempts })
+                .map(|()| None)
+        }
+        Command::Worker { coordinator, device, cache_dir, threads, protocol_version } => {
+            let mut w = defuse_worker::WorkerConfig::new(coordinator);
+            w.device = device;
+            w.cache_dir = cache_dir;
+            w.threads = threads;
+            if let Some(v) = protocol_version {
+                w.protocol_version = v;
+            }
+            cluster::worker(w).map(|()| None)
+        }
+        Command::Submit { config, coordinator, job_id } => cluster::submit(&coordinator, &config, job_id).map(|()| None),
+        Command::Status { job, coordinator, json } => cluster::status(&coordinator, job, json).map(|()| None),
+        Command::Cancel { job, coordinator } => cluster::cancel(&coordinator, job).map(|()| None),
         Command::Label { job, file, pairs } => {
             run::label(&job, file.as_deref(), &pairs).map(|()| None)
         }

@@ -9,14 +9,30 @@ use defuse_core::scenarios::{self, Scenario};
 /// Exit code of a run that stopped to wait for labels.
 pub const EXIT_AWAITING_LABELS: u8 = 3;
 
-pub fn run(config: &Path, out: Option<PathBuf>) -> anyhow::Result<Option<u8>> {
+pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Result<Option<u8>> {
     let mut cfg = JobConfig::load(config)?;
     if out.is_some() {
         cfg.out = out;
     }
+    if !cfg.data.path.is_dir() {
+        return Err(defuse_core::Error::invalid(
+            "data.path",
+            format!("{}: {} is not a folder", config.display(), cfg.data.path.display()),
+        )
+        .into());
+    }
     let out_dir = cfg.out_dir();
     let started = std::time::Instant::now();
-    match pipeline::run(&cfg)? {
+    let outcome = match crate::cluster::embedded(&cfg, workers)? {
+        crate::cluster::Embedded::Done => {
+            RunOutcome::Finished(Box::new(pipeline::read_json(&out_dir.join("report/summary.json"))?))
+        }
+        crate::cluster::Embedded::AwaitingLabels => {
+            let scenarios: Vec<Scenario> = pipeline::read_json(&out_dir.join("distill/scenarios.json"))?;
+            RunOutcome::AwaitingLabels { scenarios: scenarios.len() }
+        }
+    };
+    match outcome {
         RunOutcome::Finished(s) => {
             println!(
                 "defuse run: {} finished in {:.0} s",

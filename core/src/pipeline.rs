@@ -369,6 +369,9 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     let (failures, istats) = Failures::read(&p.job.out.join("identify/failures.safetensors"))?;
     let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
     let job = &mut p.job;
+    if !job.timings.iter().any(|(s, _)| s == "identify") {
+        job.reuse("identify");
+    }
     tracing::info!(searched = istats.n_searched, failures = failures.len(), images_with_failure = istats.n_images_with_failure, "identify");
 
     // distill

@@ -1,0 +1,200 @@
+//! The distributed commands: `coordinator`, `worker`, `submit`, `status`, `cancel`,
+//! and the embedded `run` (a coordinator and its workers in this process, over
+//! loopback gRPC, with the in-memory state store and a local artifact folder).
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use defuse_coordinator::store::{memory::MemoryStore, redis::RedisStore, StateStore};
+use defuse_coordinator::{Coordinator, CoordinatorConfig};
+use defuse_core::artifacts::{self, ArtifactStore, LocalStore, S3Store};
+use defuse_core::pipeline::JobConfig;
+use defuse_proto::job_service_client::JobServiceClient;
+use defuse_proto::*;
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+pub async fn open_artifacts(url: &str) -> anyhow::Result<Arc<dyn ArtifactStore>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let s = S3Store::from_env(bucket, prefix).await;
+        s.ensure_bucket().await.with_context(|| format!("S3 bucket of {url} (AWS_ENDPOINT_URL={:?})", std::env::var("AWS_ENDPOINT_URL").ok()))?;
+        return Ok(Arc::new(s));
+    }
+    Ok(artifacts::open(url).await?)
+}
+
+pub struct CoordinatorArgs {
+    pub listen: String,
+    pub redis: Option<String>,
+    pub artifacts: Option<String>,
+    pub work_dir: PathBuf,
+    pub lease_ms: u64,
+    pub heartbeat_ms: u64,
+    pub max_attempts: u32,
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let store: Arc<dyn StateStore> = match &a.redis {
+            Some(url) => Arc::new(RedisStore::connect(url).await?),
+            None => {
+                tracing::warn!("no --redis (or REDIS_URL): job state lives in memory and dies with this process");
+                Arc::new(MemoryStore::new())
+            }
+        };
+        let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
+        let artifacts = open_artifacts(&url).await?;
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), ..Default::default() };
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
+        println!("coordinator listening on {}", listener.local_addr()?);
+        defuse_coordinator::serve(Coordinator::new(cfg, store, artifacts), listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn worker(cfg: defuse_worker::WorkerConfig) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        defuse_worker::run(cfg, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn client(url: &str) -> anyhow::Result<JobServiceClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url} (set --coordinator or DEFUSE_COORDINATOR)"))?;
+    Ok(JobServiceClient::new(ch))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    let e = anyhow::anyhow!("coordinator: {}", s.message());
+    if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists) {
+        e.context(defuse_core::Error::invalid("request", s.message().to_string()))
+    } else {
+        e
+    }
+}
+
+pub fn submit(url: &str, config: &Path, job_id: Option<String>) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
+    // check here first: a bad config never reaches the coordinator
+    let mut cfg = JobConfig::load(config)?;
+    cfg.out = None;
+    runtime()?.block_on(async {
+        let mut c = client(url).await?;
+        let r = c.submit(SubmitRequest { config_toml: text, job_id: job_id.unwrap_or_default() }).await.map_err(status_err)?;
+        println!("{}", r.into_inner().job_id);
+        Ok(())
+    })
+}
+
+pub fn status(url: &str, job: Option<String>, json: bool) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let mut c = client(url).await?;
+        let jobs = match job {
+            Some(id) => vec![c.status(StatusRequest { job_id: id }).await.map_err(status_err)?.into_inner()],
+            None => c.list(ListRequest {}).await.map_err(status_err)?.into_inner().jobs,
+        };
+        if json {
+            let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        println!("{:<32} {:<16} {:<9} {:>12}  error", "job", "state", "step", "shards");
+        for j in &jobs {
+            let id = j.steps.iter().find(|s| s.step == "identify");
+            let shards = id.map(|s| format!("{}/{}", s.shards_done, s.shards_total)).unwrap_or_default();
+            println!("{:<32} {:<16} {:<9} {:>12}  {}", j.job_id, j.state, j.step, shards, j.error);
+        }
+        Ok(())
+    })
+}
+
+fn status_json(j: &JobStatus) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": j.job_id, "name": j.name, "state": j.state, "step": j.step, "error": j.error,
+        "steps": j.steps.iter().map(|s| serde_json::json!({
+            "step": s.step, "state": s.state, "shards_total": s.shards_total, "shards_pending": s.shards_pending,
+            "shards_leased": s.shards_leased, "shards_done": s.shards_done, "shards_failed": s.shards_failed,
+        })).collect::<Vec<_>>(),
+        "summary": serde_json::from_str::<serde_json::Value>(&j.summary_json).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+pub fn cancel(url: &str, job: String) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let mut c = client(url).await?;
+        let r = c.cancel(CancelRequest { job_id: job.clone() }).await.map_err(status_err)?;
+        println!("{job}: {}", r.into_inner().state);
+        Ok(())
+    })
+}
+
+/// The embedded mode: the same coordinator and workers, in this process.
+pub enum Embedded {
+    Done,
+    AwaitingLabels,
+}
+
+pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
+    let out = cfg.out_dir();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let toml_text = toml::to_string(cfg)?;
+    let job_id = cfg.name.clone().unwrap_or_else(|| "job".into()).chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect::<String>();
+    runtime()?.block_on(async move {
+        let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(out.join("artifacts")));
+        let ccfg = CoordinatorConfig { use_job_out: true, work_dir: out.clone(), tick_ms: 200, ..Default::default() };
+        let coord = Coordinator::new(ccfg, store.clone(), artifacts);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let server = tokio::spawn(defuse_coordinator::serve(coord.clone(), listener, wait(stop_rx.clone())));
+        let mut handles = Vec::new();
+        for i in 0..workers.max(1) {
+            let mut w = defuse_worker::WorkerConfig::new(url.clone());
+            w.device = cfg.device.clone();
+            w.cache_dir = out.join(format!("worker-{i}"));
+            handles.push(tokio::spawn(defuse_worker::run(w, wait(stop_rx.clone()))));
+        }
+        let id = coord.submit(&toml_text, Some(job_id.clone())).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let outcome = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let rec = store.get_job(&id).await?.context("job vanished")?;
+            match rec.state.as_str() {
+                "done" => break Ok(Embedded::Done),
+                "awaiting_labels" => break Ok(Embedded::AwaitingLabels),
+                "failed" => break Err(anyhow::anyhow!("job failed: {}", rec.error)),
+                "cancelled" => bail!("job cancelled"),
+                _ => {}
+            }
+        };
+        let _ = stop_tx.send(true);
+        for h in handles {
+            let _ = h.await;
+        }
+        let _ = server.await;
+        outcome
+    })
+}
+
