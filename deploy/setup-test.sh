@@ -13,3 +13,19 @@ if [ ! -f "$pyenv/.complete" ]; then
     "numpy<3" "scipy" "scikit-learn==1.5.2"
   touch "$pyenv/.complete"
 fi
+
+# Redis (Debian's package; tests start private servers on free ports)
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing redis-server"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }
+  else sudo apt-get install -y -q redis-server >/dev/null; fi
+  # the package starts a system server on 6379; tests never use it
+  (service redis-server stop || systemctl stop redis-server) >/dev/null 2>&1 || true
+fi
+
+# S3-compatible server for tests: s3s-fs 0.14.1 (later versions need a newer Rust)
+bin=$cache/bin
+if [ ! -x "$bin/bin/s3s-fs" ]; then
+  log "building s3s-fs 0.14.1 (one time, a few minutes)"
+  cargo install --quiet --root "$bin" s3s-fs@0.14.1 --features binary --locked
+fi

@@ -127,7 +127,8 @@ pub enum LabelMode {
 impl JobConfig {
     /// Reads and validates a job file; unknown fields and bad values are errors.
     pub fn load(path: &Path) -> Result<JobConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::invalid("config", format!("cannot read {}: {e}", path.display())))?;
         let mut c: JobConfig =
             toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         if c.name.is_none() {
