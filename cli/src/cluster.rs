@@ -14,12 +14,15 @@ use defuse_proto::job_service_client::JobServiceClient;
 use defuse_proto::*;
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -31,7 +34,12 @@ pub async fn open_artifacts(url: &str) -> anyhow::Result<Arc<dyn ArtifactStore>>
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let s = S3Store::from_env(bucket, prefix).await;
-        s.ensure_bucket().await.with_context(|| format!("S3 bucket of {url} (AWS_ENDPOINT_URL={:?})", std::env::var("AWS_ENDPOINT_URL").ok()))?;
+        s.ensure_bucket().await.with_context(|| {
+            format!(
+                "S3 bucket of {url} (AWS_ENDPOINT_URL={:?})",
+                std::env::var("AWS_ENDPOINT_URL").ok()
+            )
+        })?;
         return Ok(Arc::new(s));
     }
     Ok(artifacts::open(url).await?)
@@ -79,27 +87,44 @@ async fn client(url: &str) -> anyhow::Result<JobServiceClient<tonic::transport::
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the coordinator at {url} (set --coordinator or DEFUSE_COORDINATOR)"))?;
+        .with_context(|| {
+            format!(
+                "cannot reach the coordinator at {url} (set --coordinator or DEFUSE_COORDINATOR)"
+            )
+        })?;
     Ok(JobServiceClient::new(ch))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
     let e = anyhow::anyhow!("coordinator: {}", s.message());
-    if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists) {
-        e.context(defuse_core::Error::invalid("request", s.message().to_string()))
+    if matches!(
+        s.code(),
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
+    ) {
+        e.context(defuse_core::Error::invalid(
+            "request",
+            s.message().to_string(),
+        ))
     } else {
         e
     }
 }
 
 pub fn submit(url: &str, config: &Path, job_id: Option<String>) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
     // check here first: a bad config never reaches the coordinator
     let mut cfg = JobConfig::load(config)?;
     cfg.out = None;
     runtime()?.block_on(async {
         let mut c = client(url).await?;
-        let r = c.submit(SubmitRequest { config_toml: text, job_id: job_id.unwrap_or_default() }).await.map_err(status_err)?;
+        let r = c
+            .submit(SubmitRequest {
+                config_toml: text,
+                job_id: job_id.unwrap_or_default(),
+            })
+            .await
+            .map_err(status_err)?;
         println!("{}", r.into_inner().job_id);
         Ok(())
     })
@@ -109,19 +134,37 @@ pub fn status(url: &str, job: Option<String>, json: bool) -> anyhow::Result<()> 
     runtime()?.block_on(async {
         let mut c = client(url).await?;
         let jobs = match job {
-            Some(id) => vec![c.status(StatusRequest { job_id: id }).await.map_err(status_err)?.into_inner()],
-            None => c.list(ListRequest {}).await.map_err(status_err)?.into_inner().jobs,
+            Some(id) => vec![c
+                .status(StatusRequest { job_id: id })
+                .await
+                .map_err(status_err)?
+                .into_inner()],
+            None => {
+                c.list(ListRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner()
+                    .jobs
+            }
         };
         if json {
             let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
             return Ok(());
         }
-        println!("{:<32} {:<16} {:<9} {:>12}  error", "job", "state", "step", "shards");
+        println!(
+            "{:<32} {:<16} {:<9} {:>12}  error",
+            "job", "state", "step", "shards"
+        );
         for j in &jobs {
             let id = j.steps.iter().find(|s| s.step == "identify");
-            let shards = id.map(|s| format!("{}/{}", s.shards_done, s.shards_total)).unwrap_or_default();
-            println!("{:<32} {:<16} {:<9} {:>12}  {}", j.job_id, j.state, j.step, shards, j.error);
+            let shards = id
+                .map(|s| format!("{}/{}", s.shards_done, s.shards_total))
+                .unwrap_or_default();
+            println!(
+                "{:<32} {:<16} {:<9} {:>12}  {}",
+                j.job_id, j.state, j.step, shards, j.error
+            );
         }
         Ok(())
     })
@@ -141,7 +184,12 @@ fn status_json(j: &JobStatus) -> serde_json::Value {
 pub fn cancel(url: &str, job: String) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let mut c = client(url).await?;
-        let r = c.cancel(CancelRequest { job_id: job.clone() }).await.map_err(status_err)?;
+        let r = c
+            .cancel(CancelRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .map_err(status_err)?;
         println!("{job}: {}", r.into_inner().state);
         Ok(())
     })
@@ -157,11 +205,28 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
     let out = cfg.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let toml_text = toml::to_string(cfg)?;
-    let job_id = cfg.name.clone().unwrap_or_else(|| "job".into()).chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect::<String>();
+    let job_id = cfg
+        .name
+        .clone()
+        .unwrap_or_else(|| "job".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>();
     runtime()?.block_on(async move {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
         let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(out.join("artifacts")));
-        let ccfg = CoordinatorConfig { use_job_out: true, work_dir: out.clone(), tick_ms: 200, ..Default::default() };
+        let ccfg = CoordinatorConfig {
+            use_job_out: true,
+            work_dir: out.clone(),
+            tick_ms: 200,
+            ..Default::default()
+        };
         let coord = Coordinator::new(ccfg, store.clone(), artifacts);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -169,7 +234,11 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
         };
-        let server = tokio::spawn(defuse_coordinator::serve(coord.clone(), listener, wait(stop_rx.clone())));
+        let server = tokio::spawn(defuse_coordinator::serve(
+            coord.clone(),
+            listener,
+            wait(stop_rx.clone()),
+        ));
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
             let mut w = defuse_worker::WorkerConfig::new(url.clone());
@@ -177,7 +246,10 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
             w.cache_dir = out.join(format!("worker-{i}"));
             handles.push(tokio::spawn(defuse_worker::run(w, wait(stop_rx.clone()))));
         }
-        let id = coord.submit(&toml_text, Some(job_id.clone())).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let id = coord
+            .submit(&toml_text, Some(job_id.clone()))
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         let outcome = loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let rec = store.get_job(&id).await?.context("job vanished")?;
@@ -197,4 +269,3 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         outcome
     })
 }
-

@@ -62,7 +62,11 @@ enum Command {
     },
     /// Run a worker: lease tasks from a coordinator and run them on a device.
     Worker {
-        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "DEFUSE_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
         coordinator: String,
         /// cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
@@ -79,7 +83,11 @@ enum Command {
     /// Submit a job to a coordinator; prints its id.
     Submit {
         config: PathBuf,
-        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "DEFUSE_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
         coordinator: String,
         #[arg(long)]
         job_id: Option<String>,
@@ -87,7 +95,11 @@ enum Command {
     /// Jobs of a coordinator, or one job's steps and shards.
     Status {
         job: Option<String>,
-        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "DEFUSE_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
         coordinator: String,
         #[arg(long)]
         json: bool,
@@ -95,7 +107,11 @@ enum Command {
     /// Cancel a job: no shard stays leased, no task keeps running.
     Cancel {
         job: String,
-        #[arg(long, env = "DEFUSE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "DEFUSE_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
         coordinator: String,
     },
     /// Label a job's failure scenarios: `defuse label runs/x 3=8 5=discard`, or --file.
@@ -250,12 +266,36 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
     match cmd {
-        Command::Run { config, out, workers } => run::run(&config, out, workers),
-        Command::Coordinator { listen, redis, artifacts, work_dir, lease_ms, heartbeat_ms, max_attempts } => {
-            cluster::coordinator(cluster::CoordinatorArgs { listen, redis, artifacts, work_dir, lease_ms, heartbeat_ms, max_attempts })
-                .map(|()| None)
-        }
-        Command::Worker { coordinator, device, cache_dir, threads, protocol_version } => {
+        Command::Run {
+            config,
+            out,
+            workers,
+        } => run::run(&config, out, workers),
+        Command::Coordinator {
+            listen,
+            redis,
+            artifacts,
+            work_dir,
+            lease_ms,
+            heartbeat_ms,
+            max_attempts,
+        } => cluster::coordinator(cluster::CoordinatorArgs {
+            listen,
+            redis,
+            artifacts,
+            work_dir,
+            lease_ms,
+            heartbeat_ms,
+            max_attempts,
+        })
+        .map(|()| None),
+        Command::Worker {
+            coordinator,
+            device,
+            cache_dir,
+            threads,
+            protocol_version,
+        } => {
             let mut w = defuse_worker::WorkerConfig::new(coordinator);
             w.device = device;
             w.cache_dir = cache_dir;
@@ -265,8 +305,16 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             }
             cluster::worker(w).map(|()| None)
         }
-        Command::Submit { config, coordinator, job_id } => cluster::submit(&coordinator, &config, job_id).map(|()| None),
-        Command::Status { job, coordinator, json } => cluster::status(&coordinator, job, json).map(|()| None),
+        Command::Submit {
+            config,
+            coordinator,
+            job_id,
+        } => cluster::submit(&coordinator, &config, job_id).map(|()| None),
+        Command::Status {
+            job,
+            coordinator,
+            json,
+        } => cluster::status(&coordinator, job, json).map(|()| None),
         Command::Cancel { job, coordinator } => cluster::cancel(&coordinator, job).map(|()| None),
         Command::Label { job, file, pairs } => {
             run::label(&job, file.as_deref(), &pairs).map(|()| None)

@@ -17,19 +17,26 @@ pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Resul
     if !cfg.data.path.is_dir() {
         return Err(defuse_core::Error::invalid(
             "data.path",
-            format!("{}: {} is not a folder", config.display(), cfg.data.path.display()),
+            format!(
+                "{}: {} is not a folder",
+                config.display(),
+                cfg.data.path.display()
+            ),
         )
         .into());
     }
     let out_dir = cfg.out_dir();
     let started = std::time::Instant::now();
     let outcome = match crate::cluster::embedded(&cfg, workers)? {
-        crate::cluster::Embedded::Done => {
-            RunOutcome::Finished(Box::new(pipeline::read_json(&out_dir.join("report/summary.json"))?))
-        }
+        crate::cluster::Embedded::Done => RunOutcome::Finished(Box::new(pipeline::read_json(
+            &out_dir.join("report/summary.json"),
+        )?)),
         crate::cluster::Embedded::AwaitingLabels => {
-            let scenarios: Vec<Scenario> = pipeline::read_json(&out_dir.join("distill/scenarios.json"))?;
-            RunOutcome::AwaitingLabels { scenarios: scenarios.len() }
+            let scenarios: Vec<Scenario> =
+                pipeline::read_json(&out_dir.join("distill/scenarios.json"))?;
+            RunOutcome::AwaitingLabels {
+                scenarios: scenarios.len(),
+            }
         }
     };
     match outcome {

@@ -152,7 +152,11 @@ fn small_run_is_complete_deterministic_and_resumable() {
         .unwrap();
     assert!(r.status.success());
     let log = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(reused(&log), ["correct", "distill", "identify", "label", "models"], "{log}");
+    assert_eq!(
+        reused(&log),
+        ["correct", "distill", "identify", "label", "models"],
+        "{log}"
+    );
     assert_eq!(s, summary(&a));
 
     // a change in [correct] redoes only correct and report
@@ -165,7 +169,11 @@ fn small_run_is_complete_deterministic_and_resumable() {
         .unwrap();
     assert!(r.status.success());
     let log = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(reused(&log), ["distill", "identify", "label", "models"], "{log}");
+    assert_eq!(
+        reused(&log),
+        ["distill", "identify", "label", "models"],
+        "{log}"
+    );
     assert_eq!(summary(&a)["n_failures"], s["n_failures"]);
 }
 

@@ -69,25 +69,36 @@ async fn step_job(c: &Coordinator, rec: &JobRecord) -> Result<(), StoreError> {
     let store = &c.inner.store;
     match (rec.state, rec.step.as_str()) {
         (JobState::Queued, _) => {
-            store.set_job_state(&rec.id, JobState::Running, "models", "", now_ms()).await?;
+            store
+                .set_job_state(&rec.id, JobState::Running, "models", "", now_ms())
+                .await?;
             spawn_central(c, rec, Central::Prepare);
         }
         (JobState::Running, "models") => spawn_central(c, rec, Central::Prepare),
         (JobState::Running, "identify") => {
-            for e in store.reap(&rec.id, now_ms(), c.inner.cfg.max_attempts).await? {
+            for e in store
+                .reap(&rec.id, now_ms(), c.inner.cfg.max_attempts)
+                .await?
+            {
                 tracing::warn!(job = %rec.id, shard = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
             }
             let n = store.counts(&rec.id).await?;
             if n.total > 0 && n.done == n.total {
-                store.set_job_state(&rec.id, JobState::Running, "finish", "", now_ms()).await?;
+                store
+                    .set_job_state(&rec.id, JobState::Running, "finish", "", now_ms())
+                    .await?;
                 spawn_central(c, rec, Central::Finish);
             }
         }
         (JobState::Running, "finish") => spawn_central(c, rec, Central::Finish),
         (JobState::AwaitingLabels, _) => {
-            let Ok(cfg) = toml::from_str::<JobConfig>(&rec.config_toml) else { return Ok(()) };
+            let Ok(cfg) = toml::from_str::<JobConfig>(&rec.config_toml) else {
+                return Ok(());
+            };
             if c.job_dir(rec, &cfg).join("labels.json").exists() {
-                store.set_job_state(&rec.id, JobState::Running, "finish", "", now_ms()).await?;
+                store
+                    .set_job_state(&rec.id, JobState::Running, "finish", "", now_ms())
+                    .await?;
                 spawn_central(c, rec, Central::Finish);
             }
         }
@@ -119,15 +130,33 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
         let store = &c.inner.store;
         let result = match r {
             Ok(Next::Identify(n)) => match store.plan_shards(&id, n, now).await {
-                Ok(()) => store.set_job_state(&id, JobState::Running, "identify", "", now).await,
+                Ok(()) => {
+                    store
+                        .set_job_state(&id, JobState::Running, "identify", "", now)
+                        .await
+                }
                 Err(e) => Err(e),
             },
-            Ok(Next::Finish) => store.set_job_state(&id, JobState::Running, "finish", "", now).await,
-            Ok(Next::Done) => store.set_job_state(&id, JobState::Done, "finish", "", now).await,
-            Ok(Next::AwaitLabels) => store.set_job_state(&id, JobState::AwaitingLabels, "finish", "", now).await,
+            Ok(Next::Finish) => {
+                store
+                    .set_job_state(&id, JobState::Running, "finish", "", now)
+                    .await
+            }
+            Ok(Next::Done) => {
+                store
+                    .set_job_state(&id, JobState::Done, "finish", "", now)
+                    .await
+            }
+            Ok(Next::AwaitLabels) => {
+                store
+                    .set_job_state(&id, JobState::AwaitingLabels, "finish", "", now)
+                    .await
+            }
             Err(msg) => {
                 tracing::error!(job = %id, step = ?what, error = %msg, "central step failed");
-                store.set_job_state(&id, JobState::Failed, &rec.step, &msg, now).await
+                store
+                    .set_job_state(&id, JobState::Failed, &rec.step, &msg, now)
+                    .await
             }
         };
         if let Err(e) = result {
@@ -146,7 +175,8 @@ enum Next {
 }
 
 fn job_config(c: &Coordinator, rec: &JobRecord) -> Result<JobConfig, String> {
-    let mut cfg: JobConfig = toml::from_str(&rec.config_toml).map_err(|e| format!("job config: {e}"))?;
+    let mut cfg: JobConfig =
+        toml::from_str(&rec.config_toml).map_err(|e| format!("job config: {e}"))?;
     cfg.out = Some(c.job_dir(rec, &cfg));
     Ok(cfg)
 }
@@ -167,7 +197,12 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
     let a = &c.inner.artifacts;
     let upload = |path: std::path::PathBuf, name: &'static str| {
         let key = format!("jobs/{}/models/{}", rec.id, name_with_ext(&path, name));
-        async move { a.put_file(&key, &path).await.map(|()| key).map_err(|e| e.to_string()) }
+        async move {
+            a.put_file(&key, &path)
+                .await
+                .map(|()| key)
+                .map_err(|e| e.to_string())
+        }
     };
     let (clf, vae, dec) = files;
     let plan = Plan {
@@ -177,12 +212,21 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
             Some(d) => upload(d, "vae_decoder").await?,
             None => String::new(),
         },
-        ranges: ranges.iter().map(|r| (r.start as u64, r.end as u64)).collect(),
+        ranges: ranges
+            .iter()
+            .map(|r| (r.start as u64, r.end as u64))
+            .collect(),
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plan serialises");
-    a.put(&format!("jobs/{}/plan.json", rec.id), json.into()).await.map_err(|e| e.to_string())?;
+    a.put(&format!("jobs/{}/plan.json", rec.id), json.into())
+        .await
+        .map_err(|e| e.to_string())?;
     let n = plan.ranges.len() as u32;
-    c.inner.plans.lock().unwrap().insert(rec.id.clone(), Arc::new(plan));
+    c.inner
+        .plans
+        .lock()
+        .unwrap()
+        .insert(rec.id.clone(), Arc::new(plan));
     tracing::info!(job = %rec.id, shards = n, "identify planned");
     if n == 0 {
         return Err("identify has no images to search (empty split or limit)".into());
@@ -203,14 +247,26 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
     let cfg = job_config(c, rec)?;
     let dir = c.job_dir(rec, &cfg);
     // the accepted outputs, in shard order (a job that resumed from its folder has none)
-    let shards = c.inner.store.shards(&rec.id).await.map_err(|e| e.to_string())?;
+    let shards = c
+        .inner
+        .store
+        .shards(&rec.id)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut local = Vec::new();
     for s in &shards {
         if s.state != "done" {
             return Err(format!("shard {} is {} at finish", s.shard, s.state));
         }
-        let path = dir.join(format!("identify/accepted/shard-{:05}.safetensors", s.shard));
-        c.inner.artifacts.get_file(&s.output, &path).await.map_err(|e| format!("shard {} output: {e}", s.shard))?;
+        let path = dir.join(format!(
+            "identify/accepted/shard-{:05}.safetensors",
+            s.shard
+        ));
+        c.inner
+            .artifacts
+            .get_file(&s.output, &path)
+            .await
+            .map_err(|e| format!("shard {} output: {e}", s.shard))?;
         local.push(path);
     }
     let id = rec.id.clone();
@@ -237,7 +293,8 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
                 parts.push(f);
             }
             let failures = Failures::concat(parts, p.vae.latent());
-            p.record_identify(&failures, &total, started).map_err(|e| e.to_string())?;
+            p.record_identify(&failures, &total, started)
+                .map_err(|e| e.to_string())?;
         }
         pipeline::finish(&mut p).map_err(|e| e.to_string())
     })
@@ -250,12 +307,26 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         }
         RunOutcome::Finished(s) => {
             let a = &c.inner.artifacts;
-            for (key, file) in [("report/summary.json", "report/summary.json"), ("report/index.html", "report/index.html")] {
-                a.put_file(&format!("jobs/{id}/{key}"), &dir.join(file)).await.map_err(|e| e.to_string())?;
+            for (key, file) in [
+                ("report/summary.json", "report/summary.json"),
+                ("report/index.html", "report/index.html"),
+            ] {
+                a.put_file(&format!("jobs/{id}/{key}"), &dir.join(file))
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
-            a.put_file(&format!("jobs/{id}/model/{}", s.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()), &s.model)
-                .await
-                .map_err(|e| e.to_string())?;
+            a.put_file(
+                &format!(
+                    "jobs/{id}/model/{}",
+                    s.model
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+                &s.model,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             tracing::info!(job = %id, failures = s.n_failures, scenarios = s.n_scenarios, "job done");
             Ok(Next::Done)
         }

@@ -33,7 +33,14 @@ pub struct CoordinatorConfig {
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
-        CoordinatorConfig { lease_ms: 15_000, heartbeat_ms: 2_000, max_attempts: 3, tick_ms: 500, work_dir: PathBuf::from("coordinator-work"), use_job_out: false }
+        CoordinatorConfig {
+            lease_ms: 15_000,
+            heartbeat_ms: 2_000,
+            max_attempts: 3,
+            tick_ms: 500,
+            work_dir: PathBuf::from("coordinator-work"),
+            use_job_out: false,
+        }
     }
 }
 
@@ -65,7 +72,11 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(cfg: CoordinatorConfig, store: Arc<dyn StateStore>, artifacts: Arc<dyn ArtifactStore>) -> Self {
+    pub fn new(
+        cfg: CoordinatorConfig,
+        store: Arc<dyn StateStore>,
+        artifacts: Arc<dyn ArtifactStore>,
+    ) -> Self {
         Coordinator {
             inner: Arc::new(Inner {
                 cfg,
@@ -87,13 +98,18 @@ impl Coordinator {
     }
 
     /// Validates and records a job; nothing runs before the driver picks it up.
-    pub async fn submit(&self, config_toml: &str, job_id: Option<String>) -> Result<String, Status> {
+    pub async fn submit(
+        &self,
+        config_toml: &str,
+        job_id: Option<String>,
+    ) -> Result<String, Status> {
         if config_toml.len() > MAX_MESSAGE_BYTES {
             return Err(Status::invalid_argument("config larger than 4 MiB"));
         }
-        let mut cfg: JobConfig =
-            toml::from_str(config_toml).map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
-        cfg.validate().map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
+        let mut cfg: JobConfig = toml::from_str(config_toml)
+            .map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
         if !cfg.data.path.is_dir() {
             return Err(Status::invalid_argument(format!(
                 "job config: data.path {} is not a folder on the coordinator",
@@ -103,8 +119,17 @@ impl Coordinator {
         let name = cfg.name.clone().unwrap_or_else(|| "job".into());
         let id = match job_id.filter(|s| !s.is_empty()) {
             Some(id) if valid_id(&id) => id,
-            Some(id) => return Err(Status::invalid_argument(format!("job id '{id}': use letters, digits, '-' and '_' only"))),
-            None => format!("{}-{:x}{:04x}", sanitize(&name), now_ms(), rand::random::<u16>()),
+            Some(id) => {
+                return Err(Status::invalid_argument(format!(
+                    "job id '{id}': use letters, digits, '-' and '_' only"
+                )))
+            }
+            None => format!(
+                "{}-{:x}{:04x}",
+                sanitize(&name),
+                now_ms(),
+                rand::random::<u16>()
+            ),
         };
         cfg.name = Some(name.clone());
         let now = now_ms();
@@ -119,7 +144,11 @@ impl Coordinator {
             created_ms: now,
             updated_ms: now,
         };
-        self.inner.store.create_job(&rec).await.map_err(store_status)?;
+        self.inner
+            .store
+            .create_job(&rec)
+            .await
+            .map_err(store_status)?;
         self.inner.known.lock().unwrap().insert(id.clone());
         tracing::info!(job = %id, "job submitted");
         Ok(id)
@@ -137,10 +166,20 @@ impl Coordinator {
         if let Some(p) = self.inner.plans.lock().unwrap().get(job) {
             return Ok(p.clone());
         }
-        let bytes = self.inner.artifacts.get(&format!("jobs/{job}/plan.json")).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let plan: Plan = serde_json::from_slice(&bytes).map_err(|e| Status::internal(format!("plan of job {job}: {e}")))?;
+        let bytes = self
+            .inner
+            .artifacts
+            .get(&format!("jobs/{job}/plan.json"))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let plan: Plan = serde_json::from_slice(&bytes)
+            .map_err(|e| Status::internal(format!("plan of job {job}: {e}")))?;
         let plan = Arc::new(plan);
-        self.inner.plans.lock().unwrap().insert(job.into(), plan.clone());
+        self.inner
+            .plans
+            .lock()
+            .unwrap()
+            .insert(job.into(), plan.clone());
         Ok(plan)
     }
 
@@ -162,7 +201,11 @@ impl Coordinator {
                     _ => "running",
                 }
             };
-            let mut p = StepProgress { step: step.to_string(), state: state.into(), ..Default::default() };
+            let mut p = StepProgress {
+                step: step.to_string(),
+                state: state.into(),
+                ..Default::default()
+            };
             if *step == "identify" {
                 if let Ok(c) = self.inner.store.counts(&rec.id).await {
                     p.shards_total = c.total as u64;
@@ -199,12 +242,29 @@ impl Coordinator {
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn sanitize(s: &str) -> String {
-    let v: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).take(48).collect();
-    if v.is_empty() { "job".into() } else { v }
+    let v: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    if v.is_empty() {
+        "job".into()
+    } else {
+        v
+    }
 }
 
 pub(crate) fn store_status(e: StoreError) -> Status {
@@ -217,7 +277,10 @@ pub(crate) fn store_status(e: StoreError) -> Status {
 
 #[tonic::async_trait]
 impl WorkerService for Coordinator {
-    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let r = req.into_inner();
         if r.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(worker = %r.worker_id, version = r.protocol_version, "worker refused: protocol version");
@@ -227,33 +290,67 @@ impl WorkerService for Coordinator {
             )));
         }
         if !valid_id(&r.worker_id.replace('.', "-")) {
-            return Err(Status::invalid_argument("worker_id: letters, digits, '.', '-' and '_' only"));
+            return Err(Status::invalid_argument(
+                "worker_id: letters, digits, '.', '-' and '_' only",
+            ));
         }
         let info = serde_json::json!({"host": r.host, "device": r.device, "memory_bytes": r.memory_bytes, "threads": r.threads});
-        self.inner.store.register_worker(&r.worker_id, &info.to_string(), now_ms()).await.map_err(store_status)?;
+        self.inner
+            .store
+            .register_worker(&r.worker_id, &info.to_string(), now_ms())
+            .await
+            .map_err(store_status)?;
         tracing::info!(worker = %r.worker_id, device = %r.device, "worker registered");
-        Ok(Response::new(RegisterResponse { heartbeat_ms: self.inner.cfg.heartbeat_ms, lease_ms: self.inner.cfg.lease_ms, artifacts_url: self.inner.artifacts.url() }))
+        Ok(Response::new(RegisterResponse {
+            heartbeat_ms: self.inner.cfg.heartbeat_ms,
+            lease_ms: self.inner.cfg.lease_ms,
+            artifacts_url: self.inner.artifacts.url(),
+        }))
     }
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
         let worker = req.into_inner().worker_id;
         let now = now_ms();
-        if !self.inner.store.touch_worker(&worker, now).await.map_err(store_status)? {
-            return Err(Status::failed_precondition(format!("unknown worker {worker}: register first")));
+        if !self
+            .inner
+            .store
+            .touch_worker(&worker, now)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "unknown worker {worker}: register first"
+            )));
         }
         let jobs = self.inner.store.list_jobs().await.map_err(store_status)?;
-        for rec in jobs.iter().filter(|j| j.state == JobState::Running && j.step == "identify") {
-            let lease = match self.inner.store.lease(&rec.id, &worker, now, self.inner.cfg.lease_ms).await {
+        for rec in jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running && j.step == "identify")
+        {
+            let lease = match self
+                .inner
+                .store
+                .lease(&rec.id, &worker, now, self.inner.cfg.lease_ms)
+                .await
+            {
                 Ok(Some(l)) => l,
                 Ok(None) => continue,
                 Err(e) => return Err(store_status(e)),
             };
             let plan = self.plan(&rec.id).await?;
-            let (start, end) = *plan.ranges.get(lease.shard as usize).ok_or_else(|| Status::internal("shard outside the plan"))?;
+            let (start, end) = *plan
+                .ranges
+                .get(lease.shard as usize)
+                .ok_or_else(|| Status::internal("shard outside the plan"))?;
             tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
             return Ok(Response::new(LeaseResponse {
                 task: Some(Task {
-                    task: Some(TaskRef { job: rec.id.clone(), step: "identify".into(), shard: lease.shard, attempt: lease.attempt }),
+                    task: Some(TaskRef {
+                        job: rec.id.clone(),
+                        step: "identify".into(),
+                        shard: lease.shard,
+                        attempt: lease.attempt,
+                    }),
                     config_toml: rec.config_toml.clone(),
                     start,
                     end,
@@ -265,35 +362,78 @@ impl WorkerService for Coordinator {
                 retry_after_ms: 0,
             }));
         }
-        Ok(Response::new(LeaseResponse { task: None, retry_after_ms: 300 }))
+        Ok(Response::new(LeaseResponse {
+            task: None,
+            retry_after_ms: 300,
+        }))
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let now = now_ms();
-        if !self.inner.store.touch_worker(&r.worker_id, now).await.map_err(store_status)? {
-            return Ok(Response::new(HeartbeatResponse { verdicts: vec![], reregister: true }));
+        if !self
+            .inner
+            .store
+            .touch_worker(&r.worker_id, now)
+            .await
+            .map_err(store_status)?
+        {
+            return Ok(Response::new(HeartbeatResponse {
+                verdicts: vec![],
+                reregister: true,
+            }));
         }
         let mut verdicts = Vec::new();
         for t in &r.running {
-            let v = match self.inner.store.renew(&t.job, t.shard, &r.worker_id, t.attempt, now, self.inner.cfg.lease_ms).await {
+            let v = match self
+                .inner
+                .store
+                .renew(
+                    &t.job,
+                    t.shard,
+                    &r.worker_id,
+                    t.attempt,
+                    now,
+                    self.inner.cfg.lease_ms,
+                )
+                .await
+            {
                 Ok(Fenced::Accepted) => TaskVerdict::Continue,
                 Ok(Fenced::Stale) | Err(StoreError::Lost(_)) => TaskVerdict::Abandon,
                 Err(e) => return Err(store_status(e)),
             };
             verdicts.push(v as i32);
         }
-        Ok(Response::new(HeartbeatResponse { verdicts, reregister: false }))
+        Ok(Response::new(HeartbeatResponse {
+            verdicts,
+            reregister: false,
+        }))
     }
 
-    async fn complete(&self, req: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
+    async fn complete(
+        &self,
+        req: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
         let r = req.into_inner();
-        let t = r.task.ok_or_else(|| Status::invalid_argument("task missing"))?;
+        let t = r
+            .task
+            .ok_or_else(|| Status::invalid_argument("task missing"))?;
         // the output must be the one of this attempt
         if r.output_key != crate::shard_output_key(&t.job, t.shard, t.attempt) {
-            return Err(Status::invalid_argument(format!("output key {} is not the key of attempt {}", r.output_key, t.attempt)));
+            return Err(Status::invalid_argument(format!(
+                "output key {} is not the key of attempt {}",
+                r.output_key, t.attempt
+            )));
         }
-        let f = self.inner.store.complete(&t.job, t.shard, &r.worker_id, t.attempt, &r.output_key).await.map_err(store_status)?;
+        let f = self
+            .inner
+            .store
+            .complete(&t.job, t.shard, &r.worker_id, t.attempt, &r.output_key)
+            .await
+            .map_err(store_status)?;
         let acceptance = match f {
             Fenced::Accepted => {
                 tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, "shard done");
@@ -304,23 +444,49 @@ impl WorkerService for Coordinator {
                 Acceptance::Stale
             }
         };
-        Ok(Response::new(CompleteResponse { acceptance: acceptance as i32 }))
+        Ok(Response::new(CompleteResponse {
+            acceptance: acceptance as i32,
+        }))
     }
 
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
         let r = req.into_inner();
-        let t = r.task.ok_or_else(|| Status::invalid_argument("task missing"))?;
+        let t = r
+            .task
+            .ok_or_else(|| Status::invalid_argument("task missing"))?;
         let e = r.error.unwrap_or_default();
-        let o = self.inner.store.fail(&t.job, t.shard, &r.worker_id, t.attempt, e.retryable, &e.message, self.inner.cfg.max_attempts).await.map_err(store_status)?;
+        let o = self
+            .inner
+            .store
+            .fail(
+                &t.job,
+                t.shard,
+                &r.worker_id,
+                t.attempt,
+                e.retryable,
+                &e.message,
+                self.inner.cfg.max_attempts,
+            )
+            .await
+            .map_err(store_status)?;
         tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, retryable = e.retryable, outcome = ?o, error = %e.message, "task failed");
-        let acceptance = if o == FailOutcome::Stale { Acceptance::Stale } else { Acceptance::Accepted };
-        Ok(Response::new(FailResponse { acceptance: acceptance as i32 }))
+        let acceptance = if o == FailOutcome::Stale {
+            Acceptance::Stale
+        } else {
+            Acceptance::Accepted
+        };
+        Ok(Response::new(FailResponse {
+            acceptance: acceptance as i32,
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl JobService for Coordinator {
-    async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        req: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
         let r = req.into_inner();
         let id = Coordinator::submit(self, &r.config_toml, Some(r.job_id)).await?;
         Ok(Response::new(SubmitResponse { job_id: id }))
@@ -334,12 +500,27 @@ impl JobService for Coordinator {
         }
     }
 
-    async fn cancel(&self, req: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
         let id = req.into_inner().job_id;
-        self.inner.store.cancel(&id, now_ms()).await.map_err(store_status)?;
-        let rec = self.inner.store.get_job(&id).await.map_err(store_status)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.inner
+            .store
+            .cancel(&id, now_ms())
+            .await
+            .map_err(store_status)?;
+        let rec = self
+            .inner
+            .store
+            .get_job(&id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
         tracing::info!(job = %id, state = rec.state.as_str(), "cancel");
-        Ok(Response::new(CancelResponse { state: rec.state.as_str().into() }))
+        Ok(Response::new(CancelResponse {
+            state: rec.state.as_str().into(),
+        }))
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
@@ -361,8 +542,12 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let r = tonic::transport::Server::builder()
         .tcp_keepalive(Some(Duration::from_secs(30)))
-        .add_service(WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .add_service(JobServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .add_service(
+            WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            JobServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     driver.abort();

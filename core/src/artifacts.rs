@@ -21,7 +21,11 @@ pub enum ArtifactError {
     #[error("artifact {key} not found in {store}")]
     NotFound { store: String, key: String },
     #[error("artifact store {store}, key {key}: {msg}")]
-    Io { store: String, key: String, msg: String },
+    Io {
+        store: String,
+        key: String,
+        msg: String,
+    },
     #[error("artifact store URL '{0}': expected file:///path, a path, or s3://bucket/prefix")]
     BadUrl(String),
 }
@@ -59,7 +63,11 @@ pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
     /// Downloads to a local file (through a temporary file and a rename).
     async fn get_file(&self, key: &str, path: &Path) -> ArtifactResult<()> {
         let bytes = self.get(key).await?;
-        let io = |e: std::io::Error| ArtifactError::Io { store: self.url(), key: key.into(), msg: format!("{}: {e}", path.display()) };
+        let io = |e: std::io::Error| ArtifactError::Io {
+            store: self.url(),
+            key: key.into(),
+            msg: format!("{}: {e}", path.display()),
+        };
         if let Some(d) = path.parent() {
             tokio::fs::create_dir_all(d).await.map_err(io)?;
         }
@@ -88,7 +96,11 @@ pub async fn open(url: &str) -> ArtifactResult<Arc<dyn ArtifactStore>> {
 
 fn check_key(store: &str, key: &str) -> ArtifactResult<()> {
     if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p.is_empty()) {
-        return Err(ArtifactError::Io { store: store.into(), key: key.into(), msg: "invalid key".into() });
+        return Err(ArtifactError::Io {
+            store: store.into(),
+            key: key.into(),
+            msg: "invalid key".into(),
+        });
     }
     Ok(())
 }
@@ -113,9 +125,16 @@ impl LocalStore {
 
     fn io(&self, key: &str, e: std::io::Error) -> ArtifactError {
         if e.kind() == std::io::ErrorKind::NotFound {
-            ArtifactError::NotFound { store: self.url(), key: key.into() }
+            ArtifactError::NotFound {
+                store: self.url(),
+                key: key.into(),
+            }
         } else {
-            ArtifactError::Io { store: self.url(), key: key.into(), msg: e.to_string() }
+            ArtifactError::Io {
+                store: self.url(),
+                key: key.into(),
+                msg: e.to_string(),
+            }
         }
     }
 }
@@ -125,25 +144,38 @@ impl ArtifactStore for LocalStore {
     async fn put(&self, key: &str, bytes: Bytes) -> ArtifactResult<()> {
         let p = self.path(key)?;
         if let Some(d) = p.parent() {
-            tokio::fs::create_dir_all(d).await.map_err(|e| self.io(key, e))?;
+            tokio::fs::create_dir_all(d)
+                .await
+                .map_err(|e| self.io(key, e))?;
         }
         let tmp = p.with_file_name(format!(
             ".{}.tmp-{}-{}",
-            p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            p.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             std::process::id(),
             rand::random::<u32>()
         ));
-        tokio::fs::write(&tmp, &bytes).await.map_err(|e| self.io(key, e))?;
-        tokio::fs::rename(&tmp, &p).await.map_err(|e| self.io(key, e))
+        tokio::fs::write(&tmp, &bytes)
+            .await
+            .map_err(|e| self.io(key, e))?;
+        tokio::fs::rename(&tmp, &p)
+            .await
+            .map_err(|e| self.io(key, e))
     }
 
     async fn get(&self, key: &str) -> ArtifactResult<Bytes> {
         let p = self.path(key)?;
-        tokio::fs::read(&p).await.map(Bytes::from).map_err(|e| self.io(key, e))
+        tokio::fs::read(&p)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| self.io(key, e))
     }
 
     async fn exists(&self, key: &str) -> ArtifactResult<bool> {
-        Ok(tokio::fs::try_exists(self.path(key)?).await.unwrap_or(false))
+        Ok(tokio::fs::try_exists(self.path(key)?)
+            .await
+            .unwrap_or(false))
     }
 
     async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
@@ -161,7 +193,9 @@ impl ArtifactStore for LocalStore {
                     stack.push(p);
                 } else if let Ok(rel) = p.strip_prefix(&self.root) {
                     let key = rel.to_string_lossy().into_owned();
-                    let hidden = rel.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+                    let hidden = rel
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
                     if key.starts_with(prefix) && !hidden {
                         out.push(key);
                     }
@@ -200,7 +234,11 @@ const PART_BYTES: usize = 8 * 1024 * 1024;
 impl S3Store {
     pub async fn from_env(bucket: &str, prefix: &str) -> Self {
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5).with_initial_backoff(Duration::from_millis(200)))
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
             .load()
             .await;
         let virtual_hosted = std::env::var("DEFUSE_S3_VIRTUAL_HOSTED").is_ok_and(|v| v == "1");
@@ -217,26 +255,53 @@ impl S3Store {
 
     fn full(&self, key: &str) -> ArtifactResult<String> {
         check_key(&self.url(), key)?;
-        Ok(if self.prefix.is_empty() { key.into() } else { format!("{}/{key}", self.prefix) })
+        Ok(if self.prefix.is_empty() {
+            key.into()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
     }
 
     fn err(&self, key: &str, e: impl std::fmt::Display) -> ArtifactError {
-        ArtifactError::Io { store: self.url(), key: key.into(), msg: e.to_string() }
+        ArtifactError::Io {
+            store: self.url(),
+            key: key.into(),
+            msg: e.to_string(),
+        }
     }
 
     /// Creates the bucket when it does not exist (tests, local clusters).
     pub async fn ensure_bucket(&self) -> ArtifactResult<()> {
-        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
-        self.client.create_bucket().bucket(&self.bucket).send().await.map_err(|e| self.err("", aws_sdk_s3::error::DisplayErrorContext(e)))?;
+        self.client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| self.err("", aws_sdk_s3::error::DisplayErrorContext(e)))?;
         Ok(())
     }
 
     async fn put_multipart(&self, key: &str, full: &str, bytes: Bytes) -> ArtifactResult<()> {
         use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
         let e = |x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x));
-        let up = self.client.create_multipart_upload().bucket(&self.bucket).key(full).send().await.map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+        let up = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
         let id = up.upload_id().unwrap_or_default().to_string();
         let mut parts = Vec::new();
         for (i, chunk) in bytes.chunks(PART_BYTES).enumerate() {
@@ -252,9 +317,21 @@ impl S3Store {
                 .send()
                 .await;
             match r {
-                Ok(r) => parts.push(CompletedPart::builder().part_number(n).set_e_tag(r.e_tag().map(str::to_string)).build()),
+                Ok(r) => parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(r.e_tag().map(str::to_string))
+                        .build(),
+                ),
                 Err(x) => {
-                    let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(full).upload_id(&id).send().await;
+                    let _ = self
+                        .client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(full)
+                        .upload_id(&id)
+                        .send()
+                        .await;
                     return Err(e(x));
                 }
             }
@@ -264,7 +341,11 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(full)
             .upload_id(&id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
@@ -292,10 +373,25 @@ impl ArtifactStore for S3Store {
 
     async fn get(&self, key: &str) -> ArtifactResult<Bytes> {
         let full = self.full(key)?;
-        match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
-            Ok(r) => Ok(r.body.collect().await.map_err(|x| self.err(key, x))?.into_bytes()),
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(r) => Ok(r
+                .body
+                .collect()
+                .await
+                .map_err(|x| self.err(key, x))?
+                .into_bytes()),
             Err(x) if x.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                Err(ArtifactError::NotFound { store: self.url(), key: key.into() })
+                Err(ArtifactError::NotFound {
+                    store: self.url(),
+                    key: key.into(),
+                })
             }
             Err(x) => Err(self.err(key, aws_sdk_s3::error::DisplayErrorContext(x))),
         }
@@ -303,7 +399,14 @@ impl ArtifactStore for S3Store {
 
     async fn exists(&self, key: &str) -> ArtifactResult<bool> {
         let full = self.full(key)?;
-        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
             Err(x) if x.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
             Err(x) => Err(self.err(key, aws_sdk_s3::error::DisplayErrorContext(x))),
@@ -311,13 +414,33 @@ impl ArtifactStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
-        let full = if self.prefix.is_empty() { prefix.to_string() } else { format!("{}/{prefix}", self.prefix) };
-        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let full = if self.prefix.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{}/{prefix}", self.prefix)
+        };
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
         let mut out = Vec::new();
-        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&full).into_paginator().send();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|x| self.err(prefix, aws_sdk_s3::error::DisplayErrorContext(x)))?;
-            out.extend(page.contents().iter().filter_map(|o| o.key()).map(|k| k[strip..].to_string()));
+            let page =
+                page.map_err(|x| self.err(prefix, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            out.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(|k| k[strip..].to_string()),
+            );
         }
         out.sort();
         Ok(out)
@@ -336,6 +459,10 @@ impl ArtifactStore for S3Store {
     }
 
     fn url(&self) -> String {
-        if self.prefix.is_empty() { format!("s3://{}", self.bucket) } else { format!("s3://{}/{}", self.bucket, self.prefix) }
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
     }
 }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// A data file that is not what it claims to be (wrong magic, truncated, ...).
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },

@@ -127,8 +127,9 @@ pub enum LabelMode {
 impl JobConfig {
     /// Reads and validates a job file; unknown fields and bad values are errors.
     pub fn load(path: &Path) -> Result<JobConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid("config", format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid("config", format!("cannot read {}: {e}", path.display()))
+        })?;
         let mut c: JobConfig =
             toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         if c.name.is_none() {
@@ -284,13 +285,20 @@ pub struct Prepared<'a> {
 pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
     cfg.validate()?;
     let device = models::parse_device(&cfg.device)?;
-    let mut job = Job { cfg, out: cfg.out_dir(), timings: vec![] };
+    let mut job = Job {
+        cfg,
+        out: cfg.out_dir(),
+        timings: vec![],
+    };
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let ds = cfg.data.load()?;
     write_json(&job.out.join("classes.json"), &ds.class_names)?;
     let toml_path = job.out.join("job.toml");
-    std::fs::write(&toml_path, toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?)
-        .map_err(|e| Error::io(&toml_path, e))?;
+    std::fs::write(
+        &toml_path,
+        toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?,
+    )
+    .map_err(|e| Error::io(&toml_path, e))?;
     tracing::info!(dataset = %ds.name, train = ds.train.len(), test = ds.test.len(), classes = ds.num_classes(), "dataset loaded");
 
     let h_models = hash_of(&[&cfg.data, &cfg.models, &cfg.train, &cfg.seed]);
@@ -302,7 +310,14 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
     } else {
         job.mark("models", &h_models, started)?
     }
-    Ok(Prepared { job, ds, clf, vae, device, h_models })
+    Ok(Prepared {
+        job,
+        ds,
+        clf,
+        vae,
+        device,
+        h_models,
+    })
 }
 
 impl Prepared<'_> {
@@ -318,8 +333,16 @@ impl Prepared<'_> {
     /// The model files (classifier, VAE or encoder, decoder) workers must load.
     pub fn model_files(&self) -> (PathBuf, PathBuf, Option<PathBuf>) {
         let cfg = self.job.cfg;
-        let clf = cfg.models.classifier.clone().unwrap_or_else(|| self.job.out.join("models/classifier.safetensors"));
-        let vae = cfg.models.vae.clone().unwrap_or_else(|| self.job.out.join("models/vae.safetensors"));
+        let clf = cfg
+            .models
+            .classifier
+            .clone()
+            .unwrap_or_else(|| self.job.out.join("models/classifier.safetensors"));
+        let vae = cfg
+            .models
+            .vae
+            .clone()
+            .unwrap_or_else(|| self.job.out.join("models/vae.safetensors"));
         (clf, vae, cfg.models.vae_decoder.clone())
     }
 
@@ -329,7 +352,12 @@ impl Prepared<'_> {
     }
 
     /// Records identify's result (however it was computed) as the finished step.
-    pub fn record_identify(&mut self, failures: &Failures, stats: &IdentifyStats, started: Instant) -> Result<()> {
+    pub fn record_identify(
+        &mut self,
+        failures: &Failures,
+        stats: &IdentifyStats,
+        started: Instant,
+    ) -> Result<()> {
         self.job.dir("identify")?;
         failures.write(&self.job.out.join("identify/failures.safetensors"), stats)?;
         let h = self.identify_hash();
@@ -343,7 +371,13 @@ impl Prepared<'_> {
             return Ok(());
         }
         let started = Instant::now();
-        let (f, s) = run_identify(&self.job, &self.ds, &self.clf, &self.vae, &self.identify_hash())?;
+        let (f, s) = run_identify(
+            &self.job,
+            &self.ds,
+            &self.clf,
+            &self.vae,
+            &self.identify_hash(),
+        )?;
         self.record_identify(&f, &s, started)
     }
 }
@@ -352,7 +386,11 @@ impl Prepared<'_> {
 pub fn shard_ranges(ds: &Dataset, o: &IdentifyOptions) -> Vec<std::ops::Range<usize>> {
     let n = ds.split(o.split).len();
     let n = if o.limit > 0 { o.limit.min(n) } else { n };
-    ds.shards(o.split, o.shard_size).into_iter().filter(|r| r.start < n).map(|r| r.start..r.end.min(n)).collect()
+    ds.shards(o.split, o.shard_size)
+        .into_iter()
+        .filter(|r| r.start < n)
+        .map(|r| r.start..r.end.min(n))
+        .collect()
 }
 
 /// Runs (or resumes) a whole job in this process.
@@ -373,7 +411,12 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     if !job.timings.iter().any(|(s, _)| s == "identify") {
         job.reuse("identify");
     }
-    tracing::info!(searched = istats.n_searched, failures = failures.len(), images_with_failure = istats.n_images_with_failure, "identify");
+    tracing::info!(
+        searched = istats.n_searched,
+        failures = failures.len(),
+        images_with_failure = istats.n_images_with_failure,
+        "identify"
+    );
 
     // distill
     let h_distill = hash_of(&[&h_identify, &cfg.distill]);
@@ -387,7 +430,7 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         let (gmm, mut scenarios, assign) = scenarios::distill(&failures, &cfg.distill, cfg.seed)?;
         for s in &mut scenarios {
             let codes = s.sample_codes(cfg.distill.grid_samples, cfg.distill.tau, cfg.seed, 0)?;
-            let (imgs, preds) = scenarios::decode_and_classify(&vae, &clf, &codes)?;
+            let (imgs, preds) = scenarios::decode_and_classify(vae, clf, &codes)?;
             crate::images::write_grid(&dir.join(format!("scenario-{}.png", s.id)), &[imgs], 3)?;
             s.sample_predictions = preds;
         }
@@ -454,16 +497,16 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     } else {
         job.dir("correct")?;
         let data = correct::scenario_data(
-            &vae,
+            vae,
             &scenarios,
             &labels,
             cfg.distill.tau,
             &cfg.correct,
             cfg.seed,
         )?;
-        let test_before = train::accuracy(&clf, &ds.test, device)?;
+        let test_before = train::accuracy(clf, &ds.test, device)?;
         let (scn_before, per_before) =
-            correct::accuracy_by_group(&clf, &data.test_x, &data.test_y, &data.test_scenario)?;
+            correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
         let mut tuned = load_classifier_again(job, ds, device)?;
         tch::manual_seed(cfg.seed as i64);
         let history = correct::fine_tune(&mut tuned, &ds.train, &data, &cfg.correct, cfg.seed)?;
@@ -495,7 +538,7 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     timings.push(("report".into(), 0.0));
     let summary = report::Summary::new(
         cfg,
-        &ds,
+        ds,
         &istats,
         &failures,
         &scenarios,

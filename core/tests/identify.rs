@@ -79,7 +79,7 @@ fn run(ds: &Dataset, range: std::ops::Range<usize>, o: &IdentifyOptions, seed: u
         &vae,
         o,
         seed,
-        |_| {},
+        |_| true,
     )
     .unwrap()
     .0
@@ -90,8 +90,10 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
     let (_d, ds, values) = planted();
     let (clf, vae) = models();
     let o = opts(3);
-    let (f, stats) =
-        identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 11, |_| true).unwrap();
+    let (f, stats) = identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 11, |_| {
+        true
+    })
+    .unwrap();
     assert_eq!(stats.n_images, 40);
     // the image at exactly 0.5 is labelled 0 and classified 0 (logit tie -> argmax 0)
     assert!(stats.n_searched >= 39, "{stats:?}");
@@ -215,7 +217,7 @@ fn failures_round_trip_through_safetensors() {
         &vae,
         &opts(2),
         2,
-        |_| {},
+        |_| true,
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -239,7 +241,7 @@ fn failures_round_trip_through_safetensors() {
         &vae,
         &opts(2),
         2,
-        |_| {},
+        |_| true,
     )
     .unwrap_err();
     assert!(

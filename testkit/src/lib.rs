@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until something accepts connections on `port`.
@@ -28,7 +32,9 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
 pub fn cache_dir() -> PathBuf {
     std::env::var("DEFUSE_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/defuse"))
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/defuse")
+        })
 }
 
 /// A child process whose output goes to a log file; killed (SIGKILL) on drop.
@@ -41,13 +47,21 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = cmd
             .stdout(Stdio::from(f.try_clone().unwrap()))
             .stderr(Stdio::from(f))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name: name.into(), child, log }
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -56,7 +70,10 @@ impl Proc {
 
     /// Sends a signal (`KILL`, `TERM`, `STOP`, `CONT`).
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
     }
 
     pub fn kill(&mut self) {
@@ -94,7 +111,12 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("----- last lines of {} ({}) -----\n{}\n-----", self.name, self.log.display(), self.tail(40));
+            eprintln!(
+                "----- last lines of {} ({}) -----\n{}\n-----",
+                self.name,
+                self.log.display(),
+                self.tail(40)
+            );
         }
         self.signal("CONT");
         self.kill();
@@ -113,7 +135,12 @@ impl Redis {
     /// Starts one; `aof`: append-only file on (for restart tests).
     pub fn start(aof: bool) -> Redis {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Redis { port: free_port(), dir, proc: None, aof };
+        let mut r = Redis {
+            port: free_port(),
+            dir,
+            proc: None,
+            aof,
+        };
         r.restart();
         r
     }
@@ -128,12 +155,28 @@ impl Redis {
             p.kill();
         }
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
-            .args(["--appendonly", if self.aof { "yes" } else { "no" }, "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(self.dir.path());
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--save",
+            "",
+        ])
+        .args([
+            "--appendonly",
+            if self.aof { "yes" } else { "no" },
+            "--appendfsync",
+            "always",
+        ])
+        .arg("--dir")
+        .arg(self.dir.path());
         let p = Proc::spawn("redis", &mut cmd, self.dir.path());
-        assert!(wait_port(self.port, Duration::from_secs(10)), "redis did not start:\n{}", p.tail(20));
+        assert!(
+            wait_port(self.port, Duration::from_secs(10)),
+            "redis did not start:\n{}",
+            p.tail(20)
+        );
         self.proc = Some(p);
     }
 
@@ -163,10 +206,23 @@ impl S3 {
         let root = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cmd = Command::new(Self::binary());
-        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", S3_KEY, "--secret-key", S3_SECRET])
-            .arg(root.path());
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            S3_KEY,
+            "--secret-key",
+            S3_SECRET,
+        ])
+        .arg(root.path());
         let proc = Proc::spawn("s3s-fs", &mut cmd, root.path());
-        assert!(wait_port(port, Duration::from_secs(10)), "s3s-fs did not start (run deploy/setup-test.sh):\n{}", proc.tail(20));
+        assert!(
+            wait_port(port, Duration::from_secs(10)),
+            "s3s-fs did not start (run deploy/setup-test.sh):\n{}",
+            proc.tail(20)
+        );
         S3 { port, root, proc }
     }
 

@@ -58,7 +58,17 @@ pub enum WorkerError {
 /// A fresh id for every start: host name plus a random part, so a restarted worker
 /// never inherits the leases of its previous life.
 pub fn fresh_id() -> String {
-    let host = gethostname::gethostname().to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect::<String>();
+    let host = gethostname::gethostname()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>();
     format!("{host}-{:08x}", rand::random::<u32>())
 }
 
@@ -69,9 +79,13 @@ struct Running {
 
 /// Runs a worker until `shutdown` resolves: then it stops leasing, hands back the task
 /// it runs (as a retryable SHUTDOWN failure) and returns.
-pub async fn run(cfg: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(
+    cfg: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     let id = fresh_id();
-    let device = models::parse_device(&cfg.device).map_err(|e| WorkerError::Other(e.to_string()))?;
+    let device =
+        models::parse_device(&cfg.device).map_err(|e| WorkerError::Other(e.to_string()))?;
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
@@ -88,14 +102,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl std::future::Future<Output = 
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .connect_lazy();
-    let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client =
+        WorkerServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let (reg, store) = register(&mut client, &cfg, &id, &stop).await?;
-    let Some((reg, store)) = reg.zip(store) else { return Ok(()) };
+    let Some((reg, store)) = reg.zip(store) else {
+        return Ok(());
+    };
     tracing::info!(worker = %id, device = %cfg.device, artifacts = %store.url(), "worker registered");
 
     let running: Arc<Mutex<Option<Running>>> = Arc::new(Mutex::new(None));
     let reregister = Arc::new(AtomicBool::new(false));
-    let hb = tokio::spawn(heartbeat_loop(WorkerServiceClient::new(channel.clone()), id.clone(), running.clone(), reregister.clone(), Duration::from_millis(reg.heartbeat_ms.max(50))));
+    let hb = tokio::spawn(heartbeat_loop(
+        WorkerServiceClient::new(channel.clone()),
+        id.clone(),
+        running.clone(),
+        reregister.clone(),
+        Duration::from_millis(reg.heartbeat_ms.max(50)),
+    ));
     let datasets: Arc<Mutex<HashMap<String, Arc<Dataset>>>> = Default::default();
 
     while !stop.load(Ordering::SeqCst) {
@@ -105,7 +128,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl std::future::Future<Output = 
                 break;
             }
         }
-        let task = match client.lease(LeaseRequest { worker_id: id.clone() }).await {
+        let task = match client
+            .lease(LeaseRequest {
+                worker_id: id.clone(),
+            })
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                 reregister.store(true, Ordering::SeqCst);
@@ -123,8 +151,20 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl std::future::Future<Output = 
         };
         let tref = task.task.clone().unwrap_or_default();
         let abandon = Arc::new(AtomicBool::new(false));
-        *running.lock().unwrap() = Some(Running { task: tref.clone(), abandon: abandon.clone() });
-        let outcome = execute(&task, &store, &cfg, device, &datasets, abandon.clone(), stop.clone()).await;
+        *running.lock().unwrap() = Some(Running {
+            task: tref.clone(),
+            abandon: abandon.clone(),
+        });
+        let outcome = execute(
+            &task,
+            &store,
+            &cfg,
+            device,
+            &datasets,
+            abandon.clone(),
+            stop.clone(),
+        )
+        .await;
         *running.lock().unwrap() = None;
         report(&mut client, &id, &tref, &task.output_key, outcome, &abandon).await;
     }
@@ -163,10 +203,17 @@ async fn register(
         match client.register(req.clone()).await {
             Ok(r) => {
                 let r = r.into_inner();
-                let store = artifacts::open(&r.artifacts_url).await.map_err(|e| WorkerError::Other(e.to_string()))?;
+                let store = artifacts::open(&r.artifacts_url)
+                    .await
+                    .map_err(|e| WorkerError::Other(e.to_string()))?;
                 return Ok((Some(r), Some(store)));
             }
-            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
+            {
                 return Err(WorkerError::Refused(s.message().to_string()));
             }
             Err(s) => {
@@ -190,9 +237,19 @@ async fn heartbeat_loop(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let (tasks, flags): (Vec<TaskRef>, Vec<Arc<AtomicBool>>) =
-            running.lock().unwrap().iter().map(|r| (r.task.clone(), r.abandon.clone())).unzip();
-        match client.heartbeat(HeartbeatRequest { worker_id: id.clone(), running: tasks.clone() }).await {
+        let (tasks, flags): (Vec<TaskRef>, Vec<Arc<AtomicBool>>) = running
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| (r.task.clone(), r.abandon.clone()))
+            .unzip();
+        match client
+            .heartbeat(HeartbeatRequest {
+                worker_id: id.clone(),
+                running: tasks.clone(),
+            })
+            .await
+        {
             Ok(r) => {
                 let r = r.into_inner();
                 if r.reregister {
@@ -217,13 +274,24 @@ enum Outcome {
 }
 
 fn task_error(kind: FailureKind, retryable: bool, message: impl Into<String>) -> TaskError {
-    TaskError { kind: kind as i32, retryable, message: message.into() }
+    TaskError {
+        kind: kind as i32,
+        retryable,
+        message: message.into(),
+    }
 }
 
-async fn fetch(store: &Arc<dyn ArtifactStore>, key: &str, cache: &std::path::Path) -> Result<PathBuf, TaskError> {
+async fn fetch(
+    store: &Arc<dyn ArtifactStore>,
+    key: &str,
+    cache: &std::path::Path,
+) -> Result<PathBuf, TaskError> {
     let path = cache.join(key);
     if !path.exists() {
-        store.get_file(key, &path).await.map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+        store
+            .get_file(key, &path)
+            .await
+            .map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
     }
     Ok(path)
 }
@@ -240,15 +308,30 @@ async fn execute(
     let t = task.task.clone().unwrap_or_default();
     let job_cfg: JobConfig = match toml::from_str(&task.config_toml) {
         Ok(c) => c,
-        Err(e) => return Outcome::Failed(task_error(FailureKind::Execution, false, format!("job config: {e}"))),
+        Err(e) => {
+            return Outcome::Failed(task_error(
+                FailureKind::Execution,
+                false,
+                format!("job config: {e}"),
+            ))
+        }
     };
     let cache = cfg.cache_dir.join("artifacts");
-    let clf_path = match fetch(store, &task.classifier_key, &cache).await { Ok(p) => p, Err(e) => return Outcome::Failed(e) };
-    let vae_path = match fetch(store, &task.vae_key, &cache).await { Ok(p) => p, Err(e) => return Outcome::Failed(e) };
+    let clf_path = match fetch(store, &task.classifier_key, &cache).await {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let vae_path = match fetch(store, &task.vae_key, &cache).await {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e),
+    };
     let dec_path = if task.vae_decoder_key.is_empty() {
         None
     } else {
-        match fetch(store, &task.vae_decoder_key, &cache).await { Ok(p) => Some(p), Err(e) => return Outcome::Failed(e) }
+        match fetch(store, &task.vae_decoder_key, &cache).await {
+            Ok(p) => Some(p),
+            Err(e) => return Outcome::Failed(e),
+        }
     };
     let out_path = cfg.cache_dir.join("out").join(&task.output_key);
     let datasets = datasets.clone();
@@ -271,17 +354,27 @@ async fn execute(
             }
         };
         let shape = ds.image_shape();
-        let clf = Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;
+        let clf =
+            Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;
         let vae = models::load_vae(&vae_path, dec_path.as_deref(), shape, device).map_err(exec)?;
         let o = &job_cfg.identify;
-        let (f, s) = identify(ds.split(o.split), o.split, start..end, &clf, &vae, o, job_cfg.seed, |_| {
-            !flags.0.load(Ordering::SeqCst) && !flags.1.load(Ordering::SeqCst)
-        })
+        let (f, s) = identify(
+            ds.split(o.split),
+            o.split,
+            start..end,
+            &clf,
+            &vae,
+            o,
+            job_cfg.seed,
+            |_| !flags.0.load(Ordering::SeqCst) && !flags.1.load(Ordering::SeqCst),
+        )
         .map_err(exec)?;
         if let Some(d) = out2.parent() {
-            std::fs::create_dir_all(d).map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
         }
-        f.write(&out2, &s).map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+        f.write(&out2, &s)
+            .map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
         Ok(())
     })
     .await;
@@ -289,13 +382,23 @@ async fn execute(
         Ok(Ok(())) => {}
         Ok(Err(e)) if e.message == "cancelled" => {
             return if stop.load(Ordering::SeqCst) {
-                Outcome::Failed(task_error(FailureKind::Shutdown, true, "worker shutting down; task handed back"))
+                Outcome::Failed(task_error(
+                    FailureKind::Shutdown,
+                    true,
+                    "worker shutting down; task handed back",
+                ))
             } else {
                 Outcome::Abandoned
             };
         }
         Ok(Err(e)) => return Outcome::Failed(e),
-        Err(e) => return Outcome::Failed(task_error(FailureKind::Execution, true, format!("task panicked: {e}"))),
+        Err(e) => {
+            return Outcome::Failed(task_error(
+                FailureKind::Execution,
+                true,
+                format!("task panicked: {e}"),
+            ))
+        }
     }
     if abandon.load(Ordering::SeqCst) {
         return Outcome::Abandoned;
@@ -307,17 +410,33 @@ async fn execute(
     }
 }
 
-async fn report(client: &mut WorkerServiceClient<Channel>, id: &str, t: &TaskRef, output_key: &str, outcome: Outcome, _abandon: &AtomicBool) {
+async fn report(
+    client: &mut WorkerServiceClient<Channel>,
+    id: &str,
+    t: &TaskRef,
+    output_key: &str,
+    outcome: Outcome,
+    _abandon: &AtomicBool,
+) {
     // a completion or failure must reach the coordinator; retry through short outages
     for attempt in 0..60 {
         let r = match &outcome {
             Outcome::Abandoned => return,
             Outcome::Done(key) => client
-                .complete(CompleteRequest { worker_id: id.into(), task: Some(t.clone()), output_key: key.clone(), stats_json: String::new() })
+                .complete(CompleteRequest {
+                    worker_id: id.into(),
+                    task: Some(t.clone()),
+                    output_key: key.clone(),
+                    stats_json: String::new(),
+                })
                 .await
                 .map(|r| r.into_inner().acceptance),
             Outcome::Failed(e) => client
-                .fail(FailRequest { worker_id: id.into(), task: Some(t.clone()), error: Some(e.clone()) })
+                .fail(FailRequest {
+                    worker_id: id.into(),
+                    task: Some(t.clone()),
+                    error: Some(e.clone()),
+                })
                 .await
                 .map(|r| r.into_inner().acceptance),
         };
@@ -332,7 +451,15 @@ async fn report(client: &mut WorkerServiceClient<Channel>, id: &str, t: &TaskRef
                 }
                 return;
             }
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) =>
+            {
                 if attempt % 10 == 0 {
                     tracing::warn!(error = %s.message(), "cannot report the task yet; retrying");
                 }

@@ -33,11 +33,15 @@ impl MemoryStore {
 }
 
 fn job<'a>(i: &'a mut Inner, id: &str) -> StoreResult<&'a mut MemJob> {
-    i.jobs.get_mut(id).ok_or_else(|| StoreError::Lost(id.into()))
+    i.jobs
+        .get_mut(id)
+        .ok_or_else(|| StoreError::Lost(id.into()))
 }
 
 fn fenced(j: &MemJob, shard: u32, worker: &str, attempt: u32) -> bool {
-    j.shards.get(shard as usize).is_some_and(|s| s.state == "leased" && s.owner == worker && s.attempt == attempt)
+    j.shards
+        .get(shard as usize)
+        .is_some_and(|s| s.state == "leased" && s.owner == worker && s.attempt == attempt)
 }
 
 fn fail_job(j: &mut MemJob, msg: String) {
@@ -54,20 +58,48 @@ impl StateStore for MemoryStore {
         if i.jobs.contains_key(&rec.id) {
             return Err(StoreError::Exists(rec.id.clone()));
         }
-        let j = MemJob { rec: JobRecord { n_shards: 0, ..rec.clone() }, pending: VecDeque::new(), shards: vec![], deadlines: BTreeMap::new() };
+        let j = MemJob {
+            rec: JobRecord {
+                n_shards: 0,
+                ..rec.clone()
+            },
+            pending: VecDeque::new(),
+            shards: vec![],
+            deadlines: BTreeMap::new(),
+        };
         i.jobs.insert(rec.id.clone(), j);
         Ok(())
     }
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
-        Ok(self.inner.lock().unwrap().jobs.get(id).map(|j| j.rec.clone()))
+        Ok(self
+            .inner
+            .lock()
+            .unwrap()
+            .jobs
+            .get(id)
+            .map(|j| j.rec.clone()))
     }
 
     async fn list_jobs(&self) -> StoreResult<Vec<JobRecord>> {
-        Ok(self.inner.lock().unwrap().jobs.values().map(|j| j.rec.clone()).collect())
+        Ok(self
+            .inner
+            .lock()
+            .unwrap()
+            .jobs
+            .values()
+            .map(|j| j.rec.clone())
+            .collect())
     }
 
-    async fn set_job_state(&self, id: &str, state: JobState, step: &str, error: &str, now_ms: u64) -> StoreResult<()> {
+    async fn set_job_state(
+        &self,
+        id: &str,
+        state: JobState,
+        step: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> StoreResult<()> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if j.rec.state.is_final() {
@@ -86,30 +118,56 @@ impl StateStore for MemoryStore {
         if !j.shards.is_empty() {
             return Ok(());
         }
-        j.shards = (0..n).map(|s| ShardInfo { shard: s, state: "pending".into(), ..Default::default() }).collect();
+        j.shards = (0..n)
+            .map(|s| ShardInfo {
+                shard: s,
+                state: "pending".into(),
+                ..Default::default()
+            })
+            .collect();
         j.pending = (0..n).collect();
         j.rec.n_shards = n;
         j.rec.updated_ms = now_ms;
         Ok(())
     }
 
-    async fn lease(&self, id: &str, worker: &str, now_ms: u64, lease_ms: u64) -> StoreResult<Option<Lease>> {
+    async fn lease(
+        &self,
+        id: &str,
+        worker: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> StoreResult<Option<Lease>> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if j.rec.state != JobState::Running {
             return Ok(None);
         }
-        let Some(shard) = j.pending.pop_front() else { return Ok(None) };
+        let Some(shard) = j.pending.pop_front() else {
+            return Ok(None);
+        };
         let s = &mut j.shards[shard as usize];
         s.attempt += 1;
         s.state = "leased".into();
         s.owner = worker.into();
         let deadline_ms = now_ms + lease_ms;
         j.deadlines.insert(shard, deadline_ms);
-        Ok(Some(Lease { shard, attempt: s.attempt, deadline_ms }))
+        Ok(Some(Lease {
+            shard,
+            attempt: s.attempt,
+            deadline_ms,
+        }))
     }
 
-    async fn renew(&self, id: &str, shard: u32, worker: &str, attempt: u32, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
+    async fn renew(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> StoreResult<Fenced> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if !fenced(j, shard, worker, attempt) {
@@ -119,7 +177,14 @@ impl StateStore for MemoryStore {
         Ok(Fenced::Accepted)
     }
 
-    async fn complete(&self, id: &str, shard: u32, worker: &str, attempt: u32, output: &str) -> StoreResult<Fenced> {
+    async fn complete(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        output: &str,
+    ) -> StoreResult<Fenced> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if !fenced(j, shard, worker, attempt) {
@@ -133,7 +198,16 @@ impl StateStore for MemoryStore {
         Ok(Fenced::Accepted)
     }
 
-    async fn fail(&self, id: &str, shard: u32, worker: &str, attempt: u32, retryable: bool, message: &str, max_attempts: u32) -> StoreResult<FailOutcome> {
+    async fn fail(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        retryable: bool,
+        message: &str,
+        max_attempts: u32,
+    ) -> StoreResult<FailOutcome> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if !fenced(j, shard, worker, attempt) {
@@ -158,7 +232,12 @@ impl StateStore for MemoryStore {
     async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
-        let expired: Vec<u32> = j.deadlines.iter().filter(|(_, &d)| d <= now_ms).map(|(&s, _)| s).collect();
+        let expired: Vec<u32> = j
+            .deadlines
+            .iter()
+            .filter(|(_, &d)| d <= now_ms)
+            .map(|(&s, _)| s)
+            .collect();
         let mut out = Vec::new();
         for shard in expired {
             j.deadlines.remove(&shard);
@@ -174,7 +253,12 @@ impl StateStore for MemoryStore {
                 let msg = format!("shard {shard} failed: {}", s.error);
                 fail_job(j, msg);
             }
-            out.push(Expired { shard, attempt, owner, requeued });
+            out.push(Expired {
+                shard,
+                attempt,
+                owner,
+                requeued,
+            });
         }
         Ok(out)
     }
@@ -182,7 +266,10 @@ impl StateStore for MemoryStore {
     async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
-        let mut c = ShardCounts { total: j.shards.len() as u32, ..Default::default() };
+        let mut c = ShardCounts {
+            total: j.shards.len() as u32,
+            ..Default::default()
+        };
         for s in &j.shards {
             match s.state.as_str() {
                 "pending" => c.pending += 1,
@@ -219,7 +306,11 @@ impl StateStore for MemoryStore {
     }
 
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {
-        self.inner.lock().unwrap().workers.insert(worker.into(), (info_json.into(), now_ms));
+        self.inner
+            .lock()
+            .unwrap()
+            .workers
+            .insert(worker.into(), (info_json.into(), now_ms));
         Ok(())
     }
 
@@ -235,7 +326,14 @@ impl StateStore for MemoryStore {
     }
 
     async fn workers(&self) -> StoreResult<Vec<(String, String, u64)>> {
-        let mut v: Vec<_> = self.inner.lock().unwrap().workers.iter().map(|(k, (i, t))| (k.clone(), i.clone(), *t)).collect();
+        let mut v: Vec<_> = self
+            .inner
+            .lock()
+            .unwrap()
+            .workers
+            .iter()
+            .map(|(k, (i, t))| (k.clone(), i.clone(), *t))
+            .collect();
         v.sort();
         Ok(v)
     }

@@ -37,13 +37,23 @@ impl JobState {
     }
 
     pub fn parse(s: &str) -> Option<JobState> {
-        [JobState::Queued, JobState::Running, JobState::AwaitingLabels, JobState::Done, JobState::Failed, JobState::Cancelled]
-            .into_iter()
-            .find(|j| j.as_str() == s)
+        [
+            JobState::Queued,
+            JobState::Running,
+            JobState::AwaitingLabels,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .find(|j| j.as_str() == s)
     }
 
     pub fn is_final(&self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -148,13 +158,41 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn list_jobs(&self) -> StoreResult<Vec<JobRecord>>;
     /// Moves a job to `state`/`step` (with an error message when failing). A final
     /// state is never left.
-    async fn set_job_state(&self, id: &str, state: JobState, step: &str, error: &str, now_ms: u64) -> StoreResult<()>;
+    async fn set_job_state(
+        &self,
+        id: &str,
+        state: JobState,
+        step: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> StoreResult<()>;
     /// Plans `n` pending shards (idempotent: does nothing when shards exist).
     async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()>;
     /// Leases the next pending shard of a running job to `worker`.
-    async fn lease(&self, id: &str, worker: &str, now_ms: u64, lease_ms: u64) -> StoreResult<Option<Lease>>;
-    async fn renew(&self, id: &str, shard: u32, worker: &str, attempt: u32, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced>;
-    async fn complete(&self, id: &str, shard: u32, worker: &str, attempt: u32, output: &str) -> StoreResult<Fenced>;
+    async fn lease(
+        &self,
+        id: &str,
+        worker: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> StoreResult<Option<Lease>>;
+    async fn renew(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> StoreResult<Fenced>;
+    async fn complete(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        output: &str,
+    ) -> StoreResult<Fenced>;
     #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
@@ -180,5 +218,8 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -188,7 +188,12 @@ struct Keys {
 
 fn keys(id: &str) -> Keys {
     let tag = format!("{{job:{id}}}");
-    Keys { meta: format!("{tag}:meta"), pending: format!("{tag}:pending"), shards: format!("{tag}:shards"), leases: format!("{tag}:leases") }
+    Keys {
+        meta: format!("{tag}:meta"),
+        pending: format!("{tag}:pending"),
+        shards: format!("{tag}:shards"),
+        leases: format!("{tag}:leases"),
+    }
 }
 
 const JOBS: &str = "defuse:jobs";
@@ -197,7 +202,8 @@ const SEEN: &str = "defuse:workers:seen";
 
 impl RedisStore {
     pub async fn connect(url: &str) -> StoreResult<RedisStore> {
-        let client = ::redis::Client::open(url).map_err(|e| StoreError::Backend(format!("redis URL '{url}': {e}")))?;
+        let client = ::redis::Client::open(url)
+            .map_err(|e| StoreError::Backend(format!("redis URL '{url}': {e}")))?;
         let cfg = ::redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(3)
             .set_connection_timeout(std::time::Duration::from_secs(3))
@@ -205,7 +211,11 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, cfg)
             .await
             .map_err(|e| StoreError::Backend(format!("cannot connect to redis at {url}: {e}")))?;
-        Ok(RedisStore { conn, url: url.into(), scripts: Scripts::new() })
+        Ok(RedisStore {
+            conn,
+            url: url.into(),
+            scripts: Scripts::new(),
+        })
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -245,7 +255,12 @@ impl StateStore for RedisStore {
     async fn create_job(&self, j: &JobRecord) -> StoreResult<()> {
         let k = keys(&j.id);
         let mut c = self.conn();
-        let created: bool = ::redis::cmd("HSETNX").arg(&k.meta).arg("id").arg(&j.id).query_async(&mut c).await?;
+        let created: bool = ::redis::cmd("HSETNX")
+            .arg(&k.meta)
+            .arg("id")
+            .arg(&j.id)
+            .query_async(&mut c)
+            .await?;
         if !created {
             return Err(StoreError::Exists(j.id.clone()));
         }
@@ -281,19 +296,52 @@ impl StateStore for RedisStore {
         Ok(out)
     }
 
-    async fn set_job_state(&self, id: &str, state: JobState, step: &str, error: &str, now_ms: u64) -> StoreResult<()> {
+    async fn set_job_state(
+        &self,
+        id: &str,
+        state: JobState,
+        step: &str,
+        error: &str,
+        now_ms: u64,
+    ) -> StoreResult<()> {
         let k = keys(id);
-        let _: i64 = self.scripts.set_state.key(&k.meta).arg(state.as_str()).arg(step).arg(error).arg(now_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        let _: i64 = self
+            .scripts
+            .set_state
+            .key(&k.meta)
+            .arg(state.as_str())
+            .arg(step)
+            .arg(error)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
         Ok(())
     }
 
     async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()> {
         let k = keys(id);
-        let _: i64 = self.scripts.plan.key(&k.meta).key(&k.pending).key(&k.shards).arg(n).arg(now_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        let _: i64 = self
+            .scripts
+            .plan
+            .key(&k.meta)
+            .key(&k.pending)
+            .key(&k.shards)
+            .arg(n)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
         Ok(())
     }
 
-    async fn lease(&self, id: &str, worker: &str, now_ms: u64, lease_ms: u64) -> StoreResult<Option<Lease>> {
+    async fn lease(
+        &self,
+        id: &str,
+        worker: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> StoreResult<Option<Lease>> {
         let k = keys(id);
         let r: Option<(u32, u32, u64)> = self
             .scripts
@@ -308,22 +356,83 @@ impl StateStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
-        Ok(r.map(|(shard, attempt, deadline_ms)| Lease { shard, attempt, deadline_ms }))
+        Ok(r.map(|(shard, attempt, deadline_ms)| Lease {
+            shard,
+            attempt,
+            deadline_ms,
+        }))
     }
 
-    async fn renew(&self, id: &str, shard: u32, worker: &str, attempt: u32, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
+    async fn renew(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> StoreResult<Fenced> {
         let k = keys(id);
-        let r: i64 = self.scripts.renew.key(&k.meta).key(&k.shards).key(&k.leases).arg(shard).arg(worker).arg(attempt).arg(now_ms).arg(lease_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
-        Ok(if r == 1 { Fenced::Accepted } else { Fenced::Stale })
+        let r: i64 = self
+            .scripts
+            .renew
+            .key(&k.meta)
+            .key(&k.shards)
+            .key(&k.leases)
+            .arg(shard)
+            .arg(worker)
+            .arg(attempt)
+            .arg(now_ms)
+            .arg(lease_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(if r == 1 {
+            Fenced::Accepted
+        } else {
+            Fenced::Stale
+        })
     }
 
-    async fn complete(&self, id: &str, shard: u32, worker: &str, attempt: u32, output: &str) -> StoreResult<Fenced> {
+    async fn complete(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        output: &str,
+    ) -> StoreResult<Fenced> {
         let k = keys(id);
-        let r: i64 = self.scripts.complete.key(&k.meta).key(&k.shards).key(&k.leases).arg(shard).arg(worker).arg(attempt).arg(output).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
-        Ok(if r == 1 { Fenced::Accepted } else { Fenced::Stale })
+        let r: i64 = self
+            .scripts
+            .complete
+            .key(&k.meta)
+            .key(&k.shards)
+            .key(&k.leases)
+            .arg(shard)
+            .arg(worker)
+            .arg(attempt)
+            .arg(output)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(if r == 1 {
+            Fenced::Accepted
+        } else {
+            Fenced::Stale
+        })
     }
 
-    async fn fail(&self, id: &str, shard: u32, worker: &str, attempt: u32, retryable: bool, message: &str, max_attempts: u32) -> StoreResult<FailOutcome> {
+    async fn fail(
+        &self,
+        id: &str,
+        shard: u32,
+        worker: &str,
+        attempt: u32,
+        retryable: bool,
+        message: &str,
+        max_attempts: u32,
+    ) -> StoreResult<FailOutcome> {
         let k = keys(id);
         let r: String = self
             .scripts
@@ -351,7 +460,18 @@ impl StateStore for RedisStore {
 
     async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>> {
         let k = keys(id);
-        let flat: Vec<::redis::Value> = self.scripts.reap.key(&k.meta).key(&k.shards).key(&k.leases).key(&k.pending).arg(now_ms).arg(max_attempts).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        let flat: Vec<::redis::Value> = self
+            .scripts
+            .reap
+            .key(&k.meta)
+            .key(&k.shards)
+            .key(&k.leases)
+            .key(&k.pending)
+            .arg(now_ms)
+            .arg(max_attempts)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
         let mut out = Vec::new();
         for c in flat.chunks(4) {
             let [s, a, o, r] = c else { break };
@@ -368,7 +488,10 @@ impl StateStore for RedisStore {
 
     async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
         let shards = self.shards(id).await?;
-        let mut c = ShardCounts { total: shards.len() as u32, ..Default::default() };
+        let mut c = ShardCounts {
+            total: shards.len() as u32,
+            ..Default::default()
+        };
         for s in &shards {
             match s.state.as_str() {
                 "pending" => c.pending += 1,
@@ -387,12 +510,24 @@ impl StateStore for RedisStore {
         if !exists {
             return Err(StoreError::Lost(id.into()));
         }
-        let n: u32 = c.hget::<_, _, Option<u32>>(&k.meta, "n_shards").await?.unwrap_or(0);
+        let n: u32 = c
+            .hget::<_, _, Option<u32>>(&k.meta, "n_shards")
+            .await?
+            .unwrap_or(0);
         let map: HashMap<String, String> = c.hgetall(&k.shards).await?;
-        let mut out: Vec<ShardInfo> = (0..n).map(|s| ShardInfo { shard: s, ..Default::default() }).collect();
+        let mut out: Vec<ShardInfo> = (0..n)
+            .map(|s| ShardInfo {
+                shard: s,
+                ..Default::default()
+            })
+            .collect();
         for (field, v) in map {
-            let Some((s, f)) = field.split_once(':') else { continue };
-            let Some(info) = s.parse::<usize>().ok().and_then(|s| out.get_mut(s)) else { continue };
+            let Some((s, f)) = field.split_once(':') else {
+                continue;
+            };
+            let Some(info) = s.parse::<usize>().ok().and_then(|s| out.get_mut(s)) else {
+                continue;
+            };
             match f {
                 "state" => info.state = v,
                 "attempt" => info.attempt = v.parse().unwrap_or(0),
@@ -408,7 +543,17 @@ impl StateStore for RedisStore {
 
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {
         let k = keys(id);
-        let _: i64 = self.scripts.cancel.key(&k.meta).key(&k.shards).key(&k.leases).key(&k.pending).arg(now_ms).invoke_async(&mut self.conn()).await.map_err(|e| lost(id, e))?;
+        let _: i64 = self
+            .scripts
+            .cancel
+            .key(&k.meta)
+            .key(&k.shards)
+            .key(&k.leases)
+            .key(&k.pending)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
         Ok(())
     }
 
@@ -432,7 +577,13 @@ impl StateStore for RedisStore {
         let mut c = self.conn();
         let info: HashMap<String, String> = c.hgetall(WORKERS).await?;
         let seen: HashMap<String, u64> = c.hgetall(SEEN).await?;
-        let mut v: Vec<_> = info.into_iter().map(|(k, i)| { let t = seen.get(&k).copied().unwrap_or(0); (k, i, t) }).collect();
+        let mut v: Vec<_> = info
+            .into_iter()
+            .map(|(k, i)| {
+                let t = seen.get(&k).copied().unwrap_or(0);
+                (k, i, t)
+            })
+            .collect();
         v.sort();
         Ok(v)
     }

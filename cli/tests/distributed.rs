@@ -1,0 +1,460 @@
+//! The distributed mode with real processes: a coordinator (Redis state, S3 artifacts
+//! in s3s-fs), worker processes, SIGKILLs of a worker mid-shard and of the
+//! coordinator mid-job; the result must equal the embedded run's, byte for byte.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use defuse_testkit::{free_port, wait_port, Proc, Redis, S3};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn defuse() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_defuse"));
+    c.env("RUST_LOG", "info");
+    c
+}
+
+/// Small models, trained once per test on a slice of MNIST.
+fn train_models(dir: &Path) -> (PathBuf, PathBuf) {
+    let (clf, vae) = (dir.join("clf.safetensors"), dir.join("vae.safetensors"));
+    let data = repo().join("data/mnist");
+    let st = defuse()
+        .args([
+            "train",
+            "classifier",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            clf.to_str().unwrap(),
+        ])
+        .args(["--epochs", "1", "--limit-train", "4000", "--width", "8"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = defuse()
+        .args([
+            "train",
+            "vae",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            vae.to_str().unwrap(),
+        ])
+        .args([
+            "--epochs",
+            "2",
+            "--limit-train",
+            "4000",
+            "--latent",
+            "6",
+            "--width",
+            "16",
+            "--hidden",
+            "64",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (clf, vae)
+}
+
+/// The whole MNIST test split, 20 shards of 500 images.
+fn config(out: &Path, clf: &Path, vae: &Path) -> String {
+    format!(
+        r#"
+name = "dist"
+seed = 11
+out = "{out}"
+[data]
+path = "{data}"
+limit_train = 4000
+[models]
+classifier = "{clf}"
+vae = "{vae}"
+[identify]
+samples = 24
+keep = 2
+shard_size = 500
+perturbation = {{ kind = "gaussian", sigma = 0.5 }}
+[distill]
+max_components = 20
+[correct]
+samples_per_scenario = 40
+"#,
+        out = out.display(),
+        data = repo().join("data/mnist").display(),
+        clf = clf.display(),
+        vae = vae.display()
+    )
+}
+
+struct Cluster {
+    dir: PathBuf,
+    redis: Redis,
+    s3: S3,
+    port: u16,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        let mut c = Cluster {
+            dir: dir.into(),
+            redis: Redis::start(true),
+            s3: S3::start(),
+            port: free_port(),
+            coordinator: None,
+            workers: vec![],
+        };
+        c.start_coordinator();
+        c
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start_coordinator(&mut self) {
+        let mut cmd = defuse();
+        cmd.args([
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", self.port),
+            "--redis",
+            &self.redis.url(),
+        ])
+        .args([
+            "--artifacts",
+            "s3://defuse/test",
+            "--lease-ms",
+            "3000",
+            "--heartbeat-ms",
+            "300",
+            "--max-attempts",
+            "3",
+        ])
+        .arg("--work-dir")
+        .arg(self.dir.join("coordinator-work"))
+        .envs(self.s3.env());
+        let n = self.dir.read_dir().map(|d| d.count()).unwrap_or(0);
+        let p = Proc::spawn(&format!("coordinator-{n}"), &mut cmd, &self.dir);
+        assert!(
+            wait_port(self.port, Duration::from_secs(20)),
+            "coordinator did not listen:\n{}",
+            p.tail(30)
+        );
+        self.coordinator = Some(p);
+    }
+
+    fn start_worker(&mut self, extra: &[&str]) -> usize {
+        let i = self.workers.len();
+        let mut cmd = defuse();
+        cmd.args(["worker", "--coordinator", &self.url(), "--threads", "1"])
+            .arg("--cache-dir")
+            .arg(self.dir.join(format!("worker-{i}")))
+            .args(extra)
+            .envs(self.s3.env());
+        self.workers
+            .push(Proc::spawn(&format!("worker-{i}"), &mut cmd, &self.dir));
+        i
+    }
+
+    fn submit(&self, cfg: &Path) -> String {
+        let out = defuse()
+            .args([
+                "submit",
+                cfg.to_str().unwrap(),
+                "--coordinator",
+                &self.url(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "submit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn status(&self, job: &str) -> Option<serde_json::Value> {
+        let out = defuse()
+            .args(["status", job, "--json", "--coordinator", &self.url()])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.get(0).cloned()
+    }
+
+    /// Polls until `pred` holds on the job's status.
+    fn wait_for(
+        &self,
+        job: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.status(job) {
+                if pred(&s) {
+                    return s;
+                }
+                if s["state"] == "failed" && what != "failed" {
+                    panic!("job failed while waiting for {what}: {}", s["error"]);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        panic!(
+            "timed out waiting for {what}: last status {:?}",
+            self.status(job)
+        );
+    }
+}
+
+fn identify(s: &serde_json::Value) -> serde_json::Value {
+    s["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["step"] == "identify")
+        .cloned()
+        .unwrap()
+}
+
+fn redis_shards(url: &str, job: &str) -> Vec<(String, String)> {
+    let out = Command::new("redis-cli")
+        .args(["-u", url, "HGETALL", &format!("{{job:{job}}}:shards")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v: Vec<String> = text.lines().map(str::to_string).collect();
+    v.chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].clone(), c[1].clone()))
+        .collect()
+}
+
+#[test]
+fn distributed_run_survives_kills_and_equals_the_embedded_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+
+    // the reference: the embedded run
+    let emb = dir.join("embedded");
+    let cfg_path = dir.join("job.toml");
+    std::fs::write(&cfg_path, config(&emb, &clf, &vae)).unwrap();
+    let started = Instant::now();
+    let st = defuse()
+        .args(["run", cfg_path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    eprintln!("embedded run: {:.1} s", started.elapsed().as_secs_f64());
+
+    // the cluster: 3 workers
+    let started = Instant::now();
+    let mut c = Cluster::start(dir);
+    for _ in 0..3 {
+        c.start_worker(&[]);
+    }
+    let job = c.submit(&cfg_path);
+
+    // SIGKILL worker 0 while it holds a shard
+    let w0_id = {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = c.workers[0].log_text();
+            if let Some(id) = log
+                .lines()
+                .find(|l| l.contains("worker registered"))
+                .and_then(|l| l.split("worker=").nth(1))
+                .map(|s| s.split_whitespace().next().unwrap().to_string())
+            {
+                break id;
+            }
+            assert!(
+                Instant::now() < end,
+                "worker 0 never registered:\n{}",
+                c.workers[0].tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = c.coordinator.as_ref().unwrap().log_text();
+        if log
+            .lines()
+            .any(|l| l.contains("shard leased") && l.contains(&w0_id))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "worker 0 never leased a shard");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    c.workers[0].signal("KILL");
+    eprintln!("killed worker 0 ({w0_id}) mid-shard");
+
+    // SIGKILL the coordinator after a few shards, and start it again
+    c.wait_for(&job, "5 shards done", Duration::from_secs(180), |s| {
+        identify(s)["shards_done"].as_u64().unwrap_or(0) >= 5
+    });
+    c.coordinator.as_ref().unwrap().signal("KILL");
+    eprintln!("killed the coordinator");
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_coordinator();
+
+    let s = c.wait_for(&job, "done", Duration::from_secs(300), |s| {
+        s["state"] == "done"
+    });
+    eprintln!("distributed run: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(identify(&s)["shards_done"], 20);
+
+    // the same failures, byte for byte
+    let dist = dir
+        .join("coordinator-work")
+        .join(&job)
+        .join("identify/failures.safetensors");
+    let (a, _) =
+        defuse_core::identify::Failures::read(&emb.join("identify/failures.safetensors")).unwrap();
+    let (b, _) = defuse_core::identify::Failures::read(&dist).unwrap();
+    assert!(a.len() > 100, "{} failures", a.len());
+    assert_eq!(a.source_index, b.source_index);
+    assert_eq!(a.predicted, b.predicted);
+    assert_eq!(a.eps_norm, b.eps_norm);
+    assert_eq!(a.confidence, b.confidence);
+    assert!(a.codes.equal(&b.codes), "codes differ");
+    // and the same summary
+    let sum = |p: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        for k in ["step_seconds", "model", "job"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    assert_eq!(
+        sum(&emb.join("report/summary.json")),
+        sum(&dir
+            .join("coordinator-work")
+            .join(&job)
+            .join("report/summary.json"))
+    );
+
+    // every shard accepted exactly once, and what was used is the accepted attempt's output
+    let fields = redis_shards(&c.redis.url(), &job);
+    let get = |k: String| {
+        fields
+            .iter()
+            .find(|(f, _)| *f == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut retried = 0;
+    for n in 0..20 {
+        assert_eq!(get(format!("{n}:accepted")), "1", "shard {n} accepted once");
+        let attempt = get(format!("{n}:attempt"));
+        assert_eq!(
+            get(format!("{n}:output")),
+            format!("jobs/{job}/identify/shard-{n:05}/attempt-{attempt}.safetensors")
+        );
+        if attempt != "1" {
+            retried += 1;
+        }
+    }
+    assert!(retried >= 1, "the killed worker's shard was redone");
+    let coord_logs: String = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        coord_logs.contains("lease expired"),
+        "the reaper requeued the dead worker's shard"
+    );
+}
+
+#[test]
+fn broken_model_fails_the_job_after_the_retries_and_bad_workers_and_configs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    let mut c = Cluster::start(dir);
+
+    // a worker of another protocol version is refused with a clear message
+    let i = c.start_worker(&["--protocol-version", "99"]);
+    let code = c.workers[i].wait_timeout(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{}", c.workers[i].tail(10));
+    let log = c.workers[i].log_text();
+    assert!(
+        log.contains("protocol version 99") && log.contains("speaks 1"),
+        "{log}"
+    );
+
+    // a bad config is refused before any work starts
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        config(&dir.join("o"), &clf, &vae).replace("keep = 2", "keep = 0"),
+    )
+    .unwrap();
+    let out = defuse()
+        .args(["submit", bad.to_str().unwrap(), "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("identify.keep"));
+    let list = defuse()
+        .args(["status", "--json", "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&list.stdout).unwrap(),
+        serde_json::json!([])
+    );
+
+    // the classifier object gets corrupted in the store after the coordinator checked it
+    let cfg = dir.join("job.toml");
+    std::fs::write(&cfg, config(&dir.join("o"), &clf, &vae)).unwrap();
+    let job = c.submit(&cfg);
+    c.wait_for(&job, "identify planned", Duration::from_secs(60), |s| {
+        s["step"] == "identify"
+    });
+    let key = format!("jobs/{job}/models/classifier.safetensors");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use defuse_core::artifacts::ArtifactStore;
+        for (k, v) in c.s3.env() {
+            std::env::set_var(k, v);
+        }
+        let store = defuse_core::artifacts::S3Store::from_env("defuse", "test").await;
+        assert!(store.exists(&key).await.unwrap(), "{key} missing");
+        store
+            .put(&key, bytes::Bytes::from_static(b"not a model any more"))
+            .await
+            .unwrap();
+    });
+    c.start_worker(&[]);
+    let s = c.wait_for(&job, "failed", Duration::from_secs(120), |s| {
+        s["state"] == "failed"
+    });
+    let err = s["error"].as_str().unwrap();
+    assert!(
+        err.contains("attempt 3")
+            && err.contains("classifier.safetensors")
+            && err.contains("not a safetensors file"),
+        "{err}"
+    );
+}
