@@ -202,7 +202,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Multiply the learning rate by this after every epoch.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 1.0)]
     lr_decay: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -376,7 +376,7 @@ fn train_cmd(what: TrainWhat) -> anyhow::Result<()> {
             };
             let mut clf = Classifier::new_builtin(arch, device)?;
             let started = std::time::Instant::now();
-            let history = train::train_classifier(&ds, &mut clf, &common.options(4))?;
+            let history = train::train_classifier(&ds, &mut clf, &common.options(5))?;
             create_parent(&common.out)?;
             clf.save(&common.out)?;
             let last = history.last().expect("at least one epoch");

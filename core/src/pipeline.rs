@@ -75,8 +75,8 @@ pub struct TrainSection {
 impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
-            classifier_epochs: 4,
-            classifier_lr_decay: 0.7,
+            classifier_epochs: 5,
+            classifier_lr_decay: 1.0,
             classifier_width: 32,
             vae_epochs: 10,
             vae_lr_decay: 1.0,

@@ -1,0 +1,101 @@
+//! The coordinator in process, over a real Redis: bad configs are refused at submit,
+//! and a Redis that lost its data fails the job loudly instead of hanging.
+use std::sync::Arc;
+use std::time::Duration;
+
+use defuse_coordinator::store::redis::RedisStore;
+use defuse_coordinator::store::{JobState, StateStore};
+use defuse_coordinator::{Coordinator, CoordinatorConfig};
+use defuse_core::artifacts::LocalStore;
+use defuse_testkit::Redis;
+
+fn config(data: &std::path::Path) -> String {
+    format!(
+        "name = \"t\"\n[data]\npath = \"{}\"\n[train]\nclassifier_epochs = 1\nvae_epochs = 1\n",
+        data.display()
+    )
+}
+
+#[tokio::test]
+async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
+    let redis = Redis::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    let cfg = CoordinatorConfig {
+        tick_ms: 50,
+        work_dir: dir.path().join("work"),
+        ..Default::default()
+    };
+    let coord = Coordinator::new(
+        cfg,
+        store.clone(),
+        Arc::new(LocalStore::new(dir.path().join("artifacts"))),
+    );
+
+    // refused before anything is stored
+    for (bad, expect) in [
+        ("not toml [".to_string(), "job config"),
+        (
+            "[data]\npath = \"/nonexistent\"\n".to_string(),
+            "not a folder",
+        ),
+        (
+            config(dir.path()).replace("[train]", "[identify]\nsamples = 0\n[train]"),
+            "identify.samples",
+        ),
+        (
+            config(dir.path()).replace("[train]", "[bogus]\n[train]"),
+            "unknown field",
+        ),
+        ("x".repeat(5 * 1024 * 1024), "4 MiB"),
+    ] {
+        let e = coord.submit(&bad, None).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(expect), "{expect}: {}", e.message());
+    }
+    assert!(store.list_jobs().await.unwrap().is_empty());
+    let e = coord
+        .submit(&config(dir.path()), Some("bad id!".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // a job is accepted; then Redis loses everything
+    let id = coord
+        .submit(&config(dir.path()), Some("job-1".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_job(&id).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = tokio::spawn(defuse_coordinator::serve(
+        coord.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let mut c = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = ::redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    let mut rec = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(r) = store.get_job(&id).await.unwrap() {
+            if r.state == JobState::Failed {
+                rec = Some(r);
+                break;
+            }
+        }
+    }
+    let rec = rec.expect("the lost job is recorded as failed");
+    assert!(
+        rec.error.contains("state is gone from the state store"),
+        "{}",
+        rec.error
+    );
+    server.abort();
+}
