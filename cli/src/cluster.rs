@@ -53,10 +53,24 @@ pub struct CoordinatorArgs {
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
     pub max_attempts: u32,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Serves Prometheus text on `http://addr/metrics` (any path answers).
+fn install_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%addr, "metrics on /metrics");
+    }
+    Ok(())
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
+        install_metrics(a.metrics_listen)?;
         let store: Arc<dyn StateStore> = match &a.redis {
             Some(url) => Arc::new(RedisStore::connect(url).await?),
             None => {
@@ -75,8 +89,12 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     })
 }
 
-pub fn worker(cfg: defuse_worker::WorkerConfig) -> anyhow::Result<()> {
+pub fn worker(
+    cfg: defuse_worker::WorkerConfig,
+    metrics: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
+        install_metrics(metrics)?;
         defuse_worker::run(cfg, shutdown_signal()).await?;
         Ok(())
     })
@@ -130,43 +148,87 @@ pub fn submit(url: &str, config: &Path, job_id: Option<String>) -> anyhow::Resul
     })
 }
 
-pub fn status(url: &str, job: Option<String>, json: bool) -> anyhow::Result<()> {
+pub fn status(url: &str, job: Option<String>, json: bool, watch: bool) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let mut c = client(url).await?;
-        let jobs = match job {
-            Some(id) => vec![c
-                .status(StatusRequest { job_id: id })
-                .await
-                .map_err(status_err)?
-                .into_inner()],
-            None => {
-                c.list(ListRequest {})
+        let started = std::time::Instant::now();
+        let mut first_done: Option<u64> = None;
+        loop {
+            let jobs = match &job {
+                Some(id) => vec![c
+                    .status(StatusRequest { job_id: id.clone() })
                     .await
                     .map_err(status_err)?
-                    .into_inner()
-                    .jobs
+                    .into_inner()],
+                None => {
+                    c.list(ListRequest {})
+                        .await
+                        .map_err(status_err)?
+                        .into_inner()
+                        .jobs
+                }
+            };
+            if json {
+                let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                if watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                println!(
+                    "{:<32} {:<16} {:<9} {:>12}  error",
+                    "job", "state", "step", "shards"
+                );
+                for j in &jobs {
+                    let id = j.steps.iter().find(|s| s.step == "identify");
+                    let shards = id
+                        .map(|s| format!("{}/{}", s.shards_done, s.shards_total))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<32} {:<16} {:<9} {:>12}  {}",
+                        j.job_id, j.state, j.step, shards, j.error
+                    );
+                }
+                if let [j] = &jobs[..] {
+                    println!();
+                    for s in &j.steps {
+                        let shards = if s.shards_total > 0 {
+                            format!(
+                                "  shards: {} done, {} leased, {} pending, {} failed of {}",
+                                s.shards_done,
+                                s.shards_leased,
+                                s.shards_pending,
+                                s.shards_failed,
+                                s.shards_total
+                            )
+                        } else {
+                            String::new()
+                        };
+                        println!("  {:<9} {:<16}{shards}", s.step, s.state);
+                    }
+                    if let Some(s) = j.steps.iter().find(|s| {
+                        s.step == "identify" && s.state == "running" && s.shards_total > 0
+                    }) {
+                        let base = *first_done.get_or_insert(s.shards_done);
+                        let rate = (s.shards_done - base) as f64
+                            / started.elapsed().as_secs_f64().max(1e-3);
+                        if rate > 0.0 {
+                            println!(
+                                "  identify ETA {:.0} s",
+                                (s.shards_total - s.shards_done) as f64 / rate
+                            );
+                        }
+                    }
+                }
             }
-        };
-        if json {
-            let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            return Ok(());
+            let finished = jobs.iter().all(|j| {
+                ["done", "failed", "cancelled", "awaiting_labels"].contains(&j.state.as_str())
+            });
+            if !watch || finished {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        println!(
-            "{:<32} {:<16} {:<9} {:>12}  error",
-            "job", "state", "step", "shards"
-        );
-        for j in &jobs {
-            let id = j.steps.iter().find(|s| s.step == "identify");
-            let shards = id
-                .map(|s| format!("{}/{}", s.shards_done, s.shards_total))
-                .unwrap_or_default();
-            println!(
-                "{:<32} {:<16} {:<9} {:>12}  {}",
-                j.job_id, j.state, j.step, shards, j.error
-            );
-        }
-        Ok(())
     })
 }
 

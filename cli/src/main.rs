@@ -59,6 +59,9 @@ enum Command {
         /// Attempts per shard before its job fails.
         #[arg(long, default_value_t = 3)]
         max_attempts: u32,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long, env = "DEFUSE_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Run a worker: lease tasks from a coordinator and run them on a device.
     Worker {
@@ -79,6 +82,9 @@ enum Command {
         /// Protocol version to announce (for testing refusals).
         #[arg(long, hide = true)]
         protocol_version: Option<u32>,
+        /// Serve Prometheus metrics on http://ADDR/metrics.
+        #[arg(long, env = "DEFUSE_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Submit a job to a coordinator; prints its id.
     Submit {
@@ -103,6 +109,9 @@ enum Command {
         coordinator: String,
         #[arg(long)]
         json: bool,
+        /// Redraw every 2 seconds until the job ends (with an ETA).
+        #[arg(long)]
+        watch: bool,
     },
     /// Cancel a job: no shard stays leased, no task keeps running.
     Cancel {
@@ -279,6 +288,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             lease_ms,
             heartbeat_ms,
             max_attempts,
+            metrics_listen,
         } => cluster::coordinator(cluster::CoordinatorArgs {
             listen,
             redis,
@@ -287,6 +297,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             lease_ms,
             heartbeat_ms,
             max_attempts,
+            metrics_listen,
         })
         .map(|()| None),
         Command::Worker {
@@ -295,6 +306,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             cache_dir,
             threads,
             protocol_version,
+            metrics_listen,
         } => {
             let mut w = defuse_worker::WorkerConfig::new(coordinator);
             w.device = device;
@@ -303,7 +315,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             if let Some(v) = protocol_version {
                 w.protocol_version = v;
             }
-            cluster::worker(w).map(|()| None)
+            cluster::worker(w, metrics_listen).map(|()| None)
         }
         Command::Submit {
             config,
@@ -314,7 +326,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             job,
             coordinator,
             json,
-        } => cluster::status(&coordinator, job, json).map(|()| None),
+            watch,
+        } => cluster::status(&coordinator, job, json, watch).map(|()| None),
         Command::Cancel { job, coordinator } => cluster::cancel(&coordinator, job).map(|()| None),
         Command::Label { job, file, pairs } => {
             run::label(&job, file.as_deref(), &pairs).map(|()| None)

@@ -96,6 +96,7 @@ struct Cluster {
     redis: Redis,
     s3: S3,
     port: u16,
+    metrics_port: u16,
     coordinator: Option<Proc>,
     workers: Vec<Proc>,
 }
@@ -107,6 +108,7 @@ impl Cluster {
             redis: Redis::start(true),
             s3: S3::start(),
             port: free_port(),
+            metrics_port: free_port(),
             coordinator: None,
             workers: vec![],
         };
@@ -126,6 +128,8 @@ impl Cluster {
             &format!("127.0.0.1:{}", self.port),
             "--redis",
             &self.redis.url(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", self.metrics_port),
         ])
         .args([
             "--artifacts",
@@ -218,6 +222,21 @@ impl Cluster {
             self.status(job)
         );
     }
+}
+
+/// Prometheus samples `name{labels} value` whose labels include every one of `with`.
+fn scrape(port: u16, name: &str, with: &[&str]) -> Vec<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
 }
 
 fn identify(s: &serde_json::Value) -> serde_json::Value {
@@ -456,5 +475,77 @@ fn broken_model_fails_the_job_after_the_retries_and_bad_workers_and_configs_are_
             && err.contains("classifier.safetensors")
             && err.contains("not a safetensors file"),
         "{err}"
+    );
+}
+
+#[test]
+fn metrics_add_up_and_json_logs_carry_job_and_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    let mut c = Cluster::start(dir);
+    c.start_worker(&["--log-json"]);
+    c.start_worker(&["--log-json"]);
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        config(&dir.join("o"), &clf, &vae)
+            .replace("shard_size = 500", "shard_size = 250\nlimit = 2000"),
+    )
+    .unwrap();
+    let job = c.submit(&cfg);
+    let jl = format!("job=\"{job}\"");
+    // mid-run: the shard gauges add up to the number of shards
+    c.wait_for(&job, "a shard done", Duration::from_secs(120), |s| {
+        identify(s)["shards_done"].as_u64().unwrap_or(0) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let mid: f64 = scrape(c.metrics_port, "defuse_shards", &[&jl]).iter().sum();
+    assert_eq!(mid, 8.0, "shard gauges mid-run");
+    c.wait_for(&job, "done", Duration::from_secs(300), |s| {
+        s["state"] == "done"
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let done = scrape(c.metrics_port, "defuse_shards", &[&jl, "state=\"done\""]);
+    assert_eq!(done, vec![8.0]);
+    let all: f64 = scrape(c.metrics_port, "defuse_shards", &[&jl]).iter().sum();
+    assert_eq!(all, 8.0);
+    // the failure counter matches the job's output
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            dir.join("coordinator-work")
+                .join(&job)
+                .join("report/summary.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let found = scrape(c.metrics_port, "defuse_failures_found_total", &[&jl]);
+    assert_eq!(found, vec![summary["n_failures"].as_f64().unwrap()]);
+    assert_eq!(
+        scrape(c.metrics_port, "defuse_shard_leases_total", &[&jl])
+            .iter()
+            .sum::<f64>(),
+        8.0
+    );
+    assert_eq!(scrape(c.metrics_port, "defuse_workers", &[]), vec![2.0]);
+    // every worker log line is JSON; task lines carry the job and shard of their span
+    let mut with_fields = 0;
+    for w in &c.workers {
+        for line in w.log_text().lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let span = &v["span"];
+            if span["job"] == job.as_str()
+                && span["shard"].is_number()
+                && span["attempt"].is_number()
+            {
+                with_fields += 1;
+            }
+        }
+    }
+    assert!(
+        with_fields >= 8,
+        "{with_fields} task log lines with job and shard"
     );
 }

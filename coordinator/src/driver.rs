@@ -23,6 +23,14 @@ pub(crate) async fn run(c: Coordinator) {
 
 async fn step_all(c: &Coordinator) -> Result<(), StoreError> {
     let jobs = c.inner.store.list_jobs().await?;
+    crate::metrics::jobs(&jobs);
+    let workers = c.inner.store.workers().await?;
+    let now = now_ms();
+    let ages: Vec<(String, f64)> = workers
+        .iter()
+        .map(|(w, _, t)| (w.clone(), now.saturating_sub(*t) as f64 / 1000.0))
+        .collect();
+    crate::metrics::workers(workers.len(), &ages);
     // a job this process has seen that the store no longer has: its state was lost
     let listed: std::collections::HashSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let known: Vec<String> = c.inner.known.lock().unwrap().iter().cloned().collect();
@@ -81,8 +89,10 @@ async fn step_job(c: &Coordinator, rec: &JobRecord) -> Result<(), StoreError> {
                 .await?
             {
                 tracing::warn!(job = %rec.id, shard = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
+                crate::metrics::lease_expired(&rec.id, e.requeued);
             }
             let n = store.counts(&rec.id).await?;
+            crate::metrics::shards(&rec.id, &n);
             if n.total > 0 && n.done == n.total {
                 store
                     .set_job_state(&rec.id, JobState::Running, "finish", "", now_ms())

@@ -8,6 +8,7 @@
 //! running(identify) -> running(finish) -> done | failed | awaiting_labels |
 //! cancelled`) and is the single reaper of expired leases; the gRPC handlers only
 //! make fenced, atomic store transitions.
+pub mod metrics;
 pub mod store;
 
 mod driver;

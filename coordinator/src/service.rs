@@ -327,12 +327,14 @@ impl WorkerService for Coordinator {
             .iter()
             .filter(|j| j.state == JobState::Running && j.step == "identify")
         {
-            let lease = match self
+            let started = std::time::Instant::now();
+            let r = self
                 .inner
                 .store
                 .lease(&rec.id, &worker, now, self.inner.cfg.lease_ms)
-                .await
-            {
+                .await;
+            crate::metrics::store_call("lease", started.elapsed().as_secs_f64(), r.is_ok());
+            let lease = match r {
                 Ok(Some(l)) => l,
                 Ok(None) => continue,
                 Err(e) => return Err(store_status(e)),
@@ -343,6 +345,7 @@ impl WorkerService for Coordinator {
                 .get(lease.shard as usize)
                 .ok_or_else(|| Status::internal("shard outside the plan"))?;
             tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
+            crate::metrics::lease(&rec.id);
             return Ok(Response::new(LeaseResponse {
                 task: Some(Task {
                     task: Some(TaskRef {
@@ -428,14 +431,27 @@ impl WorkerService for Coordinator {
                 r.output_key, t.attempt
             )));
         }
+        let started = std::time::Instant::now();
         let f = self
             .inner
             .store
             .complete(&t.job, t.shard, &r.worker_id, t.attempt, &r.output_key)
-            .await
-            .map_err(store_status)?;
+            .await;
+        crate::metrics::store_call("complete", started.elapsed().as_secs_f64(), f.is_ok());
+        let f = f.map_err(store_status)?;
+        crate::metrics::completion(&t.job, f == Fenced::Accepted);
         let acceptance = match f {
             Fenced::Accepted => {
+                if let Ok(s) =
+                    serde_json::from_str::<defuse_core::identify::IdentifyStats>(&r.stats_json)
+                {
+                    crate::metrics::shard_found(
+                        &t.job,
+                        s.n_searched as u64,
+                        s.n_perturbations as u64,
+                        s.n_failures as u64,
+                    );
+                }
                 tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, "shard done");
                 Acceptance::Accepted
             }
@@ -470,6 +486,7 @@ impl WorkerService for Coordinator {
             .await
             .map_err(store_status)?;
         tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, retryable = e.retryable, outcome = ?o, error = %e.message, "task failed");
+        crate::metrics::task_failure(&t.job, e.retryable, &format!("{o:?}").to_lowercase());
         let acceptance = if o == FailOutcome::Stale {
             Acceptance::Stale
         } else {

@@ -17,6 +17,7 @@ use defuse_core::pipeline::JobConfig;
 use defuse_proto::worker_service_client::WorkerServiceClient;
 use defuse_proto::*;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 /// Settings of a worker.
 #[derive(Debug, Clone)]
@@ -155,6 +156,7 @@ pub async fn run(
             task: tref.clone(),
             abandon: abandon.clone(),
         });
+        let span = tracing::info_span!("task", job = %tref.job, step = %tref.step, shard = tref.shard, attempt = tref.attempt, worker = %id);
         let outcome = execute(
             &task,
             &store,
@@ -164,9 +166,18 @@ pub async fn run(
             abandon.clone(),
             stop.clone(),
         )
+        .instrument(span.clone())
         .await;
         *running.lock().unwrap() = None;
-        report(&mut client, &id, &tref, &task.output_key, outcome, &abandon).await;
+        let result = match &outcome {
+            Outcome::Done(..) => "done",
+            Outcome::Abandoned => "abandoned",
+            Outcome::Failed(_) => "failed",
+        };
+        metrics::counter!("defuse_worker_tasks_total", "result" => result).increment(1);
+        report(&mut client, &id, &tref, &task.output_key, outcome, &abandon)
+            .instrument(span)
+            .await;
     }
     hb.abort();
     tracing::info!(worker = %id, "worker stopped");
@@ -268,7 +279,8 @@ async fn heartbeat_loop(
 }
 
 enum Outcome {
-    Done(String),
+    /// Output key and the search's statistics (JSON).
+    Done(String, String),
     Abandoned,
     Failed(TaskError),
 }
@@ -338,7 +350,7 @@ async fn execute(
     let (start, end) = (task.start as usize, task.end as usize);
     let out2 = out_path.clone();
     let flags = (abandon.clone(), stop.clone());
-    let r = tokio::task::spawn_blocking(move || -> Result<(), TaskError> {
+    let r = tokio::task::spawn_blocking(move || -> Result<String, TaskError> {
         let exec = |e: defuse_core::Error| {
             let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
             task_error(FailureKind::Execution, retryable, e.to_string())
@@ -375,11 +387,13 @@ async fn execute(
         }
         f.write(&out2, &s)
             .map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
-        Ok(())
+        metrics::counter!("defuse_worker_perturbations_total").increment(s.n_perturbations as u64);
+        metrics::counter!("defuse_worker_failures_found_total").increment(s.n_failures as u64);
+        Ok(serde_json::to_string(&s).unwrap_or_default())
     })
     .await;
-    match r {
-        Ok(Ok(())) => {}
+    let stats = match r {
+        Ok(Ok(stats)) => stats,
         Ok(Err(e)) if e.message == "cancelled" => {
             return if stop.load(Ordering::SeqCst) {
                 Outcome::Failed(task_error(
@@ -399,13 +413,17 @@ async fn execute(
                 format!("task panicked: {e}"),
             ))
         }
-    }
+    };
     if abandon.load(Ordering::SeqCst) {
         return Outcome::Abandoned;
     }
     tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, "shard searched, uploading");
-    match store.put_file(&task.output_key, &out_path).await {
-        Ok(()) => Outcome::Done(task.output_key.clone()),
+    let started = std::time::Instant::now();
+    let put = store.put_file(&task.output_key, &out_path).await;
+    metrics::histogram!("defuse_artifact_call_seconds", "op" => "put")
+        .record(started.elapsed().as_secs_f64());
+    match put {
+        Ok(()) => Outcome::Done(task.output_key.clone(), stats),
         Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
     }
 }
@@ -422,12 +440,12 @@ async fn report(
     for attempt in 0..60 {
         let r = match &outcome {
             Outcome::Abandoned => return,
-            Outcome::Done(key) => client
+            Outcome::Done(key, stats) => client
                 .complete(CompleteRequest {
                     worker_id: id.into(),
                     task: Some(t.clone()),
                     output_key: key.clone(),
-                    stats_json: String::new(),
+                    stats_json: stats.clone(),
                 })
                 .await
                 .map(|r| r.into_inner().acceptance),
