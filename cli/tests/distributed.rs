@@ -549,3 +549,67 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
         "{with_fields} task log lines with job and shard"
     );
 }
+
+#[test]
+fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    let mut c = Cluster::start(dir);
+    let w = c.start_worker(&[]);
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        config(&dir.join("o"), &clf, &vae).replace("samples = 24", "samples = 200"),
+    )
+    .unwrap();
+    let job = c.submit(&cfg);
+    c.wait_for(&job, "a shard leased", Duration::from_secs(120), |s| {
+        identify(s)["shards_leased"].as_u64().unwrap_or(0) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.workers[w].signal("TERM");
+    let code = c.workers[w].wait_timeout(Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(0),
+        "the worker stops on SIGTERM:\n{}",
+        c.workers[w].tail(10)
+    );
+    // handed back: the shard is pending again at once, not after the lease expires
+    let s = c.wait_for(&job, "the shard handed back", Duration::from_secs(2), |s| {
+        identify(s)["shards_leased"] == 0
+    });
+    assert_eq!(identify(&s)["shards_done"], 0);
+    let log = c.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("task failed") && log.contains("handed back"),
+        "{}",
+        c.coordinator.as_ref().unwrap().tail(10)
+    );
+
+    // a new worker takes over; cancelling mid-run leaves no shard leased or pending
+    c.start_worker(&[]);
+    c.wait_for(&job, "a shard leased again", Duration::from_secs(60), |s| {
+        identify(s)["shards_leased"].as_u64().unwrap_or(0) >= 1
+    });
+    let out = defuse()
+        .args(["cancel", &job, "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = c.status(&job).unwrap();
+    assert_eq!(s["state"], "cancelled");
+    assert_eq!(
+        (
+            identify(&s)["shards_leased"].as_u64(),
+            identify(&s)["shards_pending"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    // the running task is abandoned on the next heartbeat; its late completion is ignored
+    std::thread::sleep(Duration::from_secs(2));
+    let s = c.status(&job).unwrap();
+    assert_eq!(s["state"], "cancelled");
+    assert_eq!(identify(&s)["shards_done"], 0);
+}
