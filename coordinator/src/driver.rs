@@ -226,6 +226,7 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
             .iter()
             .map(|r| (r.start as u64, r.end as u64))
             .collect(),
+        planned_ms: now_ms(),
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plan serialises");
     a.put(&format!("jobs/{}/plan.json", rec.id), json.into())
@@ -280,30 +281,20 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         local.push(path);
     }
     let id = rec.id.clone();
+    let planned_ms = c.plan(&rec.id).await.map(|p| p.planned_ms).unwrap_or(0);
+    let identify_seconds = now_ms().saturating_sub(planned_ms) as f64 / 1000.0;
     let outcome = tokio::task::spawn_blocking(move || -> Result<RunOutcome, String> {
-        let started = Instant::now();
         let mut p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
         if !local.is_empty() && !p.identify_done() {
             let mut parts = Vec::new();
             let mut total = IdentifyStats::default();
             for path in &local {
                 let (f, s) = Failures::read(path).map_err(|e| e.to_string())?;
-                if parts.is_empty() {
-                    total.split = s.split;
-                    total.start = s.start;
-                }
-                total.end = s.end;
-                total.n_images += s.n_images;
-                total.n_searched += s.n_searched;
-                total.n_recon_wrong += s.n_recon_wrong;
-                total.n_wrong += s.n_wrong;
-                total.n_perturbations += s.n_perturbations;
-                total.n_failures += s.n_failures;
-                total.n_images_with_failure += s.n_images_with_failure;
+                total.absorb(&s);
                 parts.push(f);
             }
             let failures = Failures::concat(parts, p.vae.latent());
-            p.record_identify(&failures, &total, started)
+            p.record_identify(&failures, &total, identify_seconds)
                 .map_err(|e| e.to_string())?;
         }
         pipeline::finish(&mut p).map_err(|e| e.to_string())

@@ -52,6 +52,9 @@ pub(crate) struct Plan {
     pub classifier_key: String,
     pub vae_key: String,
     pub vae_decoder_key: String,
+    /// When identify was planned (ms since the epoch): its duration is measured from here.
+    #[serde(default)]
+    pub planned_ms: u64,
 }
 
 pub(crate) struct Inner {

@@ -166,6 +166,24 @@ pub struct IdentifyStats {
     pub n_images_with_failure: usize,
 }
 
+impl IdentifyStats {
+    /// Adds the counts of the next range (ranges in order).
+    pub fn absorb(&mut self, s: &IdentifyStats) {
+        if self.n_images == 0 {
+            self.split = s.split;
+            self.start = s.start;
+        }
+        self.end = s.end;
+        self.n_images += s.n_images;
+        self.n_searched += s.n_searched;
+        self.n_recon_wrong += s.n_recon_wrong;
+        self.n_wrong += s.n_wrong;
+        self.n_perturbations += s.n_perturbations;
+        self.n_failures += s.n_failures;
+        self.n_images_with_failure += s.n_images_with_failure;
+    }
+}
+
 impl Failures {
     pub fn empty(latent: i64) -> Self {
         Failures {

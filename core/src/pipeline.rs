@@ -243,7 +243,10 @@ impl Job<'_> {
     }
 
     fn mark(&mut self, step: &str, hash: &str, started: Instant) -> Result<()> {
-        let seconds = started.elapsed().as_secs_f64();
+        self.mark_seconds(step, hash, started.elapsed().as_secs_f64())
+    }
+
+    fn mark_seconds(&mut self, step: &str, hash: &str, seconds: f64) -> Result<()> {
         let p = self.dir(step)?.join("done.json");
         std::fs::write(
             &p,
@@ -351,17 +354,18 @@ impl Prepared<'_> {
         shard_ranges(&self.ds, &self.job.cfg.identify)
     }
 
-    /// Records identify's result (however it was computed) as the finished step.
+    /// Records identify's result (however it was computed, in `seconds`) as the
+    /// finished step.
     pub fn record_identify(
         &mut self,
         failures: &Failures,
         stats: &IdentifyStats,
-        started: Instant,
+        seconds: f64,
     ) -> Result<()> {
         self.job.dir("identify")?;
         failures.write(&self.job.out.join("identify/failures.safetensors"), stats)?;
         let h = self.identify_hash();
-        self.job.mark("identify", &h, started)
+        self.job.mark_seconds("identify", &h, seconds)
     }
 
     /// Identify in this process, shard by shard (finished shards are reused).
@@ -378,7 +382,7 @@ impl Prepared<'_> {
             &self.vae,
             &self.identify_hash(),
         )?;
-        self.record_identify(&f, &s, started)
+        self.record_identify(&f, &s, started.elapsed().as_secs_f64())
     }
 }
 
@@ -682,9 +686,6 @@ fn run_identify(
     let mut parts = Vec::new();
     let mut total = IdentifyStats {
         split: o.split,
-        start: 0,
-        end: n,
-        n_images: n,
         ..Default::default()
     };
     for (i, range) in shards.into_iter().enumerate() {
@@ -712,12 +713,7 @@ fn run_identify(
                 r
             }
         };
-        total.n_searched += s.n_searched;
-        total.n_recon_wrong += s.n_recon_wrong;
-        total.n_wrong += s.n_wrong;
-        total.n_perturbations += s.n_perturbations;
-        total.n_failures += s.n_failures;
-        total.n_images_with_failure += s.n_images_with_failure;
+        total.absorb(&s);
         parts.push(f);
         bar.set_message(format!("{} failures", total.n_failures));
     }

@@ -263,24 +263,6 @@ impl StateStore for MemoryStore {
         Ok(out)
     }
 
-    async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
-        let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, id)?;
-        let mut c = ShardCounts {
-            total: j.shards.len() as u32,
-            ..Default::default()
-        };
-        for s in &j.shards {
-            match s.state.as_str() {
-                "pending" => c.pending += 1,
-                "leased" => c.leased += 1,
-                "done" => c.done += 1,
-                _ => c.failed += 1,
-            }
-        }
-        Ok(c)
-    }
-
     async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>> {
         let mut i = self.inner.lock().unwrap();
         Ok(job(&mut i, id)?.shards.clone())

@@ -118,6 +118,24 @@ pub struct ShardCounts {
     pub failed: u32,
 }
 
+impl ShardCounts {
+    pub fn of(shards: &[ShardInfo]) -> ShardCounts {
+        let mut c = ShardCounts {
+            total: shards.len() as u32,
+            ..Default::default()
+        };
+        for s in shards {
+            match s.state.as_str() {
+                "pending" => c.pending += 1,
+                "leased" => c.leased += 1,
+                "done" => c.done += 1,
+                _ => c.failed += 1,
+            }
+        }
+        c
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ShardInfo {
     pub shard: u32,
@@ -206,8 +224,10 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<FailOutcome>;
     /// Requeues (or fails, after `max_attempts`) every lease past its deadline.
     async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>>;
-    async fn counts(&self, id: &str) -> StoreResult<ShardCounts>;
     async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>>;
+    async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
+        Ok(ShardCounts::of(&self.shards(id).await?))
+    }
     /// Marks every pending and leased shard cancelled and the job cancelled.
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()>;
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()>;

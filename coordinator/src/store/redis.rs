@@ -486,23 +486,6 @@ impl StateStore for RedisStore {
         Ok(out)
     }
 
-    async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
-        let shards = self.shards(id).await?;
-        let mut c = ShardCounts {
-            total: shards.len() as u32,
-            ..Default::default()
-        };
-        for s in &shards {
-            match s.state.as_str() {
-                "pending" => c.pending += 1,
-                "leased" => c.leased += 1,
-                "done" => c.done += 1,
-                _ => c.failed += 1,
-            }
-        }
-        Ok(c)
-    }
-
     async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>> {
         let k = keys(id);
         let mut c = self.conn();
