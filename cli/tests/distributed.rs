@@ -81,6 +81,8 @@ shard_size = 500
 perturbation = {{ kind = "gaussian", sigma = 0.5 }}
 [distill]
 max_components = 20
+[label]
+discard_non_failures = false
 [correct]
 samples_per_scenario = 40
 "#,

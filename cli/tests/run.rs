@@ -90,7 +90,14 @@ fn small_run_is_complete_deterministic_and_resumable() {
             "{}.toml",
             out.file_name().unwrap().to_string_lossy()
         ));
-        std::fs::write(&cfg, config(out, "mode = \"source-majority\"")).unwrap();
+        std::fs::write(
+            &cfg,
+            config(
+                out,
+                "mode = \"source-majority\"\ndiscard_non_failures = false",
+            ),
+        )
+        .unwrap();
         let r = defuse(&["run", cfg.to_str().unwrap()]);
         assert!(r.status.success());
     }
@@ -160,8 +167,11 @@ fn small_run_is_complete_deterministic_and_resumable() {
     assert_eq!(s, summary(&a));
 
     // a change in [correct] redoes only correct and report
-    let changed = config(&a, "mode = \"source-majority\"")
-        .replace("samples_per_scenario = 40", "samples_per_scenario = 30");
+    let changed = config(
+        &a,
+        "mode = \"source-majority\"\ndiscard_non_failures = false",
+    )
+    .replace("samples_per_scenario = 40", "samples_per_scenario = 30");
     std::fs::write(&cfg_a, changed).unwrap();
     let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
         .args(["run", cfg_a.to_str().unwrap()])

@@ -100,6 +100,9 @@ pub struct LabelSection {
     /// `source-majority` discards a scenario whose majority source label covers less
     /// than this share of its failures (an ambiguous scenario a person would discard).
     pub min_purity: f64,
+    /// `source-majority` discards a scenario whose samples the classifier already
+    /// gets right (most of its grid): it is no failure.
+    pub discard_non_failures: bool,
 }
 
 impl Default for LabelSection {
@@ -107,7 +110,8 @@ impl Default for LabelSection {
         LabelSection {
             mode: LabelMode::SourceMajority,
             file: None,
-            min_purity: 0.5,
+            min_purity: 0.6,
+            discard_non_failures: true,
         }
     }
 }
@@ -457,9 +461,11 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     let h_label = hash_of(&[&h_distill, &cfg.label, &label_input]);
     let started = Instant::now();
     let labels: Labels = match cfg.label.mode {
-        LabelMode::SourceMajority => {
-            scenarios::source_majority_labels(&scenarios, cfg.label.min_purity)
-        }
+        LabelMode::SourceMajority => scenarios::source_majority_labels(
+            &scenarios,
+            cfg.label.min_purity,
+            cfg.label.discard_non_failures,
+        ),
         LabelMode::File => scenarios::read_labels(
             cfg.label.file.as_ref().expect("validated"),
             &scenarios,

@@ -229,15 +229,28 @@ impl Serialize for Label {
 pub type Labels = BTreeMap<usize, Label>;
 
 /// The `source-majority` oracle for every scenario: the majority source label, or
-/// discard when that majority covers less than `min_purity` of the scenario.
-pub fn source_majority_labels(scenarios: &[Scenario], min_purity: f64) -> Labels {
+/// discard when that majority covers less than `min_purity` of the scenario, or (with
+/// `discard_non_failures`) when the classifier already gets most of the scenario's
+/// samples right, as a person would discard a scenario that is no failure.
+pub fn source_majority_labels(
+    scenarios: &[Scenario],
+    min_purity: f64,
+    discard_non_failures: bool,
+) -> Labels {
     scenarios
         .iter()
         .map(|s| {
             let total: usize = s.source_labels.values().sum();
             let label = match s.source_majority() {
                 Some(l) if total > 0 && s.source_labels[&l] as f64 >= min_purity * total as f64 => {
-                    Label::Class(l)
+                    let right = s.sample_predictions.iter().filter(|&&p| p == l).count();
+                    let no_failure =
+                        !s.sample_predictions.is_empty() && 2 * right >= s.sample_predictions.len();
+                    if discard_non_failures && no_failure {
+                        Label::Discard
+                    } else {
+                        Label::Class(l)
+                    }
                 }
                 _ => Label::Discard,
             };
@@ -336,4 +349,49 @@ pub fn write_labels(path: &Path, labels: &Labels) -> Result<()> {
     std::fs::write(&tmp, serde_json::to_string_pretty(&obj).expect("json"))
         .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(id: usize, sources: &[(i64, usize)], samples: &[i64]) -> Scenario {
+        Scenario {
+            id,
+            component: id,
+            weight: 0.1,
+            size: sources.iter().map(|s| s.1).sum(),
+            mean: vec![0.0],
+            covariance: vec![vec![1.0]],
+            predicted: 0,
+            source_labels: sources.iter().copied().collect(),
+            sample_predictions: samples.to_vec(),
+        }
+    }
+
+    #[test]
+    fn oracle_discards_ambiguous_scenarios_and_non_failures() {
+        let s = vec![
+            scenario(0, &[(8, 90), (3, 10)], &[3, 3, 3, 8]),
+            scenario(1, &[(8, 50), (3, 50)], &[3, 3, 3, 3]),
+            scenario(2, &[(5, 80), (6, 20)], &[5, 5, 5, 6]),
+        ];
+        let l = source_majority_labels(&s, 0.6, true);
+        assert_eq!(l[&0], Label::Class(8));
+        assert_eq!(l[&1], Label::Discard, "50% pure");
+        assert_eq!(l[&2], Label::Discard, "already classified right");
+        let l = source_majority_labels(&s, 0.6, false);
+        assert_eq!(l[&2], Label::Class(5));
+        let names: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        assert!(validate_labels([("0", "3"), ("0", "4")], &s, &names)
+            .unwrap_err()
+            .contains("twice"));
+        assert!(validate_labels([("7", "3")], &s, &names)
+            .unwrap_err()
+            .contains("scenario 7 does not exist"));
+        assert_eq!(
+            validate_labels([("2", "discard")], &s, &names).unwrap()[&2],
+            Label::Discard
+        );
+    }
 }
