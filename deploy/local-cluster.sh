@@ -42,7 +42,7 @@ sleep 1
 job=$("$bin" submit "$config")
 echo "submitted $job to $DEFUSE_COORDINATOR ($n workers); logs in $dir/"
 while true; do
-  line=$("$bin" status "$job" | tail -n 1)
+  line=$("$bin" status "$job" | sed -n 2p)   # the job's row: id, state, step, shards
   echo "$line"
   case "$line" in
     *" done "*|*" failed "*|*" cancelled "*|*awaiting_labels*) break ;;
