@@ -312,9 +312,20 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
             .submit(&toml_text, Some(job_id.clone()))
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        // identify runs in the workers: its progress bar follows the shards
+        let mut bar: Option<indicatif::ProgressBar> = None;
         let outcome = loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let rec = store.get_job(&id).await?.context("job vanished")?;
+            if rec.step == "identify" {
+                let c = store.counts(&id).await?;
+                let b = bar.get_or_insert_with(|| {
+                    defuse_core::progress::bar(c.total as u64, "identify (shards)")
+                });
+                b.set_position(c.done as u64);
+            } else if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
             match rec.state.as_str() {
                 "done" => break Ok(Embedded::Done),
                 "awaiting_labels" => break Ok(Embedded::AwaitingLabels),
