@@ -184,11 +184,6 @@ impl JobConfig {
     }
 }
 
-/// The steps, in order.
-pub const STEPS: [&str; 6] = [
-    "models", "identify", "distill", "label", "correct", "report",
-];
-
 /// Outcome of a run.
 #[derive(Debug)]
 pub enum RunOutcome {

@@ -50,8 +50,6 @@ impl WorkerConfig {
 pub enum WorkerError {
     #[error("coordinator refused this worker: {0}")]
     Refused(String),
-    #[error("coordinator at {0} unreachable: {1}")]
-    Unreachable(String, String),
     #[error("{0}")]
     Other(String),
 }
@@ -175,7 +173,7 @@ pub async fn run(
             Outcome::Failed(_) => "failed",
         };
         metrics::counter!("defuse_worker_tasks_total", "result" => result).increment(1);
-        report(&mut client, &id, &tref, &task.output_key, outcome, &abandon)
+        report(&mut client, &id, &tref, &task.output_key, outcome)
             .instrument(span)
             .await;
     }
@@ -434,7 +432,6 @@ async fn report(
     t: &TaskRef,
     output_key: &str,
     outcome: Outcome,
-    _abandon: &AtomicBool,
 ) {
     // a completion or failure must reach the coordinator; retry through short outages
     for attempt in 0..60 {
