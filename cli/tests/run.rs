@@ -68,6 +68,16 @@ fn summary(out: &Path) -> serde_json::Value {
     v
 }
 
+/// Runs a job (at the default log level) and returns its log; it must succeed.
+fn run_log(cfg: &Path) -> String {
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["run", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    String::from_utf8_lossy(&r.stderr).into_owned()
+}
+
 /// The steps a run's log says it reused.
 fn reused(log: &str) -> Vec<String> {
     let mut v: Vec<String> = log
@@ -153,12 +163,7 @@ fn small_run_is_complete_deterministic_and_resumable() {
 
     // run again: every step is reused, same summary
     let cfg_a = dir.path().join("a.toml");
-    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
-        .args(["run", cfg_a.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(r.status.success());
-    let log = String::from_utf8_lossy(&r.stderr);
+    let log = run_log(&cfg_a);
     assert_eq!(
         reused(&log),
         ["correct", "distill", "identify", "label", "models"],
@@ -173,12 +178,7 @@ fn small_run_is_complete_deterministic_and_resumable() {
     )
     .replace("samples_per_scenario = 40", "samples_per_scenario = 30");
     std::fs::write(&cfg_a, changed).unwrap();
-    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
-        .args(["run", cfg_a.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(r.status.success());
-    let log = String::from_utf8_lossy(&r.stderr);
+    let log = run_log(&cfg_a);
     assert_eq!(
         reused(&log),
         ["distill", "identify", "label", "models"],
