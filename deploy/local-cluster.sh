@@ -19,7 +19,7 @@ s3s=$DEFUSE_CACHE/bin/bin/s3s-fs
 dir=runs/local-cluster
 mkdir -p "$dir/s3" "$dir/redis"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-redis_port=$(port); s3_port=$(port); grpc_port=$(port)
+redis_port=$(port); s3_port=$(port); grpc_port=$(port); http_port=${DEFUSE_HTTP_PORT:-$(port)}
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
@@ -31,7 +31,8 @@ export AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port AWS_ACCESS_KEY_ID=local AWS_SE
 pids+=($!)
 sleep 1
 "$bin" coordinator --listen "127.0.0.1:$grpc_port" --redis "redis://127.0.0.1:$redis_port/" \
-  --artifacts s3://defuse/local --work-dir "$dir/work" >"$dir/coordinator.log" 2>&1 &
+  --artifacts s3://defuse/local --work-dir "$dir/work" --http-listen "127.0.0.1:$http_port" \
+  >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 export DEFUSE_COORDINATOR=http://127.0.0.1:$grpc_port
 for i in $(seq 1 "$n"); do
@@ -40,7 +41,7 @@ for i in $(seq 1 "$n"); do
 done
 sleep 1
 job=$("$bin" submit "$config")
-echo "submitted $job to $DEFUSE_COORDINATOR ($n workers); logs in $dir/"
+echo "submitted $job to $DEFUSE_COORDINATOR ($n workers); page: http://127.0.0.1:$http_port/jobs/$job; logs in $dir/"
 while true; do
   line=$("$bin" status "$job" | sed -n 2p)   # the job's row: id, state, step, shards
   echo "$line"

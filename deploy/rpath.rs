@@ -7,4 +7,9 @@ fn main() {
         let lib = lib.canonicalize().unwrap_or(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
+    // `--features cuda` (the CLI's): keep libtorch_cuda linked. The linker drops it as
+    // unused by default (--as-needed), and then tch::Cuda::is_available() is false.
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
 }

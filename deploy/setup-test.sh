@@ -14,6 +14,27 @@ if [ ! -f "$pyenv/.complete" ]; then
   touch "$pyenv/.complete"
 fi
 
+# Offline checks of the Helm chart (deploy/check-chart.py): Helm 4 as a library and the
+# Kubernetes JSON schemas, every package pinned. Its own folder (~360 MB): a second
+# `pip install --target` into pytest-env would have to replace that folder's bin/.
+# Reinstalled from scratch when the pins change.
+chart_pins=(
+  "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0"
+  "jsonschema==4.26.0" "jsonschema-specifications==2025.9.1" "referencing==0.37.0"
+  "rpds-py==2026.9.1" "attrs==26.1.0" "PyYAML==6.0.4" "packaging==26.4"
+  "importlib-resources==7.1.0" "typing-extensions==4.16.0"
+)
+chartenv=$cache/chart-env
+chart_stamp=$(printf '%s\n' "${chart_pins[@]}" | sha256sum | cut -c1-16)
+if [ ! -f "$chartenv/.complete-$chart_stamp" ]; then
+  log "installing helm-python-sdk + kubernetes-validate into $chartenv"
+  rm -rf "$chartenv.tmp"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$chartenv.tmp" "${chart_pins[@]}"
+  rm -rf "$chartenv"
+  mv "$chartenv.tmp" "$chartenv"
+  touch "$chartenv/.complete-$chart_stamp"
+fi
+
 # Redis (Debian's package; tests start private servers on free ports)
 if ! command -v redis-server >/dev/null 2>&1; then
   log "installing redis-server"
@@ -28,4 +49,19 @@ bin=$cache/bin
 if [ ! -x "$bin/bin/s3s-fs" ]; then
   log "building s3s-fs 0.14.1 (one time, a few minutes)"
   cargo install --quiet --root "$bin" s3s-fs@0.14.1 --features binary --locked
+fi
+
+# The browser test (cli/tests/web.rs): Debian's Chromium, driven by playwright-core
+# from npm with executablePath set (playwright's own browser download cannot work here).
+if ! command -v chromium >/dev/null 2>&1; then
+  log "installing chromium"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else sudo apt-get install -y -q chromium >/dev/null; fi
+fi
+nodeenv=$cache/node-env
+if [ ! -f "$nodeenv/.complete-playwright-core-1.65.1" ]; then
+  log "installing playwright-core 1.65.1 into $nodeenv"
+  mkdir -p "$nodeenv"
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --silent --no-audit --no-fund --prefix "$nodeenv" playwright-core@1.65.1 >/dev/null
+  touch "$nodeenv/.complete-playwright-core-1.65.1"
 fi

@@ -10,6 +10,7 @@ use defuse_coordinator::store::{memory::MemoryStore, redis::RedisStore, StateSto
 use defuse_coordinator::{Coordinator, CoordinatorConfig};
 use defuse_core::artifacts::{self, ArtifactStore, LocalStore, S3Store};
 use defuse_core::pipeline::JobConfig;
+use defuse_proto::auth;
 use defuse_proto::job_service_client::JobServiceClient;
 use defuse_proto::*;
 
@@ -40,7 +41,7 @@ pub async fn open_artifacts(url: &str) -> anyhow::Result<Arc<dyn ArtifactStore>>
                 std::env::var("AWS_ENDPOINT_URL").ok()
             )
         })?;
-        return Ok(Arc::new(s));
+        return Ok(artifacts::Metered::wrap(s));
     }
     Ok(artifacts::open(url).await?)
 }
@@ -53,7 +54,8 @@ pub struct CoordinatorArgs {
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
     pub max_attempts: u32,
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub http_listen: Option<String>,
+    pub token: Option<String>,
 }
 
 /// Serves Prometheus text on `http://addr/metrics` (any path answers).
@@ -70,7 +72,22 @@ fn install_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
 
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        install_metrics(a.metrics_listen)?;
+        let http = match &a.http_listen {
+            Some(addr) => {
+                let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .install_recorder()
+                    .context("cannot install the metrics recorder")?;
+                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--http-listen)"))?;
+                tracing::info!(addr = %listener.local_addr()?, "labelling page, /metrics, /healthz and /readyz");
+                println!("http on {}", listener.local_addr()?);
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || handle.render());
+                Some((listener, defuse_coordinator::http::HttpOptions { metrics: Some(render) }))
+            }
+            None => None,
+        };
+        if a.token.is_none() {
+            tracing::warn!("no token (DEFUSE_TOKEN or --token-file): anyone who reaches the ports can submit jobs and label them");
+        }
         let store: Arc<dyn StateStore> = match &a.redis {
             Some(url) => Arc::new(RedisStore::connect(url).await?),
             None => {
@@ -80,11 +97,11 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         };
         let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
         let artifacts = open_artifacts(&url).await?;
-        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), ..Default::default() };
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), token: a.token.clone(), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
         println!("coordinator listening on {}", listener.local_addr()?);
-        defuse_coordinator::serve(Coordinator::new(cfg, store, artifacts), listener, shutdown_signal()).await?;
+        defuse_coordinator::serve(Coordinator::new(cfg, store, artifacts), listener, http, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -100,7 +117,12 @@ pub fn worker(
     })
 }
 
-async fn client(url: &str) -> anyhow::Result<JobServiceClient<tonic::transport::Channel>> {
+async fn client(
+    url: &str,
+    token: Option<String>,
+) -> anyhow::Result<JobServiceClient<auth::AuthChannel>> {
+    let bearer =
+        auth::Bearer::new(token.as_deref()).map_err(|m| defuse_core::Error::invalid("token", m))?;
     let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_secs(5))
         .connect()
@@ -110,14 +132,18 @@ async fn client(url: &str) -> anyhow::Result<JobServiceClient<tonic::transport::
                 "cannot reach the coordinator at {url} (set --coordinator or DEFUSE_COORDINATOR)"
             )
         })?;
-    Ok(JobServiceClient::new(ch))
+    Ok(JobServiceClient::new(auth::AuthChannel::new(ch, bearer)))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
     let e = anyhow::anyhow!("coordinator: {}", s.message());
     if matches!(
         s.code(),
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::AlreadyExists
+        tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::AlreadyExists
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::Unauthenticated
     ) {
         e.context(defuse_core::Error::invalid(
             "request",
@@ -128,14 +154,19 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     }
 }
 
-pub fn submit(url: &str, config: &Path, job_id: Option<String>) -> anyhow::Result<()> {
+pub fn submit(
+    url: &str,
+    token: Option<String>,
+    config: &Path,
+    job_id: Option<String>,
+) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     // check here first: a bad config never reaches the coordinator
     let mut cfg = JobConfig::load(config)?;
     cfg.out = None;
     runtime()?.block_on(async {
-        let mut c = client(url).await?;
+        let mut c = client(url, token).await?;
         let r = c
             .submit(SubmitRequest {
                 config_toml: text,
@@ -148,9 +179,15 @@ pub fn submit(url: &str, config: &Path, job_id: Option<String>) -> anyhow::Resul
     })
 }
 
-pub fn status(url: &str, job: Option<String>, json: bool, watch: bool) -> anyhow::Result<()> {
+pub fn status(
+    url: &str,
+    token: Option<String>,
+    job: Option<String>,
+    json: bool,
+    watch: bool,
+) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut c = client(url).await?;
+        let mut c = client(url, token).await?;
         let started = std::time::Instant::now();
         let mut first_done: Option<u64> = None;
         loop {
@@ -243,9 +280,71 @@ fn status_json(j: &JobStatus) -> serde_json::Value {
     })
 }
 
-pub fn cancel(url: &str, job: String) -> anyhow::Result<()> {
+/// Labels a job waiting on a coordinator: `pairs` like `3=8`, or a labels file.
+pub fn label(
+    url: &str,
+    token: Option<String>,
+    job: &str,
+    file: Option<&Path>,
+    pairs: &[String],
+) -> anyhow::Result<()> {
+    let labels: std::collections::HashMap<String, String> = match (file, pairs.is_empty()) {
+        (Some(f), true) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+                .map_err(|e| {
+                    defuse_core::Error::format(
+                        f,
+                        format!("expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}"),
+                    )
+                })?;
+            map.into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => (k, s),
+                    other => (k, other.to_string()),
+                })
+                .collect()
+        }
+        (None, false) => {
+            let mut m = std::collections::HashMap::new();
+            for p in pairs {
+                let (k, v) = p.split_once('=').ok_or_else(|| {
+                    defuse_core::Error::invalid(
+                        "label",
+                        format!("'{p}' is not <scenario>=<class>|discard"),
+                    )
+                })?;
+                m.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            m
+        }
+        _ => bail!(defuse_core::Error::invalid(
+            "label",
+            "give either --file or <scenario>=<class> pairs"
+        )),
+    };
     runtime()?.block_on(async {
-        let mut c = client(url).await?;
+        let mut c = client(url, token).await?;
+        let r = c
+            .label(LabelRequest {
+                job_id: job.to_string(),
+                labels,
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        println!(
+            "job {job}: {} scenarios labelled, {} discarded; correction starts now",
+            r.labelled, r.discarded
+        );
+        Ok(())
+    })
+}
+
+pub fn cancel(url: &str, token: Option<String>, job: String) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let mut c = client(url, token).await?;
         let r = c
             .cancel(CancelRequest {
                 job_id: job.clone(),
@@ -299,6 +398,7 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         let server = tokio::spawn(defuse_coordinator::serve(
             coord.clone(),
             listener,
+            None,
             wait(stop_rx.clone()),
         ));
         let mut handles = Vec::new();

@@ -22,6 +22,10 @@ struct Cli {
     /// Log as JSON lines instead of text (also: DEFUSE_LOG_FORMAT=json). Levels: RUST_LOG.
     #[arg(long, global = true)]
     log_json: bool,
+    /// A file holding the coordinator's token (else DEFUSE_TOKEN; never on the
+    /// command line). The coordinator demands it, workers and clients send it.
+    #[arg(long, global = true, env = "DEFUSE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -59,9 +63,9 @@ enum Command {
         /// Attempts per shard before its job fails.
         #[arg(long, default_value_t = 3)]
         max_attempts: u32,
-        /// Serve Prometheus metrics on http://ADDR/metrics.
-        #[arg(long, env = "DEFUSE_METRICS_LISTEN")]
-        metrics_listen: Option<std::net::SocketAddr>,
+        /// Serve the labelling page, the JSON API, /metrics, /healthz and /readyz here.
+        #[arg(long, env = "DEFUSE_HTTP_LISTEN")]
+        http_listen: Option<String>,
     },
     /// Run a worker: lease tasks from a coordinator and run them on a device.
     Worker {
@@ -124,9 +128,17 @@ enum Command {
         coordinator: String,
     },
     /// Label a job's failure scenarios: `defuse label runs/x 3=8 5=discard`, or --file.
+    /// JOB is a job's output folder (`defuse run`), or a job id on a coordinator: there
+    /// the labels are final, and scenarios left out are discarded.
     Label {
-        /// The job's output folder.
-        job: PathBuf,
+        /// A job's output folder, or a job id.
+        job: String,
+        #[arg(
+            long,
+            env = "DEFUSE_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        coordinator: String,
         /// A JSON file {"<scenario id>": <class id> | "<class name>" | "discard"}.
         #[arg(long)]
         file: Option<PathBuf>,
@@ -253,7 +265,14 @@ impl TrainArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_json);
-    match dispatch(cli.cmd) {
+    let token = match read_token(cli.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match dispatch(cli.cmd, token) {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(code)) => ExitCode::from(code),
         Err(e) => {
@@ -273,7 +292,24 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
+/// The token from `--token-file`, else from DEFUSE_TOKEN.
+fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let t = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?,
+        None => std::env::var("DEFUSE_TOKEN").unwrap_or_default(),
+    };
+    let t = t.trim().to_string();
+    if t.chars().any(|c| !c.is_ascii_graphic()) {
+        anyhow::bail!(defuse_core::Error::invalid(
+            "token",
+            "the token must be printable ASCII without spaces"
+        ));
+    }
+    Ok(Some(t).filter(|t| !t.is_empty()))
+}
+
+fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
     match cmd {
         Command::Run {
             config,
@@ -288,7 +324,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             lease_ms,
             heartbeat_ms,
             max_attempts,
-            metrics_listen,
+            http_listen,
         } => cluster::coordinator(cluster::CoordinatorArgs {
             listen,
             redis,
@@ -297,7 +333,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             lease_ms,
             heartbeat_ms,
             max_attempts,
-            metrics_listen,
+            http_listen,
+            token,
         })
         .map(|()| None),
         Command::Worker {
@@ -312,6 +349,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             w.device = device;
             w.cache_dir = cache_dir;
             w.threads = threads;
+            w.token = token;
             if let Some(v) = protocol_version {
                 w.protocol_version = v;
             }
@@ -321,17 +359,27 @@ fn dispatch(cmd: Command) -> anyhow::Result<Option<u8>> {
             config,
             coordinator,
             job_id,
-        } => cluster::submit(&coordinator, &config, job_id).map(|()| None),
+        } => cluster::submit(&coordinator, token, &config, job_id).map(|()| None),
         Command::Status {
             job,
             coordinator,
             json,
             watch,
-        } => cluster::status(&coordinator, job, json, watch).map(|()| None),
-        Command::Cancel { job, coordinator } => cluster::cancel(&coordinator, job).map(|()| None),
-        Command::Label { job, file, pairs } => {
-            run::label(&job, file.as_deref(), &pairs).map(|()| None)
+        } => cluster::status(&coordinator, token, job, json, watch).map(|()| None),
+        Command::Cancel { job, coordinator } => {
+            cluster::cancel(&coordinator, token, job).map(|()| None)
         }
+        Command::Label {
+            job,
+            coordinator,
+            file,
+            pairs,
+        } => if std::path::Path::new(&job).is_dir() {
+            run::label(std::path::Path::new(&job), file.as_deref(), &pairs)
+        } else {
+            cluster::label(&coordinator, token, &job, file.as_deref(), &pairs)
+        }
+        .map(|()| None),
         Command::Train { what } => train_cmd(what).map(|()| None),
         Command::Cluster(a) => cluster_cmd(a).map(|()| None),
     }

@@ -19,46 +19,11 @@ fn defuse() -> Command {
 
 /// Small models, trained once per test on a slice of MNIST.
 fn train_models(dir: &Path) -> (PathBuf, PathBuf) {
-    let (clf, vae) = (dir.join("clf.safetensors"), dir.join("vae.safetensors"));
-    let data = repo().join("data/mnist");
-    let st = defuse()
-        .args([
-            "train",
-            "classifier",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            clf.to_str().unwrap(),
-        ])
-        .args(["--epochs", "1", "--limit-train", "4000", "--width", "8"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let st = defuse()
-        .args([
-            "train",
-            "vae",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            vae.to_str().unwrap(),
-        ])
-        .args([
-            "--epochs",
-            "2",
-            "--limit-train",
-            "4000",
-            "--latent",
-            "6",
-            "--width",
-            "16",
-            "--hidden",
-            "64",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    (clf, vae)
+    defuse_testkit::train_small_mnist_models(
+        Path::new(env!("CARGO_BIN_EXE_defuse")),
+        &repo().join("data/mnist"),
+        dir,
+    )
 }
 
 /// The whole MNIST test split, 20 shards of 500 images.
@@ -130,7 +95,7 @@ impl Cluster {
             &format!("127.0.0.1:{}", self.port),
             "--redis",
             &self.redis.url(),
-            "--metrics-listen",
+            "--http-listen",
             &format!("127.0.0.1:{}", self.metrics_port),
         ])
         .args([

@@ -8,13 +8,14 @@
 //! running(identify) -> running(finish) -> done | failed | awaiting_labels |
 //! cancelled`) and is the single reaper of expired leases; the gRPC handlers only
 //! make fenced, atomic store transitions.
+pub mod http;
 pub mod metrics;
 pub mod store;
 
 mod driver;
 mod service;
 
-pub use service::{serve, Coordinator, CoordinatorConfig};
+pub use service::{read_scenarios, serve, Coordinator, CoordinatorConfig};
 
 /// Artifact key of a shard attempt's output: a dead attempt's output is never under
 /// the key a completion of another attempt names.

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use defuse_core::artifacts::ArtifactStore;
 use defuse_core::pipeline::JobConfig;
+use defuse_core::scenarios::{self, Scenario};
 use defuse_proto::job_service_server::{JobService, JobServiceServer};
 use defuse_proto::worker_service_server::{WorkerService, WorkerServiceServer};
 use defuse_proto::*;
 use serde::{Deserialize, Serialize};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::store::{now_ms, FailOutcome, Fenced, JobRecord, JobState, StateStore, StoreError};
@@ -29,6 +31,8 @@ pub struct CoordinatorConfig {
     pub work_dir: PathBuf,
     /// Embedded mode: a job's files go to its config's `out` folder instead.
     pub use_job_out: bool,
+    /// When set, every gRPC call and HTTP request (but health checks) must carry it.
+    pub token: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -40,6 +44,7 @@ impl Default for CoordinatorConfig {
             tick_ms: 500,
             work_dir: PathBuf::from("coordinator-work"),
             use_job_out: false,
+            token: None,
         }
     }
 }
@@ -157,6 +162,68 @@ impl Coordinator {
         Ok(id)
     }
 
+    /// Stores the labels of a job waiting for them: validated against its scenarios
+    /// and classes, all or nothing, never over labels already given. Scenarios left
+    /// out are discarded. Returns (labelled, discarded).
+    pub async fn set_labels(
+        &self,
+        job: &str,
+        pairs: &[(String, String)],
+    ) -> Result<(usize, usize), Status> {
+        let rec = self
+            .inner
+            .store
+            .get_job(job)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no job {job}")))?;
+        if rec.state != JobState::AwaitingLabels {
+            return Err(Status::failed_precondition(format!(
+                "job {job} is {}, not awaiting_labels",
+                rec.state.as_str()
+            )));
+        }
+        let dir = self.job_dir_of(&rec)?;
+        let (scenarios, classes) = read_scenarios(&dir)?;
+        let mut labels = scenarios::validate_labels(
+            pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &scenarios,
+            &classes,
+        )
+        .map_err(Status::invalid_argument)?;
+        for s in &scenarios {
+            labels.entry(s.id).or_insert(scenarios::Label::Discard);
+        }
+        let labelled = labels
+            .values()
+            .filter(|l| matches!(l, scenarios::Label::Class(_)))
+            .count();
+        // write aside, then link into place: the file appears whole, and only once
+        let path = dir.join("labels.json");
+        let tmp = dir.join(format!("labels.json.{}.tmp", rand::random::<u32>()));
+        scenarios::write_labels(&tmp, &labels).map_err(|e| Status::internal(e.to_string()))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Status::failed_precondition(format!(
+                    "job {job} is labelled already"
+                )))
+            }
+            Err(e) => return Err(Status::internal(format!("{}: {e}", path.display()))),
+        }
+        tracing::info!(job = %job, labelled, discarded = labels.len() - labelled, "labels stored");
+        Ok((labelled, labels.len() - labelled))
+    }
+
+    /// The folder of a job's central files.
+    pub fn job_dir_of(&self, rec: &JobRecord) -> Result<PathBuf, Status> {
+        let cfg: JobConfig = toml::from_str(&rec.config_toml)
+            .map_err(|e| Status::internal(format!("config of job {}: {e}", rec.id)))?;
+        Ok(self.job_dir(rec, &cfg))
+    }
+
     pub(crate) fn job_dir(&self, rec: &JobRecord, cfg: &JobConfig) -> PathBuf {
         if self.inner.cfg.use_job_out {
             cfg.out_dir()
@@ -186,7 +253,7 @@ impl Coordinator {
         Ok(plan)
     }
 
-    async fn status_of(&self, rec: &JobRecord) -> JobStatus {
+    pub(crate) async fn status_of(&self, rec: &JobRecord) -> JobStatus {
         let mut steps = Vec::new();
         let order = ["models", "identify", "finish"];
         let at = order.iter().position(|s| *s == rec.step).unwrap_or(0);
@@ -242,6 +309,19 @@ impl Coordinator {
             updated_ms: rec.updated_ms,
         }
     }
+}
+
+/// A job's scenarios and class names, as its distill step left them.
+pub fn read_scenarios(dir: &std::path::Path) -> Result<(Vec<Scenario>, Vec<String>), Status> {
+    let read = |name: &str| {
+        let p = dir.join("distill").join(name);
+        std::fs::read(&p).map_err(|e| Status::failed_precondition(format!("{}: {e}", p.display())))
+    };
+    let scenarios: Vec<Scenario> = serde_json::from_slice(&read("scenarios.json")?)
+        .map_err(|e| Status::internal(format!("scenarios of {}: {e}", dir.display())))?;
+    let classes: Vec<String> = serde_json::from_slice(&read("classes.json")?)
+        .map_err(|e| Status::internal(format!("classes of {}: {e}", dir.display())))?;
+    Ok((scenarios, classes))
 }
 
 fn valid_id(s: &str) -> bool {
@@ -543,6 +623,16 @@ impl JobService for Coordinator {
         }))
     }
 
+    async fn label(&self, req: Request<LabelRequest>) -> Result<Response<LabelResponse>, Status> {
+        let r = req.into_inner();
+        let pairs: Vec<(String, String)> = r.labels.into_iter().collect();
+        let (labelled, discarded) = self.set_labels(&r.job_id, &pairs).await?;
+        Ok(Response::new(LabelResponse {
+            labelled: labelled as u32,
+            discarded: discarded as u32,
+        }))
+    }
+
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let mut jobs = Vec::new();
         for rec in self.inner.store.list_jobs().await.map_err(store_status)? {
@@ -552,24 +642,52 @@ impl JobService for Coordinator {
     }
 }
 
-/// Serves both gRPC services on `listener` and runs the driver loop until `shutdown`.
+/// Serves both gRPC services on `grpc` (and, given `http`, the web page, health
+/// checks and metrics there), and runs the driver loop until `shutdown`.
 pub async fn serve(
     coord: Coordinator,
-    listener: tokio::net::TcpListener,
+    grpc: tokio::net::TcpListener,
+    http: Option<(tokio::net::TcpListener, crate::http::HttpOptions)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let driver = tokio::spawn(crate::driver::run(coord.clone()));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let web = http.map(|(listener, opts)| {
+        let app = crate::http::router(coord.clone(), opts);
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!(error = %e, "http server failed");
+            }
+        })
+    });
+    let guard = defuse_proto::auth::Guard::new(coord.inner.cfg.token.clone());
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc);
     let r = tonic::transport::Server::builder()
         .tcp_keepalive(Some(Duration::from_secs(30)))
-        .add_service(
+        .add_service(InterceptedService::new(
             WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            guard.clone(),
+        ))
+        .add_service(InterceptedService::new(
             JobServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown)
+            guard,
+        ))
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await;
     driver.abort();
+    if let Some(w) = web {
+        let _ = w.await;
+    }
     r
 }

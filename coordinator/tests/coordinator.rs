@@ -73,6 +73,7 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
     let server = tokio::spawn(defuse_coordinator::serve(
         coord.clone(),
         listener,
+        None,
         std::future::pending(),
     ));
     let mut c = ::redis::Client::open(redis.url())

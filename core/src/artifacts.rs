@@ -77,20 +77,86 @@ pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Opens the store a URL names.
+/// Opens the store a URL names (metered: see [`Metered`]).
 pub async fn open(url: &str) -> ArtifactResult<Arc<dyn ArtifactStore>> {
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(ArtifactError::BadUrl(url.into()));
         }
-        Ok(Arc::new(S3Store::from_env(bucket, prefix).await))
+        Ok(Metered::wrap(S3Store::from_env(bucket, prefix).await))
     } else if let Some(p) = url.strip_prefix("file://") {
-        Ok(Arc::new(LocalStore::new(p)))
+        Ok(Metered::wrap(LocalStore::new(p)))
     } else if url.contains("://") {
         Err(ArtifactError::BadUrl(url.into()))
     } else {
-        Ok(Arc::new(LocalStore::new(url)))
+        Ok(Metered::wrap(LocalStore::new(url)))
+    }
+}
+
+/// A store whose calls are measured: `defuse_artifact_call_seconds{store,op}` and
+/// `defuse_artifact_errors_total{store,op}` (store: `s3` or `file`). Recorded into
+/// whatever metrics recorder the process installed (none: nothing is kept).
+#[derive(Debug)]
+pub struct Metered<S> {
+    inner: S,
+    kind: &'static str,
+}
+
+impl<S: ArtifactStore + 'static> Metered<S> {
+    pub fn wrap(inner: S) -> Arc<dyn ArtifactStore> {
+        let kind = if inner.url().starts_with("s3://") {
+            "s3"
+        } else {
+            "file"
+        };
+        Arc::new(Metered { inner, kind })
+    }
+
+    fn record<T>(&self, op: &'static str, started: std::time::Instant, r: &ArtifactResult<T>) {
+        metrics::histogram!("defuse_artifact_call_seconds", "store" => self.kind, "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        if r.is_err() {
+            metrics::counter!("defuse_artifact_errors_total", "store" => self.kind, "op" => op)
+                .increment(1);
+        }
+    }
+}
+
+#[async_trait]
+impl<S: ArtifactStore + 'static> ArtifactStore for Metered<S> {
+    async fn put(&self, key: &str, bytes: Bytes) -> ArtifactResult<()> {
+        let t = std::time::Instant::now();
+        let r = self.inner.put(key, bytes).await;
+        self.record("put", t, &r);
+        r
+    }
+    async fn get(&self, key: &str) -> ArtifactResult<Bytes> {
+        let t = std::time::Instant::now();
+        let r = self.inner.get(key).await;
+        self.record("get", t, &r);
+        r
+    }
+    async fn exists(&self, key: &str) -> ArtifactResult<bool> {
+        let t = std::time::Instant::now();
+        let r = self.inner.exists(key).await;
+        self.record("exists", t, &r);
+        r
+    }
+    async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
+        let t = std::time::Instant::now();
+        let r = self.inner.list(prefix).await;
+        self.record("list", t, &r);
+        r
+    }
+    async fn delete(&self, key: &str) -> ArtifactResult<()> {
+        let t = std::time::Instant::now();
+        let r = self.inner.delete(key).await;
+        self.record("delete", t, &r);
+        r
+    }
+    fn url(&self) -> String {
+        self.inner.url()
     }
 }
 

@@ -434,7 +434,9 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         for s in &mut scenarios {
             let codes = s.sample_codes(cfg.distill.grid_samples, cfg.distill.tau, cfg.seed, 0)?;
             let (imgs, preds) = scenarios::decode_and_classify(vae, clf, &codes)?;
-            crate::images::write_grid(&dir.join(format!("scenario-{}.png", s.id)), &[imgs], 3)?;
+            // rows of 8: a block a person can take in at a glance
+            let rows = imgs.split(8, 0);
+            crate::images::write_grid(&dir.join(format!("scenario-{}.png", s.id)), &rows, 3)?;
             s.sample_predictions = preds;
         }
         write_json(&dir.join("gmm.json"), &gmm)?;
@@ -444,6 +446,8 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         scenarios
     };
     tracing::info!(scenarios = scenarios.len(), "distill");
+    // the class names beside the scenarios: what a labelling page offers
+    write_json(&job.out.join("distill/classes.json"), &ds.class_names)?;
 
     // label
     let labels_path = job.out.join("labels.json");

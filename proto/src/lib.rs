@@ -12,3 +12,83 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest gRPC message either side accepts (the config TOML is the biggest field).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The shared token of a coordinator: clients and workers send it as
+/// `authorization: Bearer <token>`, the coordinator checks it on every call.
+pub mod auth {
+    use tonic::metadata::{Ascii, MetadataValue};
+    use tonic::service::interceptor::InterceptedService;
+    use tonic::{Request, Status};
+
+    /// A channel that sends the token (if any) with every call.
+    pub type AuthChannel = InterceptedService<tonic::transport::Channel, Bearer>;
+
+    /// Client side: adds the bearer header.
+    #[derive(Clone, Default)]
+    pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+    impl Bearer {
+        /// `None` or an empty token sends nothing. Errors if the token is not
+        /// printable ASCII.
+        pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+            match token.map(str::trim).filter(|t| !t.is_empty()) {
+                None => Ok(Bearer(None)),
+                Some(t) => format!("Bearer {t}")
+                    .parse()
+                    .map(|v| Bearer(Some(v)))
+                    .map_err(|_| "the token must be printable ASCII".to_string()),
+            }
+        }
+    }
+
+    impl tonic::service::Interceptor for Bearer {
+        fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+            if let Some(v) = &self.0 {
+                req.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(req)
+        }
+    }
+
+    /// Server side: refuses calls without the right token (`Unauthenticated`).
+    #[derive(Clone, Default)]
+    pub struct Guard(Option<std::sync::Arc<String>>);
+
+    impl Guard {
+        pub fn new(token: Option<String>) -> Guard {
+            Guard(token.filter(|t| !t.is_empty()).map(std::sync::Arc::new))
+        }
+    }
+
+    /// Compares in time independent of where the first difference is.
+    pub fn token_matches(expected: &str, given: &str) -> bool {
+        let (a, b) = (expected.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// The token of an `Authorization: Bearer <token>` value.
+    pub fn bearer_token(header: &str) -> Option<&str> {
+        let (scheme, rest) = header.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    }
+
+    impl tonic::service::Interceptor for Guard {
+        fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+            let Some(expected) = &self.0 else {
+                return Ok(req);
+            };
+            let given = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer_token);
+            match given {
+                Some(t) if token_matches(expected, t) => Ok(req),
+                Some(_) => Err(Status::unauthenticated("wrong token")),
+                None => Err(Status::unauthenticated(
+                    "this coordinator needs a token: set DEFUSE_TOKEN",
+                )),
+            }
+        }
+    }
+}

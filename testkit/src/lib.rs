@@ -240,3 +240,31 @@ impl S3 {
         ]
     }
 }
+
+/// Small MNIST models for tests, trained by the `defuse` binary on 4,000 training
+/// images: a CNN of width 8 (1 epoch) and a VAE with latent 6 (2 epochs). Returns
+/// (classifier, vae) under `dir`.
+pub fn train_small_mnist_models(defuse: &Path, data: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let (clf, vae) = (dir.join("clf.safetensors"), dir.join("vae.safetensors"));
+    let train = |what: &str, out: &Path, args: &[&str]| {
+        let st = Command::new(defuse)
+            .args(["train", what, "--data"])
+            .arg(data)
+            .arg("--out")
+            .arg(out)
+            .args(["--limit-train", "4000"])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "defuse train {what} failed");
+    };
+    train("classifier", &clf, &["--epochs", "1", "--width", "8"]);
+    train(
+        "vae",
+        &vae,
+        &[
+            "--epochs", "2", "--latent", "6", "--width", "16", "--hidden", "64",
+        ],
+    );
+    (clf, vae)
+}

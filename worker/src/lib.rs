@@ -16,7 +16,7 @@ use defuse_core::models::{self, Classifier};
 use defuse_core::pipeline::JobConfig;
 use defuse_proto::worker_service_client::WorkerServiceClient;
 use defuse_proto::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tracing::Instrument;
 
 /// Settings of a worker.
@@ -32,6 +32,8 @@ pub struct WorkerConfig {
     pub threads: usize,
     /// Overrides the protocol version sent (tests of the refusal).
     pub protocol_version: u32,
+    /// The coordinator's token, if it has one.
+    pub token: Option<String>,
 }
 
 impl WorkerConfig {
@@ -42,6 +44,7 @@ impl WorkerConfig {
             cache_dir: std::env::temp_dir().join("defuse-worker"),
             threads: 0,
             protocol_version: PROTOCOL_VERSION,
+            token: None,
         }
     }
 }
@@ -101,6 +104,8 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .connect_lazy();
+    let bearer = auth::Bearer::new(cfg.token.as_deref()).map_err(WorkerError::Other)?;
+    let channel = auth::AuthChannel::new(channel, bearer);
     let mut client =
         WorkerServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let (reg, store) = register(&mut client, &cfg, &id, &stop).await?;
@@ -191,7 +196,7 @@ async fn sleep_unless(stop: &AtomicBool, ms: u64) {
 
 /// Registers (retrying while the coordinator is unreachable); `None` when stopped.
 async fn register(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut WorkerServiceClient<auth::AuthChannel>,
     cfg: &WorkerConfig,
     id: &str,
     stop: &AtomicBool,
@@ -220,7 +225,9 @@ async fn register(
             Err(s)
                 if matches!(
                     s.code(),
-                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                    tonic::Code::FailedPrecondition
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::Unauthenticated
                 ) =>
             {
                 return Err(WorkerError::Refused(s.message().to_string()));
@@ -237,7 +244,7 @@ async fn register(
 }
 
 async fn heartbeat_loop(
-    mut client: WorkerServiceClient<Channel>,
+    mut client: WorkerServiceClient<auth::AuthChannel>,
     id: String,
     running: Arc<Mutex<Option<Running>>>,
     reregister: Arc<AtomicBool>,
@@ -416,18 +423,14 @@ async fn execute(
         return Outcome::Abandoned;
     }
     tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, "shard searched, uploading");
-    let started = std::time::Instant::now();
-    let put = store.put_file(&task.output_key, &out_path).await;
-    metrics::histogram!("defuse_artifact_call_seconds", "op" => "put")
-        .record(started.elapsed().as_secs_f64());
-    match put {
+    match store.put_file(&task.output_key, &out_path).await {
         Ok(()) => Outcome::Done(task.output_key.clone(), stats),
         Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
     }
 }
 
 async fn report(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut WorkerServiceClient<auth::AuthChannel>,
     id: &str,
     t: &TaskRef,
     output_key: &str,

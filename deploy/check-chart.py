@@ -1,0 +1,581 @@
+#!/usr/bin/env python3
+"""Checks the Helm chart (helm/defuse) and the plain manifests (deploy/k8s) offline.
+
+No cluster and no `helm` binary: Helm 4 runs as a library (PyPI `helm-python-sdk`), and
+every rendered manifest is validated strictly (an unknown field fails) against the
+Kubernetes OpenAPI schemas bundled in PyPI `kubernetes-validate`. deploy/setup-test.sh
+installs both, pinned, into ~/.cache/defuse/chart-env (this script finds them there).
+
+    python3 deploy/check-chart.py                    # check everything; exit 1 on a problem
+    python3 deploy/check-chart.py --write-manifests  # re-render deploy/k8s/ from the chart
+
+What it checks:
+  1. `helm lint --strict` and a render (release "defuse", namespace "defuse") with each
+     values file in helm/defuse/ci/; every document parses as YAML without duplicate
+     keys and validates strictly against Kubernetes KUBE_VERSIONS; and a few properties
+     the chart promises (GPU limits, security contexts, Secret references, ports, ...).
+  2. Each values file in helm/defuse/ci/broken/ is refused, with a message that
+     contains its `# expect-error:` line.
+  3. The validator can fail: a manifest with a misspelled field name, and one with a
+     wrong type, must be rejected.
+  4. deploy/k8s/*.yaml equal a fresh render of the chart with ci/cpu-values.yaml.
+  5. What can be checked of deploy/docker/ without a Docker engine: libtorch pins agree
+     with deploy/setup.sh, COPY sources exist and are in the build context, bases are
+     pinned, uid and entrypoint match the chart, the CUDA image builds `--features cuda`
+     (and cli/Cargo.toml has it); and the flags and variables the chart passes are read
+     by the Rust sources.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "defuse"
+CI = CHART / "ci"
+MANIFESTS = ROOT / "deploy" / "k8s"
+MANIFEST_VALUES = CI / "cpu-values.yaml"
+RELEASE, NAMESPACE = "defuse", "defuse"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
+# whose schemas kubernetes-validate 1.37.0 bundles.
+KUBE_VERSIONS = ("1.29.0", "1.37.0")
+PYENV_HINT = "run deploy/setup-test.sh: it installs them into ~/.cache/defuse/chart-env"
+
+
+def _import_tools():
+    """helm_python, kubernetes_validate and yaml, from the set-up's folder first."""
+    cache = Path(os.environ.get("DEFUSE_CACHE", Path.home() / ".cache" / "defuse"))
+    env = cache / "chart-env"
+    if env.is_dir() and str(env) not in sys.path:
+        sys.path.insert(0, str(env))
+    try:
+        import helm_python
+        import kubernetes_validate
+        import yaml
+    except ImportError as e:
+        sys.exit(f"check-chart: cannot import {e.name} ({PYENV_HINT})")
+    return helm_python, kubernetes_validate, yaml
+
+
+helm, kv, yaml = _import_tools()
+
+
+# --- YAML that refuses duplicate keys (a template bug PyYAML would silently hide) ---
+class StrictLoader(yaml.SafeLoader):
+    pass
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Helm's Go code logs to fd 2; keep that out of the report unless a step fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        box = {}
+        try:
+            yield box
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            box["text"] = tmp.read().decode(errors="replace")
+
+
+class Report:
+    def __init__(self):
+        self.passed, self.failed = 0, []
+
+    def ok(self, what):
+        self.passed += 1
+        print(f"  ok    {what}")
+
+    def fail(self, what, why):
+        self.failed.append(what)
+        print(f"  FAIL  {what}\n        {why.strip().replace(chr(10), chr(10) + '        ')}")
+
+    def check(self, cond, what, why=""):
+        if cond:
+            self.ok(what)
+        else:
+            self.fail(what, why or "not so")
+        return cond
+
+
+def load_values(path):
+    with open(path) as f:
+        return yaml.load(f, Loader=StrictLoader) or {}
+
+
+def render(values):
+    """Renders the chart: {template path: text}. Raises helm.HelmError."""
+    with helm.Chart.load(str(CHART)) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def documents(rendered, with_hooks=True):
+    """[(template path, manifest)] of the non-empty YAML documents."""
+    out = []
+    for path in sorted(rendered):
+        if not path.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt
+        if not with_hooks and "/templates/tests/" in path:
+            continue
+        for doc in yaml.load_all(rendered[path], Loader=StrictLoader):
+            if doc:
+                out.append((path, doc))
+    return out
+
+
+def name_of(doc):
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def validate_strict(doc, version):
+    """None when the manifest is valid, else the reason."""
+    try:
+        kv.validate(doc, version, strict=True)
+        return None
+    except kv.ValidationError as e:
+        where = ".".join(str(p) for p in e.path) or "(top)"
+        return f"{where}: {e.message}"
+    except kv.SchemaNotFoundError as e:
+        return e.message
+    except kv.VersionNotSupportedError as e:
+        return e.message
+
+
+# --- properties the chart promises, beyond the schemas ---
+def pod_specs(docs):
+    """[(workload doc, pod template spec, pod labels)] of Deployments, Jobs and Pods."""
+    out = []
+    for _, d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            t = d["spec"]["template"]
+            out.append((d, t["spec"], t["metadata"].get("labels", {})))
+        elif d["kind"] == "Pod":
+            out.append((d, d["spec"], d["metadata"].get("labels", {})))
+    return out
+
+
+def chart_properties(docs, values):
+    """[(what, ok, why)] for one render."""
+    res = []
+    by_kind = {}
+    for _, d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    configmaps = {d["metadata"]["name"] for d in by_kind.get("ConfigMap", [])}
+    secrets = {d["metadata"]["name"] for d in by_kind.get("Secret", [])}
+    existing = {values.get(k, {}).get("existingSecret") for k in ("auth", "redis", "s3")} - {None, ""}
+    secret_keys = {d["metadata"]["name"]: set(d.get("stringData", {})) | set(d.get("data", {}))
+                   for d in by_kind.get("Secret", [])}
+
+    problems = []
+    for d, spec, _ in pod_specs(docs):
+        n = name_of(d)
+        psc = spec.get("securityContext", {})
+        if not psc.get("runAsNonRoot"):
+            problems.append(f"{n}: pod securityContext.runAsNonRoot is not true")
+        for c in spec["containers"]:
+            sc = c.get("securityContext", {})
+            if not sc.get("readOnlyRootFilesystem"):
+                problems.append(f"{n}/{c['name']}: readOnlyRootFilesystem is not true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{n}/{c['name']}: allowPrivilegeEscalation is not false")
+            if not c.get("resources"):
+                problems.append(f"{n}/{c['name']}: no resources")
+            for ref in c.get("envFrom", []):
+                cm = ref.get("configMapRef", {}).get("name")
+                if cm and cm not in configmaps:
+                    problems.append(f"{n}/{c['name']}: envFrom ConfigMap {cm} is not rendered")
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if not ref:
+                    continue
+                if ref["name"] in secret_keys:
+                    if ref["key"] not in secret_keys[ref["name"]]:
+                        problems.append(f"{n}/{c['name']}: {e['name']} wants key {ref['key']} "
+                                        f"that Secret {ref['name']} does not have")
+                elif ref["name"] not in existing:
+                    problems.append(f"{n}/{c['name']}: {e['name']} names Secret {ref['name']}, "
+                                    f"neither rendered nor an existingSecret value")
+        for v in spec.get("volumes", []):
+            cm = v.get("configMap", {}).get("name")
+            if cm and cm not in configmaps:
+                problems.append(f"{n}: volume {v['name']} names ConfigMap {cm}, not rendered")
+    res.append(("pods: non-root, read-only root, no privilege escalation, resources, "
+                "references resolve", not problems, "\n".join(problems)))
+
+    # Services select a pod and target ports that it names
+    problems = []
+    pods = pod_specs(docs)
+    for s in by_kind.get("Service", []):
+        sel = s["spec"].get("selector", {})
+        match = [(d, spec) for d, spec, labels in pods
+                 if sel and all(labels.get(k) == v for k, v in sel.items())]
+        if not match:
+            problems.append(f"{name_of(s)} selects no pod")
+            continue
+        names = {p.get("name") for _, spec in match for c in spec["containers"]
+                 for p in c.get("ports", [])}
+        for p in s["spec"]["ports"]:
+            t = p.get("targetPort")
+            if isinstance(t, str) and t not in names:
+                problems.append(f"{name_of(s)} port {p['name']}: targetPort {t} is not a container port")
+    res.append(("services select the coordinator and target its named ports",
+                not problems, "\n".join(problems)))
+
+    reg = [s for s in by_kind.get("Service", []) if s["spec"].get("publishNotReadyAddresses")]
+    res.append(("a headless registration Service publishes not-ready addresses",
+                len(reg) == 1 and reg[0]["spec"].get("clusterIP") == "None",
+                f"registration services: {[name_of(s) for s in reg]}"))
+
+    coord = [d for d in by_kind.get("Deployment", []) if d["metadata"]["name"].endswith("-coordinator")]
+    if len(coord) == 1:
+        c = coord[0]["spec"]["template"]["spec"]["containers"][0]
+        live = c.get("livenessProbe", {}).get("httpGet", {}).get("path")
+        ready = c.get("readinessProbe", {}).get("httpGet", {}).get("path")
+        res.append(("coordinator: liveness /healthz and readiness /readyz are separate probes",
+                    (live, ready) == ("/healthz", "/readyz"), f"liveness {live}, readiness {ready}"))
+    else:
+        res.append(("one coordinator Deployment", False, f"found {len(coord)}"))
+
+    w = values.get("worker", {})
+    kind = w.get("kind", "Deployment")
+    workers = [d for d in by_kind.get(kind, []) if d["metadata"]["name"].endswith("-worker")]
+    if len(workers) == 1:
+        spec = workers[0]["spec"]
+        pod = spec["template"]["spec"]
+        limits = pod["containers"][0].get("resources", {}).get("limits", {})
+        gpus = w.get("gpu", {}).get("count", 0)
+        gpu_name = w.get("gpu", {}).get("resourceName", "nvidia.com/gpu")
+        why = f"limits {limits}"
+        ok = (limits.get(gpu_name) == gpus) if gpus else (gpu_name not in limits)
+        if gpus:
+            ok = ok and pod.get("nodeSelector") == w.get("nodeSelector") \
+                and pod.get("tolerations") == w.get("tolerations")
+            why += f", nodeSelector {pod.get('nodeSelector')}, tolerations {pod.get('tolerations')}"
+        res.append((f"workers: {kind}, {gpus or 'no'} {gpu_name} per pod, node selection as given",
+                    ok, why))
+        if kind == "Job":
+            res.append(("workers: an Indexed Job of `replicas` pods",
+                        spec.get("completionMode") == "Indexed"
+                        and spec.get("completions") == spec.get("parallelism") == w.get("replicas"),
+                        f"completionMode {spec.get('completionMode')}, completions "
+                        f"{spec.get('completions')}, parallelism {spec.get('parallelism')}"))
+    else:
+        res.append((f"one worker {kind}", False, f"found {len(workers)}"))
+
+    if existing:
+        res.append(("secrets from existingSecret: the chart renders no Secret of its own",
+                     not secrets, f"rendered Secrets: {sorted(secrets)}"))
+
+    hooks = [d for _, d in docs if d["kind"] == "Pod"
+             and d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    res.append(("a `helm test` hook pod", len(hooks) == 1, f"found {len(hooks)}"))
+    return res
+
+
+def check_values_file(report, path):
+    rel = path.relative_to(ROOT)
+    print(f"\n{rel}")
+    values = load_values(path)
+    with captured_stderr() as log:
+        lint = helm.lint(str(CHART), values, strict=True, kube_version="v" + KUBE_VERSIONS[0])
+    bad = [m for m in lint.get("messages", []) if m.get("severity", 0) >= 2]
+    report.check(not bad and not lint.get("errors"), "helm lint --strict",
+                 "\n".join(f"{m['path']}: {m['error']}" for m in bad) + "".join(lint.get("errors", []))
+                 + log.get("text", ""))
+    try:
+        with captured_stderr() as log:
+            rendered = render(values)
+    except helm.HelmError as e:
+        report.fail("render", f"{type(e).__name__}: {e}\n{log.get('text', '')}")
+        return None
+    try:
+        docs = documents(rendered)
+    except yaml.YAMLError as e:
+        report.fail("rendered YAML parses without duplicate keys", str(e))
+        return None
+    kinds = sorted(name_of(d) for _, d in docs)
+    report.ok(f"render: {len(docs)} manifests ({', '.join(kinds)})")
+    for version in KUBE_VERSIONS:
+        errors = [f"{p}: {name_of(d)}: {why}" for p, d in docs
+                  if (why := validate_strict(d, version))]
+        report.check(not errors, f"strict schema validation, Kubernetes {version}", "\n".join(errors))
+    for what, ok, why in chart_properties(docs, values):
+        report.check(ok, what, why)
+    return rendered
+
+
+def check_broken_file(report, path):
+    rel = path.relative_to(ROOT)
+    expect = None
+    for line in path.read_text().splitlines():
+        if line.startswith("# expect-error:"):
+            expect = line.split(":", 1)[1].strip()
+    if not expect:
+        report.fail(str(rel), "has no '# expect-error: <text>' line")
+        return
+    values = load_values(path)
+    try:
+        with captured_stderr():
+            render(values)
+    except helm.HelmError as e:
+        msg = str(e).strip()
+        report.check(expect in msg, f"{rel} is refused: {msg.splitlines()[-1].strip()}",
+                     f"refused, but the message lacks {expect!r}:\n{msg}")
+        return
+    report.fail(f"{rel} is refused", "it rendered without an error")
+
+
+def check_validator_fails(report, rendered):
+    """The validator is shown to fail: a misspelled field and a wrong type."""
+    docs = documents(rendered)
+    dep = next((d for _, d in docs if d["kind"] == "Deployment"), None)
+    svc = next((d for _, d in docs if d["kind"] == "Service"), None)
+    if not (dep and svc):
+        report.fail("the validator can fail", "the render has no Deployment or no Service to spoil")
+        return
+    typo = copy.deepcopy(dep)
+    typo["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    why = validate_strict(typo, KUBE_VERSIONS[0])
+    report.check(why is not None and "imagePullPolcy" in why,
+                 f"a misspelled field (imagePullPolcy) fails validation: {why}",
+                 f"validator said: {why}")
+    wrong = copy.deepcopy(dep)
+    wrong["spec"]["replicas"] = "one"
+    why = validate_strict(wrong, KUBE_VERSIONS[0])
+    report.check(why is not None and "replicas" in why,
+                 f"a wrong type (replicas: \"one\") fails validation: {why}",
+                 f"validator said: {why}")
+    typo = copy.deepcopy(svc)
+    typo["spec"]["publishNotReadyAdresses"] = True
+    why = validate_strict(typo, KUBE_VERSIONS[0])
+    report.check(why is not None, f"a misspelled Service field fails validation: {why}",
+                 f"validator said: {why}")
+
+
+HEADER = """\
+# Rendered from the Helm chart helm/defuse (template {template}) with
+# helm/defuse/ci/cpu-values.yaml, release "{release}", namespace "{namespace}", by
+# `python3 deploy/check-chart.py --write-manifests`; the test suite checks that these
+# files equal a fresh render, so change the chart, not them. They carry that file's
+# placeholders (image registry.example.com/defuse, the Secret's token and MinIO keys,
+# the Redis and MinIO addresses, the PVC defuse-data): edit a copy, then
+#   kubectl create namespace {namespace}; kubectl -n {namespace} apply -f <the copy>/
+"""
+
+
+def plain_manifests(rendered):
+    """{file name: text} of deploy/k8s/, one file per chart template (no test hook)."""
+    files = {}
+    for path in sorted(rendered):
+        if not path.endswith(".yaml") or "/templates/tests/" in path:
+            continue
+        body = rendered[path].strip()
+        if not body:
+            continue
+        template = path.split("/templates/", 1)[1]
+        head = HEADER.format(template=template, release=RELEASE, namespace=NAMESPACE)
+        files[Path(template).name] = head + "---\n" + body + "\n"
+    return files
+
+
+def check_manifests(report, rendered, write):
+    print(f"\n{MANIFESTS.relative_to(ROOT)}/ (plain manifests)")
+    want = plain_manifests(rendered)
+    if write:
+        MANIFESTS.mkdir(parents=True, exist_ok=True)
+        for old in MANIFESTS.glob("*.yaml"):
+            if old.name not in want:
+                old.unlink()
+        for name, text in want.items():
+            (MANIFESTS / name).write_text(text)
+        report.ok(f"wrote {len(want)} files: {', '.join(sorted(want))}")
+    have = {p.name: p.read_text() for p in MANIFESTS.glob("*.yaml")}
+    stale = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+    report.check(not stale, f"{len(have)} files equal a fresh render of the chart (cpu-values)",
+                 f"differ or missing: {', '.join(stale)}; run "
+                 f"`python3 deploy/check-chart.py --write-manifests` and review the diff")
+    errors = []
+    for name, text in sorted(have.items()):
+        for doc in yaml.load_all(text, Loader=StrictLoader):
+            if doc:
+                for version in KUBE_VERSIONS:
+                    if why := validate_strict(doc, version):
+                        errors.append(f"{name}: {name_of(doc)} (Kubernetes {version}): {why}")
+    report.check(not errors, "they validate strictly", "\n".join(errors))
+
+
+def _dockerfile_instructions(text):
+    """[(INSTRUCTION, arguments)] with continuation lines joined and comments dropped."""
+    out, cur = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") and not cur:
+            continue
+        if line.lstrip().startswith("#"):
+            continue  # a comment inside a continued instruction
+        cur += line.rstrip()
+        if cur.endswith("\\"):
+            cur = cur[:-1] + " "
+            continue
+        if cur.strip():
+            word, _, rest = cur.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        cur = ""
+    return out
+
+
+def _ignored(path, patterns):
+    """Whether .dockerignore drops `path` (the simple patterns used there)."""
+    import fnmatch
+    parts = Path(path).parts
+    for pat in patterns:
+        pat = pat.strip("/")
+        for i in range(1, len(parts) + 1):
+            if fnmatch.fnmatch("/".join(parts[:i]), pat) or (pat.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pat[3:])):
+                return True
+    return False
+
+
+def check_container_files(report, rendered):
+    """What can be checked of the images without a Docker engine."""
+    print("\ndeploy/docker/ (read, not built: there is no Docker engine here)")
+    docker = ROOT / "deploy" / "docker"
+    setup = (ROOT / "deploy" / "setup.sh").read_text()
+    libtorch = (docker / "libtorch.sh").read_text()
+    import re
+    pins = {}
+    for name in ("TORCH_VERSION", "CUDART_VERSION", "CUPTI_VERSION"):
+        a = re.search(rf"^{name}=(\S+)$", setup, re.M)
+        b = re.search(rf"^{name}=(\S+)$", libtorch, re.M)
+        pins[name] = (a and a.group(1), b and b.group(1))
+    report.check(all(a and a == b for a, b in pins.values()),
+                 "libtorch.sh pins the libtorch of deploy/setup.sh ("
+                 + ", ".join(f"{k}={v[1]}" for k, v in pins.items()) + ")",
+                 f"setup.sh vs libtorch.sh: {pins}")
+    ignore = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()
+              if l.strip() and not l.startswith("#")]
+    uid = str(load_values(CHART / "values.yaml")["podSecurityContext"]["runAsUser"])
+    cargo_toml = (ROOT / "cli" / "Cargo.toml").read_text()
+    for name, flavour in (("Dockerfile", "cpu"), ("Dockerfile.cuda", "cuda")):
+        ins = _dockerfile_instructions((docker / name).read_text())
+        args = {}
+        problems = []
+        for word, rest in ins:
+            if word == "ARG" and "=" in rest:
+                k, v = rest.split("=", 1)
+                args[k] = v
+            elif word == "FROM":
+                image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), "?"), rest.split()[0])
+                tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else None
+                if not tag or tag == "latest":
+                    problems.append(f"FROM {image}: no pinned tag")
+            elif word == "COPY" and not rest.startswith("--from"):
+                for src in rest.split()[:-1]:
+                    if src.startswith("--"):
+                        continue
+                    if not (ROOT / src).exists():
+                        problems.append(f"COPY {src}: no such path in the repository")
+                    elif _ignored(src, ignore):
+                        problems.append(f"COPY {src}: excluded by .dockerignore")
+        runs = " ".join(r for w, r in ins if w == "RUN")
+        if f"libtorch.sh /opt/libtorch {flavour}" not in runs:
+            problems.append(f"does not install libtorch with `libtorch.sh /opt/libtorch {flavour}`")
+        build = re.search(r"cargo build [^&]*", runs)
+        if not build or "--locked" not in build.group(0) or "-p defuse" not in build.group(0):
+            problems.append("no `cargo build --release --locked -p defuse`")
+        elif (flavour == "cuda") != ("--features cuda" in build.group(0)):
+            problems.append(f"{flavour} image {'without' if flavour == 'cuda' else 'with'} --features cuda")
+        if ("USER", f"{uid}:{uid}") not in ins:
+            problems.append(f"does not run as uid {uid} (the chart's podSecurityContext.runAsUser)")
+        if ("ENTRYPOINT", '["defuse"]') not in ins:
+            problems.append('ENTRYPOINT is not ["defuse"]')
+        report.check(not problems, f"{name}: pinned bases, COPY sources in the context, libtorch "
+                     f"{flavour}, cargo build --locked{' --features cuda' if flavour == 'cuda' else ''}, "
+                     f"uid {uid}, ENTRYPOINT defuse", "\n".join(problems))
+    has_feature = re.search(r"^\[features\][^\[]*^cuda\s*=", cargo_toml, re.M | re.S)
+    report.check(bool(has_feature), "cli/Cargo.toml declares the feature `cuda` that Dockerfile.cuda builds with",
+                 "no `cuda = [...]` under [features] in cli/Cargo.toml")
+
+    # The chart passes flags and variables that the binary really reads.
+    main_rs = (ROOT / "cli" / "src" / "main.rs").read_text()
+    sources = "\n".join(p.read_text() for p in ROOT.glob("*/src/**/*.rs"))
+    flags, names = set(), set()
+    for _, d in documents(rendered):
+        for _, spec, _ in pod_specs([(None, d)]):
+            for c in spec["containers"]:
+                if c["name"] not in ("coordinator", "worker"):
+                    continue  # the test hook's curl
+                flags |= {a.split("=", 1)[0] for a in c.get("args", []) if a.startswith("--")}
+                names |= {e["name"] for e in c.get("env", [])}
+        if d["kind"] == "ConfigMap" and not d["metadata"]["name"].endswith("-jobs"):
+            names |= set(d["data"])
+    missing = sorted(f for f in flags if not re.search(rf"\b{f[2:].replace('-', '_')}\b", main_rs))
+    report.check(not missing, f"cli/src/main.rs has the flags the chart passes ({', '.join(sorted(flags))})",
+                 f"not in cli/src/main.rs: {', '.join(missing)}")
+    # AWS_* are read by the AWS SDK, RUST_LOG by tracing's EnvFilter
+    ours = sorted(n for n in names if not n.startswith("AWS_") and n != "RUST_LOG")
+    missing = sorted(n for n in ours if f'"{n}"' not in sources)
+    report.check(not missing, f"the Rust sources read the variables the chart sets ({', '.join(ours)})",
+                 f"no \"NAME\" in any */src/**/*.rs for: {', '.join(missing)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--write-manifests", action="store_true",
+                    help="re-render deploy/k8s/ from the chart with ci/cpu-values.yaml")
+    args = ap.parse_args()
+    started = time.monotonic()
+    print(f"check-chart: Helm SDK {helm.helm_sdk_version()} (helm-python-sdk), "
+          f"kubernetes-validate {kv.__version__}, Kubernetes {' and '.join(KUBE_VERSIONS)}")
+    report = Report()
+    good = sorted(CI.glob("*.yaml"))
+    if not good:
+        report.fail("values files", f"none in {CI}")
+    renders = {p.name: check_values_file(report, p) for p in good}
+
+    print("\nvalues that must be refused (helm/defuse/ci/broken/)")
+    broken = sorted((CI / "broken").glob("*.yaml"))
+    report.check(bool(broken), f"{len(broken)} broken values files")
+    for p in broken:
+        check_broken_file(report, p)
+
+    print("\nthe validator can fail")
+    base = renders.get(MANIFEST_VALUES.name)
+    if base:
+        check_validator_fails(report, base)
+        check_manifests(report, base, args.write_manifests)
+        check_container_files(report, base)
+    else:
+        report.fail(MANIFEST_VALUES.name, "did not render; validator and manifest checks skipped")
+
+    took = time.monotonic() - started
+    print(f"\ncheck-chart: {report.passed} passed, {len(report.failed)} failed ({took:.1f} s)")
+    if report.failed:
+        print("failed:\n  " + "\n  ".join(report.failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
