@@ -3,6 +3,7 @@
 //! Pixels are kept as bytes (HWC) and become float32 NCHW in [0,1] one batch at a time.
 mod folder;
 pub mod idx;
+pub mod mat;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -158,7 +159,8 @@ pub struct DataSpec {
     /// `t10k-...` or `test-...`) or an image folder (`<class>/*.png`, optionally under
     /// `train/` and `test/`).
     pub path: PathBuf,
-    /// `idx`, `folder`, or `auto` (default: IDX when the folder holds IDX files).
+    /// `idx`, `svhn` (`train_32x32.mat` + `test_32x32.mat`), `folder`, or `auto`
+    /// (default: IDX when the folder holds IDX files, else SVHN's MAT files, else folders).
     #[serde(default)]
     pub format: DataFormat,
     /// Name shown in reports; default: the folder's name.
@@ -191,6 +193,7 @@ pub enum DataFormat {
     #[default]
     Auto,
     Idx,
+    Svhn,
     Folder,
 }
 
@@ -222,11 +225,13 @@ impl DataSpec {
             DataFormat::Auto if find_idx(&self.path, &["train-images"]).is_some() => {
                 DataFormat::Idx
             }
+            DataFormat::Auto if mat::is_svhn_dir(&self.path) => DataFormat::Svhn,
             DataFormat::Auto => DataFormat::Folder,
             f => f,
         };
         let raw = match format {
             DataFormat::Idx => load_idx_dir(&self.path)?,
+            DataFormat::Svhn => mat::load(&self.path)?,
             _ => folder::load(&self.path, self.test_fraction)?,
         };
         let mut ds = self.finish(raw)?;
