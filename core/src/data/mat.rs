@@ -47,8 +47,11 @@ pub(crate) fn load(dir: &Path) -> Result<RawDataset> {
     })
 }
 
-/// One MAT file: NHWC bytes and labels 0..9.
-pub fn read_split(path: &Path) -> Result<([usize; 3], (Vec<u8>, Vec<i64>))> {
+/// Images as NHWC bytes, and their labels.
+pub type SplitData = (Vec<u8>, Vec<i64>);
+
+/// One MAT file: the HWC shape, NHWC bytes and labels 0..9.
+pub fn read_split(path: &Path) -> Result<([usize; 3], SplitData)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mat = matfile::MatFile::parse(std::io::BufReader::new(file)).map_err(|e| {
         Error::format(
