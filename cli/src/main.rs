@@ -145,6 +145,19 @@ enum Command {
         /// <scenario>=<class id or name>|discard
         pairs: Vec<String>,
     },
+    /// The lambda sweep: correct the classifier once per lambda from the same
+    /// identify/distill/label outputs (run first if needed); writes sweep/ with a table
+    /// and a figure of test accuracy against failure-scenario accuracy.
+    Sweep {
+        /// The job file (TOML).
+        config: PathBuf,
+        /// Output folder (default: the config's `out`, else runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Comma-separated lambdas (>= 0): the loss is CE(train) + lambda * CE(scenario).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0])]
+        lambdas: Vec<f64>,
+    },
     /// Fit a Dirichlet-process Gaussian mixture to the rows of an N x D matrix.
     Cluster(ClusterArgs),
     /// Train a built-in model on a dataset.
@@ -381,6 +394,11 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
         }
         .map(|()| None),
         Command::Train { what } => train_cmd(what).map(|()| None),
+        Command::Sweep {
+            config,
+            out,
+            lambdas,
+        } => run::sweep(&config, out, &lambdas).map(|()| None),
         Command::Cluster(a) => cluster_cmd(a).map(|()| None),
     }
 }

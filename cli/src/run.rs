@@ -142,3 +142,33 @@ pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::R
 fn class_names(job_dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(pipeline::read_json(&job_dir.join("classes.json"))?)
 }
+
+/// `defuse sweep`: corrections for several lambdas from the same job outputs.
+pub fn sweep(config: &Path, out: Option<PathBuf>, lambdas: &[f64]) -> anyhow::Result<()> {
+    let mut cfg = JobConfig::load(config)?;
+    if out.is_some() {
+        cfg.out = out;
+    }
+    let s = pipeline::sweep(&cfg, lambdas)?;
+    let dir = cfg.out_dir().join("sweep");
+    println!(
+        "lambda sweep ({} held-out scenario samples):\n  before      test {:6.2}%  scenarios {:6.2}%",
+        s.scenario_test_samples,
+        100.0 * s.test_accuracy_before,
+        100.0 * s.scenario_accuracy_before
+    );
+    for p in &s.points {
+        println!(
+            "  lambda {:<5} test {:6.2}%  scenarios {:6.2}%",
+            p.lambda,
+            100.0 * p.test_accuracy,
+            100.0 * p.scenario_accuracy
+        );
+    }
+    println!(
+        "  table {}, figure {}",
+        dir.join("sweep.md").display(),
+        dir.join("sweep.svg").display()
+    );
+    Ok(())
+}

@@ -166,7 +166,7 @@ fn small_run_is_complete_deterministic_and_resumable() {
     let log = run_log(&cfg_a);
     assert_eq!(
         reused(&log),
-        ["correct", "distill", "identify", "label", "models"],
+        ["correct", "distill", "identify", "label", "models", "pictures"],
         "{log}"
     );
     assert_eq!(s, summary(&a));
@@ -181,10 +181,57 @@ fn small_run_is_complete_deterministic_and_resumable() {
     let log = run_log(&cfg_a);
     assert_eq!(
         reused(&log),
-        ["distill", "identify", "label", "models"],
+        ["distill", "identify", "label", "models", "pictures"],
         "{log}"
     );
     assert_eq!(summary(&a)["n_failures"], s["n_failures"]);
+
+    // the lambda sweep corrects from the same outputs: nothing before correct is redone
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["sweep", cfg_a.to_str().unwrap(), "--lambdas", "0,5"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success(), "{log}");
+    assert_eq!(
+        reused(&log),
+        ["correct", "distill", "identify", "label", "models", "pictures"],
+        "{log}"
+    );
+    let sw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("sweep/sweep.json")).unwrap())
+            .unwrap();
+    let pts = sw["points"].as_array().unwrap();
+    assert_eq!(pts.len(), 2);
+    assert_eq!(
+        sw["scenario_accuracy_before"],
+        summary(&a)["scenario_accuracy_before"]
+    );
+    let scen = |i: usize| pts[i]["scenario_accuracy"].as_f64().unwrap();
+    assert!(
+        scen(1) > scen(0),
+        "lambda 5 must fix more scenario samples than lambda 0: {sw}"
+    );
+    let svg = std::fs::read_to_string(a.join("sweep/sweep.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("λ=5") && svg.contains("before"));
+    assert!(std::fs::read_to_string(a.join("sweep/sweep.md"))
+        .unwrap()
+        .contains("| 5 |"));
+    assert!(a.join("sweep/lambda-5/classifier.safetensors").exists());
+    // again: every point is reused
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["sweep", cfg_a.to_str().unwrap(), "--lambdas", "0,5"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(
+        reused(&log).contains(&"sweep/lambda-5".to_string()),
+        "{log}"
+    );
+    // a negative lambda is refused with a clear message
+    let r = defuse(&["sweep", cfg_a.to_str().unwrap(), "--lambdas", "0,-1"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("-1 is not >= 0"));
 }
 
 #[test]

@@ -45,7 +45,7 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/", get(jobs_page))
         .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/labels", post(labels_form))
-        .route("/jobs/{id}/scenarios/{sid}/grid.png", get(grid_png))
+        .route("/jobs/{id}/scenarios/{sid}/{picture}", get(scenario_png))
         .route("/api/jobs", get(api_jobs))
         .route("/api/jobs/{id}", get(api_job))
         .route("/api/jobs/{id}/labels", post(api_labels))
@@ -397,6 +397,8 @@ Tab moves between scenarios; type to pick a class.</p>
 <h3>Scenario {id}</h3>
 <img src="/jobs/{job}/scenarios/{id}/grid.png" alt="samples of scenario {id}">
 <p class="preds">predicted (row by row): {preds}</p>
+<p>Nearest real training images:</p>
+<img class="nearest" src="/jobs/{job}/scenarios/{id}/nearest.png" alt="training images nearest scenario {id}">
 <p>{size} failures · weight {weight:.3} · mostly predicted <b>{pred}</b><br>
 source images labelled: {sources}</p>
 <label>Label <select name="scenario-{id}" id="label-{id}"{autofocus}>{options}</select></label>
@@ -477,7 +479,16 @@ fn report_section(job: &str, dir: &std::path::Path) -> String {
     b
 }
 
-async fn grid_png(State(app): State<App>, Path((id, sid)): Path<(String, usize)>) -> Response {
+/// `grid.png` (samples of the scenario) or `nearest.png` (the nearest training images).
+async fn scenario_png(
+    State(app): State<App>,
+    Path((id, sid, picture)): Path<(String, usize, String)>,
+) -> Response {
+    let file = match picture.as_str() {
+        "grid.png" => format!("distill/scenario-{sid}.png"),
+        "nearest.png" => format!("pictures/nearest-{sid}.png"),
+        _ => return (StatusCode::NOT_FOUND, "no such picture").into_response(),
+    };
     let rec = match app.coord.inner.store.get_job(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => return (StatusCode::NOT_FOUND, "no such job").into_response(),
@@ -486,9 +497,9 @@ async fn grid_png(State(app): State<App>, Path((id, sid)): Path<(String, usize)>
     let Ok(dir) = app.coord.job_dir_of(&rec) else {
         return (StatusCode::NOT_FOUND, "no job folder").into_response();
     };
-    match tokio::fs::read(dir.join(format!("distill/scenario-{sid}.png"))).await {
+    match tokio::fs::read(dir.join(file)).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "image/png")], bytes).into_response(),
-        Err(_) => (StatusCode::NOT_FOUND, "no such scenario grid").into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such scenario picture").into_response(),
     }
 }
 

@@ -314,10 +314,10 @@ impl Coordinator {
 /// A job's scenarios and class names, as its distill step left them.
 pub fn read_scenarios(dir: &std::path::Path) -> Result<(Vec<Scenario>, Vec<String>), Status> {
     let read = |name: &str| {
-        let p = dir.join("distill").join(name);
+        let p = dir.join(name);
         std::fs::read(&p).map_err(|e| Status::failed_precondition(format!("{}: {e}", p.display())))
     };
-    let scenarios: Vec<Scenario> = serde_json::from_slice(&read("scenarios.json")?)
+    let scenarios: Vec<Scenario> = serde_json::from_slice(&read("distill/scenarios.json")?)
         .map_err(|e| Status::internal(format!("scenarios of {}: {e}", dir.display())))?;
     let classes: Vec<String> = serde_json::from_slice(&read("classes.json")?)
         .map_err(|e| Status::internal(format!("classes of {}: {e}", dir.display())))?;

@@ -278,7 +278,6 @@ pub struct Prepared<'a> {
     pub ds: Dataset,
     pub clf: Classifier,
     pub vae: Vae,
-    device: Device,
     h_models: String,
 }
 
@@ -317,7 +316,6 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
         ds,
         clf,
         vae,
-        device,
         h_models,
     })
 }
@@ -406,7 +404,6 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
 /// The central steps after identify: distill, label, correct, report.
 pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     let cfg = p.job.cfg;
-    let device = p.device;
     let h_identify = p.identify_hash();
     let (failures, istats) = Failures::read(&p.job.out.join("identify/failures.safetensors"))?;
     let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
@@ -446,8 +443,18 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         scenarios
     };
     tracing::info!(scenarios = scenarios.len(), "distill");
-    // the class names beside the scenarios: what a labelling page offers
-    write_json(&job.out.join("distill/classes.json"), &ds.class_names)?;
+
+    // pictures: the nearest training images per scenario, the projection of all codes
+    let h_pictures = hash_of(&[&h_distill]);
+    if job.done("pictures", &h_pictures) {
+        job.reuse("pictures");
+    } else {
+        let started = Instant::now();
+        let dir = job.dir("pictures")?;
+        let assign: Vec<i64> = read_json(&job.out.join("distill/assignments.json"))?;
+        crate::pictures::write(&dir, vae, ds, &scenarios, &failures.codes, &assign)?;
+        job.mark("pictures", &h_pictures, started)?;
+    }
 
     // label
     let labels_path = job.out.join("labels.json");
@@ -505,36 +512,16 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         read_json(&eval_path)?
     } else {
         job.dir("correct")?;
-        let data = correct::scenario_data(
+        let ev = correct_and_evaluate(
+            job,
+            ds,
+            clf,
             vae,
             &scenarios,
             &labels,
-            cfg.distill.tau,
             &cfg.correct,
-            cfg.seed,
+            &tuned_path,
         )?;
-        let test_before = train::accuracy(clf, &ds.test, device)?;
-        let (scn_before, per_before) =
-            correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
-        let mut tuned = load_classifier_again(job, ds, device)?;
-        tch::manual_seed(cfg.seed as i64);
-        let history = correct::fine_tune(&mut tuned, &ds.train, &data, &cfg.correct, cfg.seed)?;
-        tuned.save(&tuned_path)?;
-        let test_after = train::accuracy(&tuned, &ds.test, device)?;
-        let (scn_after, per_after) =
-            correct::accuracy_by_group(&tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
-        let ev = report::Evaluation {
-            test_accuracy_before: test_before,
-            test_accuracy_after: test_after,
-            scenario_accuracy_before: scn_before,
-            scenario_accuracy_after: scn_after,
-            per_scenario_before: per_before,
-            per_scenario_after: per_after,
-            scenario_train_samples: data.train_x.size()[0] as usize,
-            scenario_test_samples: data.test_x.size()[0] as usize,
-            history,
-            model: tuned_path.clone(),
-        };
         write_json(&eval_path, &ev)?;
         job.mark("correct", &h_correct, started)?;
         ev
@@ -555,9 +542,166 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         &evaluation,
         timings,
     );
-    report::write(&job.out.join("report"), &summary, &job.out.join("distill"))?;
+    report::write(
+        &job.out.join("report"),
+        &summary,
+        &job.out.join("distill"),
+        &job.out.join("pictures"),
+    )?;
     job.mark("report", &h_report, started)?;
     Ok(RunOutcome::Finished(Box::new(summary)))
+}
+
+/// Fine-tunes a fresh copy of the classifier on the training data plus the labelled
+/// scenarios' samples (with `o`), saves it at `tuned_path` (in the format it came in),
+/// and measures test and scenario-test accuracy before and after.
+#[allow(clippy::too_many_arguments)]
+fn correct_and_evaluate(
+    job: &Job,
+    ds: &Dataset,
+    clf: &Classifier,
+    vae: &Vae,
+    scenarios: &[Scenario],
+    labels: &Labels,
+    o: &correct::CorrectOptions,
+    tuned_path: &Path,
+) -> Result<report::Evaluation> {
+    let cfg = job.cfg;
+    let device = clf.device();
+    let data = correct::scenario_data(vae, scenarios, labels, cfg.distill.tau, o, cfg.seed)?;
+    let test_before = train::accuracy(clf, &ds.test, device)?;
+    let (scn_before, per_before) =
+        correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
+    let mut tuned = load_classifier_again(job, ds, device)?;
+    tch::manual_seed(cfg.seed as i64);
+    let history = correct::fine_tune(&mut tuned, &ds.train, &data, o, cfg.seed)?;
+    tuned.save(tuned_path)?;
+    let test_after = train::accuracy(&tuned, &ds.test, device)?;
+    let (scn_after, per_after) =
+        correct::accuracy_by_group(&tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
+    Ok(report::Evaluation {
+        test_accuracy_before: test_before,
+        test_accuracy_after: test_after,
+        scenario_accuracy_before: scn_before,
+        scenario_accuracy_after: scn_after,
+        per_scenario_before: per_before,
+        per_scenario_after: per_after,
+        scenario_train_samples: data.train_x.size()[0] as usize,
+        scenario_test_samples: data.test_x.size()[0] as usize,
+        history,
+        model: tuned_path.to_path_buf(),
+    })
+}
+
+/// What `sweep` measured: the classifier before correction, and one correction per lambda.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sweep {
+    pub test_accuracy_before: f64,
+    pub scenario_accuracy_before: f64,
+    pub scenario_test_samples: usize,
+    pub points: Vec<crate::plots::SweepPoint>,
+}
+
+/// The paper's lambda sweep: runs the job up to its report (reusing every step already
+/// done), then corrects the classifier once per lambda from the same scenarios, labels
+/// and scenario samples, each from the original classifier. Writes
+/// `sweep/lambda-<l>/` (model, evaluation), `sweep/sweep.json`, `sweep/sweep.md` and
+/// the figure `sweep/sweep.svg` (test accuracy against scenario accuracy).
+pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
+    if lambdas.is_empty() {
+        return Err(Error::invalid("lambdas", "give at least one lambda"));
+    }
+    if let Some(l) = lambdas.iter().find(|l| !(l.is_finite() && **l >= 0.0)) {
+        return Err(Error::invalid(
+            "lambdas",
+            format!("{l} is not >= 0 (the loss is CE(train) + lambda * CE(scenario))"),
+        ));
+    }
+    let mut p = prepare(cfg)?;
+    p.identify_here()?;
+    if let RunOutcome::AwaitingLabels { scenarios } = finish(&mut p)? {
+        return Err(Error::invalid(
+            "label",
+            format!("the job waits for labels on its {scenarios} scenarios: label them first (defuse label)"),
+        ));
+    }
+    let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
+    let job = &mut p.job;
+    let scenarios: Vec<Scenario> = read_json(&job.out.join("distill/scenarios.json"))?;
+    let labels = scenarios::read_labels(&job.out.join("labels.json"), &scenarios, &ds.class_names)?;
+    let h_label = std::fs::read_to_string(job.out.join("label/done.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Done>(&t).ok())
+        .map(|d| d.hash)
+        .unwrap_or_default();
+    let mut points = Vec::new();
+    let mut before = None;
+    for &lambda in lambdas {
+        let mut o = cfg.correct.clone();
+        o.lambda = lambda;
+        let step = format!("sweep/lambda-{lambda}");
+        let h = hash_of(&[&h_label, &o]);
+        let eval_path = job.out.join(&step).join("evaluation.json");
+        let started = Instant::now();
+        let ev: report::Evaluation = if job.done(&step, &h) {
+            job.reuse(&step);
+            read_json(&eval_path)?
+        } else {
+            let dir = job.dir(&step)?;
+            let tuned = dir.join(format!("classifier.{}", clf.extension()));
+            let ev = correct_and_evaluate(job, ds, clf, vae, &scenarios, &labels, &o, &tuned)?;
+            write_json(&eval_path, &ev)?;
+            job.mark(&step, &h, started)?;
+            ev
+        };
+        tracing::info!(
+            lambda,
+            test = ev.test_accuracy_after,
+            scenarios = ev.scenario_accuracy_after,
+            "sweep point"
+        );
+        before.get_or_insert((
+            ev.test_accuracy_before,
+            ev.scenario_accuracy_before,
+            ev.scenario_test_samples,
+        ));
+        points.push(crate::plots::SweepPoint {
+            lambda,
+            test_accuracy: ev.test_accuracy_after,
+            scenario_accuracy: ev.scenario_accuracy_after,
+        });
+    }
+    let (tb, sb, n) = before.expect("at least one lambda");
+    let sweep = Sweep {
+        test_accuracy_before: tb,
+        scenario_accuracy_before: sb,
+        scenario_test_samples: n,
+        points,
+    };
+    let dir = job.dir("sweep")?;
+    write_json(&dir.join("sweep.json"), &sweep)?;
+    let mut md = format!(
+        "| lambda | test accuracy | failure-scenario accuracy ({n} held-out samples) |\n|---:|---:|---:|\n| before | {:.2}% | {:.2}% |\n",
+        100.0 * tb,
+        100.0 * sb
+    );
+    for pt in &sweep.points {
+        md.push_str(&format!(
+            "| {} | {:.2}% | {:.2}% |\n",
+            pt.lambda,
+            100.0 * pt.test_accuracy,
+            100.0 * pt.scenario_accuracy
+        ));
+    }
+    let md_path = dir.join("sweep.md");
+    std::fs::write(&md_path, &md).map_err(|e| Error::io(&md_path, e))?;
+    crate::plots::sweep_svg(
+        &dir.join("sweep.svg"),
+        &format!("{}: correction by lambda", ds.name),
+        &sweep.points,
+        (tb, sb),
+    )?;
+    Ok(sweep)
 }
 
 fn load_or_train_models(

@@ -148,11 +148,13 @@ impl Summary {
 }
 
 /// Writes `summary.json` and `index.html` into `dir`; scenario grids are read from
-/// `grids` (`scenario-<id>.png`) and embedded, so the page stands alone.
-pub fn write(dir: &Path, s: &Summary, grids: &Path) -> Result<()> {
+/// `grids` (`scenario-<id>.png`), the nearest training images and the projection from
+/// `pictures` (`nearest-<id>.png`, `projection.svg`), all embedded, so the page stands
+/// alone.
+pub fn write(dir: &Path, s: &Summary, grids: &Path, pictures: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     crate::pipeline::write_json(&dir.join("summary.json"), s)?;
-    let html = render_html(s, grids);
+    let html = render_html(s, grids, pictures);
     let p = dir.join("index.html");
     std::fs::write(&p, html).map_err(|e| Error::io(&p, e))
 }
@@ -168,7 +170,20 @@ fn pct(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v))
 }
 
-fn render_html(s: &Summary, grids: &Path) -> String {
+/// A file as an `<img>` with a data URL (nothing when the file is missing).
+fn embedded_img(path: &Path, mime: &str, alt: &str) -> String {
+    std::fs::read(path)
+        .map(|b| {
+            format!(
+                "<img alt=\"{}\" src=\"data:{mime};base64,{}\">",
+                esc(alt),
+                base64::engine::general_purpose::STANDARD.encode(b)
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
     let name = |c: i64| {
         esc(&s
             .class_names
@@ -178,15 +193,16 @@ fn render_html(s: &Summary, grids: &Path) -> String {
     };
     let mut rows = String::new();
     for sc in &s.scenarios {
-        let img = std::fs::read(grids.join(format!("scenario-{}.png", sc.id)))
-            .map(|b| {
-                format!(
-                    "<img alt=\"samples of scenario {}\" src=\"data:image/png;base64,{}\">",
-                    sc.id,
-                    base64::engine::general_purpose::STANDARD.encode(b)
-                )
-            })
-            .unwrap_or_default();
+        let img = embedded_img(
+            &grids.join(format!("scenario-{}.png", sc.id)),
+            "image/png",
+            &format!("samples of scenario {}", sc.id),
+        );
+        let nearest = embedded_img(
+            &pictures.join(format!("nearest-{}.png", sc.id)),
+            "image/png",
+            &format!("training images nearest scenario {}", sc.id),
+        );
         let preds: Vec<String> = sc.sample_predictions.iter().map(|&p| name(p)).collect();
         let sources: Vec<String> = sc
             .source_labels
@@ -198,7 +214,8 @@ fn render_html(s: &Summary, grids: &Path) -> String {
             "<section class=\"scn\" id=\"s{id}\"><h3>Scenario {id}</h3>\
              <p>weight {w:.3} · {size} failures · classifier says <b>{pred}</b> · labelled <b>{label}</b> · \
              accuracy {before} → <b>{after}</b></p>{img}\
-             <p class=\"small\">predictions on the samples above, left to right: {preds}</p>\
+             <p class=\"small\">predictions on the samples above, row by row: {preds}</p>\
+             <p class=\"small\">the real training images nearest the scenario's mean (in the VAE's code space):</p>{nearest}\
              <p class=\"small\">true labels of the source images: {sources}</p></section>\n",
             id = sc.id,
             w = sc.weight,
@@ -230,6 +247,9 @@ th:first-child,td:first-child{{text-align:left}}.scn{{margin:1.5rem 0;padding-to
 <tr><td>test accuracy</td><td>{tb}</td><td>{ta}</td></tr>
 <tr><td>scenario-test accuracy ({nst} held-out samples)</td><td>{sb}</td><td>{sa}</td></tr></table>
 <p class="small">Fine-tuned model: {model}. Step times: {steps}.</p>
+<h2>All failures</h2>
+<p class="small">Every failure code projected on its first two principal components, coloured by scenario.</p>
+{projection}
 <h2>Failure scenarios</h2>
 {rows}</body></html>
 "#,
@@ -254,5 +274,10 @@ th:first-child,td:first-child{{text-align:left}}.scn{{margin:1.5rem 0;padding-to
         nst = s.scenario_test_samples,
         model = esc(&s.model.display().to_string()),
         steps = steps.join(", "),
+        projection = embedded_img(
+            &pictures.join("projection.svg"),
+            "image/svg+xml",
+            "failure codes by scenario"
+        ),
     )
 }
