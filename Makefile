@@ -26,10 +26,10 @@ run: release
 
 lint: setup
 	$(ENV) && cargo fmt --all --check
-	$(ENV) && cargo clippy --workspace --all-targets -- -D warnings
+	$(ENV) && cargo clippy --workspace --all-targets --features defuse/otlp -- -D warnings
 
 test: setup-test lint
-	$(ENV) && cargo nextest run --workspace --no-fail-fast
+	$(ENV) && cargo nextest run --workspace --features defuse/otlp --no-fail-fast
 
 fmt:
 	cargo fmt --all

@@ -1,22 +1,91 @@
 //! Logging: human-readable text on stderr by default, JSON lines with `--log-json` or
-//! `DEFUSE_LOG_FORMAT=json`; levels from `RUST_LOG` (default `info`).
-use tracing_subscriber::EnvFilter;
+//! `DEFUSE_LOG_FORMAT=json`; levels from `RUST_LOG` (default `info`). Built with the
+//! `otlp` feature, spans also go to an OpenTelemetry collector (OTLP over HTTP) when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set.
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-pub fn init(json: bool) {
+/// Keeps the exporters alive; dropping it flushes the spans not yet sent.
+#[must_use]
+pub struct Guard {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(p) = self.provider.take() {
+            if let Err(e) = p.shutdown() {
+                eprintln!("warning: could not flush the OTLP spans: {e}");
+            }
+        }
+    }
+}
+
+pub fn init(json: bool) -> Guard {
     let json = json || std::env::var("DEFUSE_LOG_FORMAT").is_ok_and(|v| v == "json");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder
-            .json()
+    let fmt = if json {
+        fmt.json()
             .with_current_span(true)
             .with_span_list(true)
-            .init();
+            .boxed()
     } else {
-        builder.init();
+        fmt.boxed()
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otlp")]
+    {
+        let provider = otlp_provider();
+        let layer = provider.as_ref().map(|p| {
+            use opentelemetry::trace::TracerProvider as _;
+            tracing_opentelemetry::layer().with_tracer(p.tracer("defuse"))
+        });
+        registry.with(layer).init();
+        Guard { provider }
     }
+    #[cfg(not(feature = "otlp"))]
+    {
+        registry.init();
+        Guard {}
+    }
+}
+
+/// An OTLP/HTTP exporter when an endpoint is configured (the standard OTEL_* variables
+/// also set headers, timeouts and the service name).
+#[cfg(feature = "otlp")]
+fn otlp_provider() -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return None;
+    }
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("warning: OTLP exporter not started: {e}");
+            return None;
+        }
+    };
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "defuse".into());
+    Some(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service)
+                    .build(),
+            )
+            .build(),
+    )
 }

@@ -167,6 +167,24 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The subcommand's name, for the span around it.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run { .. } => "run",
+            Command::Coordinator { .. } => "coordinator",
+            Command::Worker { .. } => "worker",
+            Command::Submit { .. } => "submit",
+            Command::Status { .. } => "status",
+            Command::Cancel { .. } => "cancel",
+            Command::Label { .. } => "label",
+            Command::Sweep { .. } => "sweep",
+            Command::Cluster(_) => "cluster",
+            Command::Train { .. } => "train",
+        }
+    }
+}
+
 #[derive(Args)]
 struct ClusterArgs {
     /// Input matrix: .npy (f4/f8, C order) or .safetensors (tensor `codes` or the only one).
@@ -277,7 +295,9 @@ impl TrainArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_json);
+    let _logs = logging::init(cli.log_json);
+    let span = tracing::info_span!("command", name = cli.cmd.name());
+    let _in = span.enter();
     let token = match read_token(cli.token_file.as_deref()) {
         Ok(t) => t,
         Err(e) => {

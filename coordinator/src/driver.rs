@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use defuse_core::identify::{Failures, IdentifyStats};
 use defuse_core::pipeline::{self, JobConfig, RunOutcome};
 
+use tracing::Instrument;
+
 use crate::service::{Coordinator, Plan};
 use crate::store::{now_ms, JobRecord, JobState, StoreError};
 
@@ -129,6 +131,7 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
         return;
     }
     let (c, rec) = (c.clone(), rec.clone());
+    let span = tracing::info_span!("central", job = %rec.id, step = ?what);
     tokio::spawn(async move {
         let id = rec.id.clone();
         let started = Instant::now();
@@ -174,7 +177,7 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
         }
         tracing::info!(job = %id, step = ?what, seconds = started.elapsed().as_secs_f64(), "central step ended");
         c.inner.in_flight.lock().unwrap().remove(&id);
-    });
+    }.instrument(span));
 }
 
 enum Next {
@@ -194,7 +197,9 @@ fn job_config(c: &Coordinator, rec: &JobRecord) -> Result<JobConfig, String> {
 /// Models step: load or train the models, publish them and the shard plan.
 async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
     let cfg = job_config(c, rec)?;
+    let span = tracing::Span::current();
     let (files, ranges, done) = tokio::task::spawn_blocking(move || {
+        let _in = span.enter();
         let p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
         Ok::<_, String>((p.model_files(), p.shard_ranges(), p.identify_done()))
     })
@@ -283,7 +288,9 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
     let id = rec.id.clone();
     let planned_ms = c.plan(&rec.id).await.map(|p| p.planned_ms).unwrap_or(0);
     let identify_seconds = now_ms().saturating_sub(planned_ms) as f64 / 1000.0;
+    let span = tracing::Span::current();
     let outcome = tokio::task::spawn_blocking(move || -> Result<RunOutcome, String> {
+        let _in = span.enter();
         let mut p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
         if !local.is_empty() && !p.identify_done() {
             let mut parts = Vec::new();
