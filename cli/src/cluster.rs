@@ -241,7 +241,12 @@ pub fn status(
                         } else {
                             String::new()
                         };
-                        println!("  {:<9} {:<16}{shards}", s.step, s.state);
+                        let detail = if s.detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  {}", s.detail)
+                        };
+                        println!("  {:<9} {:<16}{shards}{detail}", s.step, s.state);
                     }
                     if let Some(s) = j.steps.iter().find(|s| {
                         s.step == "identify" && s.state == "running" && s.shards_total > 0
@@ -274,7 +279,7 @@ fn status_json(j: &JobStatus) -> serde_json::Value {
         "job_id": j.job_id, "name": j.name, "state": j.state, "step": j.step, "error": j.error,
         "steps": j.steps.iter().map(|s| serde_json::json!({
             "step": s.step, "state": s.state, "shards_total": s.shards_total, "shards_pending": s.shards_pending,
-            "shards_leased": s.shards_leased, "shards_done": s.shards_done, "shards_failed": s.shards_failed,
+            "shards_leased": s.shards_leased, "shards_done": s.shards_done, "shards_failed": s.shards_failed, "detail": s.detail,
         })).collect::<Vec<_>>(),
         "summary": serde_json::from_str::<serde_json::Value>(&j.summary_json).unwrap_or(serde_json::Value::Null),
     })

@@ -78,6 +78,9 @@ pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Resul
             );
             Ok(Some(EXIT_AWAITING_LABELS))
         }
+        RunOutcome::FineTune(_) => {
+            anyhow::bail!("the embedded run ended in the middle of its fine-tune")
+        }
     }
 }
 

@@ -134,6 +134,28 @@ impl Cluster {
         i
     }
 
+    /// The id worker `i` registered with (from its log).
+    fn worker_id(&self, i: usize) -> String {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.workers[i].log_text();
+            if let Some(id) = log
+                .lines()
+                .find(|l| l.contains("worker registered"))
+                .and_then(|l| l.split("worker=").nth(1))
+                .map(|s| s.split_whitespace().next().unwrap().to_string())
+            {
+                return id;
+            }
+            assert!(
+                Instant::now() < end,
+                "worker {i} never registered:\n{}",
+                self.workers[i].tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn submit(&self, cfg: &Path) -> String {
         let out = defuse()
             .args([
@@ -257,26 +279,7 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
     let job = c.submit(&cfg_path);
 
     // SIGKILL worker 0 while it holds a shard
-    let w0_id = {
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let log = c.workers[0].log_text();
-            if let Some(id) = log
-                .lines()
-                .find(|l| l.contains("worker registered"))
-                .and_then(|l| l.split("worker=").nth(1))
-                .map(|s| s.split_whitespace().next().unwrap().to_string())
-            {
-                break id;
-            }
-            assert!(
-                Instant::now() < end,
-                "worker 0 never registered:\n{}",
-                c.workers[0].tail(20)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let w0_id = c.worker_id(0);
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let log = c.coordinator.as_ref().unwrap().log_text();
@@ -579,4 +582,165 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     let s = c.status(&job).unwrap();
     assert_eq!(s["state"], "cancelled");
     assert_eq!(identify(&s)["shards_done"], 0);
+}
+
+/// A small job whose correction runs in `parts` data-parallel parts.
+fn finetune_config(out: &Path, clf: &Path, vae: &Path, parts: usize) -> String {
+    format!(
+        r#"
+name = "finetune"
+seed = 13
+out = "{out}"
+[data]
+path = "{data}"
+limit_train = 4000
+[models]
+classifier = "{clf}"
+vae = "{vae}"
+[identify]
+samples = 24
+keep = 2
+limit = 2000
+shard_size = 500
+perturbation = {{ kind = "gaussian", sigma = 0.5 }}
+[distill]
+max_components = 12
+[label]
+discard_non_failures = false
+[correct]
+samples_per_scenario = 60
+parts = {parts}
+local_steps = 8
+"#,
+        out = out.display(),
+        data = repo().join("data/mnist").display(),
+        clf = clf.display(),
+        vae = vae.display()
+    )
+}
+
+#[test]
+fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+
+    // the reference: the single-process fine-tune, same samples seen
+    let one = dir.join("one");
+    let cfg_one = dir.join("one.toml");
+    std::fs::write(&cfg_one, finetune_config(&one, &clf, &vae, 1)).unwrap();
+    let st = defuse()
+        .args(["run", cfg_one.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // the cluster: 2 parts on 2 worker processes (63 steps: 4 rounds of 2 x 8 steps)
+    let cfg_two = dir.join("two.toml");
+    std::fs::write(
+        &cfg_two,
+        finetune_config(&dir.join("unused"), &clf, &vae, 2),
+    )
+    .unwrap();
+    let mut c = Cluster::start(dir);
+    c.start_worker(&[]);
+    c.start_worker(&[]);
+    let job = c.submit(&cfg_two);
+    let w0 = c.worker_id(0);
+    // SIGKILL worker 0 once it trains a part of a round; a new worker joins
+    let end = Instant::now() + Duration::from_secs(240);
+    loop {
+        let log = c.coordinator.as_ref().unwrap().log_text();
+        if log
+            .lines()
+            .any(|l| l.contains("shard leased") && l.contains("--round-") && l.contains(&w0))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "worker 0 never leased a round part");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.workers[0].signal("KILL");
+    c.start_worker(&[]);
+    // restart the coordinator once a round has been averaged
+    let s = c.wait_for(&job, "round 2", Duration::from_secs(240), |s| {
+        s["step"]
+            .as_str()
+            .and_then(|st| st.strip_prefix("finetune:"))
+            .and_then(|r| r.parse::<u32>().ok())
+            .is_some_and(|r| r >= 1)
+    });
+    let round = s["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["step"] == "finetune")
+        .cloned()
+        .unwrap();
+    assert!(
+        round["detail"].as_str().unwrap_or("").contains("/4"),
+        "status shows the round: {round}"
+    );
+    c.coordinator.as_ref().unwrap().signal("KILL");
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_coordinator();
+    c.wait_for(&job, "done", Duration::from_secs(300), |s| {
+        s["state"] == "done"
+    });
+
+    let work = dir.join("coordinator-work").join(&job);
+    let summary = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("report/summary.json")).unwrap())
+            .unwrap()
+    };
+    let (a, b) = (summary(&one), summary(&work));
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    eprintln!(
+        "single process: test {:.4} -> {:.4}, scenarios {:.4} -> {:.4}; 2 parts: test {:.4} -> {:.4}, scenarios {:.4} -> {:.4}",
+        f(&a, "test_accuracy_before"), f(&a, "test_accuracy_after"),
+        f(&a, "scenario_accuracy_before"), f(&a, "scenario_accuracy_after"),
+        f(&b, "test_accuracy_before"), f(&b, "test_accuracy_after"),
+        f(&b, "scenario_accuracy_before"), f(&b, "scenario_accuracy_after"),
+    );
+    // same job up to correction: the same starting point
+    assert_eq!(a["n_failures"], b["n_failures"]);
+    assert_eq!(a["scenario_accuracy_before"], b["scenario_accuracy_before"]);
+    // the correction worked in both, and the two agree
+    for v in [&a, &b] {
+        assert!(
+            f(v, "scenario_accuracy_after") > f(v, "scenario_accuracy_before") + 0.2,
+            "the fine-tune must fix the scenarios: {v}"
+        );
+    }
+    assert!(
+        (f(&a, "test_accuracy_after") - f(&b, "test_accuracy_after")).abs() < 0.02,
+        "test accuracy: single process vs 2 parts"
+    );
+    assert!(
+        (f(&a, "scenario_accuracy_after") - f(&b, "scenario_accuracy_after")).abs() < 0.1,
+        "scenario accuracy: single process vs 2 parts"
+    );
+    // the fine-tuned model is in the format it came in, and loads
+    let model = work.join("correct/classifier.safetensors");
+    let ds = defuse_core::data::DataSpec::from_path(repo().join("data/mnist"))
+        .load()
+        .unwrap();
+    let tuned =
+        defuse_core::models::Classifier::load(&model, ds.image_shape(), 10, tch::Device::Cpu)
+            .unwrap();
+    let acc = defuse_core::train::accuracy(&tuned, &ds.test, tch::Device::Cpu).unwrap();
+    assert!((acc - f(&b, "test_accuracy_after")).abs() < 1e-9, "{acc}");
+    // the killed worker's part was redone by another: every round's parts accepted once
+    for r in 0..4 {
+        let fields = redis_shards(&c.redis.url(), &format!("{job}--round-{r}"));
+        for p in 0..2 {
+            assert!(
+                fields
+                    .iter()
+                    .any(|(k, v)| *k == format!("{p}:accepted") && v == "1"),
+                "round {r} part {p}: {fields:?}"
+            );
+        }
+    }
 }

@@ -103,6 +103,29 @@ async fn step_job(c: &Coordinator, rec: &JobRecord) -> Result<(), StoreError> {
             }
         }
         (JobState::Running, "finish") => spawn_central(c, rec, Central::Finish),
+        (JobState::Running, step) if step.starts_with("finetune:") => {
+            let Some(round) = crate::rounds::round_of_step(step) else {
+                return Ok(());
+            };
+            match crate::rounds::tick(c, rec, round).await? {
+                crate::rounds::RoundState::Running => {}
+                crate::rounds::RoundState::Complete => {
+                    spawn_central(c, rec, Central::Average(round))
+                }
+                crate::rounds::RoundState::Broken(msg) => {
+                    tracing::error!(job = %rec.id, round, error = %msg, "fine-tune round failed");
+                    store
+                        .set_job_state(
+                            &rec.id,
+                            JobState::Failed,
+                            step,
+                            &format!("fine-tune round {round}: {msg}"),
+                            now_ms(),
+                        )
+                        .await?;
+                }
+            }
+        }
         (JobState::AwaitingLabels, _) => {
             let Ok(cfg) = toml::from_str::<JobConfig>(&rec.config_toml) else {
                 return Ok(());
@@ -123,6 +146,7 @@ async fn step_job(c: &Coordinator, rec: &JobRecord) -> Result<(), StoreError> {
 enum Central {
     Prepare,
     Finish,
+    Average(usize),
 }
 
 /// Starts a central step unless one runs for this job already.
@@ -138,6 +162,9 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
         let r = match what {
             Central::Prepare => prepare(&c, &rec).await,
             Central::Finish => finish(&c, &rec).await,
+            Central::Average(round) => crate::rounds::average(&c, &rec, round)
+                .await
+                .map(Next::Step),
         };
         let now = now_ms();
         let store = &c.inner.store;
@@ -153,6 +180,11 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
             Ok(Next::Finish) => {
                 store
                     .set_job_state(&id, JobState::Running, "finish", "", now)
+                    .await
+            }
+            Ok(Next::Step(step)) => {
+                store
+                    .set_job_state(&id, JobState::Running, &step, "", now)
                     .await
             }
             Ok(Next::Done) => {
@@ -183,6 +215,8 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
 enum Next {
     Identify(u32),
     Finish,
+    /// Go on at this step (the fine-tune rounds).
+    Step(String),
     Done,
     AwaitLabels,
 }
@@ -292,6 +326,7 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
     let outcome = tokio::task::spawn_blocking(move || -> Result<RunOutcome, String> {
         let _in = span.enter();
         let mut p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
+        p.distributed_correct = true;
         if !local.is_empty() && !p.identify_done() {
             let mut parts = Vec::new();
             let mut total = IdentifyStats::default();
@@ -312,6 +347,10 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         RunOutcome::AwaitingLabels { scenarios } => {
             tracing::info!(job = %id, scenarios, "waiting for labels");
             Ok(Next::AwaitLabels)
+        }
+        RunOutcome::FineTune(input) => {
+            crate::rounds::start(c, &id, &input).await?;
+            Ok(Next::Step("finetune:0".into()))
         }
         RunOutcome::Finished(s) => {
             let a = &c.inner.artifacts;

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod store;
 
 mod driver;
+mod rounds;
 mod service;
 
 pub use service::{read_scenarios, serve, Coordinator, CoordinatorConfig};

@@ -71,6 +71,11 @@ pub(crate) struct Inner {
     /// Jobs this process has seen: one missing from the store was lost.
     pub known: Mutex<HashSet<String>>,
     pub plans: Mutex<HashMap<String, Arc<Plan>>>,
+    pub round_plans: Mutex<HashMap<String, Arc<crate::rounds::RoundsPlan>>>,
+    /// Per round sub-job: summed (ce_train * rows, ce_scenario * rows, rows) of its
+    /// accepted parts (for status and the history; not needed to go on after a restart).
+    pub round_stats: Mutex<HashMap<String, (f64, f64, usize)>>,
+    pub round_history: Mutex<HashMap<String, Vec<defuse_core::correct::CorrectEpoch>>>,
 }
 
 /// A coordinator: clone it freely.
@@ -93,6 +98,9 @@ impl Coordinator {
                 in_flight: Mutex::new(HashSet::new()),
                 known: Mutex::new(HashSet::new()),
                 plans: Mutex::new(HashMap::new()),
+                round_plans: Mutex::new(HashMap::new()),
+                round_stats: Mutex::new(HashMap::new()),
+                round_history: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -232,6 +240,37 @@ impl Coordinator {
         }
     }
 
+    /// The task of a fine-tune part: train from round `r`'s checkpoint.
+    async fn finetune_task(
+        &self,
+        rec: &JobRecord,
+        lease: &crate::store::Lease,
+    ) -> Result<Response<LeaseResponse>, Status> {
+        let (job, round) = crate::rounds::parse_sub_job(&rec.id)
+            .ok_or_else(|| Status::internal(format!("{} is not a round", rec.id)))?;
+        let plan = crate::rounds::plan(self, job)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(LeaseResponse {
+            task: Some(Task {
+                task: Some(TaskRef {
+                    job: rec.id.clone(),
+                    step: "finetune".into(),
+                    shard: lease.shard,
+                    attempt: lease.attempt,
+                }),
+                config_toml: rec.config_toml.clone(),
+                classifier_key: crate::rounds::checkpoint_key(job, round, &plan.extension),
+                scenario_key: plan.scenario_key.clone(),
+                round: round as u32,
+                model_extension: plan.extension.clone(),
+                output_key: crate::shard_output_key(&rec.id, lease.shard, lease.attempt),
+                ..Default::default()
+            }),
+            retry_after_ms: 0,
+        }))
+    }
+
     pub(crate) async fn plan(&self, job: &str) -> Result<Arc<Plan>, Status> {
         if let Some(p) = self.inner.plans.lock().unwrap().get(job) {
             return Ok(p.clone());
@@ -256,7 +295,12 @@ impl Coordinator {
     pub(crate) async fn status_of(&self, rec: &JobRecord) -> JobStatus {
         let mut steps = Vec::new();
         let order = ["models", "identify", "finish"];
-        let at = order.iter().position(|s| *s == rec.step).unwrap_or(0);
+        let round = crate::rounds::round_of_step(&rec.step);
+        let at = if round.is_some() {
+            2
+        } else {
+            order.iter().position(|s| *s == rec.step).unwrap_or(0)
+        };
         for (i, step) in order.iter().enumerate() {
             let state = if rec.state == JobState::Done || i < at {
                 "done"
@@ -285,6 +329,46 @@ impl Coordinator {
                     p.shards_failed = c.failed as u64;
                 }
             }
+            steps.push(p);
+        }
+        if let Some(r) = round {
+            let sub = crate::rounds::sub_job(&rec.id, r);
+            let mut p = StepProgress {
+                step: "finetune".into(),
+                state: "running".into(),
+                ..Default::default()
+            };
+            if let Ok(c) = self.inner.store.counts(&sub).await {
+                p.shards_total = c.total as u64;
+                p.shards_pending = c.pending as u64;
+                p.shards_leased = c.leased as u64;
+                p.shards_done = c.done as u64;
+                p.shards_failed = c.failed as u64;
+            }
+            let rounds = self
+                .inner
+                .round_plans
+                .lock()
+                .unwrap()
+                .get(&rec.id)
+                .map(|p| p.rounds.to_string())
+                .unwrap_or_else(|| "?".into());
+            let last = self
+                .inner
+                .round_history
+                .lock()
+                .unwrap()
+                .get(&rec.id)
+                .and_then(|h| h.last().cloned());
+            p.detail = match last {
+                Some(e) => format!(
+                    "round {}/{rounds}; last round ce_train {:.4}, ce_scenario {:.4}",
+                    r + 1,
+                    e.ce_train,
+                    e.ce_scenario
+                ),
+                None => format!("round {}/{rounds}", r + 1),
+            };
             steps.push(p);
         }
         let summary_json = if rec.state == JobState::Done {
@@ -406,10 +490,9 @@ impl WorkerService for Coordinator {
             )));
         }
         let jobs = self.inner.store.list_jobs().await.map_err(store_status)?;
-        for rec in jobs
-            .iter()
-            .filter(|j| j.state == JobState::Running && j.step == "identify")
-        {
+        for rec in jobs.iter().filter(|j| {
+            j.state == JobState::Running && (j.step == "identify" || j.step == "finetune-part")
+        }) {
             let started = std::time::Instant::now();
             let r = self
                 .inner
@@ -422,13 +505,16 @@ impl WorkerService for Coordinator {
                 Ok(None) => continue,
                 Err(e) => return Err(store_status(e)),
             };
+            tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
+            crate::metrics::lease(&rec.id);
+            if rec.step == "finetune-part" {
+                return self.finetune_task(rec, &lease).await;
+            }
             let plan = self.plan(&rec.id).await?;
             let (start, end) = *plan
                 .ranges
                 .get(lease.shard as usize)
                 .ok_or_else(|| Status::internal("shard outside the plan"))?;
-            tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
-            crate::metrics::lease(&rec.id);
             return Ok(Response::new(LeaseResponse {
                 task: Some(Task {
                     task: Some(TaskRef {
@@ -444,6 +530,7 @@ impl WorkerService for Coordinator {
                     vae_key: plan.vae_key.clone(),
                     vae_decoder_key: plan.vae_decoder_key.clone(),
                     output_key: crate::shard_output_key(&rec.id, lease.shard, lease.attempt),
+                    ..Default::default()
                 }),
                 retry_after_ms: 0,
             }));
@@ -524,6 +611,17 @@ impl WorkerService for Coordinator {
         let f = f.map_err(store_status)?;
         crate::metrics::completion(&t.job, f == Fenced::Accepted);
         let acceptance = match f {
+            Fenced::Accepted if t.step == "finetune" => {
+                let v: serde_json::Value = serde_json::from_str(&r.stats_json).unwrap_or_default();
+                let n = v["samples"].as_u64().unwrap_or(0) as usize;
+                let mut stats = self.inner.round_stats.lock().unwrap();
+                let e = stats.entry(t.job.clone()).or_default();
+                e.0 += v["ce_train"].as_f64().unwrap_or(0.0) * n as f64;
+                e.1 += v["ce_scenario"].as_f64().unwrap_or(0.0) * n as f64;
+                e.2 += n;
+                tracing::info!(job = %t.job, part = t.shard, attempt = t.attempt, worker = %r.worker_id, "round part done");
+                Acceptance::Accepted
+            }
             Fenced::Accepted => {
                 if let Ok(s) =
                     serde_json::from_str::<defuse_core::identify::IdentifyStats>(&r.stats_json)
@@ -605,6 +703,20 @@ impl JobService for Coordinator {
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
         let id = req.into_inner().job_id;
+        // a fine-tune round in flight goes with its job
+        if let Some(r) = self
+            .inner
+            .store
+            .get_job(&id)
+            .await
+            .map_err(store_status)?
+            .and_then(|j| crate::rounds::round_of_step(&j.step))
+        {
+            let sub = crate::rounds::sub_job(&id, r);
+            if let Err(e) = self.inner.store.cancel(&sub, now_ms()).await {
+                tracing::warn!(job = %id, round = r, error = %e, "cannot cancel the round");
+            }
+        }
         self.inner
             .store
             .cancel(&id, now_ms())
@@ -636,7 +748,9 @@ impl JobService for Coordinator {
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let mut jobs = Vec::new();
         for rec in self.inner.store.list_jobs().await.map_err(store_status)? {
-            jobs.push(self.status_of(&rec).await);
+            if crate::rounds::parse_sub_job(&rec.id).is_none() {
+                jobs.push(self.status_of(&rec).await);
+            }
         }
         Ok(Response::new(ListResponse { jobs }))
     }

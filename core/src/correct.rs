@@ -34,6 +34,16 @@ pub struct CorrectOptions {
     pub scenario_batch_size: usize,
     /// Passes over the training split.
     pub epochs: usize,
+    /// Data-parallel parts of the fine-tune on a coordinator's workers (1: one process,
+    /// centrally). With P parts, each round gives every part `local_steps` consecutive
+    /// steps of the same global step sequence, trained from the round's checkpoint,
+    /// and averages the parts' weights (weighted by samples) into the next checkpoint.
+    pub parts: usize,
+    /// Steps each part trains per round (`H`).
+    pub local_steps: usize,
+    /// How a round's parts are merged: `sum` of their updates (default) or `mean` of
+    /// their weights.
+    pub merge: Merge,
 }
 
 impl Default for CorrectOptions {
@@ -47,6 +57,9 @@ impl Default for CorrectOptions {
             batch_size: 64,
             scenario_batch_size: 64,
             epochs: 1,
+            parts: 1,
+            local_steps: 50,
+            merge: Merge::Sum,
         }
     }
 }
@@ -75,6 +88,12 @@ impl CorrectOptions {
             return Err(Error::invalid(
                 "correct",
                 "lr must be > 0 and momentum in [0, 1)",
+            ));
+        }
+        if self.parts == 0 || self.local_steps == 0 {
+            return Err(Error::invalid(
+                "correct",
+                "parts and local_steps must be at least 1",
             ));
         }
         if self.batch_size == 0 || self.scenario_batch_size == 0 || self.epochs == 0 {
@@ -207,17 +226,8 @@ pub fn fine_tune(
     let mut history = Vec::new();
     let n_scn = data.train_x.size()[0] as usize;
     for epoch in 1..=o.epochs {
-        let order = epoch_permutation(train.len(), seed, epoch as u64, 0);
-        let batches: Vec<&[usize]> = order.chunks(o.batch_size).collect();
-        let scn_order = epoch_permutation(n_scn, seed, epoch as u64, 1);
-        // as many scenario batches as train batches, cycling through the scenario set
-        let scn_batches: Vec<Vec<i64>> = (0..batches.len())
-            .map(|b| {
-                (0..o.scenario_batch_size)
-                    .map(|j| scn_order[(b * o.scenario_batch_size + j) % n_scn] as i64)
-                    .collect()
-            })
-            .collect();
+        let (train_batches, scn_batches) = steps_of_epoch(train.len(), n_scn, o, seed, epoch);
+        let batches: Vec<&[usize]> = train_batches.iter().map(|b| b.as_slice()).collect();
         let bar = progress::bar(
             batches.len() as u64,
             &format!("correct epoch {epoch}/{}", o.epochs),
@@ -248,6 +258,174 @@ pub fn fine_tune(
         history.push(e);
     }
     Ok(history)
+}
+
+/// Steps of a fine-tune: train-row batches, each with its scenario-row batch.
+pub type Steps = (Vec<Vec<usize>>, Vec<Vec<i64>>);
+
+/// The global step sequence of a fine-tune: every epoch's train batches, each paired
+/// with a scenario batch (cycling through the scenario set), as in [`fine_tune`].
+fn steps_of_epoch(
+    n_train: usize,
+    n_scn: usize,
+    o: &CorrectOptions,
+    seed: u64,
+    epoch: usize,
+) -> Steps {
+    let order = epoch_permutation(n_train, seed, epoch as u64, 0);
+    let batches: Vec<Vec<usize>> = order.chunks(o.batch_size).map(|c| c.to_vec()).collect();
+    let scn_order = epoch_permutation(n_scn, seed, epoch as u64, 1);
+    let scn: Vec<Vec<i64>> = (0..batches.len())
+        .map(|b| {
+            (0..o.scenario_batch_size)
+                .map(|j| scn_order[(b * o.scenario_batch_size + j) % n_scn] as i64)
+                .collect()
+        })
+        .collect();
+    (batches, scn)
+}
+
+/// Rounds of a distributed fine-tune: `ceil(epochs * batches / (parts * local_steps))`.
+pub fn n_rounds(n_train: usize, o: &CorrectOptions) -> usize {
+    let steps = o.epochs * n_train.div_ceil(o.batch_size);
+    steps.div_ceil(o.parts * o.local_steps).max(1)
+}
+
+/// The steps of part `part` in round `round`: global steps
+/// `[(round * parts + part) * H, + H)`, cut at the end. Depends only on the job (seed,
+/// options, data sizes), never on which worker runs it.
+pub fn round_steps(
+    n_train: usize,
+    n_scn: usize,
+    o: &CorrectOptions,
+    seed: u64,
+    round: usize,
+    part: usize,
+) -> Steps {
+    let per_epoch = n_train.div_ceil(o.batch_size);
+    let first = (round * o.parts + part) * o.local_steps;
+    let last = (first + o.local_steps).min(o.epochs * per_epoch);
+    let (mut tb, mut sb) = (Vec::new(), Vec::new());
+    let mut epoch_cache: Option<(usize, Steps)> = None;
+    for g in first..last {
+        let epoch = g / per_epoch + 1;
+        if epoch_cache.as_ref().map(|c| c.0) != Some(epoch) {
+            epoch_cache = Some((epoch, steps_of_epoch(n_train, n_scn, o, seed, epoch)));
+        }
+        let (b, s) = &epoch_cache.as_ref().expect("cached").1;
+        tb.push(b[g % per_epoch].clone());
+        sb.push(s[g % per_epoch].clone());
+    }
+    (tb, sb)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// One part of one round on a worker: `H` SGD steps from the round's checkpoint (a
+/// fresh optimiser: momentum restarts each round). Returns the summed loss terms and
+/// the number of train rows seen.
+pub fn train_part(
+    clf: &mut Classifier,
+    train: &Split,
+    scn_x: &Tensor,
+    scn_y: &Tensor,
+    o: &CorrectOptions,
+    seed: u64,
+    round: usize,
+    part: usize,
+) -> Result<(f64, f64, usize)> {
+    o.validate()?;
+    let n_scn = scn_x.size()[0] as usize;
+    let (tb, sb) = round_steps(train.len(), n_scn, o, seed, round, part);
+    if tb.is_empty() {
+        return Ok((0.0, 0.0, 0));
+    }
+    let mut opt = nn::Sgd {
+        momentum: o.momentum,
+        ..Default::default()
+    }
+    .build(clf.var_store(), o.lr)?;
+    let batches: Vec<&[usize]> = tb.iter().map(|b| b.as_slice()).collect();
+    tch::manual_seed((seed ^ ((round as u64) << 20) ^ part as u64) as i64);
+    fine_tune_steps(
+        clf,
+        &mut opt,
+        train,
+        &batches,
+        scn_x,
+        scn_y,
+        &sb,
+        o.lambda,
+        || {},
+    )
+}
+
+/// How the parts of a round are merged into the next checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Merge {
+    /// `start + sum_i (n_i / mean n) (w_i - start)`: every part's update applied, as if
+    /// one process had taken all the round's steps (to first order in the learning
+    /// rate). Same samples seen, same progress as the single-process fine-tune.
+    #[default]
+    Sum,
+    /// `sum_i n_i w_i / sum_i n_i`: model averaging (FedAvg); with P parts it moves about
+    /// 1/P as far per round, like SGD with a P times larger batch at the same rate.
+    Mean,
+}
+
+/// Merges the round's `parts` (with their weights, e.g. rows seen) into `target`,
+/// which holds the round's starting checkpoint.
+pub fn merge_into(target: &mut Classifier, parts: &[(&Classifier, f64)], how: Merge) -> Result<()> {
+    match how {
+        Merge::Mean => average_into(target, parts),
+        Merge::Sum => {
+            let total: f64 = parts.iter().map(|p| p.1).sum();
+            if parts.is_empty() || total <= 0.0 {
+                return Err(Error::invalid("merge", "nothing to merge"));
+            }
+            let mean = total / parts.len() as f64;
+            let vars: Vec<std::collections::HashMap<String, Tensor>> =
+                parts.iter().map(|p| p.0.var_store().variables()).collect();
+            tch::no_grad(|| -> Result<()> {
+                for (name, mut t) in target.var_store().variables() {
+                    let start = t.to_kind(tch::Kind::Double);
+                    let mut acc = start.copy();
+                    for (v, (_, w)) in vars.iter().zip(parts) {
+                        let x = v.get(&name).ok_or_else(|| {
+                            Error::invalid("merge", format!("a part lacks the variable {name}"))
+                        })?;
+                        acc += (x.to_kind(tch::Kind::Double) - &start) * (*w / mean);
+                    }
+                    t.copy_(&acc.to_kind(t.kind()));
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Sets `target`'s weights to the average of `parts` (weights as given, e.g. samples
+/// seen); every part must have the same variables.
+pub fn average_into(target: &mut Classifier, parts: &[(&Classifier, f64)]) -> Result<()> {
+    let total: f64 = parts.iter().map(|p| p.1).sum();
+    if parts.is_empty() || total <= 0.0 {
+        return Err(Error::invalid("average", "nothing to average"));
+    }
+    let vars: Vec<std::collections::HashMap<String, Tensor>> =
+        parts.iter().map(|p| p.0.var_store().variables()).collect();
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut t) in target.var_store().variables() {
+            let mut acc = t.zeros_like().to_kind(tch::Kind::Double);
+            for (v, (_, w)) in vars.iter().zip(parts) {
+                let x = v.get(&name).ok_or_else(|| {
+                    Error::invalid("average", format!("a part lacks the variable {name}"))
+                })?;
+                acc += x.to_kind(tch::Kind::Double) * (*w / total);
+            }
+            t.copy_(&acc.to_kind(t.kind()));
+        }
+        Ok(())
+    })
 }
 
 fn epoch_permutation(n: usize, seed: u64, epoch: u64, stream: u64) -> Vec<usize> {

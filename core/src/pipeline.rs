@@ -192,6 +192,37 @@ pub enum RunOutcome {
     AwaitingLabels {
         scenarios: usize,
     },
+    /// `correct.parts > 1` on a coordinator: the round inputs are ready under
+    /// `correct/` (see [`RoundsInput`]); the coordinator runs the rounds on its workers,
+    /// writes `correct/rounds-final.<ext>` and `correct/rounds-done.json`, and calls
+    /// [`finish`] again.
+    FineTune(RoundsInput),
+}
+
+/// What a distributed fine-tune starts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundsInput {
+    pub rounds: usize,
+    pub parts: usize,
+    /// The classifier to fine-tune (round 0's checkpoint) and its extension.
+    pub classifier: PathBuf,
+    pub extension: String,
+    /// `train_x`, `train_y` of the scenario-train samples.
+    pub scenario_train: PathBuf,
+    /// The correct step's hash: `rounds-done.json` must carry it.
+    pub hash: String,
+    /// Rows of the training split and of the scenario-train samples.
+    pub n_train: usize,
+    pub n_scenario: usize,
+    pub image_shape: [i64; 3],
+    pub num_classes: i64,
+}
+
+/// Written by the coordinator when the last round is averaged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundsDone {
+    pub hash: String,
+    pub history: Vec<correct::CorrectEpoch>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -279,6 +310,9 @@ pub struct Prepared<'a> {
     pub clf: Classifier,
     pub vae: Vae,
     h_models: String,
+    /// Run the correct step as rounds on a coordinator's workers when
+    /// `correct.parts > 1` (set by the coordinator; a plain run corrects here).
+    pub distributed_correct: bool,
 }
 
 /// Runs the models step (loads or trains them) after validating the config, loading
@@ -317,6 +351,7 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
         clf,
         vae,
         h_models,
+        distributed_correct: false,
     })
 }
 
@@ -404,6 +439,7 @@ pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
 /// The central steps after identify: distill, label, correct, report.
 pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     let cfg = p.job.cfg;
+    let distributed = p.distributed_correct && cfg.correct.parts > 1;
     let h_identify = p.identify_hash();
     let (failures, istats) = Failures::read(&p.job.out.join("identify/failures.safetensors"))?;
     let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
@@ -510,6 +546,64 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     let evaluation: report::Evaluation = if job.done("correct", &h_correct) {
         job.reuse("correct");
         read_json(&eval_path)?
+    } else if distributed {
+        let dir = job.dir("correct")?;
+        let done: Option<RoundsDone> = read_json(&dir.join("rounds-done.json"))
+            .ok()
+            .filter(|d: &RoundsDone| d.hash == h_correct);
+        let Some(done) = done else {
+            let data = correct::scenario_data(
+                vae,
+                &scenarios,
+                &labels,
+                cfg.distill.tau,
+                &cfg.correct,
+                cfg.seed,
+            )?;
+            let scenario_train = dir.join("scenario-train.safetensors");
+            crate::tensor_io::write(
+                &scenario_train,
+                &[
+                    ("train_x".into(), data.train_x.shallow_clone()),
+                    ("train_y".into(), data.train_y.shallow_clone()),
+                ],
+                Default::default(),
+            )?;
+            let original = dir.join(format!("original.{}", clf.extension()));
+            clf.save(&original)?;
+            return Ok(RunOutcome::FineTune(RoundsInput {
+                rounds: correct::n_rounds(ds.train.len(), &cfg.correct),
+                parts: cfg.correct.parts,
+                classifier: original,
+                extension: clf.extension().to_string(),
+                scenario_train,
+                hash: h_correct,
+                n_train: ds.train.len(),
+                n_scenario: data.train_x.size()[0] as usize,
+                image_shape: ds.image_shape(),
+                num_classes: ds.num_classes() as i64,
+            }));
+        };
+        let final_path = dir.join(format!("rounds-final.{}", clf.extension()));
+        let tuned = Classifier::load(
+            &final_path,
+            ds.image_shape(),
+            ds.num_classes() as i64,
+            clf.device(),
+        )?;
+        tuned.save(&tuned_path)?;
+        let data = correct::scenario_data(
+            vae,
+            &scenarios,
+            &labels,
+            cfg.distill.tau,
+            &cfg.correct,
+            cfg.seed,
+        )?;
+        let ev = evaluate(ds, clf, &tuned, &data, done.history, &tuned_path)?;
+        write_json(&eval_path, &ev)?;
+        job.mark("correct", &h_correct, started)?;
+        ev
     } else {
         job.dir("correct")?;
         let ev = correct_and_evaluate(
@@ -569,16 +663,29 @@ fn correct_and_evaluate(
     let cfg = job.cfg;
     let device = clf.device();
     let data = correct::scenario_data(vae, scenarios, labels, cfg.distill.tau, o, cfg.seed)?;
-    let test_before = train::accuracy(clf, &ds.test, device)?;
-    let (scn_before, per_before) =
-        correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
     let mut tuned = load_classifier_again(job, ds, device)?;
     tch::manual_seed(cfg.seed as i64);
     let history = correct::fine_tune(&mut tuned, &ds.train, &data, o, cfg.seed)?;
     tuned.save(tuned_path)?;
-    let test_after = train::accuracy(&tuned, &ds.test, device)?;
+    evaluate(ds, clf, &tuned, &data, history, tuned_path)
+}
+
+/// Test and scenario-test accuracy of the classifier before and after correction.
+fn evaluate(
+    ds: &Dataset,
+    clf: &Classifier,
+    tuned: &Classifier,
+    data: &correct::ScenarioData,
+    history: Vec<correct::CorrectEpoch>,
+    tuned_path: &Path,
+) -> Result<report::Evaluation> {
+    let device = clf.device();
+    let test_before = train::accuracy(clf, &ds.test, device)?;
+    let (scn_before, per_before) =
+        correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
+    let test_after = train::accuracy(tuned, &ds.test, device)?;
     let (scn_after, per_after) =
-        correct::accuracy_by_group(&tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
+        correct::accuracy_by_group(tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
     Ok(report::Evaluation {
         test_accuracy_before: test_before,
         test_accuracy_after: test_after,

@@ -288,3 +288,94 @@ fn builtin_vae_training_lowers_the_loss_and_reloads() {
         "{e}"
     );
 }
+
+#[test]
+fn averaged_torchscript_parts_are_the_mean_and_save_as_torchscript() {
+    let ds = mnist_subset(256, 64);
+    let base = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+    let o = defuse_core::correct::CorrectOptions {
+        parts: 2,
+        local_steps: 2,
+        batch_size: 32,
+        scenario_batch_size: 8,
+        lr: 0.05,
+        ..Default::default()
+    };
+    let scn_x = ds.test.images(0..32, Device::Cpu);
+    let scn_y = ds.test.labels(0..32, Device::Cpu);
+    let mut parts = Vec::new();
+    for part in 0..2 {
+        let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+        let (_, _, n) =
+            defuse_core::correct::train_part(&mut c, &ds.train, &scn_x, &scn_y, &o, 7, 0, part)
+                .unwrap();
+        assert_eq!(n, 64, "2 steps of 32 rows");
+        parts.push(c);
+    }
+    let mut avg = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+    defuse_core::correct::average_into(&mut avg, &[(&parts[0], 1.0), (&parts[1], 3.0)]).unwrap();
+    let (a, p0, p1, b) = (
+        avg.var_store().variables(),
+        parts[0].var_store().variables(),
+        parts[1].var_store().variables(),
+        base.var_store().variables(),
+    );
+    for (name, t) in &a {
+        let want = (&p0[name] * 0.25) + (&p1[name] * 0.75);
+        assert!(
+            t.allclose(&want, 1e-6, 1e-6, false),
+            "{name} is not the weighted mean"
+        );
+        assert!(
+            !t.allclose(&b[name], 1e-6, 1e-6, false),
+            "{name} did not move"
+        );
+    }
+    // TorchScript in, TorchScript out, and it loads back with the averaged weights
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("avg.pt");
+    avg.save(&out).unwrap();
+    let again = Classifier::load(&out, MNIST, 10, Device::Cpu).unwrap();
+    assert!(again.is_torchscript());
+    let x = ds.test.images(0..16, Device::Cpu);
+    let (ya, yb) = (
+        avg.forward(&x, false).unwrap(),
+        again.forward(&x, false).unwrap(),
+    );
+    assert!(ya.allclose(&yb, 1e-5, 1e-5, false));
+}
+
+#[test]
+fn rounds_cover_the_single_process_steps_exactly_once() {
+    let o = defuse_core::correct::CorrectOptions {
+        parts: 3,
+        local_steps: 4,
+        batch_size: 10,
+        epochs: 2,
+        ..Default::default()
+    };
+    // 95 rows: 10 batches per epoch, 20 steps, 12 per round: 2 rounds
+    assert_eq!(defuse_core::correct::n_rounds(95, &o), 2);
+    let mut seen = std::collections::HashMap::<usize, usize>::new();
+    for round in 0..2 {
+        for part in 0..3 {
+            let (tb, sb) = defuse_core::correct::round_steps(95, 7, &o, 1, round, part);
+            assert_eq!(tb.len(), sb.len());
+            for b in tb {
+                for i in b {
+                    *seen.entry(i).or_default() += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(seen.len(), 95, "every row is seen");
+    assert!(seen.values().all(|&n| n == 2), "once per epoch");
+    // one part and enough steps: exactly the single-process sequence
+    let one = defuse_core::correct::CorrectOptions {
+        parts: 1,
+        local_steps: 1000,
+        ..o.clone()
+    };
+    let (tb, _) = defuse_core::correct::round_steps(95, 7, &one, 1, 0, 0);
+    assert_eq!(tb.len(), 20);
+}

@@ -313,6 +313,122 @@ async fn fetch(
     Ok(path)
 }
 
+/// The dataset of a job config, loaded once per worker.
+fn dataset(
+    datasets: &Mutex<HashMap<String, Arc<Dataset>>>,
+    job_cfg: &JobConfig,
+) -> defuse_core::Result<Arc<Dataset>> {
+    let key = serde_json::to_string(&job_cfg.data).unwrap_or_default();
+    if let Some(d) = datasets.lock().unwrap().get(&key).cloned() {
+        return Ok(d);
+    }
+    let d = Arc::new(job_cfg.data.load()?);
+    datasets.lock().unwrap().insert(key, d.clone());
+    Ok(d)
+}
+
+/// One part of one fine-tune round: `local_steps` steps from the round's checkpoint
+/// on this part's batches; the output is the trained checkpoint, in the same format.
+async fn finetune(
+    task: &Task,
+    store: &Arc<dyn ArtifactStore>,
+    cfg: &WorkerConfig,
+    device: tch::Device,
+    datasets: &Arc<Mutex<HashMap<String, Arc<Dataset>>>>,
+    job_cfg: JobConfig,
+) -> Outcome {
+    let t = task.task.clone().unwrap_or_default();
+    let cache = cfg.cache_dir.join("artifacts");
+    let (ckpt, scn) = match (
+        fetch(store, &task.classifier_key, &cache).await,
+        fetch(store, &task.scenario_key, &cache).await,
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e),
+    };
+    let ext = if task.model_extension == "pt" {
+        "pt"
+    } else {
+        "safetensors"
+    };
+    // the checkpoint's file name must say its format
+    let ckpt_local = ckpt.with_extension(format!("model.{ext}"));
+    if !ckpt_local.exists() {
+        if let Err(e) = std::fs::copy(&ckpt, &ckpt_local) {
+            return Outcome::Failed(task_error(FailureKind::Io, true, e.to_string()));
+        }
+    }
+    let out_path = cfg
+        .cache_dir
+        .join("out")
+        .join(format!("{}.{ext}", task.output_key));
+    let datasets = datasets.clone();
+    let out2 = out_path.clone();
+    let round = task.round as usize;
+    let r = tokio::task::spawn_blocking(move || -> Result<String, TaskError> {
+        let exec = |e: defuse_core::Error| {
+            let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
+            task_error(FailureKind::Execution, retryable, e.to_string())
+        };
+        let ds = dataset(&datasets, &job_cfg).map_err(exec)?;
+        let mut clf = Classifier::load(
+            &ckpt_local,
+            ds.image_shape(),
+            ds.num_classes() as i64,
+            device,
+        )
+        .map_err(exec)?;
+        let (tensors, _) = defuse_core::tensor_io::read(&scn).map_err(exec)?;
+        let get = |k: &str| {
+            tensors.get(k).map(|t| t.shallow_clone()).ok_or_else(|| {
+                task_error(
+                    FailureKind::Execution,
+                    false,
+                    format!("scenario data lacks {k}"),
+                )
+            })
+        };
+        let (x, y) = (get("train_x")?, get("train_y")?);
+        let (ce_t, ce_s, n) = defuse_core::correct::train_part(
+            &mut clf,
+            &ds.train,
+            &x,
+            &y,
+            &job_cfg.correct,
+            job_cfg.seed,
+            round,
+            t.shard as usize,
+        )
+        .map_err(exec)?;
+        if let Some(d) = out2.parent() {
+            std::fs::create_dir_all(d)
+                .map_err(|e| task_error(FailureKind::Io, true, e.to_string()))?;
+        }
+        clf.save(&out2).map_err(exec)?;
+        let m = n.max(1) as f64;
+        Ok(
+            serde_json::json!({"samples": n, "ce_train": ce_t / m, "ce_scenario": ce_s / m})
+                .to_string(),
+        )
+    })
+    .await;
+    let stats = match r {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(e)) => return Outcome::Failed(e),
+        Err(e) => {
+            return Outcome::Failed(task_error(
+                FailureKind::Execution,
+                true,
+                format!("task panicked: {e}"),
+            ))
+        }
+    };
+    match store.put_file(&task.output_key, &out_path).await {
+        Ok(()) => Outcome::Done(task.output_key.clone(), stats),
+        Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
+    }
+}
+
 async fn execute(
     task: &Task,
     store: &Arc<dyn ArtifactStore>,
@@ -333,6 +449,9 @@ async fn execute(
             ))
         }
     };
+    if t.step == "finetune" {
+        return finetune(task, store, cfg, device, datasets, job_cfg).await;
+    }
     let cache = cfg.cache_dir.join("artifacts");
     let clf_path = match fetch(store, &task.classifier_key, &cache).await {
         Ok(p) => p,
@@ -360,16 +479,7 @@ async fn execute(
             let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
             task_error(FailureKind::Execution, retryable, e.to_string())
         };
-        let key = serde_json::to_string(&job_cfg.data).unwrap_or_default();
-        let cached = datasets.lock().unwrap().get(&key).cloned();
-        let ds = match cached {
-            Some(d) => d,
-            None => {
-                let d = Arc::new(job_cfg.data.load().map_err(exec)?);
-                datasets.lock().unwrap().insert(key, d.clone());
-                d
-            }
-        };
+        let ds = dataset(&datasets, &job_cfg).map_err(exec)?;
         let shape = ds.image_shape();
         let clf =
             Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;

@@ -1,0 +1,306 @@
+//! The distributed fine-tune (`correct.parts > 1`): synchronous rounds over the
+//! workers, driven by the coordinator.
+//!
+//! Round `r` is a sub-job `<job>--round-<r>` whose `parts` shards are the data parts:
+//! the same lease / heartbeat / fence / reap machinery as identify, so a worker lost
+//! mid-round loses its lease and another worker trains its part again (the round
+//! waits; nothing is averaged from a dead attempt). When every part is done, the
+//! coordinator merges the parts (`correct.merge`: the sum of their updates, or the mean
+//! of their weights, weighted by the rows each saw) into checkpoint
+//! `r + 1`: it writes the object first, then moves the job's step to `finetune:<r+1>`
+//! (the round lives in the job record, in the state store), so a crash in between
+//! only repeats the average, which gives the same bytes. A restarted coordinator reads
+//! the step and the sub-job and goes on. Results of an older round cannot be accepted:
+//! their sub-job is done, and its shards fence every completion.
+//!
+//! The exchange is the artifact store (checkpoints in, checkpoints out). A multi-GPU
+//! backend (NCCL all-reduce inside a node) would replace only `average`: see DESIGN.md.
+use std::sync::Arc;
+
+use defuse_core::correct;
+use defuse_core::models::Classifier;
+use defuse_core::pipeline::{RoundsDone, RoundsInput};
+use serde::{Deserialize, Serialize};
+
+use crate::service::Coordinator;
+use crate::store::{now_ms, JobRecord, JobState, StoreError};
+
+/// The plan of a job's fine-tune, in the artifact store (`jobs/<id>/finetune/plan.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RoundsPlan {
+    pub rounds: usize,
+    pub parts: usize,
+    pub extension: String,
+    pub scenario_key: String,
+    pub n_train: usize,
+    pub n_scenario: usize,
+    pub image_shape: [i64; 3],
+    pub num_classes: i64,
+    /// The correct step's hash, handed back in `rounds-done.json`.
+    pub hash: String,
+}
+
+pub(crate) fn sub_job(job: &str, round: usize) -> String {
+    format!("{job}--round-{round}")
+}
+
+/// (job, round) of a sub-job id.
+pub(crate) fn parse_sub_job(id: &str) -> Option<(&str, usize)> {
+    let (job, r) = id.rsplit_once("--round-")?;
+    Some((job, r.parse().ok()?))
+}
+
+pub(crate) fn checkpoint_key(job: &str, round: usize, ext: &str) -> String {
+    format!("jobs/{job}/finetune/round-{round:04}/model.{ext}")
+}
+
+/// The round a job's step names (`finetune:<r>`).
+pub(crate) fn round_of_step(step: &str) -> Option<usize> {
+    step.strip_prefix("finetune:")?.parse().ok()
+}
+
+pub(crate) async fn plan(c: &Coordinator, job: &str) -> Result<Arc<RoundsPlan>, String> {
+    if let Some(p) = c.inner.round_plans.lock().unwrap().get(job) {
+        return Ok(p.clone());
+    }
+    let bytes = c
+        .inner
+        .artifacts
+        .get(&format!("jobs/{job}/finetune/plan.json"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let p: RoundsPlan =
+        serde_json::from_slice(&bytes).map_err(|e| format!("fine-tune plan of {job}: {e}"))?;
+    let p = Arc::new(p);
+    c.inner
+        .round_plans
+        .lock()
+        .unwrap()
+        .insert(job.into(), p.clone());
+    Ok(p)
+}
+
+/// Publishes round 0 (the classifier, the scenario-train samples, the plan).
+pub(crate) async fn start(c: &Coordinator, job: &str, input: &RoundsInput) -> Result<(), String> {
+    let a = &c.inner.artifacts;
+    let scenario_key = format!("jobs/{job}/finetune/scenario-train.safetensors");
+    a.put_file(&scenario_key, &input.scenario_train)
+        .await
+        .map_err(|e| e.to_string())?;
+    a.put_file(&checkpoint_key(job, 0, &input.extension), &input.classifier)
+        .await
+        .map_err(|e| e.to_string())?;
+    let plan = RoundsPlan {
+        rounds: input.rounds,
+        parts: input.parts,
+        extension: input.extension.clone(),
+        scenario_key,
+        n_train: input.n_train,
+        n_scenario: input.n_scenario,
+        image_shape: input.image_shape,
+        num_classes: input.num_classes,
+        hash: input.hash.clone(),
+    };
+    a.put(
+        &format!("jobs/{job}/finetune/plan.json"),
+        serde_json::to_vec_pretty(&plan).expect("plan").into(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    c.inner
+        .round_plans
+        .lock()
+        .unwrap()
+        .insert(job.into(), Arc::new(plan));
+    tracing::info!(
+        job,
+        rounds = input.rounds,
+        parts = input.parts,
+        "fine-tune planned"
+    );
+    Ok(())
+}
+
+/// What the driver does for a job in step `finetune:<round>`: makes sure the round's
+/// sub-job exists, reaps its leases, and says whether the round is complete.
+pub(crate) async fn tick(
+    c: &Coordinator,
+    rec: &JobRecord,
+    round: usize,
+) -> Result<RoundState, StoreError> {
+    let store = &c.inner.store;
+    let sub = sub_job(&rec.id, round);
+    let Some(srec) = store.get_job(&sub).await? else {
+        let parts = match plan(c, &rec.id).await {
+            Ok(p) => p.parts as u32,
+            Err(e) => return Ok(RoundState::Broken(e)),
+        };
+        let now = now_ms();
+        store
+            .create_job(&JobRecord {
+                id: sub.clone(),
+                name: format!("{} round {round}", rec.name),
+                state: JobState::Running,
+                step: "finetune-part".into(),
+                config_toml: rec.config_toml.clone(),
+                n_shards: parts,
+                error: String::new(),
+                created_ms: now,
+                updated_ms: now,
+            })
+            .await
+            .or_else(|e| match e {
+                StoreError::Exists(_) => Ok(()),
+                e => Err(e),
+            })?;
+        store.plan_shards(&sub, parts, now).await?;
+        tracing::info!(job = %rec.id, round, parts, "round started");
+        return Ok(RoundState::Running);
+    };
+    match srec.state {
+        JobState::Failed => return Ok(RoundState::Broken(srec.error)),
+        JobState::Cancelled => return Ok(RoundState::Broken("round cancelled".into())),
+        _ => {}
+    }
+    for e in store.reap(&sub, now_ms(), c.inner.cfg.max_attempts).await? {
+        tracing::warn!(job = %rec.id, round, part = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
+        crate::metrics::lease_expired(&rec.id, e.requeued);
+    }
+    let n = store.counts(&sub).await?;
+    Ok(if n.total > 0 && n.done == n.total {
+        RoundState::Complete
+    } else {
+        RoundState::Running
+    })
+}
+
+pub(crate) enum RoundState {
+    Running,
+    Complete,
+    Broken(String),
+}
+
+/// Averages round `round`'s parts into the next checkpoint; after the last round,
+/// leaves the result in the job folder for the finish step. Returns the next step.
+pub(crate) async fn average(
+    c: &Coordinator,
+    rec: &JobRecord,
+    round: usize,
+) -> Result<String, String> {
+    let job = rec.id.clone();
+    let plan = plan(c, &job).await?;
+    let sub = sub_job(&job, round);
+    let shards = c
+        .inner
+        .store
+        .shards(&sub)
+        .await
+        .map_err(|e| e.to_string())?;
+    let dir = c
+        .job_dir_of(rec)
+        .map_err(|s| s.message().to_string())?
+        .join("correct/rounds");
+    let a = &c.inner.artifacts;
+    let ext = plan.extension.clone();
+    let start = dir.join(format!("round-{round:04}.{ext}"));
+    a.get_file(&checkpoint_key(&job, round, &ext), &start)
+        .await
+        .map_err(|e| format!("checkpoint of round {round}: {e}"))?;
+    let mut parts = Vec::new();
+    for s in &shards {
+        if s.state != "done" {
+            return Err(format!("round {round} part {} is {}", s.shard, s.state));
+        }
+        let p = dir.join(format!("round-{round:04}-part-{:03}.{ext}", s.shard));
+        a.get_file(&s.output, &p)
+            .await
+            .map_err(|e| format!("round {round} part {}: {e}", s.shard))?;
+        parts.push((s.shard as usize, p));
+    }
+    let next = dir.join(format!("round-{:04}.{ext}", round + 1));
+    let seed = toml::from_str::<defuse_core::pipeline::JobConfig>(&rec.config_toml)
+        .map_err(|e| e.to_string())?;
+    let (plan2, next2) = (plan.clone(), next.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let load = |p: &std::path::Path| {
+            Classifier::load(p, plan2.image_shape, plan2.num_classes, tch::Device::Cpu)
+                .map_err(|e| e.to_string())
+        };
+        let mut target = load(&start)?;
+        let models: Vec<(Classifier, f64)> = parts
+            .iter()
+            .map(|(part, p)| {
+                // weight: the train rows this part saw (known from the plan alone)
+                let (tb, _) = correct::round_steps(
+                    plan2.n_train,
+                    plan2.n_scenario,
+                    &seed.correct,
+                    seed.seed,
+                    round,
+                    *part,
+                );
+                let rows: usize = tb.iter().map(Vec::len).sum();
+                Ok((load(p)?, rows as f64))
+            })
+            .collect::<Result<_, String>>()?;
+        let refs: Vec<(&Classifier, f64)> = models
+            .iter()
+            .filter(|m| m.1 > 0.0)
+            .map(|(m, w)| (m, *w))
+            .collect();
+        if !refs.is_empty() {
+            correct::merge_into(&mut target, &refs, seed.correct.merge)
+                .map_err(|e| e.to_string())?;
+        }
+        target.save(&next2).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("average panicked: {e}"))??;
+    let stats = c.inner.round_stats.lock().unwrap().remove(&sub);
+    if let Some(h) = stats {
+        let n = h.2.max(1) as f64;
+        let e = correct::CorrectEpoch {
+            epoch: round + 1,
+            ce_train: h.0 / n,
+            ce_scenario: h.1 / n,
+        };
+        tracing::info!(job = %job, round, ce_train = e.ce_train, ce_scenario = e.ce_scenario, "round averaged");
+        c.inner
+            .round_history
+            .lock()
+            .unwrap()
+            .entry(job.clone())
+            .or_default()
+            .push(e);
+    }
+    // publish: the object first, then the step that names it
+    a.put_file(&checkpoint_key(&job, round + 1, &ext), &next)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.inner
+        .store
+        .set_job_state(&sub, JobState::Done, "finetune-part", "", now_ms())
+        .await
+        .map_err(|e| e.to_string())?;
+    if round + 1 < plan.rounds {
+        return Ok(format!("finetune:{}", round + 1));
+    }
+    let correct_dir = dir.parent().expect("rounds dir").to_path_buf();
+    std::fs::copy(&next, correct_dir.join(format!("rounds-final.{ext}")))
+        .map_err(|e| e.to_string())?;
+    let history = c
+        .inner
+        .round_history
+        .lock()
+        .unwrap()
+        .remove(&job)
+        .unwrap_or_default();
+    let done = RoundsDone {
+        hash: plan.hash.clone(),
+        history,
+    };
+    defuse_core::pipeline::write_json(&correct_dir.join("rounds-done.json"), &done)
+        .map_err(|e| e.to_string())?;
+    tracing::info!(job = %job, rounds = plan.rounds, "fine-tune rounds done");
+    Ok("finish".into())
+}
