@@ -25,7 +25,11 @@ pub(crate) async fn run(c: Coordinator) {
 
 async fn step_all(c: &Coordinator) -> Result<(), StoreError> {
     let jobs = c.inner.store.list_jobs().await?;
-    crate::metrics::jobs(&jobs);
+    let (rounds, top): (Vec<&JobRecord>, Vec<&JobRecord>) = jobs
+        .iter()
+        .partition(|j| crate::rounds::parse_sub_job(&j.id).is_some());
+    crate::metrics::jobs(&top.into_iter().cloned().collect::<Vec<_>>());
+    crate::metrics::rounds(rounds.len());
     let workers = c.inner.store.workers().await?;
     let now = now_ms();
     let ages: Vec<(String, f64)> = workers

@@ -266,7 +266,10 @@ fn pct(x: f64) -> String {
 
 async fn jobs_page(State(app): State<App>) -> Response {
     let jobs = match app.coord.inner.store.list_jobs().await {
-        Ok(j) => j,
+        Ok(j) => j
+            .into_iter()
+            .filter(|j| crate::rounds::parse_sub_job(&j.id).is_none())
+            .collect::<Vec<_>>(),
         Err(e) => return error_page(crate::service::store_status(e), "/"),
     };
     let mut b = String::from(
@@ -324,6 +327,11 @@ async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
             )
         } else {
             String::new()
+        };
+        let shards = if s.detail.is_empty() {
+            shards
+        } else {
+            format!("{shards} ({})", esc(&s.detail))
         };
         let _ = write!(
             b,
@@ -539,6 +547,7 @@ fn job_json(st: &defuse_proto::JobStatus) -> serde_json::Value {
                 "step": s.step, "state": s.state,
                 "shards": {"total": s.shards_total, "pending": s.shards_pending,
                            "leased": s.shards_leased, "done": s.shards_done, "failed": s.shards_failed},
+                "detail": s.detail,
             })
         })
         .collect();
@@ -554,7 +563,10 @@ async fn api_jobs(State(app): State<App>) -> Response {
     match app.coord.inner.store.list_jobs().await {
         Ok(jobs) => {
             let mut out = Vec::new();
-            for rec in &jobs {
+            for rec in jobs
+                .iter()
+                .filter(|j| crate::rounds::parse_sub_job(&j.id).is_none())
+            {
                 out.push(job_json(&app.coord.status_of(rec).await));
             }
             Json(out).into_response()

@@ -73,3 +73,14 @@ pub fn store_call(op: &'static str, seconds: f64, ok: bool) {
         counter!("defuse_store_errors_total", "op" => op).increment(1);
     }
 }
+
+/// Fine-tune rounds recorded (finished and running), and the one a job is in.
+pub fn rounds(n: usize) {
+    gauge!("defuse_finetune_rounds").set(n as f64);
+}
+
+pub fn round(job: &str, round: usize, ce_train: f64, ce_scenario: f64) {
+    gauge!("defuse_finetune_round", "job" => job.to_string()).set(round as f64);
+    gauge!("defuse_finetune_loss", "job" => job.to_string(), "term" => "train").set(ce_train);
+    gauge!("defuse_finetune_loss", "job" => job.to_string(), "term" => "scenario").set(ce_scenario);
+}

@@ -264,7 +264,8 @@ pub(crate) async fn average(
             ce_train: h.0 / n,
             ce_scenario: h.1 / n,
         };
-        tracing::info!(job = %job, round, ce_train = e.ce_train, ce_scenario = e.ce_scenario, "round averaged");
+        tracing::info!(job = %job, round, ce_train = e.ce_train, ce_scenario = e.ce_scenario, "round merged");
+        crate::metrics::round(&job, round + 1, e.ce_train, e.ce_scenario);
         c.inner
             .round_history
             .lock()

@@ -37,8 +37,10 @@ pub fn sweep_svg(
         .iter()
         .map(|p| pct(p.test_accuracy))
         .chain([pct(before.0)]);
+    // room on the right for the labels of points at 100%
     let (x_lo, x_hi) = padded(xs, 2.0, 0.0, 100.0);
-    let (y_lo, y_hi) = padded(ys, 0.5, 0.0, 100.0);
+    let x_hi = x_hi + 0.12 * (x_hi - x_lo);
+    let (y_lo, y_hi) = padded(ys, 0.1, 0.0, 100.0);
     let root = SVGBackend::new(path, (720, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -63,12 +65,30 @@ pub fn sweep_svg(
         .map_err(|e| plot_err(path, e))?
         .label("after correction, by lambda")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE.stroke_width(2)));
+    // points that share an x get their labels staggered, so they stay readable
+    let offsets: Vec<i32> = line
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let k = line[..i]
+                .iter()
+                .filter(|(x2, _)| (x2 - x).abs() < 1.0)
+                .count();
+            -14 + 13 * (k as i32 % 4)
+        })
+        .collect();
     chart
-        .draw_series(points.iter().zip(&line).map(|(p, &(x, y))| {
-            EmptyElement::at((x, y))
-                + Circle::new((0, 0), 4, BLUE.filled())
-                + Text::new(format!("λ={}", p.lambda), (6, -14), ("sans-serif", 13))
-        }))
+        .draw_series(
+            points
+                .iter()
+                .zip(&line)
+                .zip(&offsets)
+                .map(|((p, &(x, y)), &dy)| {
+                    EmptyElement::at((x, y))
+                        + Circle::new((0, 0), 4, BLUE.filled())
+                        + Text::new(format!("λ={}", p.lambda), (8, dy), ("sans-serif", 13))
+                }),
+        )
         .map_err(|e| plot_err(path, e))?;
     chart
         .draw_series(std::iter::once(
