@@ -83,7 +83,8 @@ fn reused(log: &str) -> Vec<String> {
     let mut v: Vec<String> = log
         .lines()
         .filter(|l| l.contains("step already done"))
-        .filter_map(|l| l.split("step=").nth(1))
+        // the field of the message, not the `central{step=..}` span around it
+        .filter_map(|l| l.rsplit("step=").next())
         .map(|s| s.trim().trim_matches('"').to_string())
         .collect();
     v.sort();
