@@ -97,7 +97,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         };
         let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
         let artifacts = open_artifacts(&url).await?;
-        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), token: a.token.clone(), ..Default::default() };
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
         println!("coordinator listening on {}", listener.local_addr()?);

@@ -327,19 +327,35 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 /// The token from `--token-file`, else from DEFUSE_TOKEN.
 fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let t = match file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read the token file {}", f.display()))?,
-        None => std::env::var("DEFUSE_TOKEN").unwrap_or_default(),
+    let (t, from) = match file {
+        Some(f) => (
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?,
+            f.display().to_string(),
+        ),
+        None => match std::env::var("DEFUSE_TOKEN") {
+            Ok(t) => (t, "DEFUSE_TOKEN".to_string()),
+            Err(_) => return Ok(None),
+        },
     };
     let t = t.trim().to_string();
-    if t.chars().any(|c| !c.is_ascii_graphic()) {
+    // an empty secret must not turn access control off without a word
+    if t.is_empty() {
         anyhow::bail!(defuse_core::Error::invalid(
             "token",
-            "the token must be printable ASCII without spaces"
+            format!("{from} is empty: give a token, or unset it to run without one")
         ));
     }
-    Ok(Some(t).filter(|t| !t.is_empty()))
+    if !t
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c))
+    {
+        anyhow::bail!(defuse_core::Error::invalid(
+            "token",
+            format!("the token in {from} may use letters, digits and - . _ ~ + / = only (e.g. openssl rand -hex 32)")
+        ));
+    }
+    Ok(Some(t))
 }
 
 fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
@@ -382,7 +398,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             w.device = device;
             w.cache_dir = cache_dir;
             w.threads = threads;
-            w.token = token;
+            w.token = token.map(defuse_proto::auth::Secret::new);
             if let Some(v) = protocol_version {
                 w.protocol_version = v;
             }

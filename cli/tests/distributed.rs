@@ -648,20 +648,50 @@ fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() 
     c.start_worker(&[]);
     let job = c.submit(&cfg_two);
     let w0 = c.worker_id(0);
-    // SIGKILL worker 0 once it trains a part of a round; a new worker joins
+    // SIGKILL worker 0 while it trains a part: stop it when it leases one, and kill it
+    // only if Redis says it still holds that part (else let it go on and try again)
     let end = Instant::now() + Duration::from_secs(240);
-    loop {
+    let mut tried = 0;
+    let (killed_round, killed_part) = loop {
+        assert!(
+            Instant::now() < end,
+            "never caught worker 0 holding a round part"
+        );
         let log = c.coordinator.as_ref().unwrap().log_text();
-        if log
+        let leases: Vec<String> = log
             .lines()
-            .any(|l| l.contains("shard leased") && l.contains("--round-") && l.contains(&w0))
-        {
-            break;
+            .filter(|l| l.contains("shard leased") && l.contains("--round-") && l.contains(&w0))
+            .map(str::to_string)
+            .collect();
+        if leases.len() <= tried {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
         }
-        assert!(Instant::now() < end, "worker 0 never leased a round part");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    c.workers[0].signal("KILL");
+        tried = leases.len();
+        c.workers[0].signal("STOP");
+        let sub = leases[tried - 1]
+            .split("job=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        let fields = redis_shards(&c.redis.url(), &sub);
+        let held = fields.iter().find_map(|(k, v)| {
+            let part = k.strip_suffix(":owner")?;
+            let leased = fields
+                .iter()
+                .any(|(k2, v2)| *k2 == format!("{part}:state") && v2 == "leased");
+            (*v == w0 && leased).then(|| part.to_string())
+        });
+        match held {
+            Some(part) => {
+                c.workers[0].signal("KILL");
+                break (sub, part);
+            }
+            None => c.workers[0].signal("CONT"),
+        }
+    };
+    eprintln!("killed worker 0 holding {killed_round} part {killed_part}");
     c.start_worker(&[]);
     // restart the coordinator once a round has been averaged
     let s = c.wait_for(&job, "round 2", Duration::from_secs(240), |s| {
@@ -731,7 +761,17 @@ fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() 
             .unwrap();
     let acc = defuse_core::train::accuracy(&tuned, &ds.test, tch::Device::Cpu).unwrap();
     assert!((acc - f(&b, "test_accuracy_after")).abs() < 1e-9, "{acc}");
-    // the killed worker's part was redone by another: every round's parts accepted once
+    // the killed worker's part was trained again, by another worker
+    let fields = redis_shards(&c.redis.url(), &killed_round);
+    let get = |k: String| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone());
+    assert_eq!(get(format!("{killed_part}:state")).as_deref(), Some("done"));
+    assert!(
+        get(format!("{killed_part}:attempt"))
+            .and_then(|a| a.parse::<u32>().ok())
+            .is_some_and(|a| a >= 2),
+        "the killed part was retried: {fields:?}"
+    );
+    // every round's parts accepted once
     for r in 0..4 {
         let fields = redis_shards(&c.redis.url(), &format!("{job}--round-{r}"));
         for p in 0..2 {

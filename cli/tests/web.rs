@@ -245,6 +245,7 @@ samples_per_scenario = 40
         (r#"{"0": "banana"}"#, "'banana' is not a class"),
         (r#"{"0": 10}"#, "out of range"),
         ("[1, 2]", "expected a JSON object"),
+        (r#"{"0": "discard"}"#, "give at least one"),
     ] {
         let (code, text) = http(web, "POST", "/api/jobs/web-1/labels", &[&auth], body);
         assert_eq!(code, 400, "{body}: {text}");

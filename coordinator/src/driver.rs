@@ -187,6 +187,7 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
                     .await
             }
             Ok(Next::Step(step)) => {
+                c.inner.merge_failures.lock().unwrap().remove(&id);
                 store
                     .set_job_state(&id, JobState::Running, &step, "", now)
                     .await
@@ -201,7 +202,13 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
                     .set_job_state(&id, JobState::AwaitingLabels, "finish", "", now)
                     .await
             }
+            Err(msg) if matches!(what, Central::Average(_)) && retry_average(&c, &id) => {
+                // merging is idempotent: a store that failed once is tried again
+                tracing::warn!(job = %id, step = ?what, error = %msg, "merging a round failed, will retry");
+                Ok(())
+            }
             Err(msg) => {
+                c.inner.merge_failures.lock().unwrap().remove(&id);
                 tracing::error!(job = %id, step = ?what, error = %msg, "central step failed");
                 store
                     .set_job_state(&id, JobState::Failed, &rec.step, &msg, now)
@@ -214,6 +221,14 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
         tracing::info!(job = %id, step = ?what, seconds = started.elapsed().as_secs_f64(), "central step ended");
         c.inner.in_flight.lock().unwrap().remove(&id);
     }.instrument(span));
+}
+
+/// Up to 5 tries to merge a job's round before the job fails.
+fn retry_average(c: &Coordinator, job: &str) -> bool {
+    let mut m = c.inner.merge_failures.lock().unwrap();
+    let n = m.entry(job.to_string()).or_default();
+    *n += 1;
+    *n < 5
 }
 
 enum Next {

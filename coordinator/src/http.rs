@@ -79,7 +79,7 @@ fn presented_token(h: &HeaderMap) -> Option<String> {
 }
 
 async fn require_token(State(app): State<App>, req: Request, next: Next) -> Response {
-    let Some(expected) = app.coord.inner.cfg.token.as_deref() else {
+    let Some(expected) = app.coord.inner.cfg.token.as_ref().map(|t| t.expose()) else {
         return next.run(req).await;
     };
     match presented_token(req.headers()) {
@@ -133,8 +133,8 @@ struct LoginForm {
 }
 
 async fn login(State(app): State<App>, Form(f): Form<LoginForm>) -> Response {
-    let ok = match app.coord.inner.cfg.token.as_deref() {
-        None => true,
+    let ok = match app.coord.inner.cfg.token.as_ref().map(|t| t.expose()) {
+        None => return Redirect::to("/").into_response(),
         Some(t) => token_matches(t, f.token.trim()),
     };
     if !ok {
@@ -152,9 +152,11 @@ async fn login(State(app): State<App>, Form(f): Form<LoginForm>) -> Response {
         "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
         f.token.trim()
     );
+    let Ok(cookie) = header::HeaderValue::from_str(&cookie) else {
+        return (StatusCode::BAD_REQUEST, "the token cannot go in a cookie\n").into_response();
+    };
     let mut r = Redirect::to(&next).into_response();
-    r.headers_mut()
-        .insert(header::SET_COOKIE, cookie.parse().expect("cookie"));
+    r.headers_mut().insert(header::SET_COOKIE, cookie);
     r
 }
 
@@ -391,7 +393,9 @@ Tab moves between scenarios; type to pick a class.</p>
             .iter()
             .map(|(l, n)| format!("{} ×{n}", class_name(classes, **l)))
             .collect();
-        let mut options = String::from(r#"<option value="discard">discard</option>"#);
+        let mut options = String::from(
+            r#"<option value="" selected>choose…</option><option value="discard">discard</option>"#,
+        );
         for (c, name) in classes.iter().enumerate() {
             let _ = write!(
                 options,
@@ -409,7 +413,7 @@ Tab moves between scenarios; type to pick a class.</p>
 <img class="nearest" src="/jobs/{job}/scenarios/{id}/nearest.png" alt="training images nearest scenario {id}">
 <p>{size} failures · weight {weight:.3} · mostly predicted <b>{pred}</b><br>
 source images labelled: {sources}</p>
-<label>Label <select name="scenario-{id}" id="label-{id}"{autofocus}>{options}</select></label>
+<label>Label <select name="scenario-{id}" id="label-{id}" required{autofocus}>{options}</select></label>
 </section>"#,
             id = s.id,
             job = esc(job),
@@ -521,6 +525,14 @@ async fn labels_form(
     let mut pairs = Vec::new();
     for (k, v) in fields {
         match k.strip_prefix("scenario-") {
+            Some(sid) if v.is_empty() => {
+                return error_page(
+                    tonic::Status::invalid_argument(format!(
+                        "scenario {sid} has no label: choose a class or discard"
+                    )),
+                    &back,
+                )
+            }
             Some(sid) => pairs.push((sid.to_string(), v)),
             None => {
                 return error_page(

@@ -14,7 +14,8 @@
 //! their sub-job is done, and its shards fence every completion.
 //!
 //! The exchange is the artifact store (checkpoints in, checkpoints out). A multi-GPU
-//! backend (NCCL all-reduce inside a node) would replace only `average`: see DESIGN.md.
+//! backend (NCCL all-reduce inside a node) would be a second [`Exchange`]: see DESIGN.md.
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use defuse_core::correct;
@@ -130,11 +131,21 @@ pub(crate) async fn tick(
 ) -> Result<RoundState, StoreError> {
     let store = &c.inner.store;
     let sub = sub_job(&rec.id, round);
+    let parts = match plan(c, &rec.id).await {
+        Ok(p) => p.parts as u32,
+        Err(e) => {
+            // the artifact store may be down for a while: try again next tick
+            tracing::warn!(job = %rec.id, round, error = %e, "fine-tune plan unreadable, retrying");
+            return Ok(RoundState::Running);
+        }
+    };
     let Some(srec) = store.get_job(&sub).await? else {
-        let parts = match plan(c, &rec.id).await {
-            Ok(p) => p.parts as u32,
-            Err(e) => return Ok(RoundState::Broken(e)),
-        };
+        // the record the driver listed may be stale: start a round only for a job
+        // that is still at this round (not cancelled meanwhile)
+        match store.get_job(&rec.id).await? {
+            Some(p) if p.state == JobState::Running && p.step == rec.step => {}
+            _ => return Ok(RoundState::Running),
+        }
         let now = now_ms();
         store
             .create_job(&JobRecord {
@@ -167,7 +178,12 @@ pub(crate) async fn tick(
         crate::metrics::lease_expired(&rec.id, e.requeued);
     }
     let n = store.counts(&sub).await?;
-    Ok(if n.total > 0 && n.done == n.total {
+    if n.total == 0 {
+        // created, but a crash came before its parts were planned (idempotent)
+        store.plan_shards(&sub, parts, now_ms()).await?;
+        return Ok(RoundState::Running);
+    }
+    Ok(if n.done == n.total {
         RoundState::Complete
     } else {
         RoundState::Running
@@ -200,26 +216,26 @@ pub(crate) async fn average(
         .job_dir_of(rec)
         .map_err(|s| s.message().to_string())?
         .join("correct/rounds");
-    let a = &c.inner.artifacts;
     let ext = plan.extension.clone();
-    let start = dir.join(format!("round-{round:04}.{ext}"));
-    a.get_file(&checkpoint_key(&job, round, &ext), &start)
-        .await
-        .map_err(|e| format!("checkpoint of round {round}: {e}"))?;
-    let mut parts = Vec::new();
-    for s in &shards {
-        if s.state != "done" {
-            return Err(format!("round {round} part {} is {}", s.shard, s.state));
-        }
-        let p = dir.join(format!("round-{round:04}-part-{:03}.{ext}", s.shard));
-        a.get_file(&s.output, &p)
-            .await
-            .map_err(|e| format!("round {round} part {}: {e}", s.shard))?;
-        parts.push((s.shard as usize, p));
-    }
+    let exchange = StoreExchange {
+        artifacts: c.inner.artifacts.clone(),
+        ext: ext.clone(),
+    };
+    let start = exchange.start(&job, round, &dir).await?;
+    let outputs: Vec<(usize, String)> = shards
+        .iter()
+        .map(|s| {
+            if s.state == "done" {
+                Ok((s.shard as usize, s.output.clone()))
+            } else {
+                Err(format!("round {round} part {} is {}", s.shard, s.state))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let parts = exchange.collect(round, &outputs, &dir).await?;
     let next = dir.join(format!("round-{:04}.{ext}", round + 1));
     let seed = toml::from_str::<defuse_core::pipeline::JobConfig>(&rec.config_toml)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("job config of {job}: {e}"))?;
     let (plan2, next2) = (plan.clone(), next.clone());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let load = |p: &std::path::Path| {
@@ -275,9 +291,7 @@ pub(crate) async fn average(
             .push(e);
     }
     // publish: the object first, then the step that names it
-    a.put_file(&checkpoint_key(&job, round + 1, &ext), &next)
-        .await
-        .map_err(|e| e.to_string())?;
+    exchange.publish(&job, round + 1, &next).await?;
     c.inner
         .store
         .set_job_state(&sub, JobState::Done, "finetune-part", "", now_ms())
@@ -287,8 +301,9 @@ pub(crate) async fn average(
         return Ok(format!("finetune:{}", round + 1));
     }
     let correct_dir = dir.parent().expect("rounds dir").to_path_buf();
-    std::fs::copy(&next, correct_dir.join(format!("rounds-final.{ext}")))
-        .map_err(|e| e.to_string())?;
+    let last = correct_dir.join(format!("rounds-final.{ext}"));
+    std::fs::copy(&next, &last)
+        .map_err(|e| format!("{} -> {}: {e}", next.display(), last.display()))?;
     let history = c
         .inner
         .round_history
@@ -304,4 +319,67 @@ pub(crate) async fn average(
         .map_err(|e| e.to_string())?;
     tracing::info!(job = %job, rounds = plan.rounds, "fine-tune rounds done");
     Ok("finish".into())
+}
+
+/// How the parts of a round meet the coordinator: where a round's starting checkpoint
+/// comes from, how the parts' results are gathered, and how the merged checkpoint is
+/// published. The one implementation today goes through the artifact store
+/// ([`StoreExchange`]); a multi-GPU backend (NCCL all-reduce inside a node) would be
+/// a second one (DESIGN.md, "Where NCCL would plug in").
+#[async_trait::async_trait]
+pub(crate) trait Exchange: Send + Sync {
+    /// Round `round`'s starting checkpoint, as a local file under `dir`.
+    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, String>;
+    /// The parts' checkpoints (`(part, where it is)`), as local files under `dir`.
+    async fn collect(
+        &self,
+        round: usize,
+        outputs: &[(usize, String)],
+        dir: &Path,
+    ) -> Result<Vec<(usize, PathBuf)>, String>;
+    /// Makes `file` round `round`'s checkpoint, for every worker to start from.
+    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), String>;
+}
+
+/// Checkpoints in and out through the artifact store (S3 or a folder).
+pub(crate) struct StoreExchange {
+    pub artifacts: Arc<dyn defuse_core::artifacts::ArtifactStore>,
+    pub ext: String,
+}
+
+#[async_trait::async_trait]
+impl Exchange for StoreExchange {
+    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, String> {
+        let path = dir.join(format!("round-{round:04}.{}", self.ext));
+        self.artifacts
+            .get_file(&checkpoint_key(job, round, &self.ext), &path)
+            .await
+            .map_err(|e| format!("checkpoint of round {round}: {e}"))?;
+        Ok(path)
+    }
+
+    async fn collect(
+        &self,
+        round: usize,
+        outputs: &[(usize, String)],
+        dir: &Path,
+    ) -> Result<Vec<(usize, PathBuf)>, String> {
+        let mut parts = Vec::new();
+        for (part, key) in outputs {
+            let p = dir.join(format!("round-{round:04}-part-{part:03}.{}", self.ext));
+            self.artifacts
+                .get_file(key, &p)
+                .await
+                .map_err(|e| format!("round {round} part {part}: {e}"))?;
+            parts.push((*part, p));
+        }
+        Ok(parts)
+    }
+
+    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), String> {
+        self.artifacts
+            .put_file(&checkpoint_key(job, round, &self.ext), file)
+            .await
+            .map_err(|e| format!("checkpoint of round {round}: {e}"))
+    }
 }

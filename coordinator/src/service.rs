@@ -32,7 +32,7 @@ pub struct CoordinatorConfig {
     /// Embedded mode: a job's files go to its config's `out` folder instead.
     pub use_job_out: bool,
     /// When set, every gRPC call and HTTP request (but health checks) must carry it.
-    pub token: Option<String>,
+    pub token: Option<defuse_proto::auth::Secret>,
 }
 
 impl Default for CoordinatorConfig {
@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     /// accepted parts (for status and the history; not needed to go on after a restart).
     pub round_stats: Mutex<HashMap<String, (f64, f64, usize)>>,
     pub round_history: Mutex<HashMap<String, Vec<defuse_core::correct::CorrectEpoch>>>,
+    /// Failed tries to merge a job's current round (retried, up to a limit).
+    pub merge_failures: Mutex<HashMap<String, u32>>,
 }
 
 /// A coordinator: clone it freely.
@@ -101,6 +103,7 @@ impl Coordinator {
                 round_plans: Mutex::new(HashMap::new()),
                 round_stats: Mutex::new(HashMap::new()),
                 round_history: Mutex::new(HashMap::new()),
+                merge_failures: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -134,6 +137,11 @@ impl Coordinator {
         }
         let name = cfg.name.clone().unwrap_or_else(|| "job".into());
         let id = match job_id.filter(|s| !s.is_empty()) {
+            Some(id) if id.contains("--round-") => {
+                return Err(Status::invalid_argument(format!(
+                    "job id '{id}': '--round-' is kept for fine-tune rounds"
+                )))
+            }
             Some(id) if valid_id(&id) => id,
             Some(id) => {
                 return Err(Status::invalid_argument(format!(
@@ -206,6 +214,12 @@ impl Coordinator {
             .values()
             .filter(|l| matches!(l, scenarios::Label::Class(_)))
             .count();
+        if labelled == 0 {
+            // labels are final: refuse what would leave nothing to correct
+            return Err(Status::invalid_argument(
+                "no scenario would have a class label: give at least one (labels are final)",
+            ));
+        }
         // write aside, then link into place: the file appears whole, and only once
         let path = dir.join("labels.json");
         let tmp = dir.join(format!("labels.json.{}.tmp", rand::random::<u32>()));
@@ -408,6 +422,11 @@ pub fn read_scenarios(dir: &std::path::Path) -> Result<(Vec<Scenario>, Vec<Strin
     Ok((scenarios, classes))
 }
 
+/// The job a metric is labelled with: a round's parent, so rounds add no series.
+fn metric_job(id: &str) -> &str {
+    crate::rounds::parse_sub_job(id).map_or(id, |(job, _)| job)
+}
+
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -427,6 +446,11 @@ fn sanitize(s: &str) -> String {
         })
         .take(48)
         .collect();
+    // no "--" in a generated id: "<job>--round-<r>" names fine-tune rounds
+    let mut v = v;
+    while v.contains("--") {
+        v = v.replace("--", "-");
+    }
     if v.is_empty() {
         "job".into()
     } else {
@@ -506,7 +530,7 @@ impl WorkerService for Coordinator {
                 Err(e) => return Err(store_status(e)),
             };
             tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
-            crate::metrics::lease(&rec.id);
+            crate::metrics::lease(metric_job(&rec.id));
             if rec.step == "finetune-part" {
                 return self.finetune_task(rec, &lease).await;
             }
@@ -609,7 +633,7 @@ impl WorkerService for Coordinator {
             .await;
         crate::metrics::store_call("complete", started.elapsed().as_secs_f64(), f.is_ok());
         let f = f.map_err(store_status)?;
-        crate::metrics::completion(&t.job, f == Fenced::Accepted);
+        crate::metrics::completion(metric_job(&t.job), f == Fenced::Accepted);
         let acceptance = match f {
             Fenced::Accepted if t.step == "finetune" => {
                 let v: serde_json::Value = serde_json::from_str(&r.stats_json).unwrap_or_default();
@@ -785,7 +809,14 @@ pub async fn serve(
             }
         })
     });
-    let guard = defuse_proto::auth::Guard::new(coord.inner.cfg.token.clone());
+    let guard = defuse_proto::auth::Guard::new(
+        coord
+            .inner
+            .cfg
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_string()),
+    );
     let incoming = tonic::transport::server::TcpIncoming::from(grpc);
     let r = tonic::transport::Server::builder()
         .tcp_keepalive(Some(Duration::from_secs(30)))

@@ -370,12 +370,70 @@ fn rounds_cover_the_single_process_steps_exactly_once() {
     }
     assert_eq!(seen.len(), 95, "every row is seen");
     assert!(seen.values().all(|&n| n == 2), "once per epoch");
-    // one part and enough steps: exactly the single-process sequence
+    // one part and enough steps: the whole sequence in one round; the parts of the
+    // rounds, in order, are that sequence cut in pieces
     let one = defuse_core::correct::CorrectOptions {
         parts: 1,
         local_steps: 1000,
         ..o.clone()
     };
-    let (tb, _) = defuse_core::correct::round_steps(95, 7, &one, 1, 0, 0);
-    assert_eq!(tb.len(), 20);
+    let (all_t, all_s) = defuse_core::correct::round_steps(95, 7, &one, 1, 0, 0);
+    assert_eq!(all_t.len(), 20);
+    let (mut cut_t, mut cut_s) = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        for part in 0..3 {
+            let (t, s) = defuse_core::correct::round_steps(95, 7, &o, 1, round, part);
+            cut_t.extend(t);
+            cut_s.extend(s);
+        }
+    }
+    assert_eq!(cut_t, all_t);
+    assert_eq!(cut_s, all_s);
+}
+
+#[test]
+fn merging_by_sum_applies_every_part_update() {
+    let ds = mnist_subset(128, 32);
+    let load = || Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+    let o = defuse_core::correct::CorrectOptions {
+        parts: 2,
+        local_steps: 1,
+        batch_size: 32,
+        scenario_batch_size: 8,
+        lr: 0.05,
+        ..Default::default()
+    };
+    let (sx, sy) = (
+        ds.test.images(0..16, Device::Cpu),
+        ds.test.labels(0..16, Device::Cpu),
+    );
+    let mut parts = Vec::new();
+    for part in 0..2 {
+        let mut c = load();
+        defuse_core::correct::train_part(&mut c, &ds.train, &sx, &sy, &o, 3, 0, part).unwrap();
+        parts.push(c);
+    }
+    let mut merged = load();
+    let start = load();
+    defuse_core::correct::merge_into(
+        &mut merged,
+        &[(&parts[0], 32.0), (&parts[1], 96.0)],
+        defuse_core::correct::Merge::Sum,
+    )
+    .unwrap();
+    let (m, s0, p0, p1) = (
+        merged.var_store().variables(),
+        start.var_store().variables(),
+        parts[0].var_store().variables(),
+        parts[1].var_store().variables(),
+    );
+    for (name, t) in &m {
+        // weights relative to the mean (64): 0.5 and 1.5
+        let want = &s0[name] + (&p0[name] - &s0[name]) * 0.5 + (&p1[name] - &s0[name]) * 1.5;
+        assert!(t.allclose(&want, 1e-5, 1e-6, false), "{name}");
+        assert!(
+            !t.allclose(&s0[name], 1e-7, 1e-7, false),
+            "{name} did not move"
+        );
+    }
 }

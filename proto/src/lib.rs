@@ -20,6 +20,25 @@ pub mod auth {
     use tonic::service::interceptor::InterceptedService;
     use tonic::{Request, Status};
 
+    /// A secret that never shows in `Debug` output (so never in a log line).
+    #[derive(Clone, PartialEq, Eq)]
+    pub struct Secret(String);
+
+    impl Secret {
+        pub fn new(s: impl Into<String>) -> Secret {
+            Secret(s.into())
+        }
+        pub fn expose(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl std::fmt::Debug for Secret {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Secret(***)")
+        }
+    }
+
     /// A channel that sends the token (if any) with every call.
     pub type AuthChannel = InterceptedService<tonic::transport::Channel, Bearer>;
 

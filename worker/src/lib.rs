@@ -33,7 +33,7 @@ pub struct WorkerConfig {
     /// Overrides the protocol version sent (tests of the refusal).
     pub protocol_version: u32,
     /// The coordinator's token, if it has one.
-    pub token: Option<String>,
+    pub token: Option<auth::Secret>,
 }
 
 impl WorkerConfig {
@@ -104,7 +104,8 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .connect_lazy();
-    let bearer = auth::Bearer::new(cfg.token.as_deref()).map_err(WorkerError::Other)?;
+    let bearer =
+        auth::Bearer::new(cfg.token.as_ref().map(|t| t.expose())).map_err(WorkerError::Other)?;
     let channel = auth::AuthChannel::new(channel, bearer);
     let mut client =
         WorkerServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -354,8 +355,15 @@ async fn finetune(
     // the checkpoint's file name must say its format
     let ckpt_local = ckpt.with_extension(format!("model.{ext}"));
     if !ckpt_local.exists() {
-        if let Err(e) = std::fs::copy(&ckpt, &ckpt_local) {
-            return Outcome::Failed(task_error(FailureKind::Io, true, e.to_string()));
+        // through a temporary file: a crash never leaves half a checkpoint to reuse
+        let tmp = ckpt_local.with_extension(format!("part-{}", std::process::id()));
+        if let Err(e) = std::fs::copy(&ckpt, &tmp).and_then(|_| std::fs::rename(&tmp, &ckpt_local))
+        {
+            return Outcome::Failed(task_error(
+                FailureKind::Io,
+                true,
+                format!("{} -> {}: {e}", ckpt.display(), ckpt_local.display()),
+            ));
         }
     }
     let out_path = cfg
