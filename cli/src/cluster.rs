@@ -293,42 +293,30 @@ pub fn label(
     file: Option<&Path>,
     pairs: &[String],
 ) -> anyhow::Result<()> {
-    let labels: std::collections::HashMap<String, String> = match (file, pairs.is_empty()) {
+    use defuse_core::scenarios::{label_pairs_from_args, label_pairs_from_json};
+    let list = match (file, pairs.is_empty()) {
         (Some(f), true) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {}", f.display()))?;
-            let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-                .map_err(|e| {
-                    defuse_core::Error::format(
-                        f,
-                        format!("expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}"),
-                    )
-                })?;
-            map.into_iter()
-                .map(|(k, v)| match v {
-                    serde_json::Value::String(s) => (k, s),
-                    other => (k, other.to_string()),
-                })
-                .collect()
+            label_pairs_from_json(&text).map_err(|m| defuse_core::Error::format(f, m))?
         }
         (None, false) => {
-            let mut m = std::collections::HashMap::new();
-            for p in pairs {
-                let (k, v) = p.split_once('=').ok_or_else(|| {
-                    defuse_core::Error::invalid(
-                        "label",
-                        format!("'{p}' is not <scenario>=<class>|discard"),
-                    )
-                })?;
-                m.insert(k.trim().to_string(), v.trim().to_string());
-            }
-            m
+            label_pairs_from_args(pairs).map_err(|m| defuse_core::Error::invalid("label", m))?
         }
         _ => bail!(defuse_core::Error::invalid(
             "label",
             "give either --file or <scenario>=<class> pairs"
         )),
     };
+    let mut labels = std::collections::HashMap::new();
+    for (k, v) in list {
+        if labels.insert(k.clone(), v).is_some() {
+            bail!(defuse_core::Error::invalid(
+                "label",
+                format!("scenario {k} is labelled twice")
+            ));
+        }
+    }
     runtime()?.block_on(async {
         let mut c = client(url, token).await?;
         let r = c

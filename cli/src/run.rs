@@ -97,18 +97,14 @@ pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::R
     let labels = match (file, pairs.is_empty()) {
         (Some(f), true) => scenarios::read_labels(f, &scenarios, &class_names)?,
         (None, false) => {
-            let mut kv = Vec::new();
-            for p in pairs {
-                let (k, v) = p.split_once('=').ok_or_else(|| {
-                    defuse_core::Error::invalid(
-                        "label",
-                        format!("'{p}' is not <scenario>=<class>|discard"),
-                    )
-                })?;
-                kv.push((k, v));
-            }
-            scenarios::validate_labels(kv, &scenarios, &class_names)
-                .map_err(|m| defuse_core::Error::invalid("label", m))?
+            let invalid = |m| defuse_core::Error::invalid("label", m);
+            let kv = scenarios::label_pairs_from_args(pairs).map_err(invalid)?;
+            scenarios::validate_labels(
+                kv.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                &scenarios,
+                &class_names,
+            )
+            .map_err(invalid)?
         }
         _ => anyhow::bail!(defuse_core::Error::invalid(
             "label",

@@ -6,7 +6,6 @@
 //! `Authorization: Bearer <token>` header, or the cookie that `/login` sets. Pages are
 //! plain server-rendered HTML with no script and no outside link, so they work
 //! offline and from the keyboard; every name from the data is escaped.
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -597,24 +596,11 @@ async fn api_job(State(app): State<App>, Path(id): Path<String>) -> Response {
 
 /// Body: `{"<scenario id>": <class id> | "<class name>" | "discard"}`.
 async fn api_labels(State(app): State<App>, Path(id): Path<String>, body: Bytes) -> Response {
-    let map: BTreeMap<String, serde_json::Value> = match serde_json::from_slice(&body) {
-        Ok(m) => m,
-        Err(e) => {
-            return error_json(tonic::Status::invalid_argument(format!(
-                "expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}"
-            )))
-        }
+    let pairs = match defuse_core::scenarios::label_pairs_from_json(&String::from_utf8_lossy(&body))
+    {
+        Ok(p) => p,
+        Err(m) => return error_json(tonic::Status::invalid_argument(m)),
     };
-    let pairs: Vec<(String, String)> = map
-        .into_iter()
-        .map(|(k, v)| {
-            let v = match v {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, v)
-        })
-        .collect();
     match app.coord.set_labels(&id, &pairs).await {
         Ok((labelled, discarded)) => {
             Json(serde_json::json!({"labelled": labelled, "discarded": discarded})).into_response()

@@ -310,28 +310,39 @@ pub fn validate_labels<'a>(
     Ok(out)
 }
 
+/// The (scenario, label) pairs of a labels JSON object
+/// `{"<scenario id>": <class id> | "<class name>" | "discard"}`, not yet validated.
+pub fn label_pairs_from_json(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| {
+            format!("expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}")
+        })?;
+    Ok(v.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect())
+}
+
+/// The (scenario, label) pairs of `<scenario>=<class>|discard` arguments, not yet
+/// validated.
+pub fn label_pairs_from_args(
+    args: &[String],
+) -> std::result::Result<Vec<(String, String)>, String> {
+    args.iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| format!("'{p}' is not <scenario>=<class>|discard"))
+        })
+        .collect()
+}
+
 /// Reads a labels file: a JSON object `{"<scenario id>": <class id> | "<class name>" | "discard"}`.
 pub fn read_labels(path: &Path, scenarios: &[Scenario], class_names: &[String]) -> Result<Labels> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| {
-            Error::format(
-                path,
-                format!(
-                    "expected a JSON object {{\"<scenario id>\": <class> or \"discard\"}}: {e}"
-                ),
-            )
-        })?;
-    let pairs: Vec<(String, String)> = v
-        .into_iter()
-        .map(|(k, v)| {
-            let val = match v {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, val)
-        })
-        .collect();
+    let pairs = label_pairs_from_json(&text).map_err(|m| Error::format(path, m))?;
     validate_labels(
         pairs.iter().map(|(a, b)| (a.as_str(), b.as_str())),
         scenarios,
