@@ -248,6 +248,19 @@ pub fn status(
                         };
                         println!("  {:<9} {:<16}{shards}{detail}", s.step, s.state);
                     }
+                    // the evaluation, once the job has its report
+                    if let Ok(r) = serde_json::from_str::<serde_json::Value>(&j.summary_json) {
+                        let pct = |k: &str| 100.0 * r[k].as_f64().unwrap_or(f64::NAN);
+                        println!(
+                            "  report    test accuracy {:.2}% -> {:.2}%, failure scenarios {:.2}% -> {:.2}% ({} scenarios, {} labelled)",
+                            pct("test_accuracy_before"),
+                            pct("test_accuracy_after"),
+                            pct("scenario_accuracy_before"),
+                            pct("scenario_accuracy_after"),
+                            r["n_scenarios"],
+                            r["n_labelled"]
+                        );
+                    }
                     if let Some(s) = j.steps.iter().find(|s| {
                         s.step == "identify" && s.state == "running" && s.shards_total > 0
                     }) {

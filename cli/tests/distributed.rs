@@ -733,6 +733,20 @@ fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() 
         f(&b, "test_accuracy_before"), f(&b, "test_accuracy_after"),
         f(&b, "scenario_accuracy_before"), f(&b, "scenario_accuracy_after"),
     );
+    // `defuse status` shows the evaluation once the job is done
+    let out = defuse()
+        .args(["status", &job, "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "test accuracy {:.2}% -> {:.2}%",
+            100.0 * f(&b, "test_accuracy_before"),
+            100.0 * f(&b, "test_accuracy_after")
+        )),
+        "{text}"
+    );
     // same job up to correction: the same starting point
     assert_eq!(a["n_failures"], b["n_failures"]);
     assert_eq!(a["scenario_accuracy_before"], b["scenario_accuracy_before"]);
