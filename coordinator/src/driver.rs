@@ -54,6 +54,16 @@ async fn step_all(c: &Coordinator) -> Result<(), StoreError> {
             Err(e) => return Err(e),
         }
     }
+    // what workers may lease until the next tick (the steps above may have changed it)
+    let now_leasable: Vec<JobRecord> = c
+        .inner
+        .store
+        .list_jobs()
+        .await?
+        .into_iter()
+        .filter(crate::service::is_leasable)
+        .collect();
+    *c.inner.leasable.lock().unwrap() = Some(Arc::new(now_leasable));
     Ok(())
 }
 

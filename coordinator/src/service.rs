@@ -78,6 +78,14 @@ pub(crate) struct Inner {
     pub round_history: Mutex<HashMap<String, Vec<defuse_core::correct::CorrectEpoch>>>,
     /// Failed tries to merge a job's current round (retried, up to a limit).
     pub merge_failures: Mutex<HashMap<String, u32>>,
+    /// The jobs with shards to lease, as the driver last listed them (None before its
+    /// first tick): a lease reads this instead of listing every job in the store.
+    pub leasable: Mutex<Option<Arc<Vec<JobRecord>>>>,
+}
+
+/// A job whose shards workers lease now: identify, or a fine-tune round.
+pub(crate) fn is_leasable(j: &JobRecord) -> bool {
+    j.state == JobState::Running && (j.step == "identify" || j.step == "finetune-part")
 }
 
 /// A coordinator: clone it freely.
@@ -104,6 +112,7 @@ impl Coordinator {
                 round_stats: Mutex::new(HashMap::new()),
                 round_history: Mutex::new(HashMap::new()),
                 merge_failures: Mutex::new(HashMap::new()),
+                leasable: Mutex::new(None),
             }),
         }
     }
@@ -513,10 +522,12 @@ impl WorkerService for Coordinator {
                 "unknown worker {worker}: register first"
             )));
         }
-        let jobs = self.inner.store.list_jobs().await.map_err(store_status)?;
-        for rec in jobs.iter().filter(|j| {
-            j.state == JobState::Running && (j.step == "identify" || j.step == "finetune-part")
-        }) {
+        let cached = self.inner.leasable.lock().unwrap().clone();
+        let jobs = match cached {
+            Some(j) => j,
+            None => Arc::new(self.inner.store.list_jobs().await.map_err(store_status)?),
+        };
+        for rec in jobs.iter().filter(|j| is_leasable(j)) {
             let started = std::time::Instant::now();
             let r = self
                 .inner
