@@ -69,12 +69,8 @@ enum Command {
     },
     /// Run a worker: lease tasks from a coordinator and run them on a device.
     Worker {
-        #[arg(
-            long,
-            env = "DEFUSE_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
+        #[command(flatten)]
+        remote: Remote,
         /// cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -93,24 +89,16 @@ enum Command {
     /// Submit a job to a coordinator; prints its id.
     Submit {
         config: PathBuf,
-        #[arg(
-            long,
-            env = "DEFUSE_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
+        #[command(flatten)]
+        remote: Remote,
         #[arg(long)]
         job_id: Option<String>,
     },
     /// Jobs of a coordinator, or one job's steps and shards.
     Status {
         job: Option<String>,
-        #[arg(
-            long,
-            env = "DEFUSE_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
+        #[command(flatten)]
+        remote: Remote,
         #[arg(long)]
         json: bool,
         /// Redraw every 2 seconds until the job ends (with an ETA).
@@ -120,12 +108,8 @@ enum Command {
     /// Cancel a job: no shard stays leased, no task keeps running.
     Cancel {
         job: String,
-        #[arg(
-            long,
-            env = "DEFUSE_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Label a job's failure scenarios: `defuse label runs/x 3=8 5=discard`, or --file.
     /// JOB is a job's output folder (`defuse run`), or a job id on a coordinator: there
@@ -133,12 +117,8 @@ enum Command {
     Label {
         /// A job's output folder, or a job id.
         job: String,
-        #[arg(
-            long,
-            env = "DEFUSE_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
+        #[command(flatten)]
+        remote: Remote,
         /// A JSON file {"<scenario id>": <class id> | "<class name>" | "discard"}.
         #[arg(long)]
         file: Option<PathBuf>,
@@ -183,6 +163,17 @@ impl Command {
             Command::Train { .. } => "train",
         }
     }
+}
+
+/// Where the coordinator's gRPC services are (for workers and clients).
+#[derive(Args)]
+struct Remote {
+    #[arg(
+        long,
+        env = "DEFUSE_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
 }
 
 #[derive(Args)]
@@ -387,7 +378,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
         })
         .map(|()| None),
         Command::Worker {
-            coordinator,
+            remote: Remote { coordinator },
             device,
             cache_dir,
             threads,
@@ -406,21 +397,22 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
         }
         Command::Submit {
             config,
-            coordinator,
+            remote: Remote { coordinator },
             job_id,
         } => cluster::submit(&coordinator, token, &config, job_id).map(|()| None),
         Command::Status {
             job,
-            coordinator,
+            remote: Remote { coordinator },
             json,
             watch,
         } => cluster::status(&coordinator, token, job, json, watch).map(|()| None),
-        Command::Cancel { job, coordinator } => {
-            cluster::cancel(&coordinator, token, job).map(|()| None)
-        }
+        Command::Cancel {
+            job,
+            remote: Remote { coordinator },
+        } => cluster::cancel(&coordinator, token, job).map(|()| None),
         Command::Label {
             job,
-            coordinator,
+            remote: Remote { coordinator },
             file,
             pairs,
         } => if std::path::Path::new(&job).is_dir() {

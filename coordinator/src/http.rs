@@ -266,11 +266,8 @@ fn pct(x: f64) -> String {
 }
 
 async fn jobs_page(State(app): State<App>) -> Response {
-    let jobs = match app.coord.inner.store.list_jobs().await {
-        Ok(j) => j
-            .into_iter()
-            .filter(|j| crate::rounds::parse_sub_job(&j.id).is_none())
-            .collect::<Vec<_>>(),
+    let jobs = match app.coord.submitted_jobs().await {
+        Ok(j) => j,
         Err(e) => return error_page(crate::service::store_status(e), "/"),
     };
     let mut b = String::from(
@@ -571,13 +568,10 @@ fn job_json(st: &defuse_proto::JobStatus) -> serde_json::Value {
 }
 
 async fn api_jobs(State(app): State<App>) -> Response {
-    match app.coord.inner.store.list_jobs().await {
+    match app.coord.submitted_jobs().await {
         Ok(jobs) => {
             let mut out = Vec::new();
-            for rec in jobs
-                .iter()
-                .filter(|j| crate::rounds::parse_sub_job(&j.id).is_none())
-            {
+            for rec in &jobs {
                 out.push(job_json(&app.coord.status_of(rec).await));
             }
             Json(out).into_response()

@@ -117,6 +117,13 @@ impl Coordinator {
         }
     }
 
+    /// The jobs people submitted, without the fine-tune rounds' sub-jobs.
+    pub(crate) async fn submitted_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs = self.inner.store.list_jobs().await?;
+        jobs.retain(|j| crate::rounds::parse_sub_job(&j.id).is_none());
+        Ok(jobs)
+    }
+
     pub fn store(&self) -> &Arc<dyn StateStore> {
         &self.inner.store
     }
@@ -782,10 +789,8 @@ impl JobService for Coordinator {
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let mut jobs = Vec::new();
-        for rec in self.inner.store.list_jobs().await.map_err(store_status)? {
-            if crate::rounds::parse_sub_job(&rec.id).is_none() {
-                jobs.push(self.status_of(&rec).await);
-            }
+        for rec in self.submitted_jobs().await.map_err(store_status)? {
+            jobs.push(self.status_of(&rec).await);
         }
         Ok(Response::new(ListResponse { jobs }))
     }
