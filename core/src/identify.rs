@@ -59,7 +59,14 @@ impl Perturbation {
     }
 
     /// `q * d` draws for one image, from its own seeded stream.
-    fn draw(&self, job_seed: u64, split: SplitName, image: usize, q: usize, d: usize) -> Vec<f32> {
+    pub fn draw(
+        &self,
+        job_seed: u64,
+        split: SplitName,
+        image: usize,
+        q: usize,
+        d: usize,
+    ) -> Vec<f32> {
         let mut rng = rng_for(job_seed, Step::Identify, &[split as u64, image as u64]);
         match *self {
             Perturbation::Gaussian { sigma } => {

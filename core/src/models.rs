@@ -96,14 +96,27 @@ impl Cnn {
     }
 }
 
+/// `relu` then 2x2 max pooling. In inference it is computed as the maximum of four
+/// strided views, then `relu` (the two commute): the same numbers, about 7x faster on
+/// CPU than `max_pool2d`, which computes and discards the arg-max indices (30% of the
+/// classifier's time in the identify profile, bench/README.md). Training keeps
+/// `max_pool2d`, whose gradient goes to one input of each window.
+fn relu_pool2(x: Tensor, train: bool) -> Tensor {
+    if train {
+        return x.relu().max_pool2d_default(2);
+    }
+    let (h, w) = (x.size()[2] / 2 * 2, x.size()[3] / 2 * 2);
+    let q = |i: i64, j: i64| x.slice(2, i, h, 2).slice(3, j, w, 2);
+    q(0, 0)
+        .maximum(&q(0, 1))
+        .maximum(&q(1, 0).maximum(&q(1, 1)))
+        .relu()
+}
+
 impl ModuleT for Cnn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        xs.apply(&self.conv1)
-            .relu()
-            .max_pool2d_default(2)
-            .apply(&self.conv2)
-            .relu()
-            .max_pool2d_default(2)
+        let x = relu_pool2(xs.apply(&self.conv1), train);
+        relu_pool2(x.apply(&self.conv2), train)
             .flatten(1, -1)
             .dropout(0.25, train)
             .apply(&self.fc1)
@@ -708,5 +721,23 @@ pub fn load_vae(
             vae,
             "a TorchScript VAE needs its decoder too (vae_decoder / --vae-decoder); only built-in VAEs are one .safetensors file",
         )),
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::relu_pool2;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn fast_pooling_equals_max_pool2d() {
+        tch::manual_seed(3);
+        for (h, w) in [(28, 28), (14, 14), (7, 9), (32, 31)] {
+            let x = Tensor::randn([5, 3, h, w], (Kind::Float, Device::Cpu));
+            let slow = relu_pool2(x.shallow_clone(), true);
+            let fast = relu_pool2(x, false);
+            assert_eq!(slow.size(), fast.size(), "{h}x{w}");
+            assert!(slow.equal(&fast), "{h}x{w}: values differ");
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Test helpers shared by the crates' tests: free ports, private Redis and S3
 //! (s3s-fs) servers started per test, and child processes that are killed on drop
 //! and whose log tail is printed when a test fails.
+pub mod load;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -267,4 +269,16 @@ pub fn train_small_mnist_models(defuse: &Path, data: &Path, dir: &Path) -> (Path
         ],
     );
     (clf, vae)
+}
+
+/// Resident memory of process `pid` in KiB (Linux `/proc/PID/status`, `VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

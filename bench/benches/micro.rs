@@ -1,0 +1,37 @@
+//! Micro benchmarks of the library's hot spots that are not libtorch kernels.
+use criterion::{criterion_group, criterion_main, Criterion};
+use defuse_core::data::SplitName;
+use defuse_core::dpgmm::{DpGmm, DpGmmOptions};
+use defuse_core::identify::Perturbation;
+use tch::{Device, Kind, Tensor};
+
+fn noise(c: &mut Criterion) {
+    // the per-image noise draw of identify: Q = 100, latent 10
+    let p = Perturbation::default();
+    let mut i = 0usize;
+    c.bench_function("perturbation draw q=100 d=10", |b| {
+        b.iter(|| {
+            i += 1;
+            p.draw(0, SplitName::Test, i, 100, 10)
+        })
+    });
+}
+
+fn dpgmm(c: &mut Criterion) {
+    tch::manual_seed(0);
+    let x = Tensor::randn([2000, 10], (Kind::Double, Device::Cpu));
+    let o = DpGmmOptions {
+        max_components: 10,
+        max_iter: 20,
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("dpgmm");
+    g.sample_size(10);
+    g.bench_function("fit n=2000 d=10 k=10 20 iterations", |b| {
+        b.iter(|| DpGmm::fit(&x, &o, 0).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, noise, dpgmm);
+criterion_main!(benches);

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Runs every benchmark and prints one table (markdown); writes results.json beside it.
+
+    bench/run.py [--quick] [--skip identify,dpgmm,coordinator,scaling,e2e] [--out DIR]
+
+Installs its own Python side (bench/setup.sh: PyTorch 2.11.0, scikit-learn 1.5.2), builds
+the release binaries, and needs MNIST (deploy/setup.sh). The scaling and end-to-end rows
+use the trained MNIST models of `make run` (runs/mnist/models); without them they are
+trained first (about 16 minutes on 2 cores). Nothing here is a test: no number is asserted.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("DEFUSE_CACHE", Path.home() / ".cache/defuse"))
+
+
+def sh(cmd, env=None, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, env=env, **kw)
+
+
+def env_vars():
+    out = subprocess.run(f"cd {REPO} && . ./env.sh && env", shell=True, check=True,
+                         capture_output=True, text=True, executable="/bin/bash").stdout
+    return dict(l.split("=", 1) for l in out.splitlines() if "=" in l)
+
+
+def jline(cmd, env):
+    """Runs a command whose last stdout line is JSON."""
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def cpu_name():
+    for l in Path("/proc/cpuinfo").read_text().splitlines():
+        if l.startswith("model name"):
+            return l.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller inputs (a check that it all runs)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip")
+    ap.add_argument("--out", default=str(CACHE / "bench-out"))
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    T = a.threads
+
+    pyenv = subprocess.run([str(REPO / "bench/setup.sh")], check=True, capture_output=True,
+                           text=True).stdout.strip().splitlines()[-1]
+    env = env_vars()
+    sh(["cargo", "build", "--release", "-p", "defuse", "-p", "defuse-bench"], env=env, cwd=REPO)
+    tgt = Path(env["CARGO_TARGET_DIR"]) / "release"
+    bench, defuse = str(tgt / "defuse-bench"), str(tgt / "defuse")
+    py = dict(os.environ, PYTHONPATH=pyenv)
+    ref = str(REPO / "bench/ref/identify_ref.py")
+    dref = str(REPO / "bench/ref/dpgmm_ref.py")
+    data = str(REPO / "data/mnist")
+    models = out / "ts-models"
+    jline([sys.executable, ref, "export", str(models)], py)
+    R = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": T,
+                     "date": time.strftime("%Y-%m-%d")}}
+    rows = []
+
+    if "identify" not in skip:
+        n_auth, n = (100, 300) if a.quick else (300, 2000)
+        fl = jline([sys.executable, ref, "flops", str(models)], py)["per_perturbation"]
+        peak_rs = jline([bench, "matmul", "--threads", str(T)], env)["flops_per_s"]
+        peak_py = jline([sys.executable, ref, "matmul", str(T)], py)["flops_per_s"]
+        peak = max(peak_rs, peak_py)
+        res = {"authors": jline([sys.executable, ref, "authors", str(models), data, str(T), "100", str(n_auth)], py)}
+        res["batched"] = max(
+            (jline([sys.executable, ref, "batched", str(models), data, str(T), "100", str(n), str(p), str(c)], py)
+             for p in (1, 2) for c in (128, 256)), key=lambda r: r["per_s"])
+        res["defuse_ts"] = max(
+            (jline([bench, "identify", "--models", str(models), "--data", data, "--threads", str(T),
+                    "--workers", str(w), "--chunk", str(c), "--images", str(n)], env)
+             for w in (1, 2) for c in (128, 256)), key=lambda r: r["per_s"])
+        res["defuse_builtin"] = max(
+            (jline([bench, "identify", "--models", "builtin", "--data", data, "--threads", str(T),
+                    "--workers", str(w), "--chunk", str(c), "--images", str(n)], env)
+             for w in (1, 2) for c in (128, 256)), key=lambda r: r["per_s"])
+        R["identify"] = dict(res, flops_per_perturbation=fl, matmul_peak=peak,
+                             matmul_peak_libtorch_rust=peak_rs, matmul_peak_python=peak_py)
+        b = res["batched"]["per_s"]
+        for k, name in (("authors", "authors' per-image loop (PyTorch)"),
+                        ("batched", "batched PyTorch loop (best)"),
+                        ("defuse_ts", "Defuse, same TorchScript files"),
+                        ("defuse_builtin", "Defuse, built-in models")):
+            r = res[k]
+            cfg = ", ".join(f"{x}={r[x]}" for x in ("procs", "workers", "chunk") if x in r)
+            rows.append(("identify", f"{name} ({cfg})", f"{r['per_s']:,.0f} pert/s",
+                         f"{r['per_s'] / b:.2f}x batched; {r['per_s'] * fl / peak:.0%} of matmul peak"))
+        rows.append(("identify", "cost per perturbation", f"{fl / 1e6:.1f} MFLOP",
+                     f"matmul peak {peak / 1e9:.0f} GFLOP/s ({T} threads)"))
+
+    if "dpgmm" not in skip:
+        R["dpgmm"] = []
+        sizes = [(2000, 10)] if a.quick else [(10000, 10), (10000, 32), (100000, 10), (100000, 32)]
+        for nn, d in sizes:
+            x = out / f"codes-{nn}-{d}.npy"
+            jline([sys.executable, dref, "make", str(x), str(nn), str(d), "0"], py)
+            sk = jline([sys.executable, dref, "fit", str(x), "20", "0", str(T), str(out / "sk.json")], py)
+            df = jline([bench, "dpgmm", "--x", str(x), "--k", "20", "--threads", str(T),
+                        "--labels-out", str(out / "df.json")], env)
+            ari = jline([sys.executable, dref, "ari", str(out / "sk.json"), str(out / "df.json")], py)["ari"]
+            R["dpgmm"].append({"n": nn, "d": d, "sklearn": sk, "defuse": df, "ari": ari})
+            rows.append(("distill", f"DP-GMM K=20, {nn:,} codes x {d}",
+                         f"{df['seconds']:.2f} s vs sklearn {sk['seconds']:.2f} s",
+                         f"{sk['seconds'] / df['seconds']:.1f}x; iterations {df['n_iter']} vs {sk['n_iter']}; "
+                         f"mean loglik {df['mean_log_likelihood']:.3f} vs {sk['mean_log_likelihood']:.3f}; "
+                         f"ARI {ari:.3f}"))
+
+    if "coordinator" not in skip:
+        shards = 2000 if a.quick else 10000
+        c = jline([bench, "coordinator", "--defuse", defuse, "--data", data,
+                   "--models", str(models), "--workers", "50", "--shards", str(shards),
+                   "--work", str(out / "coordinator")], env)
+        R["coordinator"] = c
+        rows.append(("coordinator", f"50 simulated workers, {shards:,} shards, Redis",
+                     f"{c['ops_per_s']:,.0f} leases+completions/s",
+                     f"lease p50/p99 {c['lease_p50_us'] / 1000:.1f}/{c['lease_p99_us'] / 1000:.1f} ms, "
+                     f"complete p50/p99 {c['complete_p50_us'] / 1000:.1f}/{c['complete_p99_us'] / 1000:.1f} ms; "
+                     f"each shard once: {c['each_accepted_once']}; "
+                     f"RSS {c['coordinator_rss_kib_before'] // 1024}->{c['coordinator_rss_kib_after'] // 1024} MiB"))
+
+    if not ({"scaling", "e2e"} <= skip):
+        trained = REPO / "runs/mnist/models"
+        if not (trained / "classifier.safetensors").exists():
+            print("bench: training the MNIST models first (make run)", file=sys.stderr)
+            sh([defuse, "run", "examples/mnist.toml"], env=env, cwd=REPO)
+        limit = "limit_test = 2000\n" if a.quick else ""
+        cfg_text = (REPO / "examples/mnist.toml").read_text()
+        cfg_text = cfg_text.replace('out = "runs/mnist"', f'out = "{out / "e2e"}"')
+        cfg_text = cfg_text.replace('path = "data/mnist"', f'path = "{data}"\n{limit}')
+        cfg_text += (f'\n[models]\nclassifier = "{trained / "classifier.safetensors"}"\n'
+                     f'vae = "{trained / "vae.safetensors"}"\n')
+        cfg = out / "mnist-bench.toml"
+        cfg.write_text(cfg_text)
+        sh(["rm", "-rf", str(out / "e2e")])
+        t = time.perf_counter()
+        sh([defuse, "run", str(cfg)], env=dict(env, RUST_LOG="warn"), cwd=REPO)
+        wall = time.perf_counter() - t
+        summ = json.loads((out / "e2e/report/summary.json").read_text())
+        steps = dict(summ["step_seconds"])
+        orig = REPO / "runs/mnist/report/summary.json"
+        if orig.exists():
+            m = dict(json.loads(orig.read_text())["step_seconds"]).get("models")
+            if m and m > 1:
+                steps["models (training, from runs/mnist)"] = m
+        R["e2e"] = {"wall_seconds": wall, "steps": steps}
+        if "e2e" not in skip:
+            for k, v in steps.items():
+                rows.append(("end to end", f"defuse run examples/mnist.toml: {k}", f"{v:.1f} s", ""))
+            rows.append(("end to end", "wall (models given)", f"{wall:.1f} s", ""))
+        if "scaling" not in skip:
+            base = steps["identify"]
+            n_img = summ["n_images_in_split"]
+            rows.append(("scaling", f"embedded (defuse run), identify {n_img:,} images", f"{base:.1f} s", "1 process"))
+            R["scaling"] = []
+            for w, th in ((1, T), (1, 1), (2, 1)):
+                s = jline([bench, "scaling", "--defuse", defuse, "--config", str(cfg), "--workers", str(w),
+                           "--threads", str(th), "--work", str(out / f"scaling-{w}x{th}")], env)
+                R["scaling"].append(s)
+                one = next((x["identify_seconds"] for x in R["scaling"] if x["workers"] == 1 and x["threads"] == 1), None)
+                eff = f"efficiency {one / (w * s['identify_seconds']):.0%} vs 1x1" if one and w > 1 else ""
+                rows.append(("scaling", f"{w} worker process(es) x {th} thread(s), Redis", f"{s['identify_seconds']:.1f} s", eff))
+
+    (out / "results.json").write_text(json.dumps(R, indent=1))
+    m = R["machine"]
+    print(f"\nDefuse benchmarks, {m['date']}, {m['cpu']}, {m['cores']} cores, {T} threads\n")
+    print("| what | case | result | compared |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\n(results.json in {out})")
+
+
+if __name__ == "__main__":
+    main()

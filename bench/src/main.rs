@@ -1,0 +1,496 @@
+//! `defuse-bench`: the measuring side of `bench/run.py`. Every subcommand prints one
+//! JSON line. Nothing here is a test: the numbers are reported, never asserted.
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use defuse_core::data::{DataSpec, SplitName};
+use defuse_core::dpgmm::{DpGmm, DpGmmOptions};
+use defuse_core::identify::{identify, IdentifyOptions, Perturbation};
+use defuse_core::models::{load_vae, Classifier, CnnArch, Vae, VaeArch};
+use defuse_proto::auth::{AuthChannel, Bearer};
+use defuse_proto::job_service_client::JobServiceClient;
+use defuse_proto::{CancelRequest, StatusRequest, SubmitRequest};
+use defuse_testkit::{free_port, load, rss_kib, wait_port, Proc, Redis};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Perturbations decoded and classified per second by `defuse_core::identify`.
+    Identify {
+        /// Folder with encoder.pt, decoder.pt, classifier.pt (TorchScript), or
+        /// `builtin`: Defuse's own CNN and VAE of the same architecture (random weights).
+        #[arg(long)]
+        models: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Searches run side by side, each with threads/workers intra-op threads.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        #[arg(long, default_value_t = 100)]
+        q: usize,
+        #[arg(long, default_value_t = 2000)]
+        images: usize,
+        #[arg(long, default_value_t = 400)]
+        chunk: usize,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
+    /// This CPU's float32 matmul rate through libtorch, FLOP/s (best of 256..1024).
+    Matmul {
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// DP-GMM fit time and quality on X.npy (the data the scikit-learn reference fits).
+    Dpgmm {
+        #[arg(long)]
+        x: PathBuf,
+        #[arg(long)]
+        k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Where to write the labels (JSON) for the agreement with scikit-learn.
+        #[arg(long)]
+        labels_out: PathBuf,
+    },
+    /// Leases + completions per second through a coordinator process and Redis, with
+    /// simulated workers (no compute).
+    Coordinator {
+        /// The defuse binary.
+        #[arg(long)]
+        defuse: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// TorchScript models for the job's models step (any that load).
+        #[arg(long)]
+        models: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        workers: usize,
+        #[arg(long, default_value_t = 10000)]
+        shards: usize,
+        #[arg(long)]
+        work: PathBuf,
+    },
+    /// Identify through a coordinator (Redis, file artifacts) with N worker processes:
+    /// seconds from the first lease to the last shard done.
+    Scaling {
+        #[arg(long)]
+        defuse: PathBuf,
+        /// The job file (its identify step is timed; the job is cancelled after it).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        workers: usize,
+        /// libtorch threads per worker process.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long)]
+        work: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Identify {
+            models,
+            data,
+            threads,
+            workers,
+            q,
+            images,
+            chunk,
+            batch,
+        } => bench_identify(&models, &data, threads, workers, q, images, chunk, batch),
+        Cmd::Matmul { threads } => bench_matmul(threads),
+        Cmd::Dpgmm {
+            x,
+            k,
+            seed,
+            threads,
+            labels_out,
+        } => bench_dpgmm(&x, k, seed, threads, &labels_out),
+        Cmd::Coordinator {
+            defuse,
+            data,
+            models,
+            workers,
+            shards,
+            work,
+        } => bench_coordinator(&defuse, &data, &models, workers, shards, &work),
+        Cmd::Scaling {
+            defuse,
+            config,
+            workers,
+            threads,
+            work,
+        } => bench_scaling(&defuse, &config, workers, threads, &work),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_identify(
+    models: &std::path::Path,
+    data: &std::path::Path,
+    threads: usize,
+    workers: usize,
+    q: usize,
+    images: usize,
+    chunk: usize,
+    batch: usize,
+) -> Result<()> {
+    let workers = workers.max(1);
+    tch::set_num_threads((threads / workers).max(1) as i32);
+    let mut spec = DataSpec::from_path(data);
+    spec.limit_test = images;
+    let ds = spec.load()?;
+    let split = ds.split(SplitName::Test);
+    let n = split.len();
+    let o = IdentifyOptions {
+        only_correct: false, // the weights are random: search every image, as the authors did
+        samples: q,
+        keep: 5,
+        perturbation: Perturbation::default(),
+        batch_size: batch,
+        chunk,
+        ..Default::default()
+    };
+    let shape = ds.image_shape();
+    let load = || -> Result<(Classifier, Vae)> {
+        if models == std::path::Path::new("builtin") {
+            // one initialisation at a time: the seed is global to libtorch
+            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = INIT.lock().unwrap();
+            tch::manual_seed(0);
+            let clf = Classifier::new_builtin(
+                CnnArch {
+                    channels: 1,
+                    height: 28,
+                    width: 28,
+                    num_classes: 10,
+                    width_base: 32,
+                },
+                Device::Cpu,
+            )?;
+            let vae = Vae::new_builtin(
+                VaeArch {
+                    channels: 1,
+                    height: 28,
+                    width: 28,
+                    latent: 10,
+                    width_base: 32,
+                    hidden: 256,
+                    beta: 1.0,
+                },
+                Device::Cpu,
+            )?;
+            return Ok((clf, vae));
+        }
+        let clf = Classifier::load(
+            &models.join("classifier.pt"),
+            shape,
+            ds.num_classes() as i64,
+            Device::Cpu,
+        )?;
+        let vae = load_vae(
+            &models.join("encoder.pt"),
+            Some(&models.join("decoder.pt")),
+            shape,
+            Device::Cpu,
+        )?;
+        Ok((clf, vae))
+    };
+    // warm-up: TorchScript's profiling executor optimises on the first calls
+    {
+        let (clf, vae) = load()?;
+        identify(
+            split,
+            SplitName::Test,
+            0..64.min(n),
+            &clf,
+            &vae,
+            &o,
+            0,
+            |_| true,
+        )?;
+    }
+    let started = Instant::now();
+    let found: usize = std::thread::scope(|s| -> Result<usize> {
+        let hs: Vec<_> = (0..workers)
+            .map(|w| {
+                let (o, load) = (&o, &load);
+                s.spawn(move || -> Result<usize> {
+                    let (clf, vae) = load()?;
+                    let r = n * w / workers..n * (w + 1) / workers;
+                    let (f, _) = identify(split, SplitName::Test, r, &clf, &vae, o, 0, |_| true)?;
+                    Ok(f.len())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("identify thread"))
+            .sum()
+    })?;
+    let dt = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"impl": "defuse", "models": models.display().to_string(), "threads": threads, "workers": workers, "chunk": chunk,
+               "batch": batch, "images": n, "q": q, "seconds": dt,
+               "per_s": (n * q) as f64 / dt, "kept": found})
+    );
+    Ok(())
+}
+
+fn bench_matmul(threads: usize) -> Result<()> {
+    tch::set_num_threads(threads as i32);
+    let mut best = 0f64;
+    for n in [256i64, 512, 1024] {
+        let a = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([n, n], (Kind::Float, Device::Cpu));
+        for _ in 0..3 {
+            let _ = a.matmul(&b);
+        }
+        let flop = 2.0 * (n * n * n) as f64;
+        let reps = ((2e10 / flop) as usize).max(3);
+        let t = Instant::now();
+        for _ in 0..reps {
+            let _ = a.matmul(&b);
+        }
+        best = best.max(flop * reps as f64 / t.elapsed().as_secs_f64());
+    }
+    println!("{}", json!({"threads": threads, "flops_per_s": best}));
+    Ok(())
+}
+
+fn bench_dpgmm(
+    x: &std::path::Path,
+    k: usize,
+    seed: u64,
+    threads: usize,
+    labels_out: &std::path::Path,
+) -> Result<()> {
+    tch::set_num_threads(threads as i32);
+    let x = Tensor::read_npy(x).with_context(|| format!("reading {}", x.display()))?;
+    let o = DpGmmOptions {
+        max_components: k,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let m = DpGmm::fit(&x, &o, seed)?;
+    let dt = t.elapsed().as_secs_f64();
+    let labels = m.predict(&x)?;
+    std::fs::write(labels_out, serde_json::to_string(&labels)?)?;
+    println!(
+        "{}",
+        json!({"impl": "defuse", "n": x.size()[0], "d": x.size()[1], "k": k, "seconds": dt,
+               "n_iter": m.n_iter, "converged": m.converged,
+               "mean_log_likelihood": m.score(&x)?,
+               "components_over_1pct": m.weights.iter().filter(|&&w| w > 0.01).count()})
+    );
+    Ok(())
+}
+
+fn rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A coordinator process on Redis with file artifacts, killed on drop.
+struct Stack {
+    _redis: Redis,
+    coordinator: Proc,
+    url: String,
+}
+
+fn start_stack(defuse: &std::path::Path, work: &std::path::Path, lease_ms: u64) -> Result<Stack> {
+    std::fs::create_dir_all(work)?;
+    let redis = Redis::start(false);
+    let port = free_port();
+    let mut cmd = Command::new(defuse);
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--redis", &redis.url()])
+        .arg("--artifacts")
+        .arg(format!("file://{}", work.join("artifacts").display()))
+        .arg("--work-dir")
+        .arg(work.join("coordinator-work"))
+        .args(["--lease-ms", &lease_ms.to_string()])
+        .env("RUST_LOG", "warn");
+    let coordinator = Proc::spawn("coordinator", &mut cmd, work);
+    if !wait_port(port, Duration::from_secs(20)) {
+        bail!("coordinator did not listen:\n{}", coordinator.tail(20));
+    }
+    Ok(Stack {
+        _redis: redis,
+        coordinator,
+        url: format!("http://127.0.0.1:{port}"),
+    })
+}
+
+async fn jobs(url: &str) -> Result<JobServiceClient<AuthChannel>> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect()
+        .await?;
+    Ok(JobServiceClient::new(AuthChannel::new(
+        ch,
+        Bearer::new(None).map_err(anyhow::Error::msg)?,
+    )))
+}
+
+/// Waits until the job's identify step has all its shards done (or the job ended).
+async fn wait_identify(
+    c: &mut JobServiceClient<AuthChannel>,
+    job: &str,
+    timeout: Duration,
+) -> Result<Option<Instant>> {
+    let end = Instant::now() + timeout;
+    let mut first_lease = None;
+    while Instant::now() < end {
+        let s = c
+            .status(StatusRequest { job_id: job.into() })
+            .await?
+            .into_inner();
+        if let Some(st) = s.steps.iter().find(|s| s.step == "identify") {
+            if first_lease.is_none() && st.shards_leased + st.shards_done > 0 {
+                first_lease = Some(Instant::now());
+            }
+            if st.shards_total > 0 && st.shards_done == st.shards_total {
+                return Ok(first_lease);
+            }
+        }
+        if s.state == "failed" || s.state == "cancelled" {
+            bail!("job {job} {}: {}", s.state, s.error);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("job {job}: identify not done after {timeout:?}")
+}
+
+fn bench_coordinator(
+    defuse: &std::path::Path,
+    data: &std::path::Path,
+    models: &std::path::Path,
+    workers: usize,
+    shards: usize,
+    work: &std::path::Path,
+) -> Result<()> {
+    let stack = start_stack(defuse, work, 60_000)?;
+    let cfg = format!(
+        r#"
+name = "load"
+[data]
+path = "{data}"
+limit_test = {shards}
+[models]
+classifier = "{m}/classifier.pt"
+vae = "{m}/encoder.pt"
+vae_decoder = "{m}/decoder.pt"
+[identify]
+only_correct = false
+shard_size = 1
+"#,
+        data = data.display(),
+        m = models.display()
+    );
+    let pid = stack.coordinator.pid();
+    rt()?.block_on(async {
+        let mut c = jobs(&stack.url).await?;
+        let rss_before = rss_kib(pid).unwrap_or(0);
+        let job = c
+            .submit(SubmitRequest {
+                config_toml: cfg,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .job_id;
+        let r = load::simulate_workers(
+            &stack.url,
+            None,
+            workers,
+            shards as u64,
+            Duration::from_secs(600),
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let rss_after = rss_kib(pid).unwrap_or(0);
+        let _ = c.cancel(CancelRequest { job_id: job }).await;
+        let once = r.accepted.values().all(|&n| n == 1);
+        println!(
+            "{}",
+            json!({"workers": workers, "shards": shards, "leases": r.leases,
+                   "completions": r.completions, "stale": r.stale, "errors": r.errors,
+                   "empty_polls": r.empty_polls, "seconds": r.seconds,
+                   "ops_per_s": r.ops_per_s(),
+                   "lease_p50_us": load::quantile(&r.lease_us, 0.5),
+                   "lease_p99_us": load::quantile(&r.lease_us, 0.99),
+                   "complete_p50_us": load::quantile(&r.complete_us, 0.5),
+                   "complete_p99_us": load::quantile(&r.complete_us, 0.99),
+                   "distinct_shards": r.accepted.len(), "each_accepted_once": once,
+                   "coordinator_rss_kib_before": rss_before,
+                   "coordinator_rss_kib_after": rss_after})
+        );
+        Ok(())
+    })
+}
+
+fn bench_scaling(
+    defuse: &std::path::Path,
+    config: &std::path::Path,
+    workers: usize,
+    threads: usize,
+    work: &std::path::Path,
+) -> Result<()> {
+    let _ = std::fs::remove_dir_all(work);
+    let stack = start_stack(defuse, work, 30_000)?;
+    let cfg =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let mut ws = Vec::new();
+    for i in 0..workers {
+        let mut cmd = Command::new(defuse);
+        cmd.args(["worker", "--coordinator", &stack.url])
+            .args(["--threads", &threads.to_string()])
+            .arg("--cache-dir")
+            .arg(work.join(format!("worker-{i}")))
+            .env("RUST_LOG", "warn");
+        ws.push(Proc::spawn(&format!("worker-{i}"), &mut cmd, work));
+    }
+    rt()?.block_on(async {
+        let mut c = jobs(&stack.url).await?;
+        let submitted = Instant::now();
+        let job = c
+            .submit(SubmitRequest {
+                config_toml: cfg,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .job_id;
+        let first = wait_identify(&mut c, &job, Duration::from_secs(3600)).await;
+        let done = Instant::now();
+        let _ = c.cancel(CancelRequest { job_id: job }).await;
+        let first = match first {
+            Ok(f) => f.unwrap_or(submitted),
+            Err(e) => bail!("{e:#}\n{}", ws[0].tail(20)),
+        };
+        println!(
+            "{}",
+            json!({"workers": workers, "threads": threads,
+                   "identify_seconds": (done - first).as_secs_f64(),
+                   "submit_to_identify_done_seconds": (done - submitted).as_secs_f64()})
+        );
+        Ok(())
+    })
+}
