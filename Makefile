@@ -6,7 +6,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := . ./env.sh
 
-.PHONY: setup setup-test build release run test lint fmt
+.PHONY: setup setup-test build release run test lint fmt fuzz bench
 
 setup:
 	deploy/setup.sh
@@ -33,3 +33,12 @@ test: setup-test lint
 
 fmt:
 	cargo fmt --all
+
+# Longer fuzzing of the readers and the config parser (core/tests/fuzz.rs): 20,000
+# cases per target, a few minutes. Failing cases land in core/proptest-regressions/.
+fuzz: setup
+	$(ENV) && PROPTEST_CASES=20000 cargo nextest run -p defuse-core --test fuzz
+
+# The benchmarks (bench/run.py; not part of `make test`). About 30 minutes.
+bench: setup
+	python3 bench/run.py

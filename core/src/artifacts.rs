@@ -94,13 +94,31 @@ pub async fn open(url: &str) -> ArtifactResult<Arc<dyn ArtifactStore>> {
     }
 }
 
-/// A store whose calls are measured: `defuse_artifact_call_seconds{store,op}` and
-/// `defuse_artifact_errors_total{store,op}` (store: `s3` or `file`). Recorded into
+/// A store whose calls are measured and retried.
+///
+/// Measured: `defuse_artifact_call_seconds{store,op}` and
+/// `defuse_artifact_errors_total{store,op}` (store: `s3` or `file`), recorded into
 /// whatever metrics recorder the process installed (none: nothing is kept).
+///
+/// Retried: a transient error (anything but "not found") is tried again with
+/// exponential backoff (0.2 s doubling to 5 s) for up to `DEFUSE_ARTIFACT_RETRY_SECONDS`
+/// (default 30 s), so that S3 down for a moment costs a shard or a central step time,
+/// not an attempt. Every call is idempotent (whole-object put, get, delete).
 #[derive(Debug)]
 pub struct Metered<S> {
     inner: S,
     kind: &'static str,
+    retry_for: std::time::Duration,
+}
+
+/// How long transient artifact errors are retried (`DEFUSE_ARTIFACT_RETRY_SECONDS`).
+pub fn retry_budget() -> std::time::Duration {
+    let secs = std::env::var("DEFUSE_ARTIFACT_RETRY_SECONDS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .unwrap_or(30.0);
+    std::time::Duration::from_secs_f64(secs)
 }
 
 impl<S: ArtifactStore + 'static> Metered<S> {
@@ -110,7 +128,33 @@ impl<S: ArtifactStore + 'static> Metered<S> {
         } else {
             "file"
         };
-        Arc::new(Metered { inner, kind })
+        Arc::new(Metered {
+            inner,
+            kind,
+            retry_for: retry_budget(),
+        })
+    }
+
+    async fn retrying<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> ArtifactResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ArtifactResult<T>>,
+    {
+        let end = std::time::Instant::now() + self.retry_for;
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            let t = std::time::Instant::now();
+            let r = f().await;
+            self.record(op, t, &r);
+            match r {
+                Err(e) if e.retryable() && std::time::Instant::now() + delay < end => {
+                    tracing::warn!(store = self.kind, op, key, error = %e, retry_in_ms = delay.as_millis() as u64, "artifact call failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+                r => return r,
+            }
+        }
     }
 
     fn record<T>(&self, op: &'static str, started: std::time::Instant, r: &ArtifactResult<T>) {
@@ -126,34 +170,21 @@ impl<S: ArtifactStore + 'static> Metered<S> {
 #[async_trait]
 impl<S: ArtifactStore + 'static> ArtifactStore for Metered<S> {
     async fn put(&self, key: &str, bytes: Bytes) -> ArtifactResult<()> {
-        let t = std::time::Instant::now();
-        let r = self.inner.put(key, bytes).await;
-        self.record("put", t, &r);
-        r
+        self.retrying("put", key, || self.inner.put(key, bytes.clone()))
+            .await
     }
     async fn get(&self, key: &str) -> ArtifactResult<Bytes> {
-        let t = std::time::Instant::now();
-        let r = self.inner.get(key).await;
-        self.record("get", t, &r);
-        r
+        self.retrying("get", key, || self.inner.get(key)).await
     }
     async fn exists(&self, key: &str) -> ArtifactResult<bool> {
-        let t = std::time::Instant::now();
-        let r = self.inner.exists(key).await;
-        self.record("exists", t, &r);
-        r
+        self.retrying("exists", key, || self.inner.exists(key)).await
     }
     async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
-        let t = std::time::Instant::now();
-        let r = self.inner.list(prefix).await;
-        self.record("list", t, &r);
-        r
+        self.retrying("list", prefix, || self.inner.list(prefix))
+            .await
     }
     async fn delete(&self, key: &str) -> ArtifactResult<()> {
-        let t = std::time::Instant::now();
-        let r = self.inner.delete(key).await;
-        self.record("delete", t, &r);
-        r
+        self.retrying("delete", key, || self.inner.delete(key)).await
     }
     fn url(&self) -> String {
         self.inner.url()

@@ -368,9 +368,8 @@ impl Classifier {
             let mut confs = Vec::new();
             for start in (0..n).step_by(batch.max(1) as usize) {
                 let len = batch.min(n - start);
-                let p = self
-                    .forward(&x.narrow(0, start, len), false)?
-                    .softmax(-1, Kind::Float);
+                let logits = finite_logits(self.forward(&x.narrow(0, start, len), false)?, "images")?;
+                let p = logits.softmax(-1, Kind::Float);
                 let (conf, pred) = p.max_dim(1, false);
                 preds.push(pred);
                 confs.push(conf);
@@ -378,6 +377,22 @@ impl Classifier {
             Ok((Tensor::cat(&preds, 0), Tensor::cat(&confs, 0)))
         })
     }
+}
+
+/// The logits, or an error when any is NaN or infinite: argmax over NaN would turn
+/// a broken model into made-up failures (or made-up accuracy).
+pub fn finite_logits(logits: Tensor, what: &str) -> Result<Tensor> {
+    let bad = i64::try_from(logits.isfinite().logical_not().any_dim(1, false).sum(Kind::Int64))?;
+    if bad > 0 {
+        return Err(Error::invalid(
+            "classifier",
+            format!(
+                "it returned NaN or infinite logits for {bad} of {} {what}; check the model (and its input scaling)",
+                logits.size()[0]
+            ),
+        ));
+    }
+    Ok(logits)
 }
 
 /// The VAE whose latent space Defuse searches.

@@ -437,3 +437,58 @@ fn merging_by_sum_applies_every_part_update() {
         );
     }
 }
+
+#[test]
+fn nan_from_a_model_is_an_error_not_a_failure() {
+    // NaN for every input: refused when loaded, naming the file
+    let e = clf_err("classifier_nan.pt", 10);
+    assert!(
+        e.contains("classifier_nan.pt") && e.contains("NaN"),
+        "{e}"
+    );
+    // NaN only for real digits (a pixel at 1.0): loads, then the search stops with an
+    // error instead of counting NaN predictions as failures
+    let clf = Classifier::load(
+        &fixture("classifier_nan_on_bright.pt"),
+        MNIST,
+        10,
+        Device::Cpu,
+    )
+    .unwrap();
+    let vae = load_vae(
+        &fixture("encoder_ok.pt"),
+        Some(&fixture("decoder_ok.pt")),
+        MNIST,
+        Device::Cpu,
+    )
+    .unwrap();
+    let ds = mnist_subset(10, 64);
+    let split = ds.split(defuse_core::data::SplitName::Test);
+    let o = defuse_core::identify::IdentifyOptions {
+        samples: 4,
+        ..Default::default()
+    };
+    let e = defuse_core::identify::identify(
+        split,
+        defuse_core::data::SplitName::Test,
+        0..64,
+        &clf,
+        &vae,
+        &o,
+        0,
+        |_| true,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, defuse_core::Error::Invalid { .. }),
+        "not retryable: {e}"
+    );
+    let e = e.to_string();
+    assert!(e.contains("NaN or infinite logits") && e.contains("of 32 images"), "{e}");
+    // and predict (evaluation) refuses the same way
+    let e = clf
+        .predict(&split.images(0..8, Device::Cpu), 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN"), "{e}");
+}

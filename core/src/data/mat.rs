@@ -53,7 +53,13 @@ pub type SplitData = (Vec<u8>, Vec<i64>);
 /// One MAT file: the HWC shape, NHWC bytes and labels 0..9.
 pub fn read_split(path: &Path) -> Result<([usize; 3], SplitData)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mat = matfile::MatFile::parse(std::io::BufReader::new(file)).map_err(|e| {
+    // matfile 0.5 panics on some malformed headers (an overflowing product of the
+    // dimensions, found by tests/fuzz.rs): such a file is an error like any other.
+    let parsed = std::panic::catch_unwind(|| {
+        matfile::MatFile::parse(std::io::BufReader::new(file)).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|_| Err("the parser failed on a malformed header".into()));
+    let mat = parsed.map_err(|e| {
         Error::format(
             path,
             format!("not a MATLAB level-5 MAT file ({e}); SVHN's format-2 files are"),
