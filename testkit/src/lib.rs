@@ -207,6 +207,22 @@ impl S3 {
     pub fn start() -> S3 {
         let root = tempfile::tempdir().unwrap();
         let port = free_port();
+        let proc = Self::spawn(port, root.path());
+        S3 { port, root, proc }
+    }
+
+    /// Kills the server (SIGKILL): clients get connection refused until `restart`.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same port and folder (the objects are kept).
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        self.proc = Self::spawn(self.port, self.root.path());
+    }
+
+    fn spawn(port: u16, root: &Path) -> Proc {
         let mut cmd = Command::new(Self::binary());
         cmd.args([
             "--host",
@@ -218,14 +234,14 @@ impl S3 {
             "--secret-key",
             S3_SECRET,
         ])
-        .arg(root.path());
-        let proc = Proc::spawn("s3s-fs", &mut cmd, root.path());
+        .arg(root);
+        let proc = Proc::spawn("s3s-fs", &mut cmd, root);
         assert!(
             wait_port(port, Duration::from_secs(10)),
             "s3s-fs did not start (run deploy/setup-test.sh):\n{}",
             proc.tail(20)
         );
-        S3 { port, root, proc }
+        proc
     }
 
     pub fn endpoint(&self) -> String {

@@ -1,0 +1,216 @@
+//! The fault matrix, with real processes: one job lives through workers SIGKILLed
+//! twice, a worker hung (SIGSTOP) past its lease that wakes up, Redis restarted (its
+//! append-only file on) and then unreachable for 10 s, the S3 server down for 10 s, and
+//! the coordinator SIGKILLed and restarted twice. The job's *result* must equal the
+//! embedded run's: the same failure codes byte for byte and the same report. A second
+//! test deletes an accepted shard output under the job's feet: the job fails, naming
+//! the object.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+/// Waits until worker `id` holds a leased shard (read from Redis); the shard.
+fn wait_lease_of(c: &Cluster, job: &str, id: &str, timeout: Duration) -> Option<String> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        let f = redis_shards(&c.redis.url(), job);
+        for (k, v) in &f {
+            if let Some(shard) = k.strip_suffix(":owner") {
+                let leased = f
+                    .iter()
+                    .any(|(k2, v2)| *k2 == format!("{shard}:state") && v2 == "leased");
+                if v == id && leased {
+                    return Some(shard.to_string());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn done(c: &Cluster, job: &str) -> u64 {
+    c.status(job)
+        .map(|s| identify(&s)["shards_done"].as_u64().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    // 40 shards of 250 images, Q = 60: long enough to take every fault mid-identify
+    let cfg_text = config(&dir.join("embedded"), &clf, &vae)
+        .replace("shard_size = 500", "shard_size = 250")
+        .replace("samples = 24", "samples = 60");
+    let cfg_path = dir.join("job.toml");
+    std::fs::write(&cfg_path, &cfg_text).unwrap();
+    let started = Instant::now();
+    let st = defuse()
+        .args(["run", cfg_path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    eprintln!("embedded run: {:.1} s", started.elapsed().as_secs_f64());
+
+    let started = Instant::now();
+    let mut c = Cluster::start(dir);
+    for _ in 0..3 {
+        c.start_worker(&[]);
+    }
+    let job = c.submit(&cfg_path);
+    let ids: Vec<String> = (0..3).map(|i| c.worker_id(i)).collect();
+    let mut log = Vec::new();
+
+    // 1. SIGKILL worker 0 while it holds a shard; a new worker joins
+    wait_lease_of(&c, &job, &ids[0], Duration::from_secs(120)).expect("worker 0 leased");
+    c.workers[0].signal("KILL");
+    c.start_worker(&[]);
+    log.push(format!("killed worker 0 at {} shards done", done(&c, &job)));
+
+    // 2. SIGSTOP worker 1 holding a shard, past its 3 s lease; then it wakes up
+    let shard = wait_lease_of(&c, &job, &ids[1], Duration::from_secs(60)).expect("worker 1");
+    c.workers[1].signal("STOP");
+    std::thread::sleep(Duration::from_secs(6));
+    c.workers[1].signal("CONT");
+    log.push(format!("hung worker 1 for 6 s on shard {shard}"));
+
+    // 3. Redis restarted (append-only file on)
+    c.redis.restart();
+    log.push(format!("restarted redis at {} shards done", done(&c, &job)));
+
+    // 4. the coordinator SIGKILLed and restarted (first time)
+    std::thread::sleep(Duration::from_secs(1));
+    c.coordinator.as_ref().unwrap().signal("KILL");
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_coordinator();
+    log.push(format!("restarted the coordinator at {} shards done", done(&c, &job)));
+
+    // 5. Redis unreachable for 10 s (stopped, connections hang)
+    c.redis.proc.as_ref().unwrap().signal("STOP");
+    std::thread::sleep(Duration::from_secs(10));
+    c.redis.proc.as_ref().unwrap().signal("CONT");
+    log.push(format!("redis back after 10 s at {} shards done", done(&c, &job)));
+
+    // 6. SIGKILL another worker mid-shard
+    wait_lease_of(&c, &job, &ids[2], Duration::from_secs(60)).expect("worker 2 leased");
+    c.workers[2].signal("KILL");
+    c.start_worker(&[]);
+    log.push(format!("killed worker 2 at {} shards done", done(&c, &job)));
+
+    // 7. the S3 server down for 10 s
+    c.s3.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    c.s3.restart();
+    log.push(format!("s3 back after 10 s at {} shards done", done(&c, &job)));
+
+    // 8. the coordinator SIGKILLed and restarted (second time)
+    c.coordinator.as_ref().unwrap().signal("KILL");
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_coordinator();
+    log.push(format!("restarted the coordinator again at {} shards done", done(&c, &job)));
+    for l in &log {
+        eprintln!("{l}");
+    }
+
+    let s = c.wait_for(&job, "done", Duration::from_secs(600), |s| {
+        s["state"] == "done"
+    });
+    eprintln!("distributed run with faults: {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(identify(&s)["shards_done"], 40);
+
+    // the same failures, byte for byte, and the same report
+    let (a, _) = defuse_core::identify::Failures::read(
+        &dir.join("embedded/identify/failures.safetensors"),
+    )
+    .unwrap();
+    let (b, _) = defuse_core::identify::Failures::read(
+        &dir.join("coordinator-work")
+            .join(&job)
+            .join("identify/failures.safetensors"),
+    )
+    .unwrap();
+    assert!(a.len() > 100, "{} failures", a.len());
+    assert_eq!(a.source_index, b.source_index);
+    assert_eq!(a.predicted, b.predicted);
+    assert_eq!(a.eps_norm, b.eps_norm);
+    assert!(a.codes.equal(&b.codes), "codes differ");
+    let sum = |p: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        for k in ["step_seconds", "model", "job"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    assert_eq!(
+        sum(&dir.join("embedded/report/summary.json")),
+        sum(&dir
+            .join("coordinator-work")
+            .join(&job)
+            .join("report/summary.json"))
+    );
+
+    // exactly-once acceptance, although attempts were lost and redone
+    let fields = redis_shards(&c.redis.url(), &job);
+    let get = |k: String| {
+        fields
+            .iter()
+            .find(|(f, _)| *f == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut redone = 0;
+    for n in 0..40 {
+        assert_eq!(get(format!("{n}:accepted")), "1", "shard {n} accepted once");
+        if get(format!("{n}:attempt")) != "1" {
+            redone += 1;
+        }
+    }
+    eprintln!("{redone} shards needed more than one attempt");
+    assert!(redone >= 2, "the killed workers' shards were redone");
+    let coord_logs: String = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(coord_logs.contains("lease expired"), "the reaper requeued");
+}
+
+#[test]
+fn an_accepted_output_deleted_under_the_job_fails_it_naming_the_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    let cfg_path = dir.join("job.toml");
+    std::fs::write(
+        &cfg_path,
+        config(&dir.join("o"), &clf, &vae).replace("samples = 24", "samples = 60"),
+    )
+    .unwrap();
+    let mut c = Cluster::start(dir);
+    c.start_worker(&[]);
+    let job = c.submit(&cfg_path);
+    c.wait_for(&job, "a shard done", Duration::from_secs(120), |s| {
+        identify(s)["shards_done"].as_u64().unwrap_or(0) >= 1
+    });
+    let key = redis_shards(&c.redis.url(), &job)
+        .into_iter()
+        .find(|(k, v)| k.ends_with(":output") && !v.is_empty())
+        .map(|(_, v)| v)
+        .expect("an accepted output");
+    // s3s-fs keeps an object as a file: <root>/<bucket>/<prefix>/<key>
+    let file = c.s3.root.path().join("defuse/test").join(&key);
+    assert!(file.exists(), "{} should exist", file.display());
+    std::fs::remove_file(&file).unwrap();
+    let s = c.wait_for(&job, "failed", Duration::from_secs(300), |s| {
+        s["state"] == "failed"
+    });
+    let err = s["error"].as_str().unwrap_or_default();
+    assert!(err.contains(&key), "the error names the object: {err}");
+}
