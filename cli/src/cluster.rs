@@ -56,6 +56,37 @@ pub struct CoordinatorArgs {
     pub max_attempts: u32,
     pub http_listen: Option<String>,
     pub token: Option<String>,
+    pub tls: Option<defuse_proto::tls::ServerPem>,
+}
+
+static TLS_CA: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+
+/// The CA bundle (PEM) clients and workers trust for https:// coordinators.
+pub fn set_tls_ca(pem: Option<Vec<u8>>) {
+    let _ = TLS_CA.set(pem);
+}
+
+pub fn tls_ca() -> Option<Vec<u8>> {
+    TLS_CA.get().cloned().flatten()
+}
+
+/// The coordinator's certificate and key files, checked to be PEM.
+pub fn read_server_pem(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<defuse_proto::tls::ServerPem> {
+    let read = |p: &std::path::Path, what: &str, marker: &str| -> anyhow::Result<Vec<u8>> {
+        let b = std::fs::read(p)
+            .with_context(|| format!("cannot read the TLS {what} {}", p.display()))?;
+        if !String::from_utf8_lossy(&b).contains(marker) {
+            anyhow::bail!("{}: not a PEM {what} (no '{marker}' line)", p.display());
+        }
+        Ok(b)
+    };
+    Ok(defuse_proto::tls::ServerPem {
+        cert: read(cert, "certificate", "-----BEGIN CERTIFICATE-----")?,
+        key: read(key, "key", "PRIVATE KEY-----")?,
+    })
 }
 
 /// Serves Prometheus text on `http://addr/metrics` (any path answers).
@@ -97,7 +128,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         };
         let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
         let artifacts = open_artifacts(&url).await?;
-        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), ..Default::default() };
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), tls: a.tls.clone(), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
         println!("coordinator listening on {}", listener.local_addr()?);
@@ -123,7 +154,8 @@ async fn client(
 ) -> anyhow::Result<JobServiceClient<auth::AuthChannel>> {
     let bearer =
         auth::Bearer::new(token.as_deref()).map_err(|m| defuse_core::Error::invalid("token", m))?;
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+    let ch = defuse_proto::tls::endpoint(url, tls_ca().as_deref())
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -26,6 +26,10 @@ struct Cli {
     /// command line). The coordinator demands it, workers and clients send it.
     #[arg(long, global = true, env = "DEFUSE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM bundle of the CA that signed an https:// coordinator's certificate (workers
+    /// and clients; default: the system's roots).
+    #[arg(long, global = true, env = "DEFUSE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -66,6 +70,12 @@ enum Command {
         /// Serve the labelling page, the JSON API, /metrics, /healthz and /readyz here.
         #[arg(long, env = "DEFUSE_HTTP_LISTEN")]
         http_listen: Option<String>,
+        /// Serve gRPC and HTTP over TLS with this certificate chain (PEM)...
+        #[arg(long, env = "DEFUSE_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// ... and this private key (PEM).
+        #[arg(long, env = "DEFUSE_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run a worker: lease tasks from a coordinator and run them on a device.
     Worker {
@@ -296,6 +306,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls_ca = match cli.tls_ca.as_deref().map(|p| {
+        std::fs::read(p).map_err(|e| format!("cannot read the TLS CA {}: {e}", p.display()))
+    }) {
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        Some(Ok(pem)) => Some(pem),
+        None => None,
+    };
+    cluster::set_tls_ca(tls_ca);
     match dispatch(cli.cmd, token) {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(code)) => ExitCode::from(code),
@@ -365,6 +386,8 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             heartbeat_ms,
             max_attempts,
             http_listen,
+            tls_cert,
+            tls_key,
         } => cluster::coordinator(cluster::CoordinatorArgs {
             listen,
             redis,
@@ -375,6 +398,10 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             max_attempts,
             http_listen,
             token,
+            tls: match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some(cluster::read_server_pem(&c, &k)?),
+                _ => None,
+            },
         })
         .map(|()| None),
         Command::Worker {
@@ -390,6 +417,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             w.cache_dir = cache_dir;
             w.threads = threads;
             w.token = token.map(defuse_proto::auth::Secret::new);
+            w.tls_ca = cluster::tls_ca();
             if let Some(v) = protocol_version {
                 w.protocol_version = v;
             }

@@ -88,13 +88,19 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
     c.coordinator.as_ref().unwrap().signal("KILL");
     std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator();
-    log.push(format!("restarted the coordinator at {} shards done", done(&c, &job)));
+    log.push(format!(
+        "restarted the coordinator at {} shards done",
+        done(&c, &job)
+    ));
 
     // 5. Redis unreachable for 10 s (stopped, connections hang)
     c.redis.proc.as_ref().unwrap().signal("STOP");
     std::thread::sleep(Duration::from_secs(10));
     c.redis.proc.as_ref().unwrap().signal("CONT");
-    log.push(format!("redis back after 10 s at {} shards done", done(&c, &job)));
+    log.push(format!(
+        "redis back after 10 s at {} shards done",
+        done(&c, &job)
+    ));
 
     // 6. SIGKILL another worker mid-shard
     wait_lease_of(&c, &job, &ids[2], Duration::from_secs(60)).expect("worker 2 leased");
@@ -106,13 +112,19 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
     c.s3.stop();
     std::thread::sleep(Duration::from_secs(10));
     c.s3.restart();
-    log.push(format!("s3 back after 10 s at {} shards done", done(&c, &job)));
+    log.push(format!(
+        "s3 back after 10 s at {} shards done",
+        done(&c, &job)
+    ));
 
     // 8. the coordinator SIGKILLed and restarted (second time)
     c.coordinator.as_ref().unwrap().signal("KILL");
     std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator();
-    log.push(format!("restarted the coordinator again at {} shards done", done(&c, &job)));
+    log.push(format!(
+        "restarted the coordinator again at {} shards done",
+        done(&c, &job)
+    ));
     for l in &log {
         eprintln!("{l}");
     }
@@ -120,14 +132,16 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
     let s = c.wait_for(&job, "done", Duration::from_secs(600), |s| {
         s["state"] == "done"
     });
-    eprintln!("distributed run with faults: {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "distributed run with faults: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(identify(&s)["shards_done"], 40);
 
     // the same failures, byte for byte, and the same report
-    let (a, _) = defuse_core::identify::Failures::read(
-        &dir.join("embedded/identify/failures.safetensors"),
-    )
-    .unwrap();
+    let (a, _) =
+        defuse_core::identify::Failures::read(&dir.join("embedded/identify/failures.safetensors"))
+            .unwrap();
     let (b, _) = defuse_core::identify::Failures::read(
         &dir.join("coordinator-work")
             .join(&job)

@@ -42,9 +42,12 @@ shard_size = 1
     let pid = c.coordinator.as_ref().unwrap().pid();
     let rss_start = rss_kib(pid).unwrap();
     let job = c.submit(&cfg);
-    c.wait_for(&job, "10,000 shards planned", Duration::from_secs(120), |s| {
-        identify(s)["shards_total"] == 10000
-    });
+    c.wait_for(
+        &job,
+        "10,000 shards planned",
+        Duration::from_secs(120),
+        |s| identify(s)["shards_total"] == 10000,
+    );
     let rss_planned = rss_kib(pid).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let r = rt

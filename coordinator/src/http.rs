@@ -625,3 +625,71 @@ mod tests {
         assert_eq!(presented_token(&h).as_deref(), Some("other"));
     }
 }
+
+/// The rustls acceptor for HTTPS, from the coordinator's certificate (the same as
+/// gRPC's). HTTP/2 and HTTP/1.1 are offered.
+pub fn tls_acceptor(
+    pem: &defuse_proto::tls::ServerPem,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(&pem.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("TLS certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("TLS certificate: no PEM certificate in the file".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| format!("TLS key: {e}"))?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate and key: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Serves `app` over TLS until `stop`: one task per connection; a failed handshake
+/// (a plain-HTTP client, a client that does not trust the certificate) ends only that
+/// connection.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "https connection ended with an error");
+            }
+        });
+    }
+}

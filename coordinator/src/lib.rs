@@ -16,7 +16,7 @@ mod driver;
 mod rounds;
 mod service;
 
-pub use service::{read_scenarios, serve, Coordinator, CoordinatorConfig};
+pub use service::{read_scenarios, serve, Coordinator, CoordinatorConfig, ServeError};
 
 /// Artifact key of a shard attempt's output: a dead attempt's output is never under
 /// the key a completion of another attempt names.

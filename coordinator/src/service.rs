@@ -33,6 +33,8 @@ pub struct CoordinatorConfig {
     pub use_job_out: bool,
     /// When set, every gRPC call and HTTP request (but health checks) must carry it.
     pub token: Option<defuse_proto::auth::Secret>,
+    /// When set, gRPC and HTTP are served over TLS with this certificate.
+    pub tls: Option<defuse_proto::tls::ServerPem>,
 }
 
 impl Default for CoordinatorConfig {
@@ -45,6 +47,7 @@ impl Default for CoordinatorConfig {
             work_dir: PathBuf::from("coordinator-work"),
             use_job_out: false,
             token: None,
+            tls: None,
         }
     }
 }
@@ -796,6 +799,15 @@ impl JobService for Coordinator {
     }
 }
 
+/// Why the servers could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Tls(String),
+}
+
 /// Serves both gRPC services on `grpc` (and, given `http`, the web page, health
 /// checks and metrics there), and runs the driver loop until `shutdown`.
 pub async fn serve(
@@ -803,7 +815,7 @@ pub async fn serve(
     grpc: tokio::net::TcpListener,
     http: Option<(tokio::net::TcpListener, crate::http::HttpOptions)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -813,14 +825,24 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let driver = tokio::spawn(crate::driver::run(coord.clone()));
+    let tls = coord.inner.cfg.tls.clone();
+    let http_tls = match &tls {
+        Some(pem) => Some(crate::http::tls_acceptor(pem).map_err(ServeError::Tls)?),
+        None => None,
+    };
     let web = http.map(|(listener, opts)| {
         let app = crate::http::router(coord.clone(), opts);
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop)
-                .await
-            {
+            let r = match http_tls {
+                Some(acceptor) => crate::http::serve_tls(listener, app, acceptor, stop).await,
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "http server failed");
             }
         })
@@ -838,7 +860,11 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(grpc)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
-    let r = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(pem) = &tls {
+        server = server.tls_config(pem.grpc())?;
+    }
+    let r = server
         .add_service(InterceptedService::new(
             WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             guard.clone(),
@@ -853,5 +879,5 @@ pub async fn serve(
     if let Some(w) = web {
         let _ = w.await;
     }
-    r
+    Ok(r?)
 }

@@ -177,14 +177,16 @@ impl<S: ArtifactStore + 'static> ArtifactStore for Metered<S> {
         self.retrying("get", key, || self.inner.get(key)).await
     }
     async fn exists(&self, key: &str) -> ArtifactResult<bool> {
-        self.retrying("exists", key, || self.inner.exists(key)).await
+        self.retrying("exists", key, || self.inner.exists(key))
+            .await
     }
     async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
         self.retrying("list", prefix, || self.inner.list(prefix))
             .await
     }
     async fn delete(&self, key: &str) -> ArtifactResult<()> {
-        self.retrying("delete", key, || self.inner.delete(key)).await
+        self.retrying("delete", key, || self.inner.delete(key))
+            .await
     }
     fn url(&self) -> String {
         self.inner.url()

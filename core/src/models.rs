@@ -368,7 +368,8 @@ impl Classifier {
             let mut confs = Vec::new();
             for start in (0..n).step_by(batch.max(1) as usize) {
                 let len = batch.min(n - start);
-                let logits = finite_logits(self.forward(&x.narrow(0, start, len), false)?, "images")?;
+                let logits =
+                    finite_logits(self.forward(&x.narrow(0, start, len), false)?, "images")?;
                 let p = logits.softmax(-1, Kind::Float);
                 let (conf, pred) = p.max_dim(1, false);
                 preds.push(pred);
@@ -382,7 +383,13 @@ impl Classifier {
 /// The logits, or an error when any is NaN or infinite: argmax over NaN would turn
 /// a broken model into made-up failures (or made-up accuracy).
 pub fn finite_logits(logits: Tensor, what: &str) -> Result<Tensor> {
-    let bad = i64::try_from(logits.isfinite().logical_not().any_dim(1, false).sum(Kind::Int64))?;
+    let bad = i64::try_from(
+        logits
+            .isfinite()
+            .logical_not()
+            .any_dim(1, false)
+            .sum(Kind::Int64),
+    )?;
     if bad > 0 {
         return Err(Error::invalid(
             "classifier",

@@ -41,7 +41,13 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
                 .prop_map(|(i, b)| Edit::Insert(i, b)),
             (
                 any::<usize>(),
-                prop_oneof![Just(0u32), Just(1), Just(u32::MAX), Just(1 << 31), any::<u32>()]
+                prop_oneof![
+                    Just(0u32),
+                    Just(1),
+                    Just(u32::MAX),
+                    Just(1 << 31),
+                    any::<u32>()
+                ]
             )
                 .prop_map(|(i, w)| Edit::Word(i, w)),
         ],

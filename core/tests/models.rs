@@ -442,10 +442,7 @@ fn merging_by_sum_applies_every_part_update() {
 fn nan_from_a_model_is_an_error_not_a_failure() {
     // NaN for every input: refused when loaded, naming the file
     let e = clf_err("classifier_nan.pt", 10);
-    assert!(
-        e.contains("classifier_nan.pt") && e.contains("NaN"),
-        "{e}"
-    );
+    assert!(e.contains("classifier_nan.pt") && e.contains("NaN"), "{e}");
     // NaN only for real digits (a pixel at 1.0): loads, then the search stops with an
     // error instead of counting NaN predictions as failures
     let clf = Classifier::load(
@@ -484,7 +481,10 @@ fn nan_from_a_model_is_an_error_not_a_failure() {
         "not retryable: {e}"
     );
     let e = e.to_string();
-    assert!(e.contains("NaN or infinite logits") && e.contains("of 32 images"), "{e}");
+    assert!(
+        e.contains("NaN or infinite logits") && e.contains("of 32 images"),
+        "{e}"
+    );
     // and predict (evaluation) refuses the same way
     let e = clf
         .predict(&split.images(0..8, Device::Cpu), 8)

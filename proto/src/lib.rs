@@ -13,6 +13,56 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest gRPC message either side accepts (the config TOML is the biggest field).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// TLS (rustls): `https://` coordinator URLs, and the coordinator's certificate.
+pub mod tls {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+    /// A client endpoint for `url`. `https://` means TLS, trusting the PEM bundle
+    /// `ca` when given (a private CA), else the system's roots.
+    pub fn endpoint(url: &str, ca: Option<&[u8]>) -> Result<Endpoint, String> {
+        let ep = Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("coordinator URL '{url}': {e}"))?;
+        if !url.starts_with("https://") {
+            return match ca {
+                Some(_) => Err(format!(
+                    "a TLS CA is set (--tls-ca / DEFUSE_TLS_CA) but the coordinator URL '{url}' is not https://"
+                )),
+                None => Ok(ep),
+            };
+        }
+        let mut tls = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        ep.tls_config(tls)
+            .map_err(|e| format!("TLS settings for {url}: {e}"))
+    }
+
+    /// The coordinator's certificate chain and private key (PEM). The key never
+    /// shows in `Debug` output.
+    #[derive(Clone)]
+    pub struct ServerPem {
+        pub cert: Vec<u8>,
+        pub key: Vec<u8>,
+    }
+
+    impl std::fmt::Debug for ServerPem {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "ServerPem {{ cert: {} bytes, key: *** }}",
+                self.cert.len()
+            )
+        }
+    }
+
+    impl ServerPem {
+        pub fn grpc(&self) -> ServerTlsConfig {
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key))
+        }
+    }
+}
+
 /// The shared token of a coordinator: clients and workers send it as
 /// `authorization: Bearer <token>`, the coordinator checks it on every call.
 pub mod auth {

@@ -16,7 +16,6 @@ use defuse_core::models::{self, Classifier};
 use defuse_core::pipeline::JobConfig;
 use defuse_proto::worker_service_client::WorkerServiceClient;
 use defuse_proto::*;
-use tonic::transport::Endpoint;
 use tracing::Instrument;
 
 /// Settings of a worker.
@@ -34,6 +33,8 @@ pub struct WorkerConfig {
     pub protocol_version: u32,
     /// The coordinator's token, if it has one.
     pub token: Option<auth::Secret>,
+    /// CA bundle (PEM) to trust for an https:// coordinator (else the system's roots).
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl WorkerConfig {
@@ -45,6 +46,7 @@ impl WorkerConfig {
             threads: 0,
             protocol_version: PROTOCOL_VERSION,
             token: None,
+            tls_ca: None,
         }
     }
 }
@@ -99,8 +101,8 @@ pub async fn run(
             stop.store(true, Ordering::SeqCst);
         });
     }
-    let channel = Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(|e| WorkerError::Other(format!("coordinator URL '{}': {e}", cfg.coordinator)))?
+    let channel = defuse_proto::tls::endpoint(&cfg.coordinator, cfg.tls_ca.as_deref())
+        .map_err(WorkerError::Other)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30))
         .connect_lazy();

@@ -250,4 +250,3 @@ pub fn redis_shards(url: &str, job: &str) -> Vec<(String, String)> {
         .map(|c| (c[0].clone(), c[1].clone()))
         .collect()
 }
-
