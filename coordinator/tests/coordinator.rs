@@ -70,12 +70,48 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
         JobState::Queued
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(defuse_coordinator::serve(
         coord.clone(),
         listener,
         None,
         std::future::pending(),
     ));
+
+    // absurd message sizes are refused by the server's decoding limit (4 MiB), and
+    // it goes on serving
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut jobs = defuse_proto::job_service_client::JobServiceClient::new(ch.clone())
+        .max_encoding_message_size(64 << 20);
+    let e = jobs
+        .submit(defuse_proto::SubmitRequest {
+            config_toml: "#".repeat(6 << 20),
+            job_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        "{e:?}"
+    );
+    let mut workers = defuse_proto::worker_service_client::WorkerServiceClient::new(ch)
+        .max_encoding_message_size(64 << 20);
+    let e = workers
+        .lease(defuse_proto::LeaseRequest {
+            worker_id: "w".repeat(5 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        "{e:?}"
+    );
+    let listed = jobs.list(defuse_proto::ListRequest {}).await.unwrap();
+    assert_eq!(listed.into_inner().jobs.len(), 1, "still serving");
     let mut c = ::redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
