@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Runs every benchmark and prints one table (markdown); writes results.json beside it.
+"""Runs every benchmark and prints one table (markdown); writes results.json to --out
+(default ~/.cache/defuse/bench-out).
 
     bench/run.py [--quick] [--skip identify,dpgmm,coordinator,scaling,e2e] [--out DIR]
 

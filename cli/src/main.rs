@@ -294,7 +294,33 @@ impl TrainArgs {
     }
 }
 
+/// A Redis URL with a password given as a flag would be visible to every user (`ps`);
+/// such a password belongs in `REDIS_URL` (the environment) instead.
+fn password_on_command_line() -> Option<String> {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut urls = args
+        .windows(2)
+        .filter(|w| w[0] == "--redis")
+        .map(|w| w[1].clone())
+        .chain(
+            args.iter()
+                .filter_map(|a| a.strip_prefix("--redis=").map(String::from)),
+        );
+    // a password: `user:pass@` before the host, or a `password=` query parameter
+    urls.find(|u| {
+        let rest = u.split_once("://").map_or(u.as_str(), |(_, r)| r);
+        let userinfo = rest.rsplit_once('@').map(|(ui, _)| ui).unwrap_or("");
+        userinfo.contains(':') || u.contains("password=") || u.contains("pass=")
+    })
+}
+
 fn main() -> ExitCode {
+    if password_on_command_line().is_some() {
+        eprintln!("error: --redis: the URL carries a password, and command lines are visible to every user (ps); set REDIS_URL in the environment instead");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let _logs = logging::init(cli.log_json);
     let span = tracing::info_span!("command", name = cli.cmd.name());

@@ -340,6 +340,54 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     assert_eq!(identify(&s)["shards_done"], 0);
 }
 
+/// SIGKILLs worker `i` while it trains a round part: stops it when it leases one, and
+/// kills it only if Redis says it still holds that part (else lets it go on and tries
+/// again). The round's sub-job and the part.
+fn kill_holding_a_part(c: &mut Cluster, i: usize) -> (String, String) {
+    let id = c.worker_id(i);
+    let end = Instant::now() + Duration::from_secs(240);
+    let mut tried = 0;
+    loop {
+        assert!(
+            Instant::now() < end,
+            "never caught worker {i} holding a round part"
+        );
+        let log = c.coordinator.as_ref().unwrap().log_text();
+        let leases: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("shard leased") && l.contains("--round-") && l.contains(&id))
+            .map(str::to_string)
+            .collect();
+        if leases.len() <= tried {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        tried = leases.len();
+        c.workers[i].signal("STOP");
+        let sub = leases[tried - 1]
+            .split("job=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        let fields = redis_shards(&c.redis.url(), &sub);
+        let held = fields.iter().find_map(|(k, v)| {
+            let part = k.strip_suffix(":owner")?;
+            let leased = fields
+                .iter()
+                .any(|(k2, v2)| *k2 == format!("{part}:state") && v2 == "leased");
+            (*v == id && leased).then(|| part.to_string())
+        });
+        match held {
+            Some(part) => {
+                c.workers[i].signal("KILL");
+                return (sub, part);
+            }
+            None => c.workers[i].signal("CONT"),
+        }
+    }
+}
+
 /// A small job whose correction runs in `parts` data-parallel parts.
 fn finetune_config(out: &Path, clf: &Path, vae: &Path, parts: usize) -> String {
     format!(
@@ -376,7 +424,7 @@ local_steps = 8
 }
 
 #[test]
-fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() {
+fn distributed_fine_tune_survives_killed_workers_and_a_restarted_coordinator() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (clf, vae) = train_models(dir);
@@ -403,50 +451,7 @@ fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() 
     c.start_worker(&[]);
     c.start_worker(&[]);
     let job = c.submit(&cfg_two);
-    let w0 = c.worker_id(0);
-    // SIGKILL worker 0 while it trains a part: stop it when it leases one, and kill it
-    // only if Redis says it still holds that part (else let it go on and try again)
-    let end = Instant::now() + Duration::from_secs(240);
-    let mut tried = 0;
-    let (killed_round, killed_part) = loop {
-        assert!(
-            Instant::now() < end,
-            "never caught worker 0 holding a round part"
-        );
-        let log = c.coordinator.as_ref().unwrap().log_text();
-        let leases: Vec<String> = log
-            .lines()
-            .filter(|l| l.contains("shard leased") && l.contains("--round-") && l.contains(&w0))
-            .map(str::to_string)
-            .collect();
-        if leases.len() <= tried {
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
-        }
-        tried = leases.len();
-        c.workers[0].signal("STOP");
-        let sub = leases[tried - 1]
-            .split("job=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap()
-            .to_string();
-        let fields = redis_shards(&c.redis.url(), &sub);
-        let held = fields.iter().find_map(|(k, v)| {
-            let part = k.strip_suffix(":owner")?;
-            let leased = fields
-                .iter()
-                .any(|(k2, v2)| *k2 == format!("{part}:state") && v2 == "leased");
-            (*v == w0 && leased).then(|| part.to_string())
-        });
-        match held {
-            Some(part) => {
-                c.workers[0].signal("KILL");
-                break (sub, part);
-            }
-            None => c.workers[0].signal("CONT"),
-        }
-    };
+    let (killed_round, killed_part) = kill_holding_a_part(&mut c, 0);
     eprintln!("killed worker 0 holding {killed_round} part {killed_part}");
     c.start_worker(&[]);
     // restart the coordinator once a round has been averaged
@@ -471,6 +476,11 @@ fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() 
     c.coordinator.as_ref().unwrap().signal("KILL");
     std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator();
+    // and SIGKILL a second worker holding a part, in a later round
+    let second = kill_holding_a_part(&mut c, 1);
+    eprintln!("killed worker 1 holding {} part {}", second.0, second.1);
+    assert_ne!(second.0, killed_round, "a later round");
+    c.start_worker(&[]);
     c.wait_for(&job, "done", Duration::from_secs(300), |s| {
         s["state"] == "done"
     });
@@ -531,16 +541,18 @@ fn distributed_fine_tune_survives_a_killed_worker_and_a_restarted_coordinator() 
             .unwrap();
     let acc = defuse_core::train::accuracy(&tuned, &ds.test, tch::Device::Cpu).unwrap();
     assert!((acc - f(&b, "test_accuracy_after")).abs() < 1e-9, "{acc}");
-    // the killed worker's part was trained again, by another worker
-    let fields = redis_shards(&c.redis.url(), &killed_round);
-    let get = |k: String| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone());
-    assert_eq!(get(format!("{killed_part}:state")).as_deref(), Some("done"));
-    assert!(
-        get(format!("{killed_part}:attempt"))
-            .and_then(|a| a.parse::<u32>().ok())
-            .is_some_and(|a| a >= 2),
-        "the killed part was retried: {fields:?}"
-    );
+    // the killed workers' parts were trained again, by other workers
+    for (round, part) in [(&killed_round, &killed_part), (&second.0, &second.1)] {
+        let fields = redis_shards(&c.redis.url(), round);
+        let get = |k: String| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone());
+        assert_eq!(get(format!("{part}:state")).as_deref(), Some("done"));
+        assert!(
+            get(format!("{part}:attempt"))
+                .and_then(|a| a.parse::<u32>().ok())
+                .is_some_and(|a| a >= 2),
+            "the killed part was retried: {fields:?}"
+        );
+    }
     // every round's parts accepted once
     for r in 0..4 {
         let fields = redis_shards(&c.redis.url(), &format!("{job}--round-{r}"));

@@ -121,9 +121,9 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
     c.coordinator.as_ref().unwrap().signal("KILL");
     std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator();
+    let at_last_fault = done(&c, &job);
     log.push(format!(
-        "restarted the coordinator again at {} shards done",
-        done(&c, &job)
+        "restarted the coordinator again at {at_last_fault} shards done"
     ));
     for l in &log {
         eprintln!("{l}");
@@ -186,6 +186,10 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
         }
     }
     eprintln!("{redone} shards needed more than one attempt");
+    assert!(
+        at_last_fault < 40,
+        "every fault hit the identify step (make the job bigger on a faster machine)"
+    );
     assert!(redone >= 2, "the killed workers' shards were redone");
     let coord_logs: String = std::fs::read_dir(dir)
         .unwrap()
@@ -194,6 +198,19 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
     assert!(coord_logs.contains("lease expired"), "the reaper requeued");
+    // the S3 outage was ridden out by retries, not by failed attempts
+    let worker_logs: String = c.workers.iter().map(|w| w.log_text()).collect();
+    assert!(
+        worker_logs.contains("artifact call failed, retrying")
+            || coord_logs.contains("artifact call failed, retrying"),
+        "no artifact call met the S3 outage"
+    );
+    assert!(
+        !coord_logs
+            .lines()
+            .any(|l| l.contains("task failed") && l.contains("artifact store")),
+        "an attempt failed on the artifact store"
+    );
 }
 
 #[test]

@@ -1,17 +1,19 @@
 //! TLS and secrets: a coordinator serving gRPC and HTTP over TLS (a private CA made
 //! with openssl), a worker and the CLI reaching it over https:// with the token, and
 //! clients that do not trust the certificate, or speak plain text, refused. No
-//! secret (the token, the S3 secret key, the TLS private key) appears in any log.
+//! secret (the token, the S3 secret key, the TLS private key, the Redis password)
+//! appears in any log, and a Redis password on the command line is refused.
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use defuse_testkit::{free_port, wait_port, Proc, S3, S3_SECRET};
+use defuse_testkit::{free_port, wait_port, Proc, Redis, S3, S3_SECRET};
 
 mod common;
 use common::{defuse, identify, repo};
 
 const TOKEN: &str = "tls-test-token-5f1c9a";
+const REDIS_PASSWORD: &str = "redis-pw-0b7e2d";
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -115,6 +117,21 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
     certificates(dir);
     std::fs::write(dir.join("token"), TOKEN).unwrap();
     let s3 = S3::start();
+    let redis = Redis::start_with_password(REDIS_PASSWORD);
+    // a password on the command line is refused (visible in ps); REDIS_URL is the way
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_defuse"))
+        .args([
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .args(["--redis", &redis.url()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("REDIS_URL"));
     let (port, http) = (free_port(), free_port());
     let mut cmd = defuse();
     cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
@@ -126,6 +143,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         .arg(dir.join("cert.pem"))
         .arg("--tls-key")
         .arg(dir.join("key.pem"))
+        .env("REDIS_URL", redis.url())
         .env("DEFUSE_TOKEN_FILE", dir.join("token"))
         .env(
             "RUST_LOG",
@@ -264,6 +282,10 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(worker.log_text().contains("worker registered"));
+    assert!(
+        coordinator.log_text().contains("redis://:***@127.0.0.1"),
+        "the store is logged with its password masked"
+    );
 
     // no secret in any log, even at debug level
     let key_pem = std::fs::read_to_string(dir.join("key.pem")).unwrap();
@@ -275,6 +297,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
             ("token", TOKEN),
             ("S3 secret", S3_SECRET),
             ("TLS key", key_line),
+            ("Redis password", REDIS_PASSWORD),
         ] {
             assert!(!log.contains(secret), "the {name} is in the {} log", p.name);
         }

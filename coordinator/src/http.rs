@@ -669,17 +669,25 @@ pub async fn serve_tls(
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
+                    // e.g. out of file descriptors: wait instead of spinning
                     tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             },
         };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
+            // a peer that connects and says nothing must not hold a task forever
+            let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+            let tls = match hs.await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "tls handshake timed out");
                     return;
                 }
             };

@@ -816,6 +816,16 @@ pub async fn serve(
     http: Option<(tokio::net::TcpListener, crate::http::HttpOptions)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // TLS settings are checked before anything starts
+    let tls = coord.inner.cfg.tls.clone();
+    let http_tls = match &tls {
+        Some(pem) => Some(crate::http::tls_acceptor(pem).map_err(ServeError::Tls)?),
+        None => None,
+    };
+    let mut server = tonic::transport::Server::builder();
+    if let Some(pem) = &tls {
+        server = server.tls_config(pem.grpc())?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -825,11 +835,6 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let driver = tokio::spawn(crate::driver::run(coord.clone()));
-    let tls = coord.inner.cfg.tls.clone();
-    let http_tls = match &tls {
-        Some(pem) => Some(crate::http::tls_acceptor(pem).map_err(ServeError::Tls)?),
-        None => None,
-    };
     let web = http.map(|(listener, opts)| {
         let app = crate::http::router(coord.clone(), opts);
         let stop = stopped(stop_rx.clone());
@@ -860,10 +865,6 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(grpc)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
-    let mut server = tonic::transport::Server::builder();
-    if let Some(pem) = &tls {
-        server = server.tls_config(pem.grpc())?;
-    }
     let r = server
         .add_service(InterceptedService::new(
             WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),

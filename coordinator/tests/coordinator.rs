@@ -95,7 +95,10 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
         "{e:?}"
     );
     let mut workers = defuse_proto::worker_service_client::WorkerServiceClient::new(ch)
@@ -107,7 +110,10 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
         "{e:?}"
     );
     let listed = jobs.list(defuse_proto::ListRequest {}).await.unwrap();

@@ -26,6 +26,14 @@ pub enum ArtifactError {
         key: String,
         msg: String,
     },
+    /// An error that trying again cannot fix: an invalid key, access denied, no such
+    /// bucket (S3 4xx answers).
+    #[error("artifact store {store}, key {key}: {msg}")]
+    Refused {
+        store: String,
+        key: String,
+        msg: String,
+    },
     #[error("artifact store URL '{0}': expected file:///path, a path, or s3://bucket/prefix")]
     BadUrl(String),
 }
@@ -195,7 +203,7 @@ impl<S: ArtifactStore + 'static> ArtifactStore for Metered<S> {
 
 fn check_key(store: &str, key: &str) -> ArtifactResult<()> {
     if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p.is_empty()) {
-        return Err(ArtifactError::Io {
+        return Err(ArtifactError::Refused {
             store: store.into(),
             key: key.into(),
             msg: "invalid key".into(),
@@ -369,6 +377,25 @@ impl S3Store {
         }
     }
 
+    /// An SDK error: a 4xx answer (but 408 and 429) is final, anything else (no
+    /// connection, a timeout, 5xx) may pass.
+    fn sdk_err<E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        key: &str,
+        e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> ArtifactError {
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let msg = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+        match status {
+            Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => ArtifactError::Refused {
+                store: self.url(),
+                key: key.into(),
+                msg,
+            },
+            _ => self.err(key, msg),
+        }
+    }
+
     /// Creates the bucket when it does not exist (tests, local clusters).
     pub async fn ensure_bucket(&self) -> ArtifactResult<()> {
         if self
@@ -400,7 +427,7 @@ impl S3Store {
             .key(full)
             .send()
             .await
-            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            .map_err(|x| self.sdk_err(key, x))?;
         let id = up.upload_id().unwrap_or_default().to_string();
         let mut parts = Vec::new();
         for (i, chunk) in bytes.chunks(PART_BYTES).enumerate() {
@@ -447,7 +474,7 @@ impl S3Store {
             )
             .send()
             .await
-            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            .map_err(|x| self.sdk_err(key, x))?;
         Ok(())
     }
 }
@@ -466,7 +493,7 @@ impl ArtifactStore for S3Store {
             .body(bytes.into())
             .send()
             .await
-            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            .map_err(|x| self.sdk_err(key, x))?;
         Ok(())
     }
 
@@ -492,7 +519,7 @@ impl ArtifactStore for S3Store {
                     key: key.into(),
                 })
             }
-            Err(x) => Err(self.err(key, aws_sdk_s3::error::DisplayErrorContext(x))),
+            Err(x) => Err(self.sdk_err(key, x)),
         }
     }
 
@@ -508,7 +535,7 @@ impl ArtifactStore for S3Store {
         {
             Ok(_) => Ok(true),
             Err(x) if x.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-            Err(x) => Err(self.err(key, aws_sdk_s3::error::DisplayErrorContext(x))),
+            Err(x) => Err(self.sdk_err(key, x)),
         }
     }
 
@@ -532,8 +559,7 @@ impl ArtifactStore for S3Store {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page =
-                page.map_err(|x| self.err(prefix, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            let page = page.map_err(|x| self.sdk_err(prefix, x))?;
             out.extend(
                 page.contents()
                     .iter()
@@ -553,7 +579,7 @@ impl ArtifactStore for S3Store {
             .key(&full)
             .send()
             .await
-            .map_err(|x| self.err(key, aws_sdk_s3::error::DisplayErrorContext(x)))?;
+            .map_err(|x| self.sdk_err(key, x))?;
         Ok(())
     }
 

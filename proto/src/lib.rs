@@ -30,10 +30,11 @@ pub mod tls {
                 None => Ok(ep),
             };
         }
-        let mut tls = ClientTlsConfig::new().with_native_roots();
-        if let Some(ca) = ca {
-            tls = tls.ca_certificate(Certificate::from_pem(ca));
-        }
+        // a private CA replaces the system's roots (it is not added to them)
+        let tls = match ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
         ep.tls_config(tls)
             .map_err(|e| format!("TLS settings for {url}: {e}"))
     }

@@ -131,24 +131,38 @@ pub struct Redis {
     pub dir: tempfile::TempDir,
     pub proc: Option<Proc>,
     aof: bool,
+    password: Option<String>,
 }
 
 impl Redis {
     /// Starts one; `aof`: append-only file on (for restart tests).
     pub fn start(aof: bool) -> Redis {
+        Self::start_with(aof, None)
+    }
+
+    /// One that demands `password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> Redis {
+        Self::start_with(false, Some(password.into()))
+    }
+
+    fn start_with(aof: bool, password: Option<String>) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Redis {
             port: free_port(),
             dir,
             proc: None,
             aof,
+            password,
         };
         r.restart();
         r
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     /// (Re)starts the server on the same port and folder.
@@ -173,6 +187,9 @@ impl Redis {
         ])
         .arg("--dir")
         .arg(self.dir.path());
+        if let Some(pw) = &self.password {
+            cmd.args(["--requirepass", pw]);
+        }
         let p = Proc::spawn("redis", &mut cmd, self.dir.path());
         assert!(
             wait_port(self.port, Duration::from_secs(10)),

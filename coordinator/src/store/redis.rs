@@ -173,6 +173,36 @@ pub struct RedisStore {
     scripts: Scripts,
 }
 
+/// `url` with the password (if any) replaced by `***`: the form that may be logged.
+/// The userinfo ends at the last `@` (a password may hold `/`, `?` or `#`); a
+/// `password=` or `pass=` query parameter is masked too.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("***@{host}"),
+        },
+        None => rest.to_string(),
+    };
+    let masked = match rest.split_once('?') {
+        Some((head, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "password" || k == "pass" => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{head}?{}", q.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}://{masked}")
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RedisStore({})", self.url)
@@ -202,18 +232,19 @@ const SEEN: &str = "defuse:workers:seen";
 
 impl RedisStore {
     pub async fn connect(url: &str) -> StoreResult<RedisStore> {
+        let shown = redact_url(url);
         let client = ::redis::Client::open(url)
-            .map_err(|e| StoreError::Backend(format!("redis URL '{url}': {e}")))?;
+            .map_err(|e| StoreError::Backend(format!("redis URL '{shown}': {e}")))?;
         let cfg = ::redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(3)
             .set_connection_timeout(std::time::Duration::from_secs(3))
             .set_response_timeout(std::time::Duration::from_secs(5));
         let conn = ConnectionManager::new_with_config(client, cfg)
             .await
-            .map_err(|e| StoreError::Backend(format!("cannot connect to redis at {url}: {e}")))?;
+            .map_err(|e| StoreError::Backend(format!("cannot connect to redis at {shown}: {e}")))?;
         Ok(RedisStore {
             conn,
-            url: url.into(),
+            url: shown,
             scripts: Scripts::new(),
         })
     }
@@ -569,5 +600,33 @@ impl StateStore for RedisStore {
             .collect();
         v.sort();
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            redact_url("redis://:s3cret@redis:6379/0"),
+            "redis://:***@redis:6379/0"
+        );
+        assert_eq!(
+            redact_url("redis://user:s3cret@redis/"),
+            "redis://user:***@redis/"
+        );
+        assert_eq!(redact_url("rediss://tok@redis"), "rediss://***@redis");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(redact_url("redis://:pa/ss?w#d@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(
+            redact_url("redis+unix:///tmp/r.sock?db=1&pass=s3cret"),
+            "redis+unix:///tmp/r.sock?db=1&pass=***"
+        );
     }
 }
