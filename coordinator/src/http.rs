@@ -603,29 +603,6 @@ async fn api_labels(State(app): State<App>, Path(id): Path<String>, body: Bytes)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            esc(r#"<script>alert("x")</script> & 'y'"#),
-            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
-        );
-    }
-
-    #[test]
-    fn token_from_header_or_cookie() {
-        let mut h = HeaderMap::new();
-        assert_eq!(presented_token(&h), None);
-        h.insert(header::COOKIE, "a=b; defuse_token=s3cret".parse().unwrap());
-        assert_eq!(presented_token(&h).as_deref(), Some("s3cret"));
-        h.insert(header::AUTHORIZATION, "Bearer other".parse().unwrap());
-        assert_eq!(presented_token(&h).as_deref(), Some("other"));
-    }
-}
-
 /// The rustls acceptor for HTTPS, from the coordinator's certificate (the same as
 /// gRPC's). HTTP/2 and HTTP/1.1 are offered.
 pub fn tls_acceptor(
@@ -699,5 +676,28 @@ pub async fn serve_tls(
                 tracing::debug!(%peer, error = %e, "https connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            esc(r#"<script>alert("x")</script> & 'y'"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+        );
+    }
+
+    #[test]
+    fn token_from_header_or_cookie() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_token(&h), None);
+        h.insert(header::COOKIE, "a=b; defuse_token=s3cret".parse().unwrap());
+        assert_eq!(presented_token(&h).as_deref(), Some("s3cret"));
+        h.insert(header::AUTHORIZATION, "Bearer other".parse().unwrap());
+        assert_eq!(presented_token(&h).as_deref(), Some("other"));
     }
 }
