@@ -53,6 +53,10 @@ def main():
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--out", default=str(CACHE / "bench-out"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--images", type=int, default=2000, help="images per identify throughput run")
+    ap.add_argument("--dpgmm-sizes", default="10000x10,10000x32,100000x10,100000x32",
+                    help="N x D of the DP-GMM comparison (scikit-learn takes ~50 min at 100000x32 on 2 cores)")
+    ap.add_argument("--scaling-images", type=int, default=0, help="limit the scaling and end-to-end runs (0: all 10,000)")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     out = Path(a.out)
@@ -75,8 +79,14 @@ def main():
                      "date": time.strftime("%Y-%m-%d")}}
     rows = []
 
+    class Rows(list):
+        def append(self, r):
+            super().append(r)
+            print("| " + " | ".join(r) + " |", file=sys.stderr, flush=True)
+    rows = Rows()
+
     if "identify" not in skip:
-        n_auth, n = (100, 300) if a.quick else (300, 2000)
+        n_auth, n = (100, 300) if a.quick else (300, a.images)
         fl = jline([sys.executable, ref, "flops", str(models)], py)["per_perturbation"]
         peak_rs = jline([bench, "matmul", "--threads", str(T)], env)["flops_per_s"]
         peak_py = jline([sys.executable, ref, "matmul", str(T)], py)["flops_per_s"]
@@ -109,7 +119,7 @@ def main():
 
     if "dpgmm" not in skip:
         R["dpgmm"] = []
-        sizes = [(2000, 10)] if a.quick else [(10000, 10), (10000, 32), (100000, 10), (100000, 32)]
+        sizes = [(2000, 10)] if a.quick else [tuple(map(int, x.split("x"))) for x in a.dpgmm_sizes.split(",")]
         for nn, d in sizes:
             x = out / f"codes-{nn}-{d}.npy"
             jline([sys.executable, dref, "make", str(x), str(nn), str(d), "0"], py)
@@ -142,7 +152,8 @@ def main():
         if not (trained / "classifier.safetensors").exists():
             print("bench: training the MNIST models first (make run)", file=sys.stderr)
             sh([defuse, "run", "examples/mnist.toml"], env=env, cwd=REPO)
-        limit = "limit_test = 2000\n" if a.quick else ""
+        lim = 2000 if a.quick else a.scaling_images
+        limit = f"limit_test = {lim}\n" if lim else ""
         cfg_text = (REPO / "examples/mnist.toml").read_text()
         cfg_text = cfg_text.replace('out = "runs/mnist"', f'out = "{out / "e2e"}"')
         cfg_text = cfg_text.replace('path = "data/mnist"', f'path = "{data}"\n{limit}')
