@@ -349,6 +349,16 @@ async fn jobs(url: &str) -> Result<JobServiceClient<AuthChannel>> {
     )))
 }
 
+async fn submit(c: &mut JobServiceClient<AuthChannel>, config_toml: String) -> Result<String> {
+    Ok(c.submit(SubmitRequest {
+        config_toml,
+        ..Default::default()
+    })
+    .await?
+    .into_inner()
+    .job_id)
+}
+
 /// Waits until the job's identify step has all its shards done (or the job ended).
 async fn wait_identify(
     c: &mut JobServiceClient<AuthChannel>,
@@ -408,14 +418,7 @@ shard_size = 1
     rt()?.block_on(async {
         let mut c = jobs(&stack.url).await?;
         let rss_before = rss_kib(pid).unwrap_or(0);
-        let job = c
-            .submit(SubmitRequest {
-                config_toml: cfg,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .job_id;
+        let job = submit(&mut c, cfg).await?;
         let r = load::simulate_workers(
             &stack.url,
             None,
@@ -470,14 +473,7 @@ fn bench_scaling(
     rt()?.block_on(async {
         let mut c = jobs(&stack.url).await?;
         let submitted = Instant::now();
-        let job = c
-            .submit(SubmitRequest {
-                config_toml: cfg,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .job_id;
+        let job = submit(&mut c, cfg).await?;
         let first = wait_identify(&mut c, &job, Duration::from_secs(3600)).await;
         let done = Instant::now();
         let _ = c.cancel(CancelRequest { job_id: job }).await;

@@ -67,46 +67,12 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
     eprintln!("distributed run: {:.1} s", started.elapsed().as_secs_f64());
     assert_eq!(identify(&s)["shards_done"], 20);
 
-    // the same failures, byte for byte
-    let dist = dir
-        .join("coordinator-work")
-        .join(&job)
-        .join("identify/failures.safetensors");
-    let (a, _) =
-        defuse_core::identify::Failures::read(&emb.join("identify/failures.safetensors")).unwrap();
-    let (b, _) = defuse_core::identify::Failures::read(&dist).unwrap();
-    assert!(a.len() > 100, "{} failures", a.len());
-    assert_eq!(a.source_index, b.source_index);
-    assert_eq!(a.predicted, b.predicted);
-    assert_eq!(a.eps_norm, b.eps_norm);
-    assert_eq!(a.confidence, b.confidence);
-    assert!(a.codes.equal(&b.codes), "codes differ");
-    // and the same summary
-    let sum = |p: &Path| {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-        for k in ["step_seconds", "model", "job"] {
-            v.as_object_mut().unwrap().remove(k);
-        }
-        v
-    };
-    assert_eq!(
-        sum(&emb.join("report/summary.json")),
-        sum(&dir
-            .join("coordinator-work")
-            .join(&job)
-            .join("report/summary.json"))
-    );
+    // the same failures, byte for byte, and the same report
+    assert_same_result(&emb, &dir.join("coordinator-work").join(&job), 100);
 
     // every shard accepted exactly once, and what was used is the accepted attempt's output
     let fields = redis_shards(&c.redis.url(), &job);
-    let get = |k: String| {
-        fields
-            .iter()
-            .find(|(f, _)| *f == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let get = |k: String| field(&fields, &k);
     let mut retried = 0;
     for n in 0..20 {
         assert_eq!(get(format!("{n}:accepted")), "1", "shard {n} accepted once");
@@ -120,12 +86,7 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
         }
     }
     assert!(retried >= 1, "the killed worker's shard was redone");
-    let coord_logs: String = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let coord_logs = coordinator_logs(dir);
     assert!(
         coord_logs.contains("lease expired"),
         "the reaper requeued the dead worker's shard"

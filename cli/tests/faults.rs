@@ -5,7 +5,6 @@
 //! embedded run's: the same failure codes byte for byte and the same report. A second
 //! test deletes an accepted shard output under the job's feet: the job fails, naming
 //! the object.
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -139,49 +138,22 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
     assert_eq!(identify(&s)["shards_done"], 40);
 
     // the same failures, byte for byte, and the same report
-    let (a, _) =
-        defuse_core::identify::Failures::read(&dir.join("embedded/identify/failures.safetensors"))
-            .unwrap();
-    let (b, _) = defuse_core::identify::Failures::read(
-        &dir.join("coordinator-work")
-            .join(&job)
-            .join("identify/failures.safetensors"),
-    )
-    .unwrap();
-    assert!(a.len() > 100, "{} failures", a.len());
-    assert_eq!(a.source_index, b.source_index);
-    assert_eq!(a.predicted, b.predicted);
-    assert_eq!(a.eps_norm, b.eps_norm);
-    assert!(a.codes.equal(&b.codes), "codes differ");
-    let sum = |p: &Path| {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
-        for k in ["step_seconds", "model", "job"] {
-            v.as_object_mut().unwrap().remove(k);
-        }
-        v
-    };
-    assert_eq!(
-        sum(&dir.join("embedded/report/summary.json")),
-        sum(&dir
-            .join("coordinator-work")
-            .join(&job)
-            .join("report/summary.json"))
+    assert_same_result(
+        &dir.join("embedded"),
+        &dir.join("coordinator-work").join(&job),
+        100,
     );
 
     // exactly-once acceptance, although attempts were lost and redone
     let fields = redis_shards(&c.redis.url(), &job);
-    let get = |k: String| {
-        fields
-            .iter()
-            .find(|(f, _)| *f == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
     let mut redone = 0;
     for n in 0..40 {
-        assert_eq!(get(format!("{n}:accepted")), "1", "shard {n} accepted once");
-        if get(format!("{n}:attempt")) != "1" {
+        assert_eq!(
+            field(&fields, &format!("{n}:accepted")),
+            "1",
+            "shard {n} accepted once"
+        );
+        if field(&fields, &format!("{n}:attempt")) != "1" {
             redone += 1;
         }
     }
@@ -191,12 +163,7 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
         "every fault hit the identify step (make the job bigger on a faster machine)"
     );
     assert!(redone >= 2, "the killed workers' shards were redone");
-    let coord_logs: String = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let coord_logs = coordinator_logs(dir);
     assert!(coord_logs.contains("lease expired"), "the reaper requeued");
     // the S3 outage was ridden out by retries, not by failed attempts
     let worker_logs: String = c.workers.iter().map(|w| w.log_text()).collect();

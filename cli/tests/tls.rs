@@ -14,6 +14,8 @@ use common::{defuse, identify, repo};
 
 const TOKEN: &str = "tls-test-token-5f1c9a";
 const REDIS_PASSWORD: &str = "redis-pw-0b7e2d";
+/// Our crates at debug level (where a leaked secret would show first).
+const DEBUG_LOGS: &str = "debug,h2=info,hyper=info,aws=info,rustls=info,tower=info";
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -145,10 +147,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         .arg(dir.join("key.pem"))
         .env("REDIS_URL", redis.url())
         .env("DEFUSE_TOKEN_FILE", dir.join("token"))
-        .env(
-            "RUST_LOG",
-            "debug,h2=info,hyper=info,aws=info,rustls=info,tower=info",
-        )
+        .env("RUST_LOG", DEBUG_LOGS)
         .envs(s3.env());
     let coordinator = Proc::spawn("coordinator", &mut cmd, dir);
     assert!(
@@ -228,10 +227,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         .arg(dir.join("worker"))
         .env("DEFUSE_TLS_CA", dir.join("ca.pem"))
         .env("DEFUSE_TOKEN_FILE", dir.join("token"))
-        .env(
-            "RUST_LOG",
-            "debug,h2=info,hyper=info,aws=info,rustls=info,tower=info",
-        )
+        .env("RUST_LOG", DEBUG_LOGS)
         .envs(s3.env());
     let worker = Proc::spawn("worker", &mut wcmd, dir);
     let fx = repo().join("core/tests/fixtures");
@@ -245,12 +241,17 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         ),
     )
     .unwrap();
-    let out = defuse()
-        .args(["submit", cfg.to_str().unwrap(), "--coordinator", &https])
-        .env("DEFUSE_TLS_CA", dir.join("ca.pem"))
-        .env("DEFUSE_TOKEN_FILE", dir.join("token"))
-        .output()
-        .unwrap();
+    // a client that trusts the CA and has the token
+    let trusted = |args: &[&str]| {
+        defuse()
+            .args(args)
+            .args(["--coordinator", &https])
+            .env("DEFUSE_TLS_CA", dir.join("ca.pem"))
+            .env("DEFUSE_TOKEN_FILE", dir.join("token"))
+            .output()
+            .unwrap()
+    };
+    let out = trusted(&["submit", cfg.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -259,12 +260,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
     let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let end = Instant::now() + Duration::from_secs(120);
     loop {
-        let out = defuse()
-            .args(["status", &job, "--json", "--coordinator", &https])
-            .env("DEFUSE_TLS_CA", dir.join("ca.pem"))
-            .env("DEFUSE_TOKEN_FILE", dir.join("token"))
-            .output()
-            .unwrap();
+        let out = trusted(&["status", &job, "--json"]);
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
             let st = &v[0];
             if st["state"] != "running" && st["state"] != "queued"

@@ -376,9 +376,10 @@ pub fn identify(
             for c in (0..(b * q) as i64).step_by(o.chunk) {
                 let len = (o.chunk as i64).min((b * q) as i64 - c);
                 let imgs = vae.decode(&z.narrow(0, c, len))?;
-                let what =
-                    format!("decoded perturbations (images {start}..{end} of the {which} split)");
-                let p = crate::models::finite_logits(clf.forward(&imgs, false)?, &what)?
+                let what = || {
+                    format!("decoded perturbations (images {start}..{end} of the {which} split)")
+                };
+                let p = crate::models::finite_logits(clf.forward(&imgs, false)?, what)?
                     .softmax(-1, Kind::Float);
                 let (conf, pred) = p.max_dim(1, false);
                 preds.push(pred);

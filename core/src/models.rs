@@ -368,8 +368,9 @@ impl Classifier {
             let mut confs = Vec::new();
             for start in (0..n).step_by(batch.max(1) as usize) {
                 let len = batch.min(n - start);
-                let logits =
-                    finite_logits(self.forward(&x.narrow(0, start, len), false)?, "images")?;
+                let logits = finite_logits(self.forward(&x.narrow(0, start, len), false)?, || {
+                    "images".into()
+                })?;
                 let p = logits.softmax(-1, Kind::Float);
                 let (conf, pred) = p.max_dim(1, false);
                 preds.push(pred);
@@ -382,7 +383,8 @@ impl Classifier {
 
 /// The logits, or an error when any is NaN or infinite: argmax over NaN would turn
 /// a broken model into made-up failures (or made-up accuracy).
-pub fn finite_logits(logits: Tensor, what: &str) -> Result<Tensor> {
+/// `what` names the rows for the message; it is only built when there is an error.
+pub fn finite_logits(logits: Tensor, what: impl FnOnce() -> String) -> Result<Tensor> {
     let bad = i64::try_from(
         logits
             .isfinite()
@@ -394,8 +396,9 @@ pub fn finite_logits(logits: Tensor, what: &str) -> Result<Tensor> {
         return Err(Error::invalid(
             "classifier",
             format!(
-                "it returned NaN or infinite logits for {bad} of {} {what}; check the model (and its input scaling)",
-                logits.size()[0]
+                "it returned NaN or infinite logits for {bad} of {} {}; check the model (and its input scaling)",
+                logits.size()[0],
+                what()
             ),
         ));
     }

@@ -487,15 +487,16 @@ fn nan_from_a_model_is_an_error_not_a_failure() {
     );
     // the check the search applies to every chunk of decoded perturbations
     let logits = Tensor::from_slice(&[0.0f32, 1.0, f32::NAN, 2.0, 3.0, 4.0]).view([3, 2]);
-    let e = defuse_core::models::finite_logits(logits, "decoded perturbations (images 0..3)")
-        .unwrap_err()
-        .to_string();
+    let e =
+        defuse_core::models::finite_logits(logits, || "decoded perturbations (images 0..3)".into())
+            .unwrap_err()
+            .to_string();
     assert!(
         e.contains("1 of 3 decoded perturbations (images 0..3)"),
         "{e}"
     );
     let fine = Tensor::from_slice(&[0.0f32, 1.0]).view([1, 2]);
-    assert!(defuse_core::models::finite_logits(fine, "x").is_ok());
+    assert!(defuse_core::models::finite_logits(fine, || "x".into()).is_ok());
     // and predict (evaluation) refuses the same way
     let e = clf
         .predict(&split.images(0..8, Device::Cpu), 8)

@@ -250,3 +250,50 @@ pub fn redis_shards(url: &str, job: &str) -> Vec<(String, String)> {
         .map(|c| (c[0].clone(), c[1].clone()))
         .collect()
 }
+
+/// The distributed run in `work` (a coordinator's job folder) found exactly the
+/// embedded run's failures in `emb`, byte for byte, and wrote the same report (less
+/// timings and names). At least `min_failures` failures, so the check means something.
+pub fn assert_same_result(emb: &Path, work: &Path, min_failures: usize) {
+    let read = |d: &Path| {
+        defuse_core::identify::Failures::read(&d.join("identify/failures.safetensors"))
+            .unwrap()
+            .0
+    };
+    let (a, b) = (read(emb), read(work));
+    assert!(a.len() > min_failures, "{} failures", a.len());
+    assert_eq!(a.source_index, b.source_index);
+    assert_eq!(a.predicted, b.predicted);
+    assert_eq!(a.eps_norm, b.eps_norm);
+    assert_eq!(a.confidence, b.confidence);
+    assert!(a.codes.equal(&b.codes), "codes differ");
+    let summary = |d: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("report/summary.json")).unwrap())
+                .unwrap();
+        for k in ["step_seconds", "model", "job"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v
+    };
+    assert_eq!(summary(emb), summary(work));
+}
+
+/// One field of a job's shard hash in Redis (`<shard>:<name>`), empty when absent.
+pub fn field(fields: &[(String, String)], key: &str) -> String {
+    fields
+        .iter()
+        .find(|(f, _)| f == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// Everything every coordinator process of the test logged (`coordinator-*.log`).
+pub fn coordinator_logs(dir: &Path) -> String {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("coordinator-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect()
+}
