@@ -44,6 +44,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
   (service redis-server stop || systemctl stop redis-server) >/dev/null 2>&1 || true
 fi
 
+# openssl (the TLS test makes a private CA) and curl (it checks HTTPS), Debian's
+for tool in openssl curl; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    log "installing $tool"
+    if [ "$(id -u)" = 0 ]; then apt-get install -y -q "$tool" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "$tool" >/dev/null; }
+    else sudo apt-get install -y -q "$tool" >/dev/null; fi
+  fi
+done
+
 # S3-compatible server for tests: s3s-fs 0.14.1 (later versions need a newer Rust)
 bin=$cache/bin
 if [ ! -x "$bin/bin/s3s-fs" ]; then
