@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use defuse_coordinator::store::{memory::MemoryStore, redis::RedisStore, StateStore};
 use defuse_coordinator::{Coordinator, CoordinatorConfig};
 use defuse_core::artifacts::{self, ArtifactStore, LocalStore, S3Store};
-use defuse_core::pipeline::JobConfig;
+use defuse_core::config::JobConfig;
 use defuse_proto::auth;
 use defuse_proto::job_service_client::JobServiceClient;
 use defuse_proto::*;
@@ -54,6 +54,7 @@ pub struct CoordinatorArgs {
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
     pub max_attempts: u32,
+    pub leader_ms: u64,
     pub http_listen: Option<String>,
     pub token: Option<String>,
     pub tls: Option<defuse_proto::tls::ServerPem>,
@@ -128,7 +129,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         };
         let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
         let artifacts = open_artifacts(&url).await?;
-        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), tls: a.tls.clone(), ..Default::default() };
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, leader_ms: a.leader_ms, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), tls: a.tls.clone(), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
         println!("coordinator listening on {}", listener.local_addr()?);
@@ -230,11 +231,24 @@ pub fn status(
                     .map_err(status_err)?
                     .into_inner()],
                 None => {
-                    c.list(ListRequest {})
-                        .await
-                        .map_err(status_err)?
-                        .into_inner()
-                        .jobs
+                    // every page
+                    let mut all = Vec::new();
+                    let mut token = String::new();
+                    loop {
+                        let page = c
+                            .list(ListRequest {
+                                page_size: 1000,
+                                page_token: token,
+                            })
+                            .await
+                            .map_err(status_err)?
+                            .into_inner();
+                        all.extend(page.jobs);
+                        if page.next_page_token.is_empty() {
+                            break all;
+                        }
+                        token = page.next_page_token;
+                    }
                 }
             };
             if json {
@@ -394,6 +408,20 @@ pub fn cancel(url: &str, token: Option<String>, job: String) -> anyhow::Result<(
     })
 }
 
+pub fn delete(url: &str, token: Option<String>, job: String) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let mut c = client(url, token).await?;
+        let r = c
+            .delete(DeleteRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .map_err(status_err)?;
+        println!("{job}: deleted ({} objects)", r.into_inner().objects);
+        Ok(())
+    })
+}
+
 /// The embedded mode: the same coordinator and workers, in this process.
 pub enum Embedded {
     Done,
@@ -449,13 +477,13 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         let id = coord
             .submit(&toml_text, Some(job_id.clone()))
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         // identify runs in the workers: its progress bar follows the shards
         let mut bar: Option<indicatif::ProgressBar> = None;
         let outcome = loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let rec = store.get_job(&id).await?.context("job vanished")?;
-            if rec.step == "identify" {
+            if rec.step == defuse_coordinator::lifecycle::Phase::Identify {
                 let c = store.counts(&id).await?;
                 let b = bar.get_or_insert_with(|| {
                     defuse_core::progress::bar(c.total as u64, "identify (shards)")

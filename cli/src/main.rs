@@ -58,15 +58,24 @@ enum Command {
         #[arg(long, env = "DEFUSE_ARTIFACTS")]
         artifacts: Option<String>,
         /// Where central steps keep each job's files.
+        /// A cache of job folders for the central steps (an emptyDir is enough: what
+        /// matters is in Redis and the artifact store).
         #[arg(long, default_value = "coordinator-work")]
         work_dir: PathBuf,
+        /// A shard lease lasts this long without a heartbeat (ms).
         #[arg(long, default_value_t = 15_000)]
         lease_ms: u64,
+        /// How often workers send heartbeats (ms).
         #[arg(long, default_value_t = 2_000)]
         heartbeat_ms: u64,
-        /// Attempts per shard before its job fails.
+        /// Attempts per shard before its job fails (hand-backs on shutdown do not count).
         #[arg(long, default_value_t = 3)]
         max_attempts: u32,
+        /// The leader lease lasts this long without a renewal (ms): with several
+        /// coordinators on one Redis, how long the others wait to take over from a
+        /// dead leader.
+        #[arg(long, default_value_t = 10_000)]
+        leader_ms: u64,
         /// Serve the labelling page, the JSON API, /metrics, /healthz and /readyz here.
         #[arg(long, env = "DEFUSE_HTTP_LISTEN")]
         http_listen: Option<String>,
@@ -121,6 +130,12 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Delete a finished job from a coordinator: its state, its artifacts, its files.
+    Delete {
+        job: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Label a job's failure scenarios: `defuse label runs/x 3=8 5=discard`, or --file.
     /// JOB is a job's output folder (`defuse run`), or a job id on a coordinator: there
     /// the labels are final, and scenarios left out are discarded.
@@ -167,6 +182,7 @@ impl Command {
             Command::Submit { .. } => "submit",
             Command::Status { .. } => "status",
             Command::Cancel { .. } => "cancel",
+            Command::Delete { .. } => "delete",
             Command::Label { .. } => "label",
             Command::Sweep { .. } => "sweep",
             Command::Cluster(_) => "cluster",
@@ -411,6 +427,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             lease_ms,
             heartbeat_ms,
             max_attempts,
+            leader_ms,
             http_listen,
             tls_cert,
             tls_key,
@@ -422,6 +439,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             lease_ms,
             heartbeat_ms,
             max_attempts,
+            leader_ms,
             http_listen,
             token,
             tls: match (tls_cert, tls_key) {
@@ -464,6 +482,10 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             job,
             remote: Remote { coordinator },
         } => cluster::cancel(&coordinator, token, job).map(|()| None),
+        Command::Delete {
+            job,
+            remote: Remote { coordinator },
+        } => cluster::delete(&coordinator, token, job).map(|()| None),
         Command::Label {
             job,
             remote: Remote { coordinator },

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use defuse_core::pipeline::{self, JobConfig, RunOutcome};
+use defuse_core::config::JobConfig;
+use defuse_core::layout;
+use defuse_core::pipeline::{self, RunOutcome};
 use defuse_core::scenarios::{self, Scenario};
 
 /// Exit code of a run that stopped to wait for labels.
@@ -28,12 +30,11 @@ pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Resul
     let out_dir = cfg.out_dir();
     let started = std::time::Instant::now();
     let outcome = match crate::cluster::embedded(&cfg, workers)? {
-        crate::cluster::Embedded::Done => RunOutcome::Finished(Box::new(pipeline::read_json(
-            &out_dir.join("report/summary.json"),
-        )?)),
+        crate::cluster::Embedded::Done => {
+            RunOutcome::Finished(Box::new(layout::read_json(&out_dir.join(layout::SUMMARY))?))
+        }
         crate::cluster::Embedded::AwaitingLabels => {
-            let scenarios: Vec<Scenario> =
-                pipeline::read_json(&out_dir.join("distill/scenarios.json"))?;
+            let scenarios: Vec<Scenario> = layout::read_json(&out_dir.join(layout::SCENARIOS))?;
             RunOutcome::AwaitingLabels {
                 scenarios: scenarios.len(),
             }
@@ -66,7 +67,7 @@ pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Resul
                 .map(|(n, t)| format!("{n} {t:.0}s"))
                 .collect();
             println!("  steps: {}", steps.join(", "));
-            println!("  report: {}", out_dir.join("report/index.html").display());
+            println!("  report: {}", out_dir.join(layout::REPORT).display());
             Ok(None)
         }
         RunOutcome::AwaitingLabels { scenarios } => {
@@ -86,8 +87,8 @@ pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Resul
 
 /// Labels a job's scenarios: `pairs` like `3=8` or `5=discard`, or a labels file.
 pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::Result<()> {
-    let scen_path = job_dir.join("distill/scenarios.json");
-    let scenarios: Vec<Scenario> = pipeline::read_json(&scen_path).with_context(|| {
+    let scen_path = job_dir.join(layout::SCENARIOS);
+    let scenarios: Vec<Scenario> = layout::read_json(&scen_path).with_context(|| {
         format!(
             "{} has no distilled scenarios yet (run `defuse run` first)",
             job_dir.display()
@@ -112,7 +113,7 @@ pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::R
         )),
     };
     // merge with labels given before
-    let path = job_dir.join("labels.json");
+    let path = job_dir.join(layout::LABELS);
     let mut all = if path.exists() {
         scenarios::read_labels(&path, &scenarios, &class_names)?
     } else {
@@ -139,7 +140,7 @@ pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::R
 
 /// Class names of a job (written by `defuse run`).
 fn class_names(job_dir: &Path) -> anyhow::Result<Vec<String>> {
-    Ok(pipeline::read_json(&job_dir.join("classes.json"))?)
+    Ok(layout::read_json(&job_dir.join(layout::CLASSES))?)
 }
 
 /// `defuse sweep`: corrections for several lambdas from the same job outputs.

@@ -1,35 +1,99 @@
 //! The driver loop: the one place that moves jobs through their steps and reaps
 //! expired leases. Central steps (models, finish) run on blocking threads; the loop
 //! only starts them and records their outcome.
+//!
+//! A central step restores the job folder from its durable copy first and publishes
+//! it when it ends (`folder.rs`), so it can run on any coordinator, on any disk. A
+//! step that fails with a retryable error (a store unreachable) is tried again with
+//! backoff, up to [`CENTRAL_TRIES`] times; a fatal one fails the job.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use defuse_core::config::JobConfig;
 use defuse_core::identify::{Failures, IdentifyStats};
-use defuse_core::pipeline::{self, JobConfig, RunOutcome};
+use defuse_core::pipeline::{self, RunOutcome};
 
 use tracing::Instrument;
 
+use crate::error::StepError;
+use crate::keys::{self, files};
+use crate::lifecycle::{self, JobState, Phase};
 use crate::service::{Coordinator, Plan};
-use crate::store::{now_ms, JobRecord, JobState, StoreError};
+use crate::store::{now_ms, JobRecord, StoreError};
 
-pub(crate) async fn run(c: Coordinator) {
-    let mut tick = tokio::time::interval(Duration::from_millis(c.inner.cfg.tick_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Tries of a central step that fails with retryable errors before the job fails
+/// (backoff 1 s doubling to 60 s: about 4 minutes in all).
+pub(crate) const CENTRAL_TRIES: u32 = 8;
+
+/// Ticks until `stop` resolves; returns after the tick under way (central steps it
+/// started go on: see `serve`).
+pub(crate) async fn run(c: Coordinator, stop: impl std::future::Future<Output = ()>) {
+    let mut every = tokio::time::interval(Duration::from_millis(c.inner.cfg.tick_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
     loop {
-        tick.tick().await;
-        if let Err(e) = step_all(&c).await {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = every.tick() => {}
+        }
+        if let Err(e) = tick(&c).await {
             tracing::warn!(error = %e, "driver: state store unavailable, will retry");
         }
     }
 }
 
-async fn step_all(c: &Coordinator) -> Result<(), StoreError> {
-    let jobs = c.inner.store.list_jobs().await?;
+/// One pass of the driver: take or renew the leader lease; as the leader, move every
+/// job on; as a follower, only refresh what workers may lease (any coordinator serves
+/// workers and clients). Returns whether this coordinator leads.
+pub(crate) async fn tick(c: &Coordinator) -> Result<bool, StoreError> {
+    let fence = c
+        .inner
+        .store
+        .lead(&c.inner.node, now_ms(), c.inner.cfg.leader_ms)
+        .await?;
+    let was = c
+        .inner
+        .leading
+        .swap(fence.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    match fence {
+        Some(f) if was != f => {
+            tracing::info!(node = %c.inner.node, fence = f, "leading: this coordinator drives the jobs")
+        }
+        None if was != 0 => {
+            tracing::warn!(node = %c.inner.node, "following: another coordinator holds the leader lease")
+        }
+        _ => {}
+    }
+    crate::metrics::leader(fence.is_some());
+    match fence {
+        Some(f) => step_all(c, f).await?,
+        None => refresh_leasable(c).await?,
+    }
+    Ok(fence.is_some())
+}
+
+/// What workers may lease until the next tick.
+async fn refresh_leasable(c: &Coordinator) -> Result<(), StoreError> {
+    let now_leasable: Vec<JobRecord> = c
+        .inner
+        .store
+        .active_jobs()
+        .await?
+        .into_iter()
+        .filter(crate::service::is_leasable)
+        .collect();
+    *c.inner.leasable.lock().unwrap() = Some(Arc::new(now_leasable));
+    Ok(())
+}
+
+async fn step_all(c: &Coordinator, fence: u64) -> Result<(), StoreError> {
+    // the active jobs only: a tick costs the same however many jobs have finished
+    let jobs = c.inner.store.active_jobs().await?;
     let (rounds, top): (Vec<&JobRecord>, Vec<&JobRecord>) = jobs
         .iter()
         .partition(|j| crate::rounds::parse_sub_job(&j.id).is_some());
-    crate::metrics::jobs(&top.into_iter().cloned().collect::<Vec<_>>());
-    crate::metrics::rounds(rounds.len());
+    crate::metrics::jobs(&top, c.inner.store.finished_count().await?);
+    crate::metrics::rounds(rounds.iter().filter(|r| !r.state.is_final()).count());
     let workers = c.inner.store.workers().await?;
     let now = now_ms();
     let ages: Vec<(String, f64)> = workers
@@ -37,34 +101,101 @@ async fn step_all(c: &Coordinator) -> Result<(), StoreError> {
         .map(|(w, _, t)| (w.clone(), now.saturating_sub(*t) as f64 / 1000.0))
         .collect();
     crate::metrics::workers(workers.len(), &ages);
-    // a job this process has seen that the store no longer has: its state was lost
+    // a job this process has seen active that the store no longer has: its state was
+    // lost (one retired or deleted by another leader is simply forgotten)
     let listed: std::collections::HashSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let known: Vec<String> = c.inner.known.lock().unwrap().iter().cloned().collect();
     for id in known.into_iter().filter(|id| !listed.contains(id)) {
-        lost(c, &id).await;
+        match c.inner.store.get_job(&id).await? {
+            None => lost(c, &id).await,
+            Some(_) => {
+                c.inner.known.lock().unwrap().remove(&id);
+            }
+        }
     }
     for rec in jobs {
-        c.inner.known.lock().unwrap().insert(rec.id.clone());
         if rec.state.is_final() {
+            // retired: out of the active set, into the finished index (rounds go with
+            // their job)
+            let sub = crate::rounds::parse_sub_job(&rec.id).is_some();
+            c.inner
+                .store
+                .retire(&rec.id, (!sub).then_some(rec.updated_ms))
+                .await?;
+            c.inner.known.lock().unwrap().remove(&rec.id);
+            // a central step of a job cancelled meanwhile stops here (its blocking
+            // part, if one runs, ends with the pipeline step under way)
+            if let Some(task) = c.inner.in_flight.lock().unwrap().remove(&rec.id) {
+                task.abort();
+                tracing::info!(job = %rec.id, state = rec.state.as_str(), "central step stopped");
+            }
+            if !sub {
+                crate::metrics::finished(rec.state.as_str());
+            }
             continue;
         }
-        match step_job(c, &rec).await {
+        c.inner.known.lock().unwrap().insert(rec.id.clone());
+        match step_job(c, &rec, fence).await {
             Ok(()) => {}
             Err(StoreError::Lost(id)) => lost(c, &id).await,
             Err(e) => return Err(e),
         }
     }
-    // what workers may lease until the next tick (the steps above may have changed it)
-    let now_leasable: Vec<JobRecord> = c
+    retention(c).await?;
+    // the steps above may have changed what workers may lease
+    refresh_leasable(c).await
+}
+
+/// Deletes the finished jobs past the retention (`keep_jobs`, `keep_ms`), a few per
+/// tick.
+async fn retention(c: &Coordinator) -> Result<(), StoreError> {
+    let cfg = &c.inner.cfg;
+    let expired = c
         .inner
         .store
-        .list_jobs()
-        .await?
-        .into_iter()
-        .filter(crate::service::is_leasable)
-        .collect();
-    *c.inner.leasable.lock().unwrap() = Some(Arc::new(now_leasable));
+        .expired_jobs(now_ms().saturating_sub(cfg.keep_ms), cfg.keep_jobs)
+        .await?;
+    for id in expired.iter().take(8) {
+        let Some(rec) = c.inner.store.get_job(id).await? else {
+            continue;
+        };
+        match delete_job(c, &rec).await {
+            Ok(n) => tracing::info!(job = %id, objects = n, "finished job deleted (retention)"),
+            Err(e) => tracing::warn!(job = %id, error = %e, "cannot delete a finished job yet"),
+        }
+    }
     Ok(())
+}
+
+/// Everything of a finished job: its rounds' sub-jobs, its artifacts, its cached
+/// folder, and last its state (so a failed try is tried again). Returns the number of
+/// objects removed.
+pub(crate) async fn delete_job(c: &Coordinator, rec: &JobRecord) -> Result<u32, StepError> {
+    let a = &c.inner.artifacts;
+    let mut n = 0;
+    for key in a.list(&keys::job_prefix(&rec.id)).await? {
+        a.delete(&key).await?;
+        n += 1;
+    }
+    if !c.inner.cfg.use_job_out {
+        let dir = c.inner.cfg.work_dir.join(&rec.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(StepError::Retryable(format!("{}: {e}", dir.display())));
+            }
+        }
+    }
+    let store = &c.inner.store;
+    let prefix = crate::rounds::sub_job(&rec.id, 0);
+    let prefix = prefix.trim_end_matches('0');
+    for id in store.job_ids().await? {
+        if id.starts_with(prefix) {
+            store.delete_job(&id).await?;
+        }
+    }
+    store.delete_job(&rec.id).await?;
+    c.forget(&rec.id);
+    Ok(n)
 }
 
 /// The store lost a job's state: say so loudly and record the job as failed.
@@ -77,7 +208,7 @@ async fn lost(c: &Coordinator, id: &str) {
         id: id.into(),
         name: id.into(),
         state: JobState::Failed,
-        step: "lost".into(),
+        step: Phase::Lost,
         config_toml: String::new(),
         n_shards: 0,
         error: msg,
@@ -89,19 +220,25 @@ async fn lost(c: &Coordinator, id: &str) {
     }
 }
 
-async fn step_job(c: &Coordinator, rec: &JobRecord) -> Result<(), StoreError> {
+async fn step_job(c: &Coordinator, rec: &JobRecord, fence: u64) -> Result<(), StoreError> {
     let store = &c.inner.store;
-    match (rec.state, rec.step.as_str()) {
+    match (rec.state, rec.step) {
         (JobState::Queued, _) => {
-            store
-                .set_job_state(&rec.id, JobState::Running, "models", "", now_ms())
-                .await?;
-            spawn_central(c, rec, Central::Prepare);
+            move_job(
+                c,
+                fence,
+                &rec.id,
+                (rec.state, rec.step),
+                (JobState::Running, Phase::Models),
+                "",
+            )
+            .await?;
+            spawn_central(c, rec, Central::Prepare, fence);
         }
-        (JobState::Running, "models") => spawn_central(c, rec, Central::Prepare),
-        (JobState::Running, "identify") => {
+        (JobState::Running, Phase::Models) => spawn_central(c, rec, Central::Prepare, fence),
+        (JobState::Running, Phase::Identify) => {
             for e in store
-                .reap(&rec.id, now_ms(), c.inner.cfg.max_attempts)
+                .reap(&rec.id, now_ms(), c.inner.cfg.max_attempts, fence)
                 .await?
             {
                 tracing::warn!(job = %rec.id, shard = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
@@ -110,50 +247,77 @@ async fn step_job(c: &Coordinator, rec: &JobRecord) -> Result<(), StoreError> {
             let n = store.counts(&rec.id).await?;
             crate::metrics::shards(&rec.id, &n);
             if n.total > 0 && n.done == n.total {
-                store
-                    .set_job_state(&rec.id, JobState::Running, "finish", "", now_ms())
-                    .await?;
-                spawn_central(c, rec, Central::Finish);
+                move_job(
+                    c,
+                    fence,
+                    &rec.id,
+                    (rec.state, rec.step),
+                    (JobState::Running, Phase::Finish),
+                    "",
+                )
+                .await?;
+                spawn_central(c, rec, Central::Finish, fence);
             }
         }
-        (JobState::Running, "finish") => spawn_central(c, rec, Central::Finish),
-        (JobState::Running, step) if step.starts_with("finetune:") => {
-            let Some(round) = crate::rounds::round_of_step(step) else {
-                return Ok(());
-            };
-            match crate::rounds::tick(c, rec, round).await? {
+        (JobState::Running, Phase::Finish) => spawn_central(c, rec, Central::Finish, fence),
+        (JobState::Running, Phase::FineTune(round)) => {
+            match crate::rounds::tick(c, rec, round, fence).await? {
                 crate::rounds::RoundState::Running => {}
                 crate::rounds::RoundState::Complete => {
-                    spawn_central(c, rec, Central::Average(round))
+                    spawn_central(c, rec, Central::Average(round), fence)
                 }
                 crate::rounds::RoundState::Broken(msg) => {
                     tracing::error!(job = %rec.id, round, error = %msg, "fine-tune round failed");
-                    store
-                        .set_job_state(
-                            &rec.id,
-                            JobState::Failed,
-                            step,
-                            &format!("fine-tune round {round}: {msg}"),
-                            now_ms(),
-                        )
-                        .await?;
+                    let msg = format!("fine-tune round {round}: {msg}");
+                    move_job(
+                        c,
+                        fence,
+                        &rec.id,
+                        (rec.state, rec.step),
+                        (JobState::Failed, rec.step),
+                        &msg,
+                    )
+                    .await?;
                 }
             }
         }
         (JobState::AwaitingLabels, _) => {
-            let Ok(cfg) = toml::from_str::<JobConfig>(&rec.config_toml) else {
-                return Ok(());
-            };
-            if c.job_dir(rec, &cfg).join("labels.json").exists() {
-                store
-                    .set_job_state(&rec.id, JobState::Running, "finish", "", now_ms())
-                    .await?;
-                spawn_central(c, rec, Central::Finish);
+            if store.labels(&rec.id).await?.is_some() {
+                move_job(
+                    c,
+                    fence,
+                    &rec.id,
+                    (rec.state, rec.step),
+                    (JobState::Running, Phase::Finish),
+                    "",
+                )
+                .await?;
+                spawn_central(c, rec, Central::Finish, fence);
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Moves a job from `from` to `to` in the state store, if the move is legal
+/// ([`lifecycle::legal`]); an illegal move is a bug: logged loudly and not made.
+pub(crate) async fn move_job(
+    c: &Coordinator,
+    fence: u64,
+    id: &str,
+    from: (JobState, Phase),
+    to: (JobState, Phase),
+    error: &str,
+) -> Result<(), StoreError> {
+    if !lifecycle::legal(from, to) {
+        tracing::error!(job = %id, from = ?from, to = ?to, "illegal job transition refused (a bug)");
+        return Ok(());
+    }
+    c.inner
+        .store
+        .set_job_state(id, to.0, to.1, error, now_ms(), fence)
+        .await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -163,126 +327,152 @@ enum Central {
     Average(usize),
 }
 
-/// Starts a central step unless one runs for this job already.
-fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central) {
-    if !c.inner.in_flight.lock().unwrap().insert(rec.id.clone()) {
+impl Central {
+    /// The phase a job is in while this step runs.
+    fn phase(self) -> Phase {
+        match self {
+            Central::Prepare => Phase::Models,
+            Central::Finish => Phase::Finish,
+            Central::Average(r) => Phase::FineTune(r),
+        }
+    }
+}
+
+/// Starts a central step unless one runs for this job already (or a retry of it
+/// waits for its backoff).
+fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
+    let waiting = c
+        .inner
+        .retries
+        .lock()
+        .unwrap()
+        .get(&rec.id)
+        .is_some_and(|(_, not_before)| Instant::now() < *not_before);
+    // the lock is held until the handle is in: the task's own removal waits for it
+    let mut in_flight = c.inner.in_flight.lock().unwrap();
+    if waiting || in_flight.contains_key(&rec.id) {
         return;
     }
-    let (c, rec) = (c.clone(), rec.clone());
+    let (c2, rec, key) = (c.clone(), rec.clone(), rec.id.clone());
     let span = tracing::info_span!("central", job = %rec.id, step = ?what);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
+        let c = c2;
         let id = rec.id.clone();
         let started = Instant::now();
         let r = match what {
             Central::Prepare => prepare(&c, &rec).await,
             Central::Finish => finish(&c, &rec).await,
-            Central::Average(round) => crate::rounds::average(&c, &rec, round)
+            Central::Average(round) => crate::rounds::average(&c, &rec, round, fence)
                 .await
-                .map(Next::Step),
+                .map(Next::Go),
         };
-        let now = now_ms();
-        let store = &c.inner.store;
+        if r.is_ok() {
+            c.inner.retries.lock().unwrap().remove(&id);
+        }
+        let from = (JobState::Running, what.phase());
         let result = match r {
-            Ok(Next::Identify(n)) => match store.plan_shards(&id, n, now).await {
-                Ok(()) => {
-                    store
-                        .set_job_state(&id, JobState::Running, "identify", "", now)
-                        .await
-                }
+            Ok(Next::Identify(n)) => match c.inner.store.plan_shards(&id, n, now_ms(), fence).await {
+                Ok(()) => move_job(&c, fence, &id, from, (JobState::Running, Phase::Identify), "").await,
                 Err(e) => Err(e),
             },
-            Ok(Next::Finish) => {
-                store
-                    .set_job_state(&id, JobState::Running, "finish", "", now)
-                    .await
-            }
-            Ok(Next::Step(step)) => {
-                c.inner.merge_failures.lock().unwrap().remove(&id);
-                store
-                    .set_job_state(&id, JobState::Running, &step, "", now)
-                    .await
-            }
-            Ok(Next::Done) => {
-                store
-                    .set_job_state(&id, JobState::Done, "finish", "", now)
-                    .await
-            }
+            Ok(Next::Go(phase)) => move_job(&c, fence, &id, from, (JobState::Running, phase), "").await,
+            Ok(Next::Done) => move_job(&c, fence, &id, from, (JobState::Done, Phase::Finish), "").await,
             Ok(Next::AwaitLabels) => {
-                store
-                    .set_job_state(&id, JobState::AwaitingLabels, "finish", "", now)
-                    .await
+                move_job(&c, fence, &id, from, (JobState::AwaitingLabels, Phase::Finish), "").await
             }
-            Err(msg) if matches!(what, Central::Average(_)) && retry_average(&c, &id) => {
-                // merging is idempotent: a store that failed once is tried again
-                tracing::warn!(job = %id, step = ?what, error = %msg, "merging a round failed, will retry");
+            Err(StepError::Retryable(msg)) if retry_later(&c, &id) => {
+                // every central step is idempotent: it is tried again after a backoff
+                tracing::warn!(job = %id, step = ?what, error = %msg, "central step failed, will retry");
                 Ok(())
             }
-            Err(msg) => {
-                c.inner.merge_failures.lock().unwrap().remove(&id);
+            Err(e) => {
+                c.inner.retries.lock().unwrap().remove(&id);
+                let msg = e.to_string();
                 tracing::error!(job = %id, step = ?what, error = %msg, "central step failed");
-                store
-                    .set_job_state(&id, JobState::Failed, &rec.step, &msg, now)
-                    .await
+                move_job(&c, fence, &id, from, (JobState::Failed, what.phase()), &msg).await
             }
         };
-        if let Err(e) = result {
-            tracing::error!(job = %id, error = %e, "cannot record the outcome of a central step");
+        match result {
+            Ok(()) => {}
+            Err(e @ StoreError::Fenced(_)) => {
+                tracing::warn!(job = %id, error = %e, "outcome of a central step dropped: no longer the leader")
+            }
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "cannot record the outcome of a central step")
+            }
         }
         tracing::info!(job = %id, step = ?what, seconds = started.elapsed().as_secs_f64(), "central step ended");
         c.inner.in_flight.lock().unwrap().remove(&id);
     }.instrument(span));
+    in_flight.insert(key, task.abort_handle());
 }
 
-/// Up to 5 tries to merge a job's round before the job fails.
-fn retry_average(c: &Coordinator, job: &str) -> bool {
-    let mut m = c.inner.merge_failures.lock().unwrap();
-    let n = m.entry(job.to_string()).or_default();
-    *n += 1;
-    *n < 5
+/// Schedules another try of a job's central step after a retryable error; false
+/// when the tries are used up.
+fn retry_later(c: &Coordinator, job: &str) -> bool {
+    let mut m = c.inner.retries.lock().unwrap();
+    let e = m.entry(job.to_string()).or_insert((0, Instant::now()));
+    e.0 += 1;
+    let wait = Duration::from_secs((1u64 << (e.0 - 1).min(6)).min(60));
+    e.1 = Instant::now() + wait;
+    e.0 < CENTRAL_TRIES
 }
 
+/// What a central step leads to.
 enum Next {
+    /// Identify, with this many shards.
     Identify(u32),
-    Finish,
-    /// Go on at this step (the fine-tune rounds).
-    Step(String),
+    /// Running, in this phase.
+    Go(Phase),
     Done,
     AwaitLabels,
 }
 
-fn job_config(c: &Coordinator, rec: &JobRecord) -> Result<JobConfig, String> {
-    let mut cfg: JobConfig =
-        toml::from_str(&rec.config_toml).map_err(|e| format!("job config: {e}"))?;
+fn job_config(c: &Coordinator, rec: &JobRecord) -> Result<JobConfig, StepError> {
+    let mut cfg: JobConfig = toml::from_str(&rec.config_toml)
+        .map_err(|e| StepError::fatal(format!("job config: {e}")))?;
     cfg.out = Some(c.job_dir(rec, &cfg));
     Ok(cfg)
 }
 
-/// Models step: load or train the models, publish them and the shard plan.
-async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
-    let cfg = job_config(c, rec)?;
+/// Runs `f` on a blocking thread in the current span; its errors are fatal (the
+/// pipeline's: bad data, bad models).
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, StepError> {
     let span = tracing::Span::current();
-    let (files, ranges, done) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let _in = span.enter();
-        let p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
-        Ok::<_, String>((p.model_files(), p.shard_ranges(), p.identify_done()))
+        f()
     })
     .await
-    .map_err(|e| format!("models step panicked: {e}"))??;
+    .map_err(|e| StepError::fatal(format!("{what} panicked: {e}")))?
+    .map_err(StepError::Fatal)
+}
+
+/// Models step: load or train the models, publish them and the shard plan.
+async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
+    let cfg = job_config(c, rec)?;
+    let dir = c.job_dir(rec, &cfg);
+    crate::folder::restore_job(c, rec, &dir).await?;
+    let (model_files, ranges, done) = blocking("models step", move || {
+        let p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
+        Ok((p.model_files(), p.shard_ranges(), p.identify_done()))
+    })
+    .await?;
+    // the trained models (and their done.json) outlive this coordinator
+    crate::folder::publish_job(c, &rec.id, &dir).await?;
     if done {
         tracing::info!(job = %rec.id, "identify already done in the job folder: going on to finish");
-        return Ok(Next::Finish);
+        return Ok(Next::Go(Phase::Finish));
     }
     let a = &c.inner.artifacts;
     let upload = |path: std::path::PathBuf, name: &'static str| {
-        let key = format!("jobs/{}/models/{}", rec.id, name_with_ext(&path, name));
-        async move {
-            a.put_file(&key, &path)
-                .await
-                .map(|()| key)
-                .map_err(|e| e.to_string())
-        }
+        let key = keys::model(&rec.id, &name_with_ext(&path, name));
+        async move { a.put_file(&key, &path).await.map(|()| key) }
     };
-    let (clf, vae, dec) = files;
+    let (clf, vae, dec) = model_files;
     let plan = Plan {
         classifier_key: upload(clf, "classifier").await?,
         vae_key: upload(vae, "vae").await?,
@@ -297,9 +487,7 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         planned_ms: now_ms(),
     };
     let json = serde_json::to_vec_pretty(&plan).expect("plan serialises");
-    a.put(&format!("jobs/{}/plan.json", rec.id), json.into())
-        .await
-        .map_err(|e| e.to_string())?;
+    a.put(&keys::plan(&rec.id), json.into()).await?;
     let n = plan.ranges.len() as u32;
     c.inner
         .plans
@@ -308,7 +496,9 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         .insert(rec.id.clone(), Arc::new(plan));
     tracing::info!(job = %rec.id, shards = n, "identify planned");
     if n == 0 {
-        return Err("identify has no images to search (empty split or limit)".into());
+        return Err(StepError::fatal(
+            "identify has no images to search (empty split or limit)",
+        ));
     }
     Ok(Next::Identify(n))
 }
@@ -322,20 +512,29 @@ fn name_with_ext(path: &std::path::Path, name: &str) -> String {
 
 /// Central steps after identify: gather the accepted shard outputs, then distill,
 /// label, correct and report; publish the report.
-async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
+async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let cfg = job_config(c, rec)?;
     let dir = c.job_dir(rec, &cfg);
+    crate::folder::restore_job(c, rec, &dir).await?;
+    // labels a person gave are in the state store (final); the pipeline reads them
+    // from the folder
+    if let Some(labels) = c.inner.store.labels(&rec.id).await? {
+        let path = dir.join(files::LABELS);
+        let tmp = dir.join(format!("{}.tmp", files::LABELS));
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, labels))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| StepError::fatal(format!("{}: {e}", path.display())))?;
+    }
     // the accepted outputs, in shard order (a job that resumed from its folder has none)
-    let shards = c
-        .inner
-        .store
-        .shards(&rec.id)
-        .await
-        .map_err(|e| e.to_string())?;
+    let shards = c.inner.store.shards(&rec.id).await?;
     let mut local = Vec::new();
     for s in &shards {
         if s.state != "done" {
-            return Err(format!("shard {} is {} at finish", s.shard, s.state));
+            return Err(StepError::fatal(format!(
+                "shard {} is {} at finish",
+                s.shard, s.state
+            )));
         }
         let path = dir.join(format!(
             "identify/accepted/shard-{:05}.safetensors",
@@ -345,15 +544,13 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
             .artifacts
             .get_file(&s.output, &path)
             .await
-            .map_err(|e| format!("shard {} output: {e}", s.shard))?;
+            .map_err(|e| StepError::from(e).context(format!("shard {} output", s.shard)))?;
         local.push(path);
     }
     let id = rec.id.clone();
     let planned_ms = c.plan(&rec.id).await.map(|p| p.planned_ms).unwrap_or(0);
     let identify_seconds = now_ms().saturating_sub(planned_ms) as f64 / 1000.0;
-    let span = tracing::Span::current();
-    let outcome = tokio::task::spawn_blocking(move || -> Result<RunOutcome, String> {
-        let _in = span.enter();
+    let outcome = blocking("finish", move || -> Result<RunOutcome, String> {
         let mut p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
         p.distributed_correct = true;
         if !local.is_empty() && !p.identify_done() {
@@ -370,8 +567,8 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         }
         pipeline::finish(&mut p).map_err(|e| e.to_string())
     })
-    .await
-    .map_err(|e| format!("finish panicked: {e}"))??;
+    .await?;
+    crate::folder::publish_job(c, &id, &dir).await?;
     match outcome {
         RunOutcome::AwaitingLabels { scenarios } => {
             tracing::info!(job = %id, scenarios, "waiting for labels");
@@ -379,30 +576,20 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, String> {
         }
         RunOutcome::FineTune(input) => {
             crate::rounds::start(c, &id, &input).await?;
-            Ok(Next::Step("finetune:0".into()))
+            Ok(Next::Go(Phase::FineTune(0)))
         }
         RunOutcome::Finished(s) => {
             let a = &c.inner.artifacts;
-            for (key, file) in [
-                ("report/summary.json", "report/summary.json"),
-                ("report/index.html", "report/index.html"),
-            ] {
-                a.put_file(&format!("jobs/{id}/{key}"), &dir.join(file))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            for file in [files::SUMMARY, files::REPORT] {
+                a.put_file(&keys::result(&id, file), &dir.join(file))
+                    .await?;
             }
-            a.put_file(
-                &format!(
-                    "jobs/{id}/model/{}",
-                    s.model
-                        .file_name()
-                        .map(|f| f.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ),
-                &s.model,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let name = s
+                .model
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            a.put_file(&keys::final_model(&id, &name), &s.model).await?;
             tracing::info!(job = %id, failures = s.n_failures, scenarios = s.n_scenarios, "job done");
             Ok(Next::Done)
         }

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -18,10 +18,9 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use defuse_proto::auth::{bearer_token, token_matches};
 use serde::Deserialize;
-use tonic::Code;
 
 use crate::store::JobState;
-use crate::Coordinator;
+use crate::{Coordinator, CoordinatorError};
 
 const COOKIE: &str = "defuse_token";
 
@@ -46,7 +45,7 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/jobs/{id}/labels", post(labels_form))
         .route("/jobs/{id}/scenarios/{sid}/{picture}", get(scenario_png))
         .route("/api/jobs", get(api_jobs))
-        .route("/api/jobs/{id}", get(api_job))
+        .route("/api/jobs/{id}", get(api_job).delete(api_delete))
         .route("/api/jobs/{id}/labels", post(api_labels))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
@@ -185,31 +184,24 @@ async fn metrics(State(app): State<App>) -> Response {
 
 // ---- errors ----
 
-/// A gRPC status as an HTTP answer (the same typed errors as the API).
-fn http_status(s: &tonic::Status) -> StatusCode {
-    match s.code() {
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        Code::FailedPrecondition | Code::AlreadyExists => StatusCode::CONFLICT,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+/// The HTTP status of a job API error (the same typed errors as gRPC).
+fn http_status(e: &CoordinatorError) -> StatusCode {
+    StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-fn error_page(s: tonic::Status, back: &str) -> Response {
+fn error_page(e: CoordinatorError, back: &str) -> Response {
     let body = format!(
         r#"<p class="error" role="alert">{}</p><p><a href="{}">Back</a></p>"#,
-        esc(s.message()),
+        esc(&e.to_string()),
         esc(back)
     );
-    (http_status(&s), Html(page("Error", &body))).into_response()
+    (http_status(&e), Html(page("Error", &body))).into_response()
 }
 
-fn error_json(s: tonic::Status) -> Response {
+fn error_json(e: CoordinatorError) -> Response {
     (
-        http_status(&s),
-        Json(serde_json::json!({"error": s.message()})),
+        http_status(&e),
+        Json(serde_json::json!({"error": e.to_string()})),
     )
         .into_response()
 }
@@ -265,10 +257,20 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
-async fn jobs_page(State(app): State<App>) -> Response {
-    let jobs = match app.coord.submitted_jobs().await {
+/// `?after=<job id>&limit=<n>`: a page of the job list.
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn jobs_page(State(app): State<App>, Query(q): Query<PageQuery>) -> Response {
+    let limit = q.limit.unwrap_or(crate::service::DEFAULT_PAGE);
+    let (jobs, next) = match app.coord.jobs_page(&q.after, limit).await {
         Ok(j) => j,
-        Err(e) => return error_page(crate::service::store_status(e), "/"),
+        Err(e) => return error_page(CoordinatorError::from(e), "/"),
     };
     let mut b = String::from(
         "<table><thead><tr><th>Job</th><th>Name</th><th>State</th><th>Step</th><th>Shards done</th></tr></thead><tbody>",
@@ -288,12 +290,19 @@ async fn jobs_page(State(app): State<App>) -> Response {
             id = esc(&rec.id),
             name = esc(&rec.name),
             state = esc(rec.state.as_str()),
-            step = esc(&rec.step),
+            step = esc(&rec.step.to_string()),
         );
     }
     b.push_str("</tbody></table>");
-    if jobs.is_empty() {
+    if jobs.is_empty() && q.after.is_empty() {
         b.push_str("<p>No jobs yet: submit one with <code>defuse submit job.toml</code>.</p>");
+    }
+    if !next.is_empty() {
+        let _ = write!(
+            b,
+            r#"<p><a href="/?after={}&amp;limit={limit}" id="next-page">More jobs</a></p>"#,
+            esc(&next)
+        );
     }
     Html(page("Jobs", &b)).into_response()
 }
@@ -301,8 +310,8 @@ async fn jobs_page(State(app): State<App>) -> Response {
 async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
     let rec = match app.coord.inner.store.get_job(&id).await {
         Ok(Some(r)) => r,
-        Ok(None) => return error_page(tonic::Status::not_found(format!("no job {id}")), "/"),
-        Err(e) => return error_page(crate::service::store_status(e), "/"),
+        Ok(None) => return error_page(CoordinatorError::not_found(format!("no job {id}")), "/"),
+        Err(e) => return error_page(CoordinatorError::from(e), "/"),
     };
     let st = app.coord.status_of(&rec).await;
     let mut b = String::new();
@@ -311,7 +320,7 @@ async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
         r#"<p>Name <b>{}</b> · state <span class="state" id="job-state">{}</span> · step {}</p>"#,
         esc(&rec.name),
         esc(rec.state.as_str()),
-        esc(&rec.step)
+        esc(&rec.step.to_string())
     );
     if !rec.error.is_empty() {
         let _ = write!(b, r#"<p class="error">{}</p>"#, esc(&rec.error));
@@ -340,15 +349,21 @@ async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
         );
     }
     b.push_str("</tbody></table>");
-    let dir = app.coord.job_dir_of(&rec).ok();
-    match (rec.state, dir) {
-        (JobState::AwaitingLabels, Some(dir)) => match crate::read_scenarios(&dir) {
+    match rec.state {
+        JobState::AwaitingLabels => match app.coord.scenarios(&rec).await {
             Ok((scen, classes)) => b.push_str(&label_form(&rec.id, &scen, &classes)),
             Err(e) => {
-                let _ = write!(b, r#"<p class="error">{}</p>"#, esc(e.message()));
+                let _ = write!(b, r#"<p class="error">{}</p>"#, esc(&e.to_string()));
             }
         },
-        (JobState::Done, Some(dir)) => b.push_str(&report_section(&rec.id, &dir)),
+        JobState::Done => {
+            let summary = app
+                .coord
+                .job_file(&rec, crate::keys::files::SUMMARY)
+                .await
+                .map_err(|e| e.to_string());
+            b.push_str(&report_section(&rec.id, summary))
+        }
         _ => {}
     }
     Html(page(&format!("Job {id}"), &b)).into_response()
@@ -429,21 +444,12 @@ source images labelled: {sources}</p>
     b
 }
 
-fn report_section(job: &str, dir: &std::path::Path) -> String {
-    let path = dir.join("report/summary.json");
-    let s: defuse_core::report::Summary = match std::fs::read(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            return format!(
-                r#"<p class="error">report {}: {}</p>"#,
-                esc(&path.display().to_string()),
-                esc(&e)
-            )
-        }
-    };
+fn report_section(job: &str, summary: Result<bytes::Bytes, String>) -> String {
+    let s: defuse_core::report::Summary =
+        match summary.and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            Ok(s) => s,
+            Err(e) => return format!(r#"<p class="error">report: {}</p>"#, esc(&e)),
+        };
     let mut b = format!(
         r#"<h2>Report</h2>
 <table id="report"><thead><tr><th></th><th>before</th><th>after</th></tr></thead><tbody>
@@ -493,19 +499,16 @@ async fn scenario_png(
     Path((id, sid, picture)): Path<(String, usize, String)>,
 ) -> Response {
     let file = match picture.as_str() {
-        "grid.png" => format!("distill/scenario-{sid}.png"),
-        "nearest.png" => format!("pictures/nearest-{sid}.png"),
+        "grid.png" => crate::keys::files::scenario_grid(sid),
+        "nearest.png" => crate::keys::files::nearest(sid),
         _ => return (StatusCode::NOT_FOUND, "no such picture").into_response(),
     };
     let rec = match app.coord.inner.store.get_job(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => return (StatusCode::NOT_FOUND, "no such job").into_response(),
-        Err(e) => return error_json(crate::service::store_status(e)),
+        Err(e) => return error_json(CoordinatorError::from(e)),
     };
-    let Ok(dir) = app.coord.job_dir_of(&rec) else {
-        return (StatusCode::NOT_FOUND, "no job folder").into_response();
-    };
-    match tokio::fs::read(dir.join(file)).await {
+    match app.coord.job_file(&rec, &file).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "image/png")], bytes).into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "no such scenario picture").into_response(),
     }
@@ -523,7 +526,7 @@ async fn labels_form(
         match k.strip_prefix("scenario-") {
             Some(sid) if v.is_empty() => {
                 return error_page(
-                    tonic::Status::invalid_argument(format!(
+                    CoordinatorError::invalid(format!(
                         "scenario {sid} has no label: choose a class or discard"
                     )),
                     &back,
@@ -532,7 +535,7 @@ async fn labels_form(
             Some(sid) => pairs.push((sid.to_string(), v)),
             None => {
                 return error_page(
-                    tonic::Status::invalid_argument(format!("unknown form field '{k}'")),
+                    CoordinatorError::invalid(format!("unknown form field '{k}'")),
                     &back,
                 )
             }
@@ -567,24 +570,41 @@ fn job_json(st: &defuse_proto::JobStatus) -> serde_json::Value {
     })
 }
 
-async fn api_jobs(State(app): State<App>) -> Response {
-    match app.coord.submitted_jobs().await {
-        Ok(jobs) => {
+/// A page of jobs (`?after=&limit=`, default 100, at most 1000); the id to go on
+/// from is in the `X-Next-After` header, absent on the last page.
+async fn api_jobs(State(app): State<App>, Query(q): Query<PageQuery>) -> Response {
+    let limit = q.limit.unwrap_or(crate::service::DEFAULT_PAGE);
+    match app.coord.jobs_page(&q.after, limit).await {
+        Ok((jobs, next)) => {
             let mut out = Vec::new();
             for rec in &jobs {
                 out.push(job_json(&app.coord.status_of(rec).await));
             }
-            Json(out).into_response()
+            let mut r = Json(out).into_response();
+            if let Ok(v) = next.parse() {
+                if !next.is_empty() {
+                    r.headers_mut().insert("x-next-after", v);
+                }
+            }
+            r
         }
-        Err(e) => error_json(crate::service::store_status(e)),
+        Err(e) => error_json(CoordinatorError::from(e)),
+    }
+}
+
+/// Deletes a finished job (409 while it runs).
+async fn api_delete(State(app): State<App>, Path(id): Path<String>) -> Response {
+    match app.coord.delete(&id).await {
+        Ok(n) => Json(serde_json::json!({"deleted": id, "objects": n})).into_response(),
+        Err(s) => error_json(s),
     }
 }
 
 async fn api_job(State(app): State<App>, Path(id): Path<String>) -> Response {
     match app.coord.inner.store.get_job(&id).await {
         Ok(Some(rec)) => Json(job_json(&app.coord.status_of(&rec).await)).into_response(),
-        Ok(None) => error_json(tonic::Status::not_found(format!("no job {id}"))),
-        Err(e) => error_json(crate::service::store_status(e)),
+        Ok(None) => error_json(CoordinatorError::not_found(format!("no job {id}"))),
+        Err(e) => error_json(CoordinatorError::from(e)),
     }
 }
 
@@ -593,7 +613,7 @@ async fn api_labels(State(app): State<App>, Path(id): Path<String>, body: Bytes)
     let pairs = match defuse_core::scenarios::label_pairs_from_json(&String::from_utf8_lossy(&body))
     {
         Ok(p) => p,
-        Err(m) => return error_json(tonic::Status::invalid_argument(m)),
+        Err(m) => return error_json(CoordinatorError::invalid(m)),
     };
     match app.coord.set_labels(&id, &pairs).await {
         Ok((labelled, discarded)) => {

@@ -8,18 +8,22 @@
 //! running(identify) -> running(finish) -> done | failed | awaiting_labels |
 //! cancelled`) and is the single reaper of expired leases; the gRPC handlers only
 //! make fenced, atomic store transitions.
+//!
+//! Nothing that matters lives only on the coordinator's disk: job and shard state and
+//! the labels are in the state store; plans, models, shard outputs, checkpoints and a
+//! durable copy of each job folder (`folder.rs`) are in the artifact store. The work
+//! dir is a cache a restarted coordinator refills.
 pub mod http;
+pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod store;
 
 mod driver;
+mod error;
+mod folder;
 mod rounds;
 mod service;
 
-pub use service::{read_scenarios, serve, Coordinator, CoordinatorConfig, ServeError};
-
-/// Artifact key of a shard attempt's output: a dead attempt's output is never under
-/// the key a completion of another attempt names.
-pub fn shard_output_key(job: &str, shard: u32, attempt: u32) -> String {
-    format!("jobs/{job}/identify/shard-{shard:05}/attempt-{attempt}.safetensors")
-}
+pub use error::CoordinatorError;
+pub use service::{serve, Coordinator, CoordinatorConfig, ServeError};

@@ -45,18 +45,18 @@ pub fn shards(job: &str, c: &ShardCounts) {
     }
 }
 
-pub fn jobs(all: &[JobRecord]) {
-    for state in [
-        "queued",
-        "running",
-        "awaiting_labels",
-        "done",
-        "failed",
-        "cancelled",
-    ] {
-        let n = all.iter().filter(|j| j.state.as_str() == state).count();
+/// Active jobs by state, and the finished jobs kept (`state="finished"`).
+pub fn jobs(active: &[&JobRecord], finished: u64) {
+    for state in ["queued", "running", "awaiting_labels"] {
+        let n = active.iter().filter(|j| j.state.as_str() == state).count();
         gauge!("defuse_jobs", "state" => state).set(n as f64);
     }
+    gauge!("defuse_jobs", "state" => "finished").set(finished as f64);
+}
+
+/// A job reached a final state (`done`, `failed`, `cancelled`).
+pub fn finished(state: &'static str) {
+    counter!("defuse_jobs_finished_total", "state" => state).increment(1);
 }
 
 pub fn workers(n: usize, ages_s: &[(String, f64)]) {
@@ -83,4 +83,9 @@ pub fn round(job: &str, round: usize, ce_train: f64, ce_scenario: f64) {
     gauge!("defuse_finetune_round", "job" => job.to_string()).set(round as f64);
     gauge!("defuse_finetune_loss", "job" => job.to_string(), "term" => "train").set(ce_train);
     gauge!("defuse_finetune_loss", "job" => job.to_string(), "term" => "scenario").set(ce_scenario);
+}
+
+/// 1 while this coordinator holds the leader lease (drives the jobs), else 0.
+pub fn leader(leading: bool) {
+    gauge!("defuse_coordinator_leader").set(if leading { 1.0 } else { 0.0 });
 }

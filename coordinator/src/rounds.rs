@@ -23,8 +23,11 @@ use defuse_core::models::Classifier;
 use defuse_core::pipeline::{RoundsDone, RoundsInput};
 use serde::{Deserialize, Serialize};
 
+use crate::error::StepError;
+use crate::keys::{self, files};
+use crate::lifecycle::{JobState, Phase};
 use crate::service::Coordinator;
-use crate::store::{now_ms, JobRecord, JobState, StoreError};
+use crate::store::{now_ms, JobRecord, StoreError};
 
 /// The plan of a job's fine-tune, in the artifact store (`jobs/<id>/finetune/plan.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,15 +54,6 @@ pub(crate) fn parse_sub_job(id: &str) -> Option<(&str, usize)> {
     Some((job, r.parse().ok()?))
 }
 
-pub(crate) fn checkpoint_key(job: &str, round: usize, ext: &str) -> String {
-    format!("jobs/{job}/finetune/round-{round:04}/model.{ext}")
-}
-
-/// The round a job's step names (`finetune:<r>`).
-pub(crate) fn round_of_step(step: &str) -> Option<usize> {
-    step.strip_prefix("finetune:")?.parse().ok()
-}
-
 pub(crate) async fn plan(c: &Coordinator, job: &str) -> Result<Arc<RoundsPlan>, String> {
     if let Some(p) = c.inner.round_plans.lock().unwrap().get(job) {
         return Ok(p.clone());
@@ -67,7 +61,7 @@ pub(crate) async fn plan(c: &Coordinator, job: &str) -> Result<Arc<RoundsPlan>, 
     let bytes = c
         .inner
         .artifacts
-        .get(&format!("jobs/{job}/finetune/plan.json"))
+        .get(&keys::finetune_plan(job))
         .await
         .map_err(|e| e.to_string())?;
     let p: RoundsPlan =
@@ -82,15 +76,19 @@ pub(crate) async fn plan(c: &Coordinator, job: &str) -> Result<Arc<RoundsPlan>, 
 }
 
 /// Publishes round 0 (the classifier, the scenario-train samples, the plan).
-pub(crate) async fn start(c: &Coordinator, job: &str, input: &RoundsInput) -> Result<(), String> {
+pub(crate) async fn start(
+    c: &Coordinator,
+    job: &str,
+    input: &RoundsInput,
+) -> Result<(), StepError> {
     let a = &c.inner.artifacts;
-    let scenario_key = format!("jobs/{job}/finetune/scenario-train.safetensors");
-    a.put_file(&scenario_key, &input.scenario_train)
-        .await
-        .map_err(|e| e.to_string())?;
-    a.put_file(&checkpoint_key(job, 0, &input.extension), &input.classifier)
-        .await
-        .map_err(|e| e.to_string())?;
+    let scenario_key = keys::scenario_train(job);
+    a.put_file(&scenario_key, &input.scenario_train).await?;
+    a.put_file(
+        &keys::checkpoint(job, 0, &input.extension),
+        &input.classifier,
+    )
+    .await?;
     let plan = RoundsPlan {
         rounds: input.rounds,
         parts: input.parts,
@@ -103,11 +101,10 @@ pub(crate) async fn start(c: &Coordinator, job: &str, input: &RoundsInput) -> Re
         hash: input.hash.clone(),
     };
     a.put(
-        &format!("jobs/{job}/finetune/plan.json"),
+        &keys::finetune_plan(job),
         serde_json::to_vec_pretty(&plan).expect("plan").into(),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     c.inner
         .round_plans
         .lock()
@@ -128,6 +125,7 @@ pub(crate) async fn tick(
     c: &Coordinator,
     rec: &JobRecord,
     round: usize,
+    fence: u64,
 ) -> Result<RoundState, StoreError> {
     let store = &c.inner.store;
     let sub = sub_job(&rec.id, round);
@@ -152,7 +150,7 @@ pub(crate) async fn tick(
                 id: sub.clone(),
                 name: format!("{} round {round}", rec.name),
                 state: JobState::Running,
-                step: "finetune-part".into(),
+                step: Phase::RoundParts,
                 config_toml: rec.config_toml.clone(),
                 n_shards: parts,
                 error: String::new(),
@@ -164,7 +162,7 @@ pub(crate) async fn tick(
                 StoreError::Exists(_) => Ok(()),
                 e => Err(e),
             })?;
-        store.plan_shards(&sub, parts, now).await?;
+        store.plan_shards(&sub, parts, now, fence).await?;
         tracing::info!(job = %rec.id, round, parts, "round started");
         return Ok(RoundState::Running);
     };
@@ -173,14 +171,17 @@ pub(crate) async fn tick(
         JobState::Cancelled => return Ok(RoundState::Broken("round cancelled".into())),
         _ => {}
     }
-    for e in store.reap(&sub, now_ms(), c.inner.cfg.max_attempts).await? {
+    for e in store
+        .reap(&sub, now_ms(), c.inner.cfg.max_attempts, fence)
+        .await?
+    {
         tracing::warn!(job = %rec.id, round, part = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
         crate::metrics::lease_expired(&rec.id, e.requeued);
     }
     let n = store.counts(&sub).await?;
     if n.total == 0 {
         // created, but a crash came before its parts were planned (idempotent)
-        store.plan_shards(&sub, parts, now_ms()).await?;
+        store.plan_shards(&sub, parts, now_ms(), fence).await?;
         return Ok(RoundState::Running);
     }
     Ok(if n.done == n.total {
@@ -197,25 +198,23 @@ pub(crate) enum RoundState {
 }
 
 /// Averages round `round`'s parts into the next checkpoint; after the last round,
-/// leaves the result in the job folder for the finish step. Returns the next step.
+/// leaves the result in the job folder (and its durable copy) for the finish step.
+/// Returns the next step.
+///
+/// Everything it reads is in the stores (the parts' checkpoints and losses, the
+/// plan), so a coordinator restarted on an empty disk merges the same bytes.
 pub(crate) async fn average(
     c: &Coordinator,
     rec: &JobRecord,
     round: usize,
-) -> Result<String, String> {
+    fence: u64,
+) -> Result<Phase, StepError> {
     let job = rec.id.clone();
-    let plan = plan(c, &job).await?;
+    let plan = plan(c, &job).await.map_err(StepError::Retryable)?;
     let sub = sub_job(&job, round);
-    let shards = c
-        .inner
-        .store
-        .shards(&sub)
-        .await
-        .map_err(|e| e.to_string())?;
-    let dir = c
-        .job_dir_of(rec)
-        .map_err(|s| s.message().to_string())?
-        .join("correct/rounds");
+    let shards = c.inner.store.shards(&sub).await?;
+    let job_dir = c.job_dir_of(rec).map_err(StepError::fatal)?;
+    let dir = job_dir.join("correct/rounds");
     let ext = plan.extension.clone();
     let exchange = StoreExchange {
         artifacts: c.inner.artifacts.clone(),
@@ -228,14 +227,18 @@ pub(crate) async fn average(
             if s.state == "done" {
                 Ok((s.shard as usize, s.output.clone()))
             } else {
-                Err(format!("round {round} part {} is {}", s.shard, s.state))
+                Err(StepError::fatal(format!(
+                    "round {round} part {} is {}",
+                    s.shard, s.state
+                )))
             }
         })
         .collect::<Result<_, _>>()?;
     let parts = exchange.collect(round, &outputs, &dir).await?;
+    let epoch = merged_stats(c, round, &outputs).await?;
     let next = dir.join(format!("round-{:04}.{ext}", round + 1));
-    let seed = toml::from_str::<defuse_core::pipeline::JobConfig>(&rec.config_toml)
-        .map_err(|e| format!("job config of {job}: {e}"))?;
+    let seed = toml::from_str::<defuse_core::config::JobConfig>(&rec.config_toml)
+        .map_err(|e| StepError::fatal(format!("job config of {job}: {e}")))?;
     let (plan2, next2) = (plan.clone(), next.clone());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let load = |p: &std::path::Path| {
@@ -271,54 +274,77 @@ pub(crate) async fn average(
         target.save(&next2).map_err(|e| e.to_string())
     })
     .await
-    .map_err(|e| format!("average panicked: {e}"))??;
-    let stats = c.inner.round_stats.lock().unwrap().remove(&sub);
-    if let Some(h) = stats {
-        let n = h.2.max(1) as f64;
-        let e = correct::CorrectEpoch {
-            epoch: round + 1,
-            ce_train: h.0 / n,
-            ce_scenario: h.1 / n,
-        };
-        tracing::info!(job = %job, round, ce_train = e.ce_train, ce_scenario = e.ce_scenario, "round merged");
-        crate::metrics::round(&job, round + 1, e.ce_train, e.ce_scenario);
-        c.inner
-            .round_history
-            .lock()
-            .unwrap()
-            .entry(job.clone())
-            .or_default()
-            .push(e);
-    }
+    .map_err(|e| StepError::fatal(format!("average panicked: {e}")))?
+    .map_err(StepError::Fatal)?;
+    tracing::info!(job = %job, round, ce_train = epoch.ce_train, ce_scenario = epoch.ce_scenario, "round merged");
+    crate::metrics::round(&job, round + 1, epoch.ce_train, epoch.ce_scenario);
+    c.inner
+        .artifacts
+        .put(
+            &keys::round_stats(&job, round),
+            serde_json::to_vec(&epoch).expect("epoch").into(),
+        )
+        .await?;
+    c.inner
+        .last_round
+        .lock()
+        .unwrap()
+        .insert(job.clone(), epoch);
     // publish: the object first, then the step that names it
     exchange.publish(&job, round + 1, &next).await?;
     c.inner
         .store
-        .set_job_state(&sub, JobState::Done, "finetune-part", "", now_ms())
-        .await
-        .map_err(|e| e.to_string())?;
+        .set_job_state(&sub, JobState::Done, Phase::RoundParts, "", now_ms(), fence)
+        .await?;
     if round + 1 < plan.rounds {
-        return Ok(format!("finetune:{}", round + 1));
+        return Ok(Phase::FineTune(round + 1));
     }
-    let correct_dir = dir.parent().expect("rounds dir").to_path_buf();
-    let last = correct_dir.join(format!("rounds-final.{ext}"));
+    let last = job_dir.join(files::rounds_final(&ext));
     std::fs::copy(&next, &last)
-        .map_err(|e| format!("{} -> {}: {e}", next.display(), last.display()))?;
-    let history = c
-        .inner
-        .round_history
-        .lock()
-        .unwrap()
-        .remove(&job)
-        .unwrap_or_default();
+        .map_err(|e| StepError::fatal(format!("{} -> {}: {e}", next.display(), last.display())))?;
+    let mut history = Vec::new();
+    for r in 0..plan.rounds {
+        let bytes = c.inner.artifacts.get(&keys::round_stats(&job, r)).await?;
+        history.push(
+            serde_json::from_slice::<correct::CorrectEpoch>(&bytes)
+                .map_err(|e| StepError::fatal(format!("losses of round {r}: {e}")))?,
+        );
+    }
     let done = RoundsDone {
         hash: plan.hash.clone(),
         history,
     };
-    defuse_core::pipeline::write_json(&correct_dir.join("rounds-done.json"), &done)
-        .map_err(|e| e.to_string())?;
+    defuse_core::layout::write_json(&job_dir.join(files::ROUNDS_DONE), &done)
+        .map_err(StepError::fatal)?;
+    // the finish step may run on another coordinator
+    crate::folder::publish_job(c, &job, &job_dir).await?;
     tracing::info!(job = %job, rounds = plan.rounds, "fine-tune rounds done");
-    Ok("finish".into())
+    Ok(Phase::Finish)
+}
+
+/// Round `round`'s losses: its parts' (stored beside their checkpoints when they were
+/// accepted), weighted by the rows each saw.
+async fn merged_stats(
+    c: &Coordinator,
+    round: usize,
+    outputs: &[(usize, String)],
+) -> Result<correct::CorrectEpoch, StepError> {
+    let (mut train, mut scenario, mut rows) = (0.0, 0.0, 0usize);
+    for (part, key) in outputs {
+        let bytes = c.inner.artifacts.get(&keys::part_stats(key)).await?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| StepError::fatal(format!("losses of round {round} part {part}: {e}")))?;
+        let n = v["samples"].as_u64().unwrap_or(0) as usize;
+        train += v["ce_train"].as_f64().unwrap_or(0.0) * n as f64;
+        scenario += v["ce_scenario"].as_f64().unwrap_or(0.0) * n as f64;
+        rows += n;
+    }
+    let n = rows.max(1) as f64;
+    Ok(correct::CorrectEpoch {
+        epoch: round + 1,
+        ce_train: train / n,
+        ce_scenario: scenario / n,
+    })
 }
 
 /// How the parts of a round meet the coordinator: where a round's starting checkpoint
@@ -329,16 +355,16 @@ pub(crate) async fn average(
 #[async_trait::async_trait]
 pub(crate) trait Exchange: Send + Sync {
     /// Round `round`'s starting checkpoint, as a local file under `dir`.
-    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, String>;
+    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, StepError>;
     /// The parts' checkpoints (`(part, where it is)`), as local files under `dir`.
     async fn collect(
         &self,
         round: usize,
         outputs: &[(usize, String)],
         dir: &Path,
-    ) -> Result<Vec<(usize, PathBuf)>, String>;
+    ) -> Result<Vec<(usize, PathBuf)>, StepError>;
     /// Makes `file` round `round`'s checkpoint, for every worker to start from.
-    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), String>;
+    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), StepError>;
 }
 
 /// Checkpoints in and out through the artifact store (S3 or a folder).
@@ -349,12 +375,12 @@ pub(crate) struct StoreExchange {
 
 #[async_trait::async_trait]
 impl Exchange for StoreExchange {
-    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, String> {
+    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, StepError> {
         let path = dir.join(format!("round-{round:04}.{}", self.ext));
         self.artifacts
-            .get_file(&checkpoint_key(job, round, &self.ext), &path)
+            .get_file(&keys::checkpoint(job, round, &self.ext), &path)
             .await
-            .map_err(|e| format!("checkpoint of round {round}: {e}"))?;
+            .map_err(|e| StepError::from(e).context(format!("checkpoint of round {round}")))?;
         Ok(path)
     }
 
@@ -363,23 +389,23 @@ impl Exchange for StoreExchange {
         round: usize,
         outputs: &[(usize, String)],
         dir: &Path,
-    ) -> Result<Vec<(usize, PathBuf)>, String> {
+    ) -> Result<Vec<(usize, PathBuf)>, StepError> {
         let mut parts = Vec::new();
         for (part, key) in outputs {
             let p = dir.join(format!("round-{round:04}-part-{part:03}.{}", self.ext));
             self.artifacts
                 .get_file(key, &p)
                 .await
-                .map_err(|e| format!("round {round} part {part}: {e}"))?;
+                .map_err(|e| StepError::from(e).context(format!("round {round} part {part}")))?;
             parts.push((*part, p));
         }
         Ok(parts)
     }
 
-    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), String> {
+    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), StepError> {
         self.artifacts
-            .put_file(&checkpoint_key(job, round, &self.ext), file)
+            .put_file(&keys::checkpoint(job, round, &self.ext), file)
             .await
-            .map_err(|e| format!("checkpoint of round {round}: {e}"))
+            .map_err(|e| StepError::from(e).context(format!("checkpoint of round {round}")))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use defuse_core::artifacts::ArtifactStore;
-use defuse_core::pipeline::JobConfig;
+use defuse_core::config::JobConfig;
 use defuse_core::scenarios::{self, Scenario};
 use defuse_proto::job_service_server::{JobService, JobServiceServer};
 use defuse_proto::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use crate::store::{now_ms, FailOutcome, Fenced, JobRecord, JobState, StateStore, StoreError};
+use crate::error::CoordinatorError;
+use crate::keys::{self, files};
+use crate::lifecycle::{JobState, Phase};
+use crate::store::{now_ms, FailOutcome, Failure, Fenced, JobRecord, StateStore, StoreError};
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -27,6 +30,9 @@ pub struct CoordinatorConfig {
     pub max_attempts: u32,
     /// Period of the driver loop (and reaper).
     pub tick_ms: u64,
+    /// The leader lease lasts this long without a renewal (renewed every tick): how
+    /// long other coordinators wait before taking over from a dead leader.
+    pub leader_ms: u64,
     /// Where central steps keep a job's files: `<work_dir>/<job id>/`.
     pub work_dir: PathBuf,
     /// Embedded mode: a job's files go to its config's `out` folder instead.
@@ -35,6 +41,11 @@ pub struct CoordinatorConfig {
     pub token: Option<defuse_proto::auth::Secret>,
     /// When set, gRPC and HTTP are served over TLS with this certificate.
     pub tls: Option<defuse_proto::tls::ServerPem>,
+    /// Retention of finished jobs: at most this many are kept (the oldest are deleted,
+    /// state and artifacts)...
+    pub keep_jobs: usize,
+    /// ...and none longer than this after it finished (ms).
+    pub keep_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -44,10 +55,13 @@ impl Default for CoordinatorConfig {
             heartbeat_ms: 2_000,
             max_attempts: 3,
             tick_ms: 500,
+            leader_ms: 10_000,
             work_dir: PathBuf::from("coordinator-work"),
             use_job_out: false,
             token: None,
             tls: None,
+            keep_jobs: 1000,
+            keep_ms: 30 * 24 * 3600 * 1000,
         }
     }
 }
@@ -67,28 +81,42 @@ pub(crate) struct Plan {
 
 pub(crate) struct Inner {
     pub cfg: CoordinatorConfig,
+    /// This process's name in the leader election (host name and a random part).
+    pub node: String,
+    /// The fencing token while this coordinator leads, 0 while it follows.
+    pub leading: std::sync::atomic::AtomicU64,
     pub store: Arc<dyn StateStore>,
     pub artifacts: Arc<dyn ArtifactStore>,
-    /// Jobs whose central step runs now in this process.
-    pub in_flight: Mutex<HashSet<String>>,
+    /// Jobs whose central step runs now in this process, with the handle that stops
+    /// it (a job cancelled meanwhile).
+    pub in_flight: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// Jobs this process has seen: one missing from the store was lost.
     pub known: Mutex<HashSet<String>>,
     pub plans: Mutex<HashMap<String, Arc<Plan>>>,
     pub round_plans: Mutex<HashMap<String, Arc<crate::rounds::RoundsPlan>>>,
-    /// Per round sub-job: summed (ce_train * rows, ce_scenario * rows, rows) of its
-    /// accepted parts (for status and the history; not needed to go on after a restart).
-    pub round_stats: Mutex<HashMap<String, (f64, f64, usize)>>,
-    pub round_history: Mutex<HashMap<String, Vec<defuse_core::correct::CorrectEpoch>>>,
-    /// Failed tries to merge a job's current round (retried, up to a limit).
-    pub merge_failures: Mutex<HashMap<String, u32>>,
+    /// The losses of each job's last merged round, for status (a cache: they are in
+    /// the artifact store, `keys::round_stats`).
+    pub last_round: Mutex<HashMap<String, defuse_core::correct::CorrectEpoch>>,
+    /// Central steps that failed with a retryable error: (tries, not before).
+    pub retries: Mutex<HashMap<String, (u32, std::time::Instant)>>,
     /// The jobs with shards to lease, as the driver last listed them (None before its
     /// first tick): a lease reads this instead of listing every job in the store.
     pub leasable: Mutex<Option<Arc<Vec<JobRecord>>>>,
 }
 
+/// Jobs per page of a listing, by default and at most.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1000;
+
+/// What a leased shard's task is built from.
+enum TaskSource {
+    Identify(Arc<Plan>),
+    Round(Arc<crate::rounds::RoundsPlan>),
+}
+
 /// A job whose shards workers lease now: identify, or a fine-tune round.
 pub(crate) fn is_leasable(j: &JobRecord) -> bool {
-    j.state == JobState::Running && (j.step == "identify" || j.step == "finetune-part")
+    j.state == JobState::Running && j.step.leasable()
 }
 
 /// A coordinator: clone it freely.
@@ -106,25 +134,95 @@ impl Coordinator {
         Coordinator {
             inner: Arc::new(Inner {
                 cfg,
+                node: node_name(),
+                leading: std::sync::atomic::AtomicU64::new(0),
                 store,
                 artifacts,
-                in_flight: Mutex::new(HashSet::new()),
+                in_flight: Mutex::new(HashMap::new()),
                 known: Mutex::new(HashSet::new()),
                 plans: Mutex::new(HashMap::new()),
                 round_plans: Mutex::new(HashMap::new()),
-                round_stats: Mutex::new(HashMap::new()),
-                round_history: Mutex::new(HashMap::new()),
-                merge_failures: Mutex::new(HashMap::new()),
+                last_round: Mutex::new(HashMap::new()),
+                retries: Mutex::new(HashMap::new()),
                 leasable: Mutex::new(None),
             }),
         }
     }
 
-    /// The jobs people submitted, without the fine-tune rounds' sub-jobs.
-    pub(crate) async fn submitted_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let mut jobs = self.inner.store.list_jobs().await?;
-        jobs.retain(|j| crate::rounds::parse_sub_job(&j.id).is_none());
-        Ok(jobs)
+    /// A page of the jobs people submitted (without the fine-tune rounds' sub-jobs),
+    /// in id order after `after`: at most `limit` (1..=1000) and the id to go on from
+    /// (empty on the last page). Only the page's records are read.
+    pub async fn jobs_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<JobRecord>, String), StoreError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let ids: Vec<String> = self
+            .inner
+            .store
+            .job_ids()
+            .await?
+            .into_iter()
+            .filter(|id| id.as_str() > after && crate::rounds::parse_sub_job(id).is_none())
+            .collect();
+        let mut jobs = Vec::new();
+        for id in ids.iter().take(limit) {
+            if let Some(r) = self.inner.store.get_job(id).await? {
+                jobs.push(r);
+            }
+        }
+        let next = if ids.len() > limit {
+            ids[limit - 1].clone()
+        } else {
+            String::new()
+        };
+        Ok((jobs, next))
+    }
+
+    /// Deletes a finished job: its round sub-jobs, its artifacts (`jobs/<job>/`), its
+    /// cached folder, then its state. Returns how many objects were removed.
+    pub async fn delete(&self, job: &str) -> Result<u32, CoordinatorError> {
+        let rec = self
+            .inner
+            .store
+            .get_job(job)
+            .await
+            .map_err(CoordinatorError::from)?
+            .ok_or_else(|| CoordinatorError::not_found(format!("no job {job}")))?;
+        if !rec.state.is_final() {
+            return Err(CoordinatorError::conflict(format!(
+                "job {job} is {}: cancel it first",
+                rec.state.as_str()
+            )));
+        }
+        let n = crate::driver::delete_job(self, &rec)
+            .await
+            .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
+        tracing::info!(job = %job, objects = n, "job deleted");
+        Ok(n)
+    }
+
+    /// One pass of the driver (leader election, then every job moved on as the
+    /// leader); returns whether this coordinator leads. `serve` runs it every
+    /// `tick_ms`; tests call it to step a coordinator by hand.
+    pub async fn tick(&self) -> Result<bool, StoreError> {
+        crate::driver::tick(self).await
+    }
+
+    /// Drops what this process caches of a job (a deleted job).
+    pub(crate) fn forget(&self, job: &str) {
+        let i = &self.inner;
+        i.known.lock().unwrap().remove(job);
+        i.plans.lock().unwrap().remove(job);
+        i.round_plans.lock().unwrap().remove(job);
+        i.last_round.lock().unwrap().remove(job);
+        i.retries.lock().unwrap().remove(job);
+    }
+
+    /// This coordinator's name in the leader election.
+    pub fn node(&self) -> &str {
+        &self.inner.node
     }
 
     pub fn store(&self) -> &Arc<dyn StateStore> {
@@ -140,16 +238,16 @@ impl Coordinator {
         &self,
         config_toml: &str,
         job_id: Option<String>,
-    ) -> Result<String, Status> {
+    ) -> Result<String, CoordinatorError> {
         if config_toml.len() > MAX_MESSAGE_BYTES {
-            return Err(Status::invalid_argument("config larger than 4 MiB"));
+            return Err(CoordinatorError::invalid("config larger than 4 MiB"));
         }
         let mut cfg: JobConfig = toml::from_str(config_toml)
-            .map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
+            .map_err(|e| CoordinatorError::invalid(format!("job config: {e}")))?;
         cfg.validate()
-            .map_err(|e| Status::invalid_argument(format!("job config: {e}")))?;
+            .map_err(|e| CoordinatorError::invalid(format!("job config: {e}")))?;
         if !cfg.data.path.is_dir() {
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordinatorError::invalid(format!(
                 "job config: data.path {} is not a folder on the coordinator",
                 cfg.data.path.display()
             )));
@@ -157,13 +255,13 @@ impl Coordinator {
         let name = cfg.name.clone().unwrap_or_else(|| "job".into());
         let id = match job_id.filter(|s| !s.is_empty()) {
             Some(id) if id.contains("--round-") => {
-                return Err(Status::invalid_argument(format!(
+                return Err(CoordinatorError::invalid(format!(
                     "job id '{id}': '--round-' is kept for fine-tune rounds"
                 )))
             }
             Some(id) if valid_id(&id) => id,
             Some(id) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(CoordinatorError::invalid(format!(
                     "job id '{id}': use letters, digits, '-' and '_' only"
                 )))
             }
@@ -180,8 +278,9 @@ impl Coordinator {
             id: id.clone(),
             name,
             state: JobState::Queued,
-            step: "models".into(),
-            config_toml: toml::to_string(&cfg).map_err(|e| Status::internal(e.to_string()))?,
+            step: Phase::Models,
+            config_toml: toml::to_string(&cfg)
+                .map_err(|e| CoordinatorError::internal(e.to_string()))?,
             n_shards: 0,
             error: String::new(),
             created_ms: now,
@@ -191,7 +290,7 @@ impl Coordinator {
             .store
             .create_job(&rec)
             .await
-            .map_err(store_status)?;
+            .map_err(CoordinatorError::from)?;
         self.inner.known.lock().unwrap().insert(id.clone());
         tracing::info!(job = %id, "job submitted");
         Ok(id)
@@ -204,28 +303,27 @@ impl Coordinator {
         &self,
         job: &str,
         pairs: &[(String, String)],
-    ) -> Result<(usize, usize), Status> {
+    ) -> Result<(usize, usize), CoordinatorError> {
         let rec = self
             .inner
             .store
             .get_job(job)
             .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no job {job}")))?;
+            .map_err(CoordinatorError::from)?
+            .ok_or_else(|| CoordinatorError::not_found(format!("no job {job}")))?;
         if rec.state != JobState::AwaitingLabels {
-            return Err(Status::failed_precondition(format!(
+            return Err(CoordinatorError::conflict(format!(
                 "job {job} is {}, not awaiting_labels",
                 rec.state.as_str()
             )));
         }
-        let dir = self.job_dir_of(&rec)?;
-        let (scenarios, classes) = read_scenarios(&dir)?;
+        let (scenarios, classes) = self.scenarios(&rec).await?;
         let mut labels = scenarios::validate_labels(
             pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &scenarios,
             &classes,
         )
-        .map_err(Status::invalid_argument)?;
+        .map_err(CoordinatorError::invalid)?;
         for s in &scenarios {
             labels.entry(s.id).or_insert(scenarios::Label::Discard);
         }
@@ -235,33 +333,74 @@ impl Coordinator {
             .count();
         if labelled == 0 {
             // labels are final: refuse what would leave nothing to correct
-            return Err(Status::invalid_argument(
+            return Err(CoordinatorError::invalid(
                 "no scenario would have a class label: give at least one (labels are final)",
             ));
         }
-        // write aside, then link into place: the file appears whole, and only once
-        let path = dir.join("labels.json");
-        let tmp = dir.join(format!("labels.json.{}.tmp", rand::random::<u32>()));
-        scenarios::write_labels(&tmp, &labels).map_err(|e| Status::internal(e.to_string()))?;
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Status::failed_precondition(format!(
-                    "job {job} is labelled already"
-                )))
-            }
-            Err(e) => return Err(Status::internal(format!("{}: {e}", path.display()))),
+        // stored once, atomically, in the state store: final across restarts
+        let json = scenarios::labels_json(&labels);
+        if !self
+            .inner
+            .store
+            .put_labels(job, &json)
+            .await
+            .map_err(CoordinatorError::from)?
+        {
+            return Err(CoordinatorError::conflict(format!(
+                "job {job} is labelled already"
+            )));
         }
         tracing::info!(job = %job, labelled, discarded = labels.len() - labelled, "labels stored");
         Ok((labelled, labels.len() - labelled))
     }
 
+    /// A file of a job's folder (`keys::files`), from its durable copy in the
+    /// artifact store (from the folder itself in the embedded mode): what any
+    /// coordinator can read, whatever its disk holds.
+    pub async fn job_file(
+        &self,
+        rec: &JobRecord,
+        rel: &str,
+    ) -> Result<bytes::Bytes, CoordinatorError> {
+        if self.inner.cfg.use_job_out {
+            let path = self.job_dir_of(rec)?.join(rel);
+            return tokio::fs::read(&path)
+                .await
+                .map(Into::into)
+                .map_err(|e| CoordinatorError::conflict(format!("{}: {e}", path.display())));
+        }
+        match self
+            .inner
+            .artifacts
+            .get(&keys::folder_file(&rec.id, rel))
+            .await
+        {
+            Ok(b) => Ok(b),
+            Err(e @ defuse_core::artifacts::ArtifactError::NotFound { .. }) => Err(
+                CoordinatorError::conflict(format!("job {}: {rel} not written yet ({e})", rec.id)),
+            ),
+            Err(e) => Err(CoordinatorError::unavailable(e.to_string())),
+        }
+    }
+
+    /// A job's scenarios and class names, as its distill step left them.
+    pub async fn scenarios(
+        &self,
+        rec: &JobRecord,
+    ) -> Result<(Vec<Scenario>, Vec<String>), CoordinatorError> {
+        let scenarios: Vec<Scenario> =
+            serde_json::from_slice(&self.job_file(rec, files::SCENARIOS).await?)
+                .map_err(|e| CoordinatorError::internal(format!("scenarios of {}: {e}", rec.id)))?;
+        let classes: Vec<String> =
+            serde_json::from_slice(&self.job_file(rec, files::CLASSES).await?)
+                .map_err(|e| CoordinatorError::internal(format!("classes of {}: {e}", rec.id)))?;
+        Ok((scenarios, classes))
+    }
+
     /// The folder of a job's central files.
-    pub fn job_dir_of(&self, rec: &JobRecord) -> Result<PathBuf, Status> {
+    pub fn job_dir_of(&self, rec: &JobRecord) -> Result<PathBuf, CoordinatorError> {
         let cfg: JobConfig = toml::from_str(&rec.config_toml)
-            .map_err(|e| Status::internal(format!("config of job {}: {e}", rec.id)))?;
+            .map_err(|e| CoordinatorError::internal(format!("config of job {}: {e}", rec.id)))?;
         Ok(self.job_dir(rec, &cfg))
     }
 
@@ -274,16 +413,14 @@ impl Coordinator {
     }
 
     /// The task of a fine-tune part: train from round `r`'s checkpoint.
-    async fn finetune_task(
+    fn finetune_task(
         &self,
         rec: &JobRecord,
+        plan: &crate::rounds::RoundsPlan,
         lease: &crate::store::Lease,
     ) -> Result<Response<LeaseResponse>, Status> {
         let (job, round) = crate::rounds::parse_sub_job(&rec.id)
             .ok_or_else(|| Status::internal(format!("{} is not a round", rec.id)))?;
-        let plan = crate::rounds::plan(self, job)
-            .await
-            .map_err(Status::unavailable)?;
         Ok(Response::new(LeaseResponse {
             task: Some(Task {
                 task: Some(TaskRef {
@@ -293,29 +430,35 @@ impl Coordinator {
                     attempt: lease.attempt,
                 }),
                 config_toml: rec.config_toml.clone(),
-                classifier_key: crate::rounds::checkpoint_key(job, round, &plan.extension),
+                classifier_key: keys::checkpoint(job, round, &plan.extension),
                 scenario_key: plan.scenario_key.clone(),
                 round: round as u32,
                 model_extension: plan.extension.clone(),
-                output_key: crate::shard_output_key(&rec.id, lease.shard, lease.attempt),
+                output_key: keys::part_output(
+                    job,
+                    round,
+                    lease.shard,
+                    lease.attempt,
+                    &plan.extension,
+                ),
                 ..Default::default()
             }),
             retry_after_ms: 0,
         }))
     }
 
-    pub(crate) async fn plan(&self, job: &str) -> Result<Arc<Plan>, Status> {
+    pub(crate) async fn plan(&self, job: &str) -> Result<Arc<Plan>, CoordinatorError> {
         if let Some(p) = self.inner.plans.lock().unwrap().get(job) {
             return Ok(p.clone());
         }
         let bytes = self
             .inner
             .artifacts
-            .get(&format!("jobs/{job}/plan.json"))
+            .get(&keys::plan(job))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
         let plan: Plan = serde_json::from_slice(&bytes)
-            .map_err(|e| Status::internal(format!("plan of job {job}: {e}")))?;
+            .map_err(|e| CoordinatorError::internal(format!("plan of job {job}: {e}")))?;
         let plan = Arc::new(plan);
         self.inner
             .plans
@@ -328,11 +471,11 @@ impl Coordinator {
     pub(crate) async fn status_of(&self, rec: &JobRecord) -> JobStatus {
         let mut steps = Vec::new();
         let order = ["models", "identify", "finish"];
-        let round = crate::rounds::round_of_step(&rec.step);
-        let at = if round.is_some() {
-            2
-        } else {
-            order.iter().position(|s| *s == rec.step).unwrap_or(0)
+        let round = rec.step.round();
+        let at = match rec.step {
+            Phase::Models => 0,
+            Phase::Identify => 1,
+            _ => 2,
         };
         for (i, step) in order.iter().enumerate() {
             let state = if rec.state == JobState::Done || i < at {
@@ -386,13 +529,7 @@ impl Coordinator {
                 .get(&rec.id)
                 .map(|p| p.rounds.to_string())
                 .unwrap_or_else(|| "?".into());
-            let last = self
-                .inner
-                .round_history
-                .lock()
-                .unwrap()
-                .get(&rec.id)
-                .and_then(|h| h.last().cloned());
+            let last = self.inner.last_round.lock().unwrap().get(&rec.id).cloned();
             p.detail = match last {
                 Some(e) => format!(
                     "round {}/{rounds}; last round ce_train {:.4}, ce_scenario {:.4}",
@@ -407,7 +544,7 @@ impl Coordinator {
         let summary_json = if rec.state == JobState::Done {
             self.inner
                 .artifacts
-                .get(&format!("jobs/{}/report/summary.json", rec.id))
+                .get(&keys::result(&rec.id, files::SUMMARY))
                 .await
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default()
@@ -418,7 +555,7 @@ impl Coordinator {
             job_id: rec.id.clone(),
             name: rec.name.clone(),
             state: rec.state.as_str().into(),
-            step: rec.step.clone(),
+            step: rec.step.to_string(),
             error: rec.error.clone(),
             steps,
             summary_json,
@@ -428,22 +565,17 @@ impl Coordinator {
     }
 }
 
-/// A job's scenarios and class names, as its distill step left them.
-pub fn read_scenarios(dir: &std::path::Path) -> Result<(Vec<Scenario>, Vec<String>), Status> {
-    let read = |name: &str| {
-        let p = dir.join(name);
-        std::fs::read(&p).map_err(|e| Status::failed_precondition(format!("{}: {e}", p.display())))
-    };
-    let scenarios: Vec<Scenario> = serde_json::from_slice(&read("distill/scenarios.json")?)
-        .map_err(|e| Status::internal(format!("scenarios of {}: {e}", dir.display())))?;
-    let classes: Vec<String> = serde_json::from_slice(&read("classes.json")?)
-        .map_err(|e| Status::internal(format!("classes of {}: {e}", dir.display())))?;
-    Ok((scenarios, classes))
-}
-
 /// The job a metric is labelled with: a round's parent, so rounds add no series.
 fn metric_job(id: &str) -> &str {
     crate::rounds::parse_sub_job(id).map_or(id, |(job, _)| job)
+}
+
+/// A fresh name per process: the host name and a random part.
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| sanitize(h.trim()))
+        .unwrap_or_else(|_| "coordinator".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
 }
 
 fn valid_id(s: &str) -> bool {
@@ -478,11 +610,7 @@ fn sanitize(s: &str) -> String {
 }
 
 pub(crate) fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::Lost(_) => Status::failed_precondition(e.to_string()),
-        StoreError::Exists(_) => Status::already_exists(e.to_string()),
-        StoreError::Backend(_) => Status::unavailable(e.to_string()),
-    }
+    CoordinatorError::from(e).into()
 }
 
 #[tonic::async_trait]
@@ -535,9 +663,23 @@ impl WorkerService for Coordinator {
         let cached = self.inner.leasable.lock().unwrap().clone();
         let jobs = match cached {
             Some(j) => j,
-            None => Arc::new(self.inner.store.list_jobs().await.map_err(store_status)?),
+            None => Arc::new(self.inner.store.active_jobs().await.map_err(store_status)?),
         };
         for rec in jobs.iter().filter(|j| is_leasable(j)) {
+            // what the task needs is read before the lease is taken: a failed read
+            // leaves the shard pending and burns no attempt
+            let source = if rec.step == Phase::RoundParts {
+                let Some((job, _)) = crate::rounds::parse_sub_job(&rec.id) else {
+                    continue;
+                };
+                TaskSource::Round(
+                    crate::rounds::plan(self, job)
+                        .await
+                        .map_err(Status::unavailable)?,
+                )
+            } else {
+                TaskSource::Identify(self.plan(&rec.id).await?)
+            };
             let started = std::time::Instant::now();
             let r = self
                 .inner
@@ -552,10 +694,10 @@ impl WorkerService for Coordinator {
             };
             tracing::info!(job = %rec.id, shard = lease.shard, attempt = lease.attempt, worker = %worker, "shard leased");
             crate::metrics::lease(metric_job(&rec.id));
-            if rec.step == "finetune-part" {
-                return self.finetune_task(rec, &lease).await;
-            }
-            let plan = self.plan(&rec.id).await?;
+            let plan = match source {
+                TaskSource::Round(plan) => return self.finetune_task(rec, &plan, &lease),
+                TaskSource::Identify(plan) => plan,
+            };
             let (start, end) = *plan
                 .ranges
                 .get(lease.shard as usize)
@@ -574,7 +716,7 @@ impl WorkerService for Coordinator {
                     classifier_key: plan.classifier_key.clone(),
                     vae_key: plan.vae_key.clone(),
                     vae_decoder_key: plan.vae_decoder_key.clone(),
-                    output_key: crate::shard_output_key(&rec.id, lease.shard, lease.attempt),
+                    output_key: keys::shard_output(&rec.id, lease.shard, lease.attempt),
                     ..Default::default()
                 }),
                 retry_after_ms: 0,
@@ -640,11 +782,32 @@ impl WorkerService for Coordinator {
             .task
             .ok_or_else(|| Status::invalid_argument("task missing"))?;
         // the output must be the one of this attempt
-        if r.output_key != crate::shard_output_key(&t.job, t.shard, t.attempt) {
+        let expected = match crate::rounds::parse_sub_job(&t.job) {
+            Some((job, round)) => {
+                let plan = crate::rounds::plan(self, job)
+                    .await
+                    .map_err(Status::unavailable)?;
+                keys::part_output(job, round, t.shard, t.attempt, &plan.extension)
+            }
+            None => keys::shard_output(&t.job, t.shard, t.attempt),
+        };
+        if r.output_key != expected {
             return Err(Status::invalid_argument(format!(
                 "output key {} is not the key of attempt {}",
                 r.output_key, t.attempt
             )));
+        }
+        if t.step == "finetune" {
+            // a part's losses go beside its checkpoint before it is accepted: the
+            // round's history survives a restart of the coordinator
+            self.inner
+                .artifacts
+                .put(
+                    &keys::part_stats(&r.output_key),
+                    r.stats_json.clone().into(),
+                )
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
         }
         let started = std::time::Instant::now();
         let f = self
@@ -657,13 +820,6 @@ impl WorkerService for Coordinator {
         crate::metrics::completion(metric_job(&t.job), f == Fenced::Accepted);
         let acceptance = match f {
             Fenced::Accepted if t.step == "finetune" => {
-                let v: serde_json::Value = serde_json::from_str(&r.stats_json).unwrap_or_default();
-                let n = v["samples"].as_u64().unwrap_or(0) as usize;
-                let mut stats = self.inner.round_stats.lock().unwrap();
-                let e = stats.entry(t.job.clone()).or_default();
-                e.0 += v["ce_train"].as_f64().unwrap_or(0.0) * n as f64;
-                e.1 += v["ce_scenario"].as_f64().unwrap_or(0.0) * n as f64;
-                e.2 += n;
                 tracing::info!(job = %t.job, part = t.shard, attempt = t.attempt, worker = %r.worker_id, "round part done");
                 Acceptance::Accepted
             }
@@ -697,6 +853,13 @@ impl WorkerService for Coordinator {
             .task
             .ok_or_else(|| Status::invalid_argument("task missing"))?;
         let e = r.error.unwrap_or_default();
+        let failure = if e.kind == FailureKind::Shutdown as i32 {
+            Failure::HandBack
+        } else if e.retryable {
+            Failure::Retryable
+        } else {
+            Failure::Fatal
+        };
         let o = self
             .inner
             .store
@@ -705,13 +868,13 @@ impl WorkerService for Coordinator {
                 t.shard,
                 &r.worker_id,
                 t.attempt,
-                e.retryable,
+                failure,
                 &e.message,
                 self.inner.cfg.max_attempts,
             )
             .await
             .map_err(store_status)?;
-        tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, retryable = e.retryable, outcome = ?o, error = %e.message, "task failed");
+        tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, worker = %r.worker_id, failure = ?failure, outcome = ?o, error = %e.message, "task failed");
         crate::metrics::task_failure(&t.job, e.retryable, &format!("{o:?}").to_lowercase());
         let acceptance = if o == FailOutcome::Stale {
             Acceptance::Stale
@@ -755,7 +918,7 @@ impl JobService for Coordinator {
             .get_job(&id)
             .await
             .map_err(store_status)?
-            .and_then(|j| crate::rounds::round_of_step(&j.step))
+            .and_then(|j| j.step.round())
         {
             let sub = crate::rounds::sub_job(&id, r);
             if let Err(e) = self.inner.store.cancel(&sub, now_ms()).await {
@@ -790,12 +953,34 @@ impl JobService for Coordinator {
         }))
     }
 
-    async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let r = req.into_inner();
+        let size = if r.page_size == 0 {
+            DEFAULT_PAGE
+        } else {
+            r.page_size as usize
+        };
+        let (recs, next) = self
+            .jobs_page(&r.page_token, size)
+            .await
+            .map_err(store_status)?;
         let mut jobs = Vec::new();
-        for rec in self.submitted_jobs().await.map_err(store_status)? {
-            jobs.push(self.status_of(&rec).await);
+        for rec in &recs {
+            jobs.push(self.status_of(rec).await);
         }
-        Ok(Response::new(ListResponse { jobs }))
+        Ok(Response::new(ListResponse {
+            jobs,
+            next_page_token: next,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let objects = Coordinator::delete(self, &id).await?;
+        Ok(Response::new(DeleteResponse { objects }))
     }
 }
 
@@ -834,7 +1019,7 @@ pub async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let driver = tokio::spawn(crate::driver::run(coord.clone()));
+    let driver = tokio::spawn(crate::driver::run(coord.clone(), stopped(stop_rx.clone())));
     let web = http.map(|(listener, opts)| {
         let app = crate::http::router(coord.clone(), opts);
         let stop = stopped(stop_rx.clone());
@@ -876,7 +1061,9 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await;
-    driver.abort();
+    // the driver ends after the tick under way; central steps it started are left
+    // to the process's end (each is idempotent: the next leader runs it again)
+    let _ = driver.await;
     if let Some(w) = web {
         let _ = w.await;
     }

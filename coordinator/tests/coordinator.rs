@@ -51,7 +51,7 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
     ] {
         let e = coord.submit(&bad, None).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains(expect), "{expect}: {}", e.message());
+        assert!(e.to_string().contains(expect), "{expect}: {e}");
     }
     assert!(store.list_jobs().await.unwrap().is_empty());
     let e = coord
@@ -116,7 +116,10 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
         ),
         "{e:?}"
     );
-    let listed = jobs.list(defuse_proto::ListRequest {}).await.unwrap();
+    let listed = jobs
+        .list(defuse_proto::ListRequest::default())
+        .await
+        .unwrap();
     assert_eq!(listed.into_inner().jobs.len(), 1, "still serving");
     let mut c = ::redis::Client::open(redis.url())
         .unwrap()

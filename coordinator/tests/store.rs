@@ -12,7 +12,7 @@ fn job(id: &str) -> JobRecord {
         id: id.into(),
         name: "n".into(),
         state: JobState::Running,
-        step: "identify".into(),
+        step: Phase::Identify,
         config_toml: "x = 1".into(),
         n_shards: 0,
         error: String::new(),
@@ -28,8 +28,8 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.create_job(&job("a")).await,
         Err(StoreError::Exists(_))
     ));
-    s.plan_shards("a", 3, t0).await.unwrap();
-    s.plan_shards("a", 5, t0).await.unwrap(); // idempotent
+    s.plan_shards("a", 3, t0, 1).await.unwrap();
+    s.plan_shards("a", 5, t0, 1).await.unwrap(); // idempotent
     assert_eq!(s.get_job("a").await.unwrap().unwrap().n_shards, 3);
     assert_eq!(
         s.counts("a").await.unwrap(),
@@ -65,14 +65,20 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.complete("a", 0, "w1", 1, "jobs/a/0/1").await.unwrap(),
         Fenced::Accepted
     );
+    // a completion retried after its reply was lost is accepted again, counted once
     assert_eq!(
         s.complete("a", 0, "w1", 1, "jobs/a/0/1").await.unwrap(),
+        Fenced::Accepted,
+        "the same owner, attempt and output: idempotent"
+    );
+    assert_eq!(
+        s.complete("a", 0, "w1", 1, "jobs/a/0/other").await.unwrap(),
         Fenced::Stale,
-        "accepted once"
+        "another output of a done shard"
     );
 
     // expiry: shard 1 (deadline t0+100) and 2 expire at t0+120; shard 0 is done
-    let mut exp = s.reap("a", t0 + 120, 3).await.unwrap();
+    let mut exp = s.reap("a", t0 + 120, 3, 1).await.unwrap();
     exp.sort_by_key(|e| e.shard);
     assert_eq!(
         exp.iter()
@@ -81,7 +87,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         vec![(1, 1, "w2", true), (2, 1, "w1", true)]
     );
     assert!(
-        s.reap("a", t0 + 120, 3).await.unwrap().is_empty(),
+        s.reap("a", t0 + 120, 3, 1).await.unwrap().is_empty(),
         "one reaper pass only"
     );
     // the old owner's completion is now stale
@@ -100,11 +106,15 @@ async fn suite(s: Arc<dyn StateStore>) {
     let l = s.lease("a", "w3", t0 + 200, 100).await.unwrap().unwrap();
     assert_eq!((l.shard, l.attempt), (1, 2));
     assert_eq!(
-        s.fail("a", 1, "w9", 2, true, "x", 3).await.unwrap(),
+        s.fail("a", 1, "w9", 2, Failure::Retryable, "x", 3)
+            .await
+            .unwrap(),
         FailOutcome::Stale
     );
     assert_eq!(
-        s.fail("a", 1, "w3", 2, true, "io hiccup", 3).await.unwrap(),
+        s.fail("a", 1, "w3", 2, Failure::Retryable, "io hiccup", 3)
+            .await
+            .unwrap(),
         FailOutcome::Requeued
     );
     let l = s.lease("a", "w3", t0 + 300, 100).await.unwrap().unwrap();
@@ -116,7 +126,7 @@ async fn suite(s: Arc<dyn StateStore>) {
     let l = s.lease("a", "w3", t0 + 300, 100).await.unwrap().unwrap();
     assert_eq!((l.shard, l.attempt), (1, 3));
     assert_eq!(
-        s.fail("a", 1, "w3", 3, true, "model broken", 3)
+        s.fail("a", 1, "w3", 3, Failure::Retryable, "model broken", 3)
             .await
             .unwrap(),
         FailOutcome::JobFailed
@@ -129,7 +139,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         j.error
     );
     // a final state is never left
-    s.set_job_state("a", JobState::Running, "identify", "", t0)
+    s.set_job_state("a", JobState::Running, Phase::Identify, "", t0, 1)
         .await
         .unwrap();
     assert_eq!(
@@ -145,20 +155,20 @@ async fn suite(s: Arc<dyn StateStore>) {
 
     // a non-retryable failure fails at once; lease expiry out of attempts fails too
     s.create_job(&job("b")).await.unwrap();
-    s.plan_shards("b", 2, t0).await.unwrap();
+    s.plan_shards("b", 2, t0, 1).await.unwrap();
     let l = s.lease("b", "w", t0, 10).await.unwrap().unwrap();
     assert_eq!(
-        s.fail("b", l.shard, "w", 1, false, "bad config", 3)
+        s.fail("b", l.shard, "w", 1, Failure::Fatal, "bad config", 3)
             .await
             .unwrap(),
         FailOutcome::JobFailed
     );
     s.create_job(&job("c")).await.unwrap();
-    s.plan_shards("c", 1, t0).await.unwrap();
+    s.plan_shards("c", 1, t0, 1).await.unwrap();
     for k in 1..=2u64 {
         let l = s.lease("c", "w", t0 + 100 * k, 10).await.unwrap().unwrap();
         assert_eq!(l.attempt as u64, k);
-        let e = s.reap("c", t0 + 100 * k + 20, 2).await.unwrap();
+        let e = s.reap("c", t0 + 100 * k + 20, 2, 1).await.unwrap();
         assert_eq!(e[0].requeued, k < 2);
     }
     assert_eq!(
@@ -180,11 +190,17 @@ async fn suite(s: Arc<dyn StateStore>) {
     })
     .await
     .unwrap();
-    s.plan_shards("d", 2, t0).await.unwrap();
+    s.plan_shards("d", 2, t0, 1).await.unwrap();
+    assert_eq!(
+        s.counts("d").await.unwrap().total,
+        0,
+        "planned only when running"
+    );
     assert_eq!(s.lease("d", "w", t0, 10).await.unwrap(), None);
-    s.set_job_state("d", JobState::Running, "identify", "", t0)
+    s.set_job_state("d", JobState::Running, Phase::Identify, "", t0, 1)
         .await
         .unwrap();
+    s.plan_shards("d", 2, t0, 1).await.unwrap();
     let l = s.lease("d", "w", t0, 10).await.unwrap().unwrap();
     s.cancel("d", t0 + 1).await.unwrap();
     let c = s.counts("d").await.unwrap();
@@ -197,7 +213,62 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.complete("d", l.shard, "w", l.attempt, "k").await.unwrap(),
         Fenced::Stale
     );
-    assert!(s.reap("d", t0 + 1000, 3).await.unwrap().is_empty());
+    assert!(s.reap("d", t0 + 1000, 3, 1).await.unwrap().is_empty());
+
+    // a job cancelled while its plan was being made gets no shards: nothing is left
+    // pending for workers (cancel during the models step)
+    s.create_job(&JobRecord {
+        step: Phase::Models,
+        ..job("e")
+    })
+    .await
+    .unwrap();
+    s.cancel("e", t0).await.unwrap();
+    s.plan_shards("e", 4, t0, 1).await.unwrap();
+    assert_eq!(s.counts("e").await.unwrap().total, 0);
+    assert_eq!(s.lease("e", "w", t0, 10).await.unwrap(), None);
+
+    // a hand-back (worker shutting down) requeues without using up a try
+    s.create_job(&job("f")).await.unwrap();
+    s.plan_shards("f", 1, t0, 1).await.unwrap();
+    for k in 1..=3u32 {
+        let l = s.lease("f", "w", t0, 10).await.unwrap().unwrap();
+        assert_eq!(l.attempt, k);
+        assert_eq!(
+            s.fail("f", 0, "w", k, Failure::HandBack, "shutting down", 2)
+                .await
+                .unwrap(),
+            FailOutcome::Requeued,
+            "hand-back {k} with max_attempts 2"
+        );
+    }
+    let sh = s.shards("f").await.unwrap();
+    assert_eq!((sh[0].attempt, sh[0].handbacks), (3, 3));
+    // the tries still count: 2 real ones after 3 hand-backs
+    let l = s.lease("f", "w", t0, 10).await.unwrap().unwrap();
+    assert_eq!(
+        s.fail("f", 0, "w", l.attempt, Failure::Retryable, "io", 2)
+            .await
+            .unwrap(),
+        FailOutcome::Requeued
+    );
+    let l = s.lease("f", "w", t0 + 100, 10).await.unwrap().unwrap();
+    let e = s.reap("f", t0 + 200, 2, 1).await.unwrap();
+    assert_eq!((e[0].attempt, e[0].requeued), (l.attempt, false));
+    assert_eq!(
+        s.get_job("f").await.unwrap().unwrap().state,
+        JobState::Failed
+    );
+
+    // labels are stored once: a second set is refused, the first is kept
+    assert_eq!(s.labels("a").await.unwrap(), None);
+    assert!(s.put_labels("a", "{\"0\": 3}").await.unwrap());
+    assert!(!s.put_labels("a", "{\"0\": 4}").await.unwrap());
+    assert_eq!(s.labels("a").await.unwrap().as_deref(), Some("{\"0\": 3}"));
+    assert!(matches!(
+        s.put_labels("zz", "{}").await,
+        Err(StoreError::Lost(_))
+    ));
 
     // unknown jobs are lost, not silently empty
     assert!(matches!(
@@ -217,7 +288,56 @@ async fn suite(s: Arc<dyn StateStore>) {
         .map(|j| j.id)
         .collect();
     ids.sort();
-    assert_eq!(ids, ["a", "b", "c", "d"]);
+    assert_eq!(ids, ["a", "b", "c", "d", "e", "f"]);
+
+    // one leader at a time; a new leader gets a newer token, and a job refuses the
+    // writes of a leader older than the newest that wrote to it
+    let t1 = s.lead("n1", t0, 100).await.unwrap().expect("n1 leads");
+    assert_eq!(
+        s.lead("n1", t0 + 50, 100).await.unwrap(),
+        Some(t1),
+        "renewed"
+    );
+    assert_eq!(
+        s.lead("n2", t0 + 120, 100).await.unwrap(),
+        None,
+        "n1's lease holds"
+    );
+    let t2 = s
+        .lead("n2", t0 + 151, 100)
+        .await
+        .unwrap()
+        .expect("n1's lease expired");
+    assert!(t2 > t1);
+    assert_eq!(
+        s.lead("n1", t0 + 160, 100).await.unwrap(),
+        None,
+        "n1 lost it"
+    );
+    s.create_job(&JobRecord {
+        step: Phase::Models,
+        ..job("g")
+    })
+    .await
+    .unwrap();
+    s.set_job_state("g", JobState::Running, Phase::Models, "", t0, t1)
+        .await
+        .unwrap();
+    s.plan_shards("g", 2, t0, t2).await.unwrap();
+    for refused in [
+        s.set_job_state("g", JobState::Failed, Phase::Models, "stale", t0, t1)
+            .await
+            .map(|_| ()),
+        s.plan_shards("g", 9, t0, t1).await,
+        s.reap("g", t0, 3, t1).await.map(|_| ()),
+    ] {
+        assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    }
+    let g = s.get_job("g").await.unwrap().unwrap();
+    assert_eq!((g.state, g.n_shards), (JobState::Running, 2));
+    s.set_job_state("g", JobState::Running, Phase::Identify, "", t0, t2)
+        .await
+        .unwrap();
 
     // workers
     assert!(!s.touch_worker("w1", t0).await.unwrap());
@@ -230,6 +350,31 @@ async fn suite(s: Arc<dyn StateStore>) {
         w,
         vec![("w1".to_string(), "{\"device\":\"cpu\"}".to_string(), t0 + 5)]
     );
+
+    // the driver reads the active jobs only; retired ones wait for retention or delete
+    let ids = |v: Vec<JobRecord>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.active_jobs().await.unwrap()),
+        ["a", "b", "c", "d", "e", "f", "g"]
+    );
+    for (id, t) in [("a", 100), ("b", 200), ("c", 300)] {
+        s.retire(id, Some(t)).await.unwrap();
+    }
+    assert_eq!(ids(s.active_jobs().await.unwrap()), ["d", "e", "f", "g"]);
+    assert_eq!(s.finished_count().await.unwrap(), 3);
+    assert_eq!(s.expired_jobs(150, 10).await.unwrap(), ["a"], "by age");
+    assert_eq!(s.expired_jobs(0, 1).await.unwrap(), ["a", "b"], "by count");
+    assert!(s.expired_jobs(100, 3).await.unwrap().is_empty());
+    s.delete_job("a").await.unwrap();
+    assert_eq!(s.get_job("a").await.unwrap(), None);
+    assert_eq!(
+        s.labels("a").await.unwrap(),
+        None,
+        "its labels went with it"
+    );
+    assert_eq!(s.job_ids().await.unwrap(), ["b", "c", "d", "e", "f", "g"]);
+    assert_eq!(s.finished_count().await.unwrap(), 2);
+    assert!(matches!(s.shards("a").await, Err(StoreError::Lost(_))));
 }
 
 #[tokio::test]
@@ -248,7 +393,7 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
     let mut r = Redis::start(true);
     let s = RedisStore::connect(&r.url()).await.unwrap();
     s.create_job(&job("j")).await.unwrap();
-    s.plan_shards("j", 2, 10).await.unwrap();
+    s.plan_shards("j", 2, 10, 1).await.unwrap();
     let l = s.lease("j", "w", 10, 1000).await.unwrap().unwrap();
     r.restart();
     // the connection manager reconnects; scripts are loaded again (NOSCRIPT)

@@ -2,12 +2,14 @@
 //! later modules) identify, distill and correct. Both the coordinator and the worker
 //! link this crate; see DESIGN.md for the whole picture.
 pub mod artifacts;
+pub mod config;
 pub mod correct;
 pub mod data;
 pub mod dpgmm;
 pub mod error;
 pub mod identify;
 pub mod images;
+pub mod layout;
 pub mod models;
 pub mod pictures;
 pub mod pipeline;

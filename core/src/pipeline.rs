@@ -10,179 +10,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Device;
 
-use crate::correct::{self, CorrectOptions};
-use crate::data::{DataSpec, Dataset};
+use crate::config::{JobConfig, LabelMode};
+use crate::correct;
+use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::identify::{self, Failures, IdentifyOptions, IdentifyStats};
-use crate::models::{self, Classifier, CnnArch, ModelFiles, Vae, VaeArch};
-use crate::scenarios::{self, DistillOptions, Labels, Scenario};
+use crate::layout::{self, read_json, write_json};
+use crate::models::{self, Classifier, CnnArch, Vae, VaeArch};
+use crate::scenarios::{self, Labels, Scenario};
 use crate::train::{self, TrainOptions};
 use crate::{progress, report};
-
-/// A job: one TOML file. Every field but `data.path` has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobConfig {
-    /// Job name, shown in reports; default: the config file's name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Seed of every random draw (see the determinism rule).
-    #[serde(default)]
-    pub seed: u64,
-    /// Output folder; default `runs/<name>`.
-    #[serde(default)]
-    pub out: Option<PathBuf>,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
-    pub data: DataSpec,
-    /// The models under test; missing ones are trained with `[train]`.
-    #[serde(default)]
-    pub models: ModelFiles,
-    #[serde(default)]
-    pub train: TrainSection,
-    #[serde(default)]
-    pub identify: IdentifyOptions,
-    #[serde(default)]
-    pub distill: DistillOptions,
-    #[serde(default)]
-    pub label: LabelSection,
-    #[serde(default)]
-    pub correct: CorrectOptions,
-}
-
-fn default_device() -> String {
-    "cpu".into()
-}
-
-/// How to train the models a job does not bring.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrainSection {
-    pub classifier_epochs: usize,
-    pub classifier_lr_decay: f64,
-    pub classifier_width: i64,
-    pub vae_epochs: usize,
-    pub vae_lr_decay: f64,
-    pub vae_latent: i64,
-    pub vae_beta: f64,
-    pub vae_width: i64,
-    pub vae_hidden: i64,
-    pub batch_size: usize,
-    pub lr: f64,
-}
-
-impl Default for TrainSection {
-    fn default() -> Self {
-        TrainSection {
-            classifier_epochs: 5,
-            classifier_lr_decay: 1.0,
-            classifier_width: 32,
-            vae_epochs: 10,
-            vae_lr_decay: 1.0,
-            vae_latent: 10,
-            vae_beta: 1.0,
-            vae_width: 32,
-            vae_hidden: 256,
-            batch_size: 128,
-            lr: 1e-3,
-        }
-    }
-}
-
-/// `[label]`: where the scenario labels come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LabelSection {
-    pub mode: LabelMode,
-    /// The labels file for `mode = "file"`.
-    pub file: Option<PathBuf>,
-    /// `source-majority` discards a scenario whose majority source label covers less
-    /// than this share of its failures (an ambiguous scenario a person would discard).
-    pub min_purity: f64,
-    /// `source-majority` discards a scenario whose samples the classifier already
-    /// gets right (most of its grid): it is no failure.
-    pub discard_non_failures: bool,
-}
-
-impl Default for LabelSection {
-    fn default() -> Self {
-        LabelSection {
-            mode: LabelMode::SourceMajority,
-            file: None,
-            min_purity: 0.6,
-            discard_non_failures: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LabelMode {
-    /// Each scenario gets the majority true label of its codes' source images.
-    SourceMajority,
-    /// Labels from `label.file`.
-    File,
-    /// A person labels: the run stops after distill until `defuse label` has
-    /// written `<out>/labels.json`.
-    Manual,
-}
-
-impl JobConfig {
-    /// Reads and validates a job file; unknown fields and bad values are errors.
-    pub fn load(path: &Path) -> Result<JobConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::invalid("config", format!("cannot read {}: {e}", path.display()))
-        })?;
-        let mut c: JobConfig =
-            toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
-        if c.name.is_none() {
-            c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-        }
-        c.validate()
-            .map_err(|e| Error::format(path, e.to_string()))?;
-        Ok(c)
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        models::parse_device(&self.device)?;
-        self.identify.validate()?;
-        self.distill.validate()?;
-        self.correct.validate()?;
-        if !(0.0..=1.0).contains(&self.label.min_purity) {
-            return Err(Error::invalid(
-                "label.min_purity",
-                format!("{} is not in [0, 1]", self.label.min_purity),
-            ));
-        }
-        if self.label.mode == LabelMode::File && self.label.file.is_none() {
-            return Err(Error::invalid(
-                "label.file",
-                "mode = \"file\" needs label.file",
-            ));
-        }
-        if self.models.vae_decoder.is_some() && self.models.vae.is_none() {
-            return Err(Error::invalid(
-                "models.vae_decoder",
-                "given without models.vae (the encoder)",
-            ));
-        }
-        let t = &self.train;
-        if t.classifier_epochs == 0 || t.vae_epochs == 0 || t.batch_size == 0 || t.vae_latent < 1 {
-            return Err(Error::invalid(
-                "train",
-                "epochs, batch_size and vae_latent must be at least 1",
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn out_dir(&self) -> PathBuf {
-        self.out
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
-    }
-}
 
 /// Outcome of a run.
 #[derive(Debug)]
@@ -265,7 +102,7 @@ impl Job<'_> {
     }
 
     fn done(&self, step: &str, hash: &str) -> bool {
-        let p = self.out.join(step).join("done.json");
+        let p = self.out.join(layout::done(step));
         std::fs::read_to_string(p)
             .ok()
             .and_then(|s| serde_json::from_str::<Done>(&s).ok())
@@ -277,7 +114,8 @@ impl Job<'_> {
     }
 
     fn mark_seconds(&mut self, step: &str, hash: &str, seconds: f64) -> Result<()> {
-        let p = self.dir(step)?.join("done.json");
+        self.dir(step)?;
+        let p = self.out.join(layout::done(step));
         std::fs::write(
             &p,
             serde_json::to_string(&Done {
@@ -294,7 +132,7 @@ impl Job<'_> {
 
     fn reuse(&mut self, step: &str) {
         tracing::info!(step, "step already done, reusing its outputs");
-        let p = self.out.join(step).join("done.json");
+        let p = self.out.join(layout::done(step));
         let secs = std::fs::read_to_string(p)
             .ok()
             .and_then(|s| serde_json::from_str::<Done>(&s).ok())
@@ -327,8 +165,8 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
     };
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let ds = cfg.data.load()?;
-    write_json(&job.out.join("classes.json"), &ds.class_names)?;
-    let toml_path = job.out.join("job.toml");
+    write_json(&job.out.join(layout::CLASSES), &ds.class_names)?;
+    let toml_path = job.out.join(layout::JOB_TOML);
     std::fs::write(
         &toml_path,
         toml::to_string(cfg).map_err(|e| Error::invalid("config", e.to_string()))?,
@@ -395,7 +233,7 @@ impl Prepared<'_> {
         seconds: f64,
     ) -> Result<()> {
         self.job.dir("identify")?;
-        failures.write(&self.job.out.join("identify/failures.safetensors"), stats)?;
+        failures.write(&self.job.out.join(layout::FAILURES), stats)?;
         let h = self.identify_hash();
         self.job.mark_seconds("identify", &h, seconds)
     }
@@ -429,19 +267,12 @@ pub fn shard_ranges(ds: &Dataset, o: &IdentifyOptions) -> Vec<std::ops::Range<us
         .collect()
 }
 
-/// Runs (or resumes) a whole job in this process.
-pub fn run(cfg: &JobConfig) -> Result<RunOutcome> {
-    let mut p = prepare(cfg)?;
-    p.identify_here()?;
-    finish(&mut p)
-}
-
 /// The central steps after identify: distill, label, correct, report.
 pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     let cfg = p.job.cfg;
     let distributed = p.distributed_correct && cfg.correct.parts > 1;
     let h_identify = p.identify_hash();
-    let (failures, istats) = Failures::read(&p.job.out.join("identify/failures.safetensors"))?;
+    let (failures, istats) = Failures::read(&p.job.out.join(layout::FAILURES))?;
     let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
     let job = &mut p.job;
     if !job.timings.iter().any(|(s, _)| s == "identify") {
@@ -457,23 +288,23 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     // distill
     let h_distill = hash_of(&[&h_identify, &cfg.distill]);
     let started = Instant::now();
-    let scen_path = job.out.join("distill/scenarios.json");
+    let scen_path = job.out.join(layout::SCENARIOS);
     let scenarios: Vec<Scenario> = if job.done("distill", &h_distill) {
         job.reuse("distill");
         read_json(&scen_path)?
     } else {
-        let dir = job.dir("distill")?;
+        job.dir("distill")?;
         let (gmm, mut scenarios, assign) = scenarios::distill(&failures, &cfg.distill, cfg.seed)?;
         for s in &mut scenarios {
             let codes = s.sample_codes(cfg.distill.grid_samples, cfg.distill.tau, cfg.seed, 0)?;
             let (imgs, preds) = scenarios::decode_and_classify(vae, clf, &codes)?;
             // rows of 8: a block a person can take in at a glance
             let rows = imgs.split(8, 0);
-            crate::images::write_grid(&dir.join(format!("scenario-{}.png", s.id)), &rows, 3)?;
+            crate::images::write_grid(&job.out.join(layout::scenario_grid(s.id)), &rows, 3)?;
             s.sample_predictions = preds;
         }
-        write_json(&dir.join("gmm.json"), &gmm)?;
-        write_json(&dir.join("assignments.json"), &assign)?;
+        write_json(&job.out.join(layout::GMM), &gmm)?;
+        write_json(&job.out.join(layout::ASSIGNMENTS), &assign)?;
         write_json(&scen_path, &scenarios)?;
         job.mark("distill", &h_distill, started)?;
         scenarios
@@ -487,13 +318,13 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
     } else {
         let started = Instant::now();
         let dir = job.dir("pictures")?;
-        let assign: Vec<i64> = read_json(&job.out.join("distill/assignments.json"))?;
+        let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
         crate::pictures::write(&dir, vae, ds, &scenarios, &failures.codes, &assign)?;
         job.mark("pictures", &h_pictures, started)?;
     }
 
     // label
-    let labels_path = job.out.join("labels.json");
+    let labels_path = job.out.join(layout::LABELS);
     let label_input = match cfg.label.mode {
         LabelMode::File => std::fs::read_to_string(cfg.label.file.as_ref().expect("validated"))
             .map_err(|e| Error::io(cfg.label.file.as_ref().expect("validated"), e))?,
@@ -542,13 +373,13 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         .out
         .join("correct")
         .join(format!("classifier.{}", clf.extension()));
-    let eval_path = job.out.join("correct/evaluation.json");
+    let eval_path = job.out.join(layout::EVALUATION);
     let evaluation: report::Evaluation = if job.done("correct", &h_correct) {
         job.reuse("correct");
         read_json(&eval_path)?
     } else if distributed {
         let dir = job.dir("correct")?;
-        let done: Option<RoundsDone> = read_json(&dir.join("rounds-done.json"))
+        let done: Option<RoundsDone> = read_json(&job.out.join(layout::ROUNDS_DONE))
             .ok()
             .filter(|d: &RoundsDone| d.hash == h_correct);
         let Some(done) = done else {
@@ -584,7 +415,7 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
                 num_classes: ds.num_classes() as i64,
             }));
         };
-        let final_path = dir.join(format!("rounds-final.{}", clf.extension()));
+        let final_path = job.out.join(layout::rounds_final(clf.extension()));
         let tuned = Classifier::load(
             &final_path,
             ds.image_shape(),
@@ -734,9 +565,10 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
     }
     let (ds, clf, vae) = (&p.ds, &p.clf, &p.vae);
     let job = &mut p.job;
-    let scenarios: Vec<Scenario> = read_json(&job.out.join("distill/scenarios.json"))?;
-    let labels = scenarios::read_labels(&job.out.join("labels.json"), &scenarios, &ds.class_names)?;
-    let h_label = std::fs::read_to_string(job.out.join("label/done.json"))
+    let scenarios: Vec<Scenario> = read_json(&job.out.join(layout::SCENARIOS))?;
+    let labels =
+        scenarios::read_labels(&job.out.join(layout::LABELS), &scenarios, &ds.class_names)?;
+    let h_label = std::fs::read_to_string(job.out.join(layout::done("label")))
         .ok()
         .and_then(|t| serde_json::from_str::<Done>(&t).ok())
         .map(|d| d.hash)
@@ -975,16 +807,4 @@ fn run_identify(
     }
     bar.finish_and_clear();
     Ok((Failures::concat(parts, vae.latent()), total))
-}
-
-pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v).expect("serialisable"))
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
 }

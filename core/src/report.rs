@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use crate::config::JobConfig;
 use crate::correct::CorrectEpoch;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::identify::{Failures, IdentifyStats};
-use crate::pipeline::JobConfig;
 use crate::scenarios::{Label, Labels, Scenario};
 
 /// What the correct step measured.
@@ -153,7 +153,7 @@ impl Summary {
 /// alone.
 pub fn write(dir: &Path, s: &Summary, grids: &Path, pictures: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::pipeline::write_json(&dir.join("summary.json"), s)?;
+    crate::layout::write_json(&dir.join("summary.json"), s)?;
     let html = render_html(s, grids, pictures);
     let p = dir.join("index.html");
     std::fs::write(&p, html).map_err(|e| Error::io(&p, e))

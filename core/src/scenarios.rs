@@ -351,14 +351,18 @@ pub fn read_labels(path: &Path, scenarios: &[Scenario], class_names: &[String]) 
     .map_err(|m| Error::format(path, m))
 }
 
-pub fn write_labels(path: &Path, labels: &Labels) -> Result<()> {
+/// Labels as the JSON object `labels.json` holds (`{"<scenario>": <label>}`).
+pub fn labels_json(labels: &Labels) -> String {
     let obj: serde_json::Map<String, serde_json::Value> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::to_value(v).expect("label")))
         .collect();
+    serde_json::to_string_pretty(&obj).expect("json")
+}
+
+pub fn write_labels(path: &Path, labels: &Labels) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&obj).expect("json"))
-        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::write(&tmp, labels_json(labels)).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 

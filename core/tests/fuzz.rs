@@ -116,7 +116,7 @@ proptest! {
     #[test]
     fn config_parser(bytes in input("config")) {
         let (_d, p) = in_file(&bytes, "job.toml");
-        if let Err(e) = defuse_core::pipeline::JobConfig::load(&p) {
+        if let Err(e) = defuse_core::config::JobConfig::load(&p) {
             prop_assert!(e.to_string().contains("job.toml"), "{e}");
         }
     }

@@ -146,7 +146,7 @@ fn svhn_files_that_lie_are_refused_with_their_name() {
 #[test]
 fn the_svhn_example_config_reads_svhn_files() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cfg = defuse_core::pipeline::JobConfig::load(&repo.join("examples/svhn.toml")).unwrap();
+    let mut cfg = defuse_core::config::JobConfig::load(&repo.join("examples/svhn.toml")).unwrap();
     assert_eq!(cfg.data.format, defuse_core::data::DataFormat::Svhn);
     let dir = tempfile::tempdir().unwrap();
     write_mat(

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use defuse_core::artifacts::{self, ArtifactStore};
+use defuse_core::config::JobConfig;
 use defuse_core::data::Dataset;
 use defuse_core::identify::identify;
 use defuse_core::models::{self, Classifier};
-use defuse_core::pipeline::JobConfig;
 use defuse_proto::worker_service_client::WorkerServiceClient;
 use defuse_proto::*;
 use tracing::Instrument;
@@ -274,10 +274,11 @@ async fn heartbeat_loop(
                 if r.reregister {
                     reregister.store(true, Ordering::SeqCst);
                 }
-                for (i, v) in r.verdicts.iter().enumerate() {
+                // one verdict per task sent; extra verdicts are ignored
+                for ((v, t), flag) in r.verdicts.iter().zip(&tasks).zip(&flags) {
                     if *v == TaskVerdict::Abandon as i32 {
-                        tracing::warn!(worker = %id, job = %tasks[i].job, shard = tasks[i].shard, attempt = tasks[i].attempt, "lease lost: abandoning the task");
-                        flags[i].store(true, Ordering::SeqCst);
+                        tracing::warn!(worker = %id, job = %t.job, shard = t.shard, attempt = t.attempt, "lease lost: abandoning the task");
+                        flag.store(true, Ordering::SeqCst);
                     }
                 }
             }
@@ -291,6 +292,19 @@ enum Outcome {
     Done(String, String),
     Abandoned,
     Failed(TaskError),
+}
+
+/// How a search ended without a result: stopped on request (lease lost, shutdown),
+/// or failed.
+enum Ended {
+    Cancelled,
+    Failed(TaskError),
+}
+
+impl From<TaskError> for Ended {
+    fn from(e: TaskError) -> Self {
+        Ended::Failed(e)
+    }
 }
 
 fn task_error(kind: FailureKind, retryable: bool, message: impl Into<String>) -> TaskError {
@@ -484,10 +498,13 @@ async fn execute(
     let (start, end) = (task.start as usize, task.end as usize);
     let out2 = out_path.clone();
     let flags = (abandon.clone(), stop.clone());
-    let r = tokio::task::spawn_blocking(move || -> Result<String, TaskError> {
-        let exec = |e: defuse_core::Error| {
-            let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
-            task_error(FailureKind::Execution, retryable, e.to_string())
+    let r = tokio::task::spawn_blocking(move || -> Result<String, Ended> {
+        let exec = |e: defuse_core::Error| match e {
+            defuse_core::Error::Cancelled => Ended::Cancelled,
+            e => {
+                let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
+                Ended::Failed(task_error(FailureKind::Execution, retryable, e.to_string()))
+            }
         };
         let ds = dataset(&datasets, &job_cfg).map_err(exec)?;
         let shape = ds.image_shape();
@@ -519,7 +536,7 @@ async fn execute(
     .await;
     let stats = match r {
         Ok(Ok(stats)) => stats,
-        Ok(Err(e)) if e.message == "cancelled" => {
+        Ok(Err(Ended::Cancelled)) => {
             return if stop.load(Ordering::SeqCst) {
                 Outcome::Failed(task_error(
                     FailureKind::Shutdown,
@@ -530,7 +547,7 @@ async fn execute(
                 Outcome::Abandoned
             };
         }
-        Ok(Err(e)) => return Outcome::Failed(e),
+        Ok(Err(Ended::Failed(e))) => return Outcome::Failed(e),
         Err(e) => {
             return Outcome::Failed(task_error(
                 FailureKind::Execution,

@@ -15,12 +15,22 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     jobs: BTreeMap<String, MemJob>,
+    /// Jobs not yet retired (the Redis set `defuse:jobs:active`).
+    active: std::collections::BTreeSet<String>,
+    /// Retired jobs by the time they finished (the sorted set `defuse:jobs:finished`).
+    finished: BTreeMap<String, u64>,
     workers: HashMap<String, (String, u64)>,
+    /// (node, token, lease end).
+    leader: Option<(String, u64, u64)>,
+    tokens: u64,
 }
 
 #[derive(Debug)]
 struct MemJob {
     rec: JobRecord,
+    labels: Option<String>,
+    /// The newest leader token that wrote to the job.
+    fence: u64,
     pending: VecDeque<u32>,
     shards: Vec<ShardInfo>,
     deadlines: BTreeMap<u32, u64>,
@@ -36,6 +46,15 @@ fn job<'a>(i: &'a mut Inner, id: &str) -> StoreResult<&'a mut MemJob> {
     i.jobs
         .get_mut(id)
         .ok_or_else(|| StoreError::Lost(id.into()))
+}
+
+/// Refuses a leader token older than the newest this job has seen.
+fn fence(j: &mut MemJob, token: u64) -> StoreResult<()> {
+    if token < j.fence {
+        return Err(StoreError::Fenced(j.rec.id.clone()));
+    }
+    j.fence = token;
+    Ok(())
 }
 
 fn fenced(j: &MemJob, shard: u32, worker: &str, attempt: u32) -> bool {
@@ -63,11 +82,14 @@ impl StateStore for MemoryStore {
                 n_shards: 0,
                 ..rec.clone()
             },
+            labels: None,
+            fence: 0,
             pending: VecDeque::new(),
             shards: vec![],
             deadlines: BTreeMap::new(),
         };
         i.jobs.insert(rec.id.clone(), j);
+        i.active.insert(rec.id.clone());
         Ok(())
     }
 
@@ -92,30 +114,79 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
+    async fn job_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(self.inner.lock().unwrap().jobs.keys().cloned().collect())
+    }
+
+    async fn active_jobs(&self) -> StoreResult<Vec<JobRecord>> {
+        let i = self.inner.lock().unwrap();
+        Ok(i.active
+            .iter()
+            .filter_map(|id| i.jobs.get(id).map(|j| j.rec.clone()))
+            .collect())
+    }
+
+    async fn retire(&self, id: &str, finished_ms: Option<u64>) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        i.active.remove(id);
+        if let Some(t) = finished_ms.filter(|_| i.jobs.contains_key(id)) {
+            i.finished.insert(id.into(), t);
+        }
+        Ok(())
+    }
+
+    async fn expired_jobs(&self, before_ms: u64, keep: usize) -> StoreResult<Vec<String>> {
+        let i = self.inner.lock().unwrap();
+        let mut by_time: Vec<(u64, &String)> = i.finished.iter().map(|(k, t)| (*t, k)).collect();
+        by_time.sort();
+        let beyond = by_time.len().saturating_sub(keep);
+        Ok(by_time
+            .iter()
+            .enumerate()
+            .filter(|(n, (t, _))| *n < beyond || *t < before_ms)
+            .map(|(_, (_, id))| (*id).clone())
+            .collect())
+    }
+
+    async fn finished_count(&self) -> StoreResult<u64> {
+        Ok(self.inner.lock().unwrap().finished.len() as u64)
+    }
+
+    async fn delete_job(&self, id: &str) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        i.jobs.remove(id);
+        i.active.remove(id);
+        i.finished.remove(id);
+        Ok(())
+    }
+
     async fn set_job_state(
         &self,
         id: &str,
         state: JobState,
-        step: &str,
+        step: Phase,
         error: &str,
         now_ms: u64,
+        token: u64,
     ) -> StoreResult<()> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
+        fence(j, token)?;
         if j.rec.state.is_final() {
             return Ok(());
         }
         j.rec.state = state;
-        j.rec.step = step.into();
+        j.rec.step = step;
         j.rec.error = error.into();
         j.rec.updated_ms = now_ms;
         Ok(())
     }
 
-    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()> {
+    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64, token: u64) -> StoreResult<()> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
-        if !j.shards.is_empty() {
+        fence(j, token)?;
+        if !j.shards.is_empty() || j.rec.state != JobState::Running {
             return Ok(());
         }
         j.shards = (0..n)
@@ -187,6 +258,12 @@ impl StateStore for MemoryStore {
     ) -> StoreResult<Fenced> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
+        let again = j.shards.get(shard as usize).is_some_and(|s| {
+            s.state == "done" && s.owner == worker && s.attempt == attempt && s.output == output
+        });
+        if again {
+            return Ok(Fenced::Accepted);
+        }
         if !fenced(j, shard, worker, attempt) {
             return Ok(Fenced::Stale);
         }
@@ -204,7 +281,7 @@ impl StateStore for MemoryStore {
         shard: u32,
         worker: &str,
         attempt: u32,
-        retryable: bool,
+        failure: Failure,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
@@ -215,8 +292,16 @@ impl StateStore for MemoryStore {
         }
         j.deadlines.remove(&shard);
         let s = &mut j.shards[shard as usize];
+        if failure == Failure::HandBack {
+            s.handbacks += 1;
+            s.state = "pending".into();
+            s.owner.clear();
+            j.pending.push_back(shard);
+            return Ok(FailOutcome::Requeued);
+        }
         s.error = message.into();
-        if retryable && attempt < max_attempts {
+        let tries = attempt.saturating_sub(s.handbacks);
+        if failure == Failure::Retryable && tries < max_attempts {
             s.state = "pending".into();
             s.owner.clear();
             j.pending.push_back(shard);
@@ -229,9 +314,16 @@ impl StateStore for MemoryStore {
         }
     }
 
-    async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>> {
+    async fn reap(
+        &self,
+        id: &str,
+        now_ms: u64,
+        max_attempts: u32,
+        token: u64,
+    ) -> StoreResult<Vec<Expired>> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
+        fence(j, token)?;
         let expired: Vec<u32> = j
             .deadlines
             .iter()
@@ -243,7 +335,7 @@ impl StateStore for MemoryStore {
             j.deadlines.remove(&shard);
             let s = &mut j.shards[shard as usize];
             let (attempt, owner) = (s.attempt, std::mem::take(&mut s.owner));
-            let requeued = attempt < max_attempts;
+            let requeued = attempt.saturating_sub(s.handbacks) < max_attempts;
             if requeued {
                 s.state = "pending".into();
                 j.pending.push_back(shard);
@@ -268,6 +360,21 @@ impl StateStore for MemoryStore {
         Ok(job(&mut i, id)?.shards.clone())
     }
 
+    async fn put_labels(&self, id: &str, labels_json: &str) -> StoreResult<bool> {
+        let mut i = self.inner.lock().unwrap();
+        let j = job(&mut i, id)?;
+        if j.labels.is_some() {
+            return Ok(false);
+        }
+        j.labels = Some(labels_json.into());
+        Ok(true)
+    }
+
+    async fn labels(&self, id: &str) -> StoreResult<Option<String>> {
+        let i = self.inner.lock().unwrap();
+        Ok(i.jobs.get(id).and_then(|j| j.labels.clone()))
+    }
+
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
@@ -285,6 +392,22 @@ impl StateStore for MemoryStore {
         j.rec.state = JobState::Cancelled;
         j.rec.updated_ms = now_ms;
         Ok(())
+    }
+
+    async fn lead(&self, node: &str, now_ms: u64, ttl_ms: u64) -> StoreResult<Option<u64>> {
+        let mut i = self.inner.lock().unwrap();
+        match &mut i.leader {
+            Some((n, token, until)) if n == node && *until >= now_ms => {
+                *until = now_ms + ttl_ms;
+                return Ok(Some(*token));
+            }
+            Some((_, _, until)) if *until >= now_ms => return Ok(None),
+            _ => {}
+        }
+        i.tokens += 1;
+        let token = i.tokens;
+        i.leader = Some((node.into(), token, now_ms + ttl_ms));
+        Ok(Some(token))
     }
 
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {

@@ -7,55 +7,19 @@
 //! completion, failure or renewal is fenced by owner and attempt. Times are
 //! milliseconds since the Unix epoch, passed in by the caller (one clock: the
 //! coordinator's), so tests can move time without sleeping.
+//!
+//! Coordinators on one store elect a leader ([`StateStore::lead`]): only the leader
+//! drives jobs. Its writes to a job (`set_job_state`, `plan_shards`, `reap`) carry
+//! the fencing token of its leadership; a job refuses a token older than the newest
+//! it has seen ([`StoreError::Fenced`]), so a leader that lost its lease (paused,
+//! partitioned) cannot undo what its successor did.
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod memory;
 pub mod redis;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Running,
-    AwaitingLabels,
-    Done,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::AwaitingLabels => "awaiting_labels",
-            JobState::Done => "done",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobState> {
-        [
-            JobState::Queued,
-            JobState::Running,
-            JobState::AwaitingLabels,
-            JobState::Done,
-            JobState::Failed,
-            JobState::Cancelled,
-        ]
-        .into_iter()
-        .find(|j| j.as_str() == s)
-    }
-
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            JobState::Done | JobState::Failed | JobState::Cancelled
-        )
-    }
-}
+pub use crate::lifecycle::{JobState, Phase};
 
 /// What the store keeps of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,8 +27,8 @@ pub struct JobRecord {
     pub id: String,
     pub name: String,
     pub state: JobState,
-    /// The step the job is in (`models`, `identify`, `finish`).
-    pub step: String,
+    /// The phase the job is in (see `lifecycle.rs`).
+    pub step: Phase,
     pub config_toml: String,
     /// Shards of the identify step (0 until planned).
     pub n_shards: u32,
@@ -97,6 +61,29 @@ pub enum FailOutcome {
     /// Not retryable or out of attempts: the shard, and with it the job, failed.
     JobFailed,
     Stale,
+}
+
+/// Why a task attempt ended without a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Worth another attempt: requeued while attempts are left (`max_attempts`).
+    Retryable,
+    /// Fails the shard, and with it the job, at once.
+    Fatal,
+    /// The worker hands the task back (it is shutting down): requeued, and the attempt
+    /// does not count toward `max_attempts`.
+    HandBack,
+}
+
+impl Failure {
+    /// The form the Redis script takes.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Failure::Retryable => "retry",
+            Failure::Fatal => "fatal",
+            Failure::HandBack => "handback",
+        }
+    }
 }
 
 /// An expired lease the reaper handled.
@@ -145,6 +132,8 @@ pub struct ShardInfo {
     pub output: String,
     /// How many completions were accepted (never more than 1).
     pub accepted: u32,
+    /// Attempts handed back by workers shutting down (they do not count as tries).
+    pub handbacks: u32,
     pub error: String,
 }
 
@@ -156,6 +145,8 @@ pub enum StoreError {
     Lost(String),
     #[error("job {0} already exists")]
     Exists(String),
+    #[error("job {0}: write refused: a newer leader has written to it (this coordinator is no longer the leader)")]
+    Fenced(String),
     #[error("state store: {0}")]
     Backend(String),
 }
@@ -173,19 +164,41 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Creates a job (state as given, no shards yet).
     async fn create_job(&self, job: &JobRecord) -> StoreResult<()>;
     async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>>;
+    /// Every job kept (tests and small tools: the driver and the API use the calls
+    /// below, whose cost does not grow with finished jobs).
     async fn list_jobs(&self) -> StoreResult<Vec<JobRecord>>;
+    /// The ids of every job kept, sorted (for paging through them).
+    async fn job_ids(&self) -> StoreResult<Vec<String>>;
+    /// The jobs not yet retired: every job that is not final, and final ones the
+    /// driver has not retired yet.
+    async fn active_jobs(&self) -> StoreResult<Vec<JobRecord>>;
+    /// Moves a final job out of the active set and, given the time it finished, into
+    /// the finished index, where retention finds it.
+    async fn retire(&self, id: &str, finished_ms: Option<u64>) -> StoreResult<()>;
+    /// Retired jobs to delete: those finished before `before_ms`, and the oldest beyond
+    /// the newest `keep`.
+    async fn expired_jobs(&self, before_ms: u64, keep: usize) -> StoreResult<Vec<String>>;
+    /// How many retired jobs are kept.
+    async fn finished_count(&self) -> StoreResult<u64>;
+    /// Removes everything the store keeps of a job (record, shards, labels, indexes).
+    async fn delete_job(&self, id: &str) -> StoreResult<()>;
     /// Moves a job to `state`/`step` (with an error message when failing). A final
     /// state is never left.
+    /// Fenced by the leader's token `fence`.
+    #[allow(clippy::too_many_arguments)]
     async fn set_job_state(
         &self,
         id: &str,
         state: JobState,
-        step: &str,
+        step: Phase,
         error: &str,
         now_ms: u64,
+        fence: u64,
     ) -> StoreResult<()>;
-    /// Plans `n` pending shards (idempotent: does nothing when shards exist).
-    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()>;
+    /// Plans `n` pending shards (idempotent: does nothing when shards exist, or when
+    /// the job is not running: a job cancelled meanwhile gets none).
+    /// Fenced by the leader's token `fence`.
+    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64, fence: u64) -> StoreResult<()>;
     /// Leases the next pending shard of a running job to `worker`.
     async fn lease(
         &self,
@@ -203,6 +216,9 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         now_ms: u64,
         lease_ms: u64,
     ) -> StoreResult<Fenced>;
+    /// Accepts the output of the current owner and attempt. Idempotent: the same owner,
+    /// attempt and output completing again (a retry after a lost reply) is accepted
+    /// again without counting twice.
     async fn complete(
         &self,
         id: &str,
@@ -211,6 +227,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         attempt: u32,
         output: &str,
     ) -> StoreResult<Fenced>;
+    /// Ends the current attempt without a result; see [`Failure`].
     #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
@@ -218,18 +235,35 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         shard: u32,
         worker: &str,
         attempt: u32,
-        retryable: bool,
+        failure: Failure,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome>;
-    /// Requeues (or fails, after `max_attempts`) every lease past its deadline.
-    async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>>;
+    /// Requeues (or fails, after `max_attempts` tries not handed back) every lease
+    /// past its deadline.
+    /// Fenced by the leader's token `fence`.
+    async fn reap(
+        &self,
+        id: &str,
+        now_ms: u64,
+        max_attempts: u32,
+        fence: u64,
+    ) -> StoreResult<Vec<Expired>>;
     async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>>;
     async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
         Ok(ShardCounts::of(&self.shards(id).await?))
     }
+    /// Stores a job's labels (JSON) once, atomically: `false` when the job has labels
+    /// already (labels are final).
+    async fn put_labels(&self, id: &str, labels_json: &str) -> StoreResult<bool>;
+    /// The labels a job was given, if any.
+    async fn labels(&self, id: &str) -> StoreResult<Option<String>>;
     /// Marks every pending and leased shard cancelled and the job cancelled.
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()>;
+    /// Takes or renews the leader lease for `node` until `now_ms + ttl_ms`. Returns the
+    /// fencing token of its leadership (it grows with every new leader), or `None`
+    /// while another node holds a lease that has not expired.
+    async fn lead(&self, node: &str, now_ms: u64, ttl_ms: u64) -> StoreResult<Option<u64>>;
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()>;
     /// Records a heartbeat; false when the worker is unknown (register again).
     async fn touch_worker(&self, worker: &str, now_ms: u64) -> StoreResult<bool>;

@@ -3,8 +3,11 @@
 //!
 //! Per job: `{job:ID}:meta` (hash: the record), `{job:ID}:pending` (list of shard ids),
 //! `{job:ID}:shards` (hash: `<n>:state|attempt|owner|output|accepted|error`),
-//! `{job:ID}:leases` (sorted set: shard by deadline). Global: `defuse:jobs` (set of
-//! ids), `defuse:workers` (hash: id -> info JSON), `defuse:workers:seen` (id -> ms).
+//! `{job:ID}:leases` (sorted set: shard by deadline), `{job:ID}:labels` (the labels'
+//! JSON, set once). Global: `defuse:jobs` (set of
+//! ids), `defuse:jobs:active` (set: jobs not retired, what the driver reads each tick),
+//! `defuse:jobs:finished` (sorted set: retired jobs by the time they finished), `defuse:workers` (hash: id -> info JSON), `defuse:workers:seen` (id -> ms),
+//! `defuse:leader` (hash: owner, token, until: the leader lease).
 use std::collections::HashMap;
 
 use ::redis::aio::ConnectionManager;
@@ -14,6 +17,7 @@ use async_trait::async_trait;
 use super::*;
 
 const LOST: &str = "DEFUSE_LOST";
+const FENCED: &str = "DEFUSE_FENCED";
 
 const FENCE: &str = r#"
 local function fenced(shards, shard, worker, attempt)
@@ -22,6 +26,14 @@ local function fenced(shards, shard, worker, attempt)
 end
 local function need(meta)
   if redis.call('EXISTS', meta) == 0 then return false end
+  return true
+end
+-- a leader token older than the newest this job has seen is refused
+local function fence_ok(meta, token)
+  local f = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  local t = tonumber(token)
+  if t < f then return false end
+  if t > f then redis.call('HSET', meta, 'fence', t) end
   return true
 end
 local function fail_job(meta, msg, now)
@@ -45,24 +57,29 @@ struct Scripts {
     fail: Script,
     reap: Script,
     cancel: Script,
+    put_labels: Script,
+    lead: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            // KEYS meta; ARGV state step error now
+            // KEYS meta; ARGV state step error now fence
             set_state: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fence_ok(KEYS[1], ARGV[5]) then return redis.error_reply('DEFUSE_FENCED') end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'step', ARGV[2], 'error', ARGV[3], 'updated_ms', ARGV[4])
 return 1"#,
             ),
-            // KEYS meta pending shards; ARGV n now
+            // KEYS meta pending shards; ARGV n now fence
             plan: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fence_ok(KEYS[1], ARGV[3]) then return redis.error_reply('DEFUSE_FENCED') end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'n_shards') or '0') > 0 then return 0 end
 local n = tonumber(ARGV[1])
 for i = 0, n - 1 do
@@ -97,20 +114,31 @@ return 1"#,
             complete: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+local v = redis.call('HMGET', KEYS[2], ARGV[1] .. ':state', ARGV[1] .. ':owner', ARGV[1] .. ':attempt', ARGV[1] .. ':output')
+if v[1] == 'done' and v[2] == ARGV[2] and v[3] == ARGV[3] and v[4] == ARGV[4] then return 1 end
 if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'done', ARGV[1] .. ':output', ARGV[4])
 redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':accepted', 1)
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 1"#,
             ),
-            // KEYS meta shards leases pending; ARGV shard worker attempt retryable message max now
+            // KEYS meta shards leases pending; ARGV shard worker attempt kind message max now
+            // (kind: retry | fatal | handback; a hand-back is not a try)
             fail: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 'stale' end
 redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[4] == 'handback' then
+  redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':handbacks', 1)
+  redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'pending')
+  redis.call('HDEL', KEYS[2], ARGV[1] .. ':owner')
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+  return 'requeued'
+end
 redis.call('HSET', KEYS[2], ARGV[1] .. ':error', ARGV[5])
-if ARGV[4] == '1' and tonumber(ARGV[3]) < tonumber(ARGV[6]) then
+local tries = tonumber(ARGV[3]) - tonumber(redis.call('HGET', KEYS[2], ARGV[1] .. ':handbacks') or '0')
+if ARGV[4] == 'retry' and tries < tonumber(ARGV[6]) then
   redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'pending')
   redis.call('HDEL', KEYS[2], ARGV[1] .. ':owner')
   redis.call('RPUSH', KEYS[4], ARGV[1])
@@ -120,19 +148,21 @@ redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'failed')
 fail_job(KEYS[1], 'shard ' .. ARGV[1] .. ' failed on attempt ' .. ARGV[3] .. ': ' .. ARGV[5], ARGV[7])
 return 'failed'"#,
             ),
-            // KEYS meta shards leases pending; ARGV now max
+            // KEYS meta shards leases pending; ARGV now max fence
             reap: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fence_ok(KEYS[1], ARGV[3]) then return redis.error_reply('DEFUSE_FENCED') end
 local out = {}
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 for _, shard in ipairs(expired) do
   redis.call('ZREM', KEYS[3], shard)
   local attempt = tonumber(redis.call('HGET', KEYS[2], shard .. ':attempt') or '0')
+  local tries = attempt - tonumber(redis.call('HGET', KEYS[2], shard .. ':handbacks') or '0')
   local owner = redis.call('HGET', KEYS[2], shard .. ':owner') or ''
   redis.call('HDEL', KEYS[2], shard .. ':owner')
   local requeued = 0
-  if attempt < tonumber(ARGV[2]) then
+  if tries < tonumber(ARGV[2]) then
     redis.call('HSET', KEYS[2], shard .. ':state', 'pending')
     redis.call('RPUSH', KEYS[4], shard)
     requeued = 1
@@ -162,6 +192,28 @@ end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_ms', ARGV[1])
 return 1"#,
+            ),
+            // KEYS leader; ARGV node now ttl. The leader hash: owner, token, until.
+            lead: Script::new(
+                r#"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local till = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+local now = tonumber(ARGV[2])
+if owner == ARGV[1] and till >= now then
+  redis.call('HSET', KEYS[1], 'until', now + tonumber(ARGV[3]))
+  return tonumber(redis.call('HGET', KEYS[1], 'token'))
+end
+if owner and till >= now then return false end
+local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', now + tonumber(ARGV[3]))
+return token"#,
+            ),
+            // KEYS meta labels; ARGV json
+            put_labels: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX') then return 1 end
+return 0"#,
             ),
         }
     }
@@ -214,6 +266,7 @@ struct Keys {
     pending: String,
     shards: String,
     leases: String,
+    labels: String,
 }
 
 fn keys(id: &str) -> Keys {
@@ -223,12 +276,19 @@ fn keys(id: &str) -> Keys {
         pending: format!("{tag}:pending"),
         shards: format!("{tag}:shards"),
         leases: format!("{tag}:leases"),
+        labels: format!("{tag}:labels"),
     }
 }
 
 const JOBS: &str = "defuse:jobs";
 const WORKERS: &str = "defuse:workers";
 const SEEN: &str = "defuse:workers:seen";
+const LEADER: &str = "defuse:leader";
+const ACTIVE: &str = "defuse:jobs:active";
+const FINISHED: &str = "defuse:jobs:finished";
+/// Set once the job indexes exist (a store written by an older release has none:
+/// its jobs are made active at connect).
+const SCHEMA: &str = "defuse:schema";
 
 impl RedisStore {
     pub async fn connect(url: &str) -> StoreResult<RedisStore> {
@@ -239,9 +299,19 @@ impl RedisStore {
             .set_number_of_retries(3)
             .set_connection_timeout(std::time::Duration::from_secs(3))
             .set_response_timeout(std::time::Duration::from_secs(5));
-        let conn = ConnectionManager::new_with_config(client, cfg)
+        let mut conn = ConnectionManager::new_with_config(client, cfg)
             .await
             .map_err(|e| StoreError::Backend(format!("cannot connect to redis at {shown}: {e}")))?;
+        let schema: Option<u32> = conn.get(SCHEMA).await?;
+        if schema.is_none() {
+            let _: () = ::redis::cmd("SUNIONSTORE")
+                .arg(ACTIVE)
+                .arg(ACTIVE)
+                .arg(JOBS)
+                .query_async(&mut conn)
+                .await?;
+            let _: () = conn.set(SCHEMA, 2).await?;
+        }
         Ok(RedisStore {
             conn,
             url: shown,
@@ -257,6 +327,8 @@ impl RedisStore {
 fn lost(id: &str, e: ::redis::RedisError) -> StoreError {
     if e.to_string().contains(LOST) {
         StoreError::Lost(id.into())
+    } else if e.to_string().contains(FENCED) {
+        StoreError::Fenced(id.into())
     } else {
         StoreError::Backend(e.to_string())
     }
@@ -272,7 +344,7 @@ fn record(map: HashMap<String, String>) -> Option<JobRecord> {
         id: g("id"),
         name: g("name"),
         state: JobState::parse(&g("state")).unwrap_or(JobState::Failed),
-        step: g("step"),
+        step: Phase::parse(&g("step")).unwrap_or(Phase::Lost),
         config_toml: g("config_toml"),
         n_shards: n("n_shards") as u32,
         error: g("error"),
@@ -298,7 +370,7 @@ impl StateStore for RedisStore {
         let fields: Vec<(&str, String)> = vec![
             ("name", j.name.clone()),
             ("state", j.state.as_str().into()),
-            ("step", j.step.clone()),
+            ("step", j.step.to_string()),
             ("config_toml", j.config_toml.clone()),
             ("n_shards", "0".into()),
             ("error", j.error.clone()),
@@ -307,6 +379,65 @@ impl StateStore for RedisStore {
         ];
         let _: () = c.hset_multiple(&k.meta, &fields).await?;
         let _: () = c.sadd(JOBS, &j.id).await?;
+        let _: () = c.sadd(ACTIVE, &j.id).await?;
+        Ok(())
+    }
+
+    async fn job_ids(&self) -> StoreResult<Vec<String>> {
+        let mut ids: Vec<String> = self.conn().smembers(JOBS).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn active_jobs(&self) -> StoreResult<Vec<JobRecord>> {
+        let mut ids: Vec<String> = self.conn().smembers(ACTIVE).await?;
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(r) = self.get_job(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn retire(&self, id: &str, finished_ms: Option<u64>) -> StoreResult<()> {
+        let mut c = self.conn();
+        if let Some(t) = finished_ms {
+            let _: () = c.zadd(FINISHED, id, t).await?;
+        }
+        let _: () = c.srem(ACTIVE, id).await?;
+        Ok(())
+    }
+
+    async fn expired_jobs(&self, before_ms: u64, keep: usize) -> StoreResult<Vec<String>> {
+        let mut c = self.conn();
+        let mut ids: Vec<String> = c
+            .zrangebyscore(FINISHED, "-inf", format!("({before_ms}"))
+            .await?;
+        let n: usize = c.zcard(FINISHED).await?;
+        if n > keep {
+            let oldest: Vec<String> = c.zrange(FINISHED, 0, (n - keep - 1) as isize).await?;
+            ids.extend(oldest);
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    async fn finished_count(&self) -> StoreResult<u64> {
+        Ok(self.conn().zcard(FINISHED).await?)
+    }
+
+    async fn delete_job(&self, id: &str) -> StoreResult<()> {
+        let k = keys(id);
+        let mut c = self.conn();
+        let _: () = c
+            .del(&[&k.meta, &k.pending, &k.shards, &k.leases, &k.labels])
+            .await?;
+        let _: () = c.srem(JOBS, id).await?;
+        let _: () = c.srem(ACTIVE, id).await?;
+        let _: () = c.zrem(FINISHED, id).await?;
         Ok(())
     }
 
@@ -331,9 +462,10 @@ impl StateStore for RedisStore {
         &self,
         id: &str,
         state: JobState,
-        step: &str,
+        step: Phase,
         error: &str,
         now_ms: u64,
+        fence: u64,
     ) -> StoreResult<()> {
         let k = keys(id);
         let _: i64 = self
@@ -341,16 +473,17 @@ impl StateStore for RedisStore {
             .set_state
             .key(&k.meta)
             .arg(state.as_str())
-            .arg(step)
+            .arg(step.to_string())
             .arg(error)
             .arg(now_ms)
+            .arg(fence)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
         Ok(())
     }
 
-    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64) -> StoreResult<()> {
+    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64, fence: u64) -> StoreResult<()> {
         let k = keys(id);
         let _: i64 = self
             .scripts
@@ -360,6 +493,7 @@ impl StateStore for RedisStore {
             .key(&k.shards)
             .arg(n)
             .arg(now_ms)
+            .arg(fence)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
@@ -460,7 +594,7 @@ impl StateStore for RedisStore {
         shard: u32,
         worker: &str,
         attempt: u32,
-        retryable: bool,
+        failure: Failure,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
@@ -475,7 +609,7 @@ impl StateStore for RedisStore {
             .arg(shard)
             .arg(worker)
             .arg(attempt)
-            .arg(if retryable { "1" } else { "0" })
+            .arg(failure.as_str())
             .arg(message)
             .arg(max_attempts)
             .arg(now_ms())
@@ -489,7 +623,13 @@ impl StateStore for RedisStore {
         })
     }
 
-    async fn reap(&self, id: &str, now_ms: u64, max_attempts: u32) -> StoreResult<Vec<Expired>> {
+    async fn reap(
+        &self,
+        id: &str,
+        now_ms: u64,
+        max_attempts: u32,
+        fence: u64,
+    ) -> StoreResult<Vec<Expired>> {
         let k = keys(id);
         let flat: Vec<::redis::Value> = self
             .scripts
@@ -500,6 +640,7 @@ impl StateStore for RedisStore {
             .key(&k.pending)
             .arg(now_ms)
             .arg(max_attempts)
+            .arg(fence)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
@@ -548,11 +689,30 @@ impl StateStore for RedisStore {
                 "owner" => info.owner = v,
                 "output" => info.output = v,
                 "accepted" => info.accepted = v.parse().unwrap_or(0),
+                "handbacks" => info.handbacks = v.parse().unwrap_or(0),
                 "error" => info.error = v,
                 _ => {}
             }
         }
         Ok(out)
+    }
+
+    async fn put_labels(&self, id: &str, labels_json: &str) -> StoreResult<bool> {
+        let k = keys(id);
+        let r: i64 = self
+            .scripts
+            .put_labels
+            .key(&k.meta)
+            .key(&k.labels)
+            .arg(labels_json)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(r == 1)
+    }
+
+    async fn labels(&self, id: &str) -> StoreResult<Option<String>> {
+        Ok(self.conn().get(keys(id).labels).await?)
     }
 
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {
@@ -569,6 +729,19 @@ impl StateStore for RedisStore {
             .await
             .map_err(|e| lost(id, e))?;
         Ok(())
+    }
+
+    async fn lead(&self, node: &str, now_ms: u64, ttl_ms: u64) -> StoreResult<Option<u64>> {
+        let token: Option<u64> = self
+            .scripts
+            .lead
+            .key(LEADER)
+            .arg(node)
+            .arg(now_ms)
+            .arg(ttl_ms)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(token)
     }
 
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {

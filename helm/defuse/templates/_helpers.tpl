@@ -123,6 +123,9 @@ by every template that needs them, so the message comes whichever file renders f
 {{- if and (eq .Values.data.type "hostPath") (not .Values.data.hostPath) }}
 {{- fail "data.hostPath is required when data.type is hostPath" }}
 {{- end }}
+{{- if and (gt (int .Values.coordinator.replicas) 1) .Values.coordinator.workClaimName }}
+{{- fail "coordinator.replicas above 1 needs coordinator.workClaimName empty: each coordinator pod keeps its own cache (an emptyDir); what matters is in Redis and the artifact store" }}
+{{- end }}
 {{- if and (gt (int .Values.worker.gpu.count) 0) (eq .Values.worker.device "cpu") }}
 {{- fail "worker.gpu.count is above 0 but worker.device is cpu: set worker.device=cuda (and a CUDA worker image, worker.image.repository)" }}
 {{- end }}

@@ -1,0 +1,491 @@
+//! The coordinator's life cycle in process: a memory state store, a local artifact
+//! folder, the worker and job services called directly (no network, no driver), so
+//! each defect of the life cycle has a test of a few milliseconds.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use defuse_coordinator::keys::{self, files};
+use defuse_coordinator::store::memory::MemoryStore;
+use defuse_coordinator::store::{JobRecord, JobState, Phase, StateStore};
+use defuse_coordinator::{Coordinator, CoordinatorConfig};
+use defuse_core::artifacts::{ArtifactStore, LocalStore};
+use defuse_proto::worker_service_server::WorkerService;
+use defuse_proto::*;
+use tonic::Request;
+
+struct Harness {
+    store: Arc<dyn StateStore>,
+    artifacts: Arc<dyn ArtifactStore>,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        Harness {
+            store: Arc::new(MemoryStore::new()),
+            artifacts: Arc::new(LocalStore::new(dir.path().join("artifacts"))),
+            dir,
+        }
+    }
+
+    /// A coordinator over the harness's stores, on a work dir of its own (never
+    /// created unless the coordinator writes to it).
+    fn coordinator(&self, name: &str, max_attempts: u32) -> Coordinator {
+        self.coordinator_with(name, |c| c.max_attempts = max_attempts)
+    }
+
+    fn coordinator_with(
+        &self,
+        name: &str,
+        set: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Coordinator {
+        let mut cfg = CoordinatorConfig {
+            work_dir: self.dir.path().join(name),
+            ..Default::default()
+        };
+        set(&mut cfg);
+        Coordinator::new(cfg, self.store.clone(), self.artifacts.clone())
+    }
+
+    async fn job(&self, id: &str, state: JobState, step: Phase, shards: u32) {
+        self.store
+            .create_job(&JobRecord {
+                id: id.into(),
+                name: id.into(),
+                state: JobState::Running,
+                step,
+                config_toml: "[data]\npath = \"/nowhere\"\n".into(),
+                n_shards: 0,
+                error: String::new(),
+                created_ms: 1,
+                updated_ms: 1,
+            })
+            .await
+            .unwrap();
+        if shards > 0 {
+            self.store.plan_shards(id, shards, 1, 1).await.unwrap();
+        }
+        self.store
+            .set_job_state(id, state, step, "", 2, 1)
+            .await
+            .unwrap();
+    }
+
+    async fn plan(&self, job: &str) {
+        let plan = serde_json::json!({
+            "ranges": [[0, 10], [10, 20]],
+            "classifier_key": keys::model(job, "classifier.safetensors"),
+            "vae_key": keys::model(job, "vae.safetensors"),
+            "vae_decoder_key": "",
+        });
+        self.artifacts
+            .put(&keys::plan(job), plan.to_string().into())
+            .await
+            .unwrap();
+    }
+}
+
+async fn register(c: &Coordinator, worker: &str) {
+    WorkerService::register(
+        c,
+        Request::new(RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: worker.into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+}
+
+async fn lease(c: &Coordinator, worker: &str) -> Result<Option<Task>, tonic::Status> {
+    WorkerService::lease(
+        c,
+        Request::new(LeaseRequest {
+            worker_id: worker.into(),
+        }),
+    )
+    .await
+    .map(|r| r.into_inner().task)
+}
+
+async fn fail(c: &Coordinator, worker: &str, task: &Task, kind: FailureKind) -> i32 {
+    WorkerService::fail(
+        c,
+        Request::new(FailRequest {
+            worker_id: worker.into(),
+            task: task.task.clone(),
+            error: Some(TaskError {
+                kind: kind as i32,
+                retryable: true,
+                message: format!("{kind:?}"),
+            }),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .acceptance
+}
+
+#[tokio::test]
+async fn a_plan_that_cannot_be_read_leaves_the_shard_pending_and_burns_no_attempt() {
+    let h = Harness::new();
+    h.job("j", JobState::Running, Phase::Identify, 2).await;
+    let c = h.coordinator("work", 3);
+    register(&c, "w").await;
+    // no plan in the artifact store (it is down, or was lost)
+    let e = lease(&c, "w").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let shards = h.store.shards("j").await.unwrap();
+    assert_eq!(
+        shards
+            .iter()
+            .map(|s| (s.state.as_str(), s.attempt))
+            .collect::<Vec<_>>(),
+        vec![("pending", 0), ("pending", 0)],
+        "a lease was taken for a task that was never built"
+    );
+    // once the plan can be read, the first lease is attempt 1
+    h.plan("j").await;
+    let t = lease(&c, "w").await.unwrap().unwrap();
+    let r = t.task.unwrap();
+    assert_eq!((r.shard, r.attempt, t.start, t.end), (0, 1, 0, 10));
+}
+
+#[tokio::test]
+async fn a_completion_retried_after_a_lost_reply_is_accepted_once() {
+    let h = Harness::new();
+    h.job("j", JobState::Running, Phase::Identify, 2).await;
+    h.plan("j").await;
+    let c = h.coordinator("work", 3);
+    register(&c, "w").await;
+    let t = lease(&c, "w").await.unwrap().unwrap();
+    let r = t.task.clone().unwrap();
+    let complete = || {
+        WorkerService::complete(
+            &c,
+            Request::new(CompleteRequest {
+                worker_id: "w".into(),
+                task: t.task.clone(),
+                output_key: t.output_key.clone(),
+                stats_json: "{}".into(),
+            }),
+        )
+    };
+    for i in 0..2 {
+        let a = complete().await.unwrap().into_inner().acceptance;
+        assert_eq!(a, Acceptance::Accepted as i32, "completion {i}");
+    }
+    let s = &h.store.shards("j").await.unwrap()[r.shard as usize];
+    assert_eq!((s.state.as_str(), s.accepted), ("done", 1));
+    // another worker's completion of the same shard is still stale
+    register(&c, "x").await;
+    let stale = WorkerService::complete(
+        &c,
+        Request::new(CompleteRequest {
+            worker_id: "x".into(),
+            task: t.task.clone(),
+            output_key: t.output_key.clone(),
+            stats_json: "{}".into(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .acceptance;
+    assert_eq!(stale, Acceptance::Stale as i32);
+}
+
+#[tokio::test]
+async fn a_hand_back_on_shutdown_is_not_an_attempt() {
+    let h = Harness::new();
+    h.job("j", JobState::Running, Phase::Identify, 1).await;
+    h.plan("j").await;
+    let c = h.coordinator("work", 2);
+    register(&c, "w").await;
+    // three workers shut down holding the shard, more than max_attempts = 2
+    for k in 1..=3 {
+        let t = lease(&c, "w").await.unwrap().unwrap();
+        assert_eq!(t.task.as_ref().unwrap().attempt, k);
+        assert_eq!(
+            fail(&c, "w", &t, FailureKind::Shutdown).await,
+            Acceptance::Accepted as i32
+        );
+        let j = h.store.get_job("j").await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Running, "hand-back {k} failed the job");
+    }
+    // real failures still count: two of them fail the job
+    let t = lease(&c, "w").await.unwrap().unwrap();
+    fail(&c, "w", &t, FailureKind::Io).await;
+    assert_eq!(
+        h.store.get_job("j").await.unwrap().unwrap().state,
+        JobState::Running
+    );
+    let t = lease(&c, "w").await.unwrap().unwrap();
+    fail(&c, "w", &t, FailureKind::Io).await;
+    assert_eq!(
+        h.store.get_job("j").await.unwrap().unwrap().state,
+        JobState::Failed
+    );
+}
+
+fn scenario(id: usize) -> defuse_core::scenarios::Scenario {
+    defuse_core::scenarios::Scenario {
+        id,
+        component: id,
+        weight: 0.5,
+        size: 5,
+        mean: vec![0.0, 0.0],
+        covariance: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+        predicted: 1,
+        source_labels: BTreeMap::from([(7, 5)]),
+        sample_predictions: vec![1; 8],
+    }
+}
+
+#[tokio::test]
+async fn labels_are_validated_from_the_artifact_store_and_final_across_coordinators() {
+    let h = Harness::new();
+    h.job("j", JobState::AwaitingLabels, Phase::Finish, 0).await;
+    // what the distill step published: the durable copy of the job folder
+    let put = |rel: &'static str, v: serde_json::Value| {
+        let a = h.artifacts.clone();
+        async move {
+            a.put(&keys::folder_file("j", rel), v.to_string().into())
+                .await
+                .unwrap()
+        }
+    };
+    put(
+        files::SCENARIOS,
+        serde_json::to_value(vec![scenario(0), scenario(1)]).unwrap(),
+    )
+    .await;
+    put(
+        files::CLASSES,
+        serde_json::json!(["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]),
+    )
+    .await;
+    let first = h.coordinator("first", 3);
+    let e = first
+        .set_labels("j", &[("5".into(), "7".into())])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("scenario 5 does not exist"), "{e:?}");
+    assert_eq!(h.store.labels("j").await.unwrap(), None);
+    let (labelled, discarded) = first
+        .set_labels("j", &[("0".into(), "7".into())])
+        .await
+        .unwrap();
+    assert_eq!((labelled, discarded), (1, 1));
+    let stored: serde_json::Value =
+        serde_json::from_str(&h.store.labels("j").await.unwrap().unwrap()).unwrap();
+    assert_eq!(stored, serde_json::json!({"0": 7, "1": "discard"}));
+    // a second coordinator (another pod, an empty disk) refuses new labels
+    let second = h.coordinator("second", 3);
+    let e = second
+        .set_labels("j", &[("1".into(), "3".into())])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.to_string().contains("labelled already"), "{e:?}");
+    let again: serde_json::Value =
+        serde_json::from_str(&h.store.labels("j").await.unwrap().unwrap()).unwrap();
+    assert_eq!(again, stored, "labels are final");
+    // nothing was read from or written to either coordinator's disk
+    assert!(!h.dir.path().join("first").exists());
+    assert!(!h.dir.path().join("second").exists());
+}
+
+#[tokio::test]
+async fn of_two_coordinators_one_drives_and_the_other_takes_over_when_it_dies() {
+    let h = Harness::new();
+    h.job("j", JobState::Running, Phase::Identify, 2).await;
+    h.plan("j").await;
+    let short = |c: &mut CoordinatorConfig| {
+        c.lease_ms = 50;
+        c.leader_ms = 400;
+    };
+    let a = h.coordinator_with("a", short);
+    let b = h.coordinator_with("b", short);
+    assert_ne!(a.node(), b.node());
+    register(&a, "w").await;
+    let leased = |t: Task| {
+        let store = h.store.clone();
+        async move {
+            let r = t.task.unwrap();
+            let s = &store.shards("j").await.unwrap()[r.shard as usize];
+            (s.state.as_str(), s.attempt) == ("leased", r.attempt)
+        }
+    };
+    let expire = || tokio::time::sleep(std::time::Duration::from_millis(80));
+
+    // a leads and reaps; b follows and touches nothing
+    let t = lease(&a, "w").await.unwrap().unwrap();
+    expire().await;
+    assert!(a.tick().await.unwrap(), "a leads");
+    assert!(!b.tick().await.unwrap(), "b follows");
+    assert!(!leased(t).await, "the leader reaped the expired lease");
+    let t = lease(&b, "w").await.unwrap().unwrap();
+    expire().await;
+    assert!(!b.tick().await.unwrap());
+    assert!(leased(t.clone()).await, "a follower does not reap");
+    // a stops (dies, or hangs); once its lease runs out b takes over
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    assert!(b.tick().await.unwrap(), "b took over");
+    assert!(!leased(t).await, "the new leader reaped");
+    // a comes back: it follows, and its old leadership's writes are refused
+    assert!(!a.tick().await.unwrap());
+    let stale = h
+        .store
+        .set_job_state("j", JobState::Failed, Phase::Identify, "stale leader", 1, 1)
+        .await;
+    assert!(
+        matches!(stale, Err(defuse_coordinator::store::StoreError::Fenced(_))),
+        "{stale:?}"
+    );
+    assert_eq!(
+        h.store.get_job("j").await.unwrap().unwrap().state,
+        JobState::Running
+    );
+}
+
+#[tokio::test]
+async fn finished_jobs_are_paged_retired_kept_within_retention_and_deleted() {
+    let h = Harness::new();
+    for i in 0..5u64 {
+        let id = format!("done-{i}");
+        h.job(&id, JobState::Running, Phase::Finish, 0).await;
+        h.store
+            .set_job_state(&id, JobState::Done, Phase::Finish, "", 10 + i, 1)
+            .await
+            .unwrap();
+        h.artifacts
+            .put(&keys::result(&id, files::SUMMARY), "{}".into())
+            .await
+            .unwrap();
+    }
+    h.job("live", JobState::Running, Phase::Identify, 1).await;
+    h.plan("live").await;
+    let c = h.coordinator_with("c", |c| {
+        c.keep_jobs = 3;
+        c.keep_ms = u64::MAX;
+    });
+
+    // pages, in id order
+    let ids = |v: Vec<JobRecord>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let (p1, next) = c.jobs_page("", 4).await.unwrap();
+    assert_eq!(ids(p1), ["done-0", "done-1", "done-2", "done-3"]);
+    assert_eq!(next, "done-3");
+    let (p2, next) = c.jobs_page(&next, 4).await.unwrap();
+    assert_eq!(ids(p2), ["done-4", "live"]);
+    assert_eq!(next, "");
+
+    // a running job is not deleted
+    let e = c.delete("live").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.to_string().contains("cancel it first"), "{e:?}");
+
+    // a tick retires the finished jobs (it reads only the active ones from then on)
+    // and deletes the oldest beyond the 3 kept, state and artifacts
+    assert!(c.tick().await.unwrap());
+    assert_eq!(ids(h.store.active_jobs().await.unwrap()), ["live"]);
+    assert_eq!(
+        h.store.job_ids().await.unwrap(),
+        ["done-2", "done-3", "done-4", "live"]
+    );
+    assert!(h.artifacts.list("jobs/done-0/").await.unwrap().is_empty());
+    assert_eq!(h.artifacts.list("jobs/done-2/").await.unwrap().len(), 1);
+
+    // `defuse delete`: state and artifacts
+    assert_eq!(c.delete("done-4").await.unwrap(), 1);
+    assert_eq!(h.store.get_job("done-4").await.unwrap(), None);
+    assert!(h.artifacts.list("jobs/done-4/").await.unwrap().is_empty());
+    assert_eq!(
+        c.delete("done-4").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+}
+
+/// An artifact store whose folder manifests never arrive: a central step that reads
+/// one hangs there until it is stopped, and the store sees it stop.
+#[derive(Debug)]
+struct Stall {
+    inner: LocalStore,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl ArtifactStore for Stall {
+    async fn put(
+        &self,
+        key: &str,
+        bytes: bytes::Bytes,
+    ) -> defuse_core::artifacts::ArtifactResult<()> {
+        self.inner.put(key, bytes).await
+    }
+    async fn get(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<bytes::Bytes> {
+        if key.ends_with("folder.json") {
+            let _guard = SetOnDrop(self.stopped.clone());
+            std::future::pending::<()>().await;
+        }
+        self.inner.get(key).await
+    }
+    async fn exists(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<bool> {
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> defuse_core::artifacts::ArtifactResult<Vec<String>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<()> {
+        self.inner.delete(key).await
+    }
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+}
+
+#[tokio::test]
+async fn cancel_stops_a_central_step_under_way() {
+    let mut h = Harness::new();
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    h.artifacts = Arc::new(Stall {
+        inner: LocalStore::new(h.dir.path().join("artifacts")),
+        stopped: stopped.clone(),
+    });
+    h.job("j", JobState::Running, Phase::Finish, 0).await;
+    let c = h.coordinator("c", 3);
+    assert!(c.tick().await.unwrap(), "leads, and starts the finish step");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !stopped.load(std::sync::atomic::Ordering::SeqCst),
+        "under way"
+    );
+    defuse_proto::job_service_server::JobService::cancel(
+        &c,
+        Request::new(CancelRequest { job_id: "j".into() }),
+    )
+    .await
+    .unwrap();
+    c.tick().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        stopped.load(std::sync::atomic::Ordering::SeqCst),
+        "the central step of the cancelled job goes on"
+    );
+    assert_eq!(
+        h.store.get_job("j").await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(h.store.active_jobs().await.unwrap().is_empty());
+}

@@ -1,0 +1,177 @@
+//! A job's configuration: one TOML file, every field but `data.path` with a default.
+//! Parsed and validated here, once; everything else takes a [`JobConfig`].
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::correct::CorrectOptions;
+use crate::data::DataSpec;
+use crate::error::{Error, Result};
+use crate::identify::IdentifyOptions;
+use crate::models::{self, ModelFiles};
+use crate::scenarios::DistillOptions;
+
+/// A job: one TOML file. Every field but `data.path` has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name, shown in reports; default: the config file's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Seed of every random draw (see the determinism rule).
+    #[serde(default)]
+    pub seed: u64,
+    /// Output folder; default `runs/<name>`.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub data: DataSpec,
+    /// The models under test; missing ones are trained with `[train]`.
+    #[serde(default)]
+    pub models: ModelFiles,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub identify: IdentifyOptions,
+    #[serde(default)]
+    pub distill: DistillOptions,
+    #[serde(default)]
+    pub label: LabelSection,
+    #[serde(default)]
+    pub correct: CorrectOptions,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// How to train the models a job does not bring.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub classifier_epochs: usize,
+    pub classifier_lr_decay: f64,
+    pub classifier_width: i64,
+    pub vae_epochs: usize,
+    pub vae_lr_decay: f64,
+    pub vae_latent: i64,
+    pub vae_beta: f64,
+    pub vae_width: i64,
+    pub vae_hidden: i64,
+    pub batch_size: usize,
+    pub lr: f64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            classifier_epochs: 5,
+            classifier_lr_decay: 1.0,
+            classifier_width: 32,
+            vae_epochs: 10,
+            vae_lr_decay: 1.0,
+            vae_latent: 10,
+            vae_beta: 1.0,
+            vae_width: 32,
+            vae_hidden: 256,
+            batch_size: 128,
+            lr: 1e-3,
+        }
+    }
+}
+
+/// `[label]`: where the scenario labels come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelSection {
+    pub mode: LabelMode,
+    /// The labels file for `mode = "file"`.
+    pub file: Option<PathBuf>,
+    /// `source-majority` discards a scenario whose majority source label covers less
+    /// than this share of its failures (an ambiguous scenario a person would discard).
+    pub min_purity: f64,
+    /// `source-majority` discards a scenario whose samples the classifier already
+    /// gets right (most of its grid): it is no failure.
+    pub discard_non_failures: bool,
+}
+
+impl Default for LabelSection {
+    fn default() -> Self {
+        LabelSection {
+            mode: LabelMode::SourceMajority,
+            file: None,
+            min_purity: 0.6,
+            discard_non_failures: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelMode {
+    /// Each scenario gets the majority true label of its codes' source images.
+    SourceMajority,
+    /// Labels from `label.file`.
+    File,
+    /// A person labels: the run stops after distill until `defuse label` has
+    /// written `<out>/labels.json`.
+    Manual,
+}
+
+impl JobConfig {
+    /// Reads and validates a job file; unknown fields and bad values are errors.
+    pub fn load(path: &Path) -> Result<JobConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let mut c: JobConfig =
+            toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        if c.name.is_none() {
+            c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        c.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        models::parse_device(&self.device)?;
+        self.identify.validate()?;
+        self.distill.validate()?;
+        self.correct.validate()?;
+        if !(0.0..=1.0).contains(&self.label.min_purity) {
+            return Err(Error::invalid(
+                "label.min_purity",
+                format!("{} is not in [0, 1]", self.label.min_purity),
+            ));
+        }
+        if self.label.mode == LabelMode::File && self.label.file.is_none() {
+            return Err(Error::invalid(
+                "label.file",
+                "mode = \"file\" needs label.file",
+            ));
+        }
+        if self.models.vae_decoder.is_some() && self.models.vae.is_none() {
+            return Err(Error::invalid(
+                "models.vae_decoder",
+                "given without models.vae (the encoder)",
+            ));
+        }
+        let t = &self.train;
+        if t.classifier_epochs == 0 || t.vae_epochs == 0 || t.batch_size == 0 || t.vae_latent < 1 {
+            return Err(Error::invalid(
+                "train",
+                "epochs, batch_size and vae_latent must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn out_dir(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
+    }
+}
