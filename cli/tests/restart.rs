@@ -33,7 +33,7 @@ vae_hidden = 64
 samples = 24
 keep = 2
 limit = 2000
-shard_size = 250
+shard_size = 100
 perturbation = {{ kind = "gaussian", sigma = 0.5 }}
 [distill]
 max_components = 12
@@ -65,8 +65,14 @@ fn labels_for(scenarios_json: &Path) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-fn restart_on_empty_disk(c: &mut Cluster, why: &str) {
-    eprintln!("restarting the coordinator on an empty work dir: {why}");
+fn restart_on_empty_disk(c: &mut Cluster, job: &str, why: &str) {
+    let s = c.status(job).expect("status");
+    eprintln!(
+        "restarting the coordinator on an empty work dir: {why} (state {}, step {}, identify {})",
+        s["state"],
+        s["step"],
+        identify(&s)["shards_done"]
+    );
     c.coordinator.as_ref().unwrap().signal("KILL");
     std::thread::sleep(Duration::from_millis(300));
     let work = c.dir.join("coordinator-work");
@@ -93,15 +99,15 @@ fn a_coordinator_restarted_on_an_empty_disk_at_every_phase_finishes_the_job() {
     let emb = dir.join("embedded");
     let cfg_emb = dir.join("embedded.toml");
     std::fs::write(&cfg_emb, config(&emb)).unwrap();
-    let run = || {
+    let run = |code: i32| {
         let st = defuse()
             .args(["run", cfg_emb.to_str().unwrap()])
             .env("RUST_LOG", "warn")
             .status()
             .unwrap();
-        assert!(st.success());
+        assert_eq!(st.code(), Some(code));
     };
-    run();
+    run(3); // waits for labels
     let labels = labels_for(&emb.join("distill/scenarios.json"));
     let labels_file = dir.join("labels.json");
     std::fs::write(&labels_file, labels.to_string()).unwrap();
@@ -113,7 +119,7 @@ fn a_coordinator_restarted_on_an_empty_disk_at_every_phase_finishes_the_job() {
         .status()
         .unwrap();
     assert!(st.success());
-    run();
+    run(0);
 
     // the cluster, its coordinator restarted on an empty disk at every phase
     let cfg = dir.join("cluster.toml");
@@ -125,11 +131,11 @@ fn a_coordinator_restarted_on_an_empty_disk_at_every_phase_finishes_the_job() {
     c.wait_for(&job, "identify under way", Duration::from_secs(300), |s| {
         s["state"] == "awaiting_labels" || identify(s)["shards_done"].as_u64().unwrap_or(0) >= 2
     });
-    restart_on_empty_disk(&mut c, "during identify");
+    restart_on_empty_disk(&mut c, &job, "during identify");
     c.wait_for(&job, "awaiting labels", Duration::from_secs(300), |s| {
         s["state"] == "awaiting_labels"
     });
-    restart_on_empty_disk(&mut c, "while the job waits for labels");
+    restart_on_empty_disk(&mut c, &job, "while the job waits for labels");
     // the page of the new coordinator shows the scenarios (from the artifact store)
     let out = label(&c, &job, &labels_file);
     assert!(
@@ -138,7 +144,7 @@ fn a_coordinator_restarted_on_an_empty_disk_at_every_phase_finishes_the_job() {
         String::from_utf8_lossy(&out.stderr)
     );
     // labels are final, across restarts too
-    restart_on_empty_disk(&mut c, "after labels, before correction");
+    restart_on_empty_disk(&mut c, &job, "after labels, before correction");
     let again = label(&c, &job, &labels_file);
     assert!(!again.status.success(), "a second labelling was accepted");
     assert!(
@@ -154,7 +160,7 @@ fn a_coordinator_restarted_on_an_empty_disk_at_every_phase_finishes_the_job() {
             .is_some_and(|r| r >= 1)
             || s["state"] == "done"
     });
-    restart_on_empty_disk(&mut c, "between fine-tune rounds");
+    restart_on_empty_disk(&mut c, &job, "between fine-tune rounds");
     c.wait_for(&job, "done", Duration::from_secs(300), |s| {
         s["state"] == "done"
     });

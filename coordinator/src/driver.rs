@@ -281,22 +281,24 @@ async fn step_job(c: &Coordinator, rec: &JobRecord, fence: u64) -> Result<(), St
                 }
             }
         }
-        (JobState::AwaitingLabels, _) => {
-            if store.labels(&rec.id).await?.is_some() {
-                move_job(
-                    c,
-                    fence,
-                    &rec.id,
-                    (rec.state, rec.step),
-                    (JobState::Running, Phase::Finish),
-                    "",
-                )
-                .await?;
-                spawn_central(c, rec, Central::Finish, fence);
-            }
-        }
+        (JobState::AwaitingLabels, _) => resume_when_labelled(c, rec, fence).await?,
         _ => {}
     }
+    Ok(())
+}
+
+/// A job waiting for labels goes on once the state store has them.
+async fn resume_when_labelled(
+    c: &Coordinator,
+    rec: &JobRecord,
+    fence: u64,
+) -> Result<(), StoreError> {
+    if c.inner.store.labels(&rec.id).await?.is_none() {
+        return Ok(());
+    }
+    let to = (JobState::Running, Phase::Finish);
+    move_job(c, fence, &rec.id, (rec.state, rec.step), to, "").await?;
+    spawn_central(c, rec, Central::Finish, fence);
     Ok(())
 }
 
