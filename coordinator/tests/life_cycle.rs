@@ -489,3 +489,88 @@ async fn cancel_stops_a_central_step_under_way() {
     );
     assert!(h.store.active_jobs().await.unwrap().is_empty());
 }
+
+/// An artifact store that is down (every call a retryable I/O error) while `down` is set.
+#[derive(Debug)]
+struct Flaky {
+    inner: LocalStore,
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Flaky {
+    fn check(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(defuse_core::artifacts::ArtifactError::Io {
+                store: self.inner.url(),
+                key: key.into(),
+                msg: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ArtifactStore for Flaky {
+    async fn put(&self, key: &str, bytes: bytes::Bytes) -> defuse_core::artifacts::ArtifactResult<()> {
+        self.check(key)?;
+        self.inner.put(key, bytes).await
+    }
+    async fn get(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<bytes::Bytes> {
+        self.check(key)?;
+        self.inner.get(key).await
+    }
+    async fn exists(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<bool> {
+        self.check(key)?;
+        self.inner.exists(key).await
+    }
+    async fn list(&self, prefix: &str) -> defuse_core::artifacts::ArtifactResult<Vec<String>> {
+        self.check(prefix)?;
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> defuse_core::artifacts::ArtifactResult<()> {
+        self.check(key)?;
+        self.inner.delete(key).await
+    }
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+}
+
+#[tokio::test]
+async fn a_store_outage_in_a_central_step_is_retried_and_only_a_real_error_fails_the_job() {
+    let mut h = Harness::new();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    h.artifacts = Arc::new(Flaky {
+        inner: LocalStore::new(h.dir.path().join("artifacts")),
+        down: down.clone(),
+    });
+    h.job("j", JobState::Running, Phase::Finish, 0).await;
+    let c = h.coordinator("c", 3);
+    let state = || {
+        let store = h.store.clone();
+        async move { store.get_job("j").await.unwrap().unwrap() }
+    };
+    // the finish step cannot read the job folder's copy: tried again later, the job
+    // keeps its phase
+    assert!(c.tick().await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let j = state().await;
+    assert_eq!(
+        (j.state, j.step),
+        (JobState::Running, Phase::Finish),
+        "a store outage failed the job: {}",
+        j.error
+    );
+    // the store is back: after the backoff the step runs again, and this time fails
+    // for a reason of its own (this job's data does not exist): that one is fatal
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while state().await.state != JobState::Failed {
+        assert!(std::time::Instant::now() < end, "never tried again");
+        c.tick().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let j = state().await;
+    assert!(j.error.contains("/nowhere"), "{}", j.error);
+}

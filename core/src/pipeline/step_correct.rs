@@ -1,0 +1,187 @@
+//! Correct: fine-tune the classifier on its training data plus samples of the labelled
+//! scenarios, here or (on a coordinator, `correct.parts > 1`) as rounds on the
+//! workers, and measure it before and after.
+use std::path::Path;
+use std::time::Instant;
+
+use super::{hash_of, step_models, Job, RoundsDone, RoundsInput};
+use crate::correct;
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::layout::{self, read_json, write_json};
+use crate::models::{Classifier, Vae};
+use crate::report;
+use crate::scenarios::{Labels, Scenario};
+use crate::train;
+
+/// What the step works on.
+pub(super) struct Input<'a> {
+    pub ds: &'a Dataset,
+    pub clf: &'a Classifier,
+    pub vae: &'a Vae,
+    pub scenarios: &'a [Scenario],
+    pub labels: &'a Labels,
+}
+
+pub(super) enum Corrected {
+    /// The evaluation and the step's hash.
+    Done(report::Evaluation, String),
+    /// The rounds to run on the workers first.
+    Rounds(RoundsInput),
+}
+
+pub(super) fn run(
+    job: &mut Job,
+    h_label: &str,
+    distributed: bool,
+    input: &Input,
+) -> Result<Corrected> {
+    let cfg = job.cfg;
+    let Input {
+        ds,
+        clf,
+        vae,
+        scenarios,
+        labels,
+    } = *input;
+    let h_correct = hash_of(&[&h_label, &cfg.correct]);
+    let started = Instant::now();
+    let tuned_path = job
+        .out
+        .join("correct")
+        .join(format!("classifier.{}", clf.extension()));
+    let eval_path = job.out.join(layout::EVALUATION);
+    let evaluation: report::Evaluation = if job.done("correct", &h_correct) {
+        job.reuse("correct");
+        read_json(&eval_path)?
+    } else if distributed {
+        let dir = job.dir("correct")?;
+        let done: Option<RoundsDone> = read_json(&job.out.join(layout::ROUNDS_DONE))
+            .ok()
+            .filter(|d: &RoundsDone| d.hash == h_correct);
+        let Some(done) = done else {
+            let data = correct::scenario_data(
+                vae,
+                scenarios,
+                labels,
+                cfg.distill.tau,
+                &cfg.correct,
+                cfg.seed,
+            )?;
+            let scenario_train = dir.join("scenario-train.safetensors");
+            crate::tensor_io::write(
+                &scenario_train,
+                &[
+                    ("train_x".into(), data.train_x.shallow_clone()),
+                    ("train_y".into(), data.train_y.shallow_clone()),
+                ],
+                Default::default(),
+            )?;
+            let original = dir.join(format!("original.{}", clf.extension()));
+            clf.save(&original)?;
+            return Ok(Corrected::Rounds(RoundsInput {
+                rounds: correct::n_rounds(ds.train.len(), &cfg.correct),
+                parts: cfg.correct.parts,
+                classifier: original,
+                extension: clf.extension().to_string(),
+                scenario_train,
+                hash: h_correct,
+                n_train: ds.train.len(),
+                n_scenario: data.train_x.size()[0] as usize,
+                image_shape: ds.image_shape(),
+                num_classes: ds.num_classes() as i64,
+            }));
+        };
+        let final_path = job.out.join(layout::rounds_final(clf.extension()));
+        let tuned = Classifier::load(
+            &final_path,
+            ds.image_shape(),
+            ds.num_classes() as i64,
+            clf.device(),
+        )?;
+        tuned.save(&tuned_path)?;
+        let data = correct::scenario_data(
+            vae,
+            scenarios,
+            labels,
+            cfg.distill.tau,
+            &cfg.correct,
+            cfg.seed,
+        )?;
+        let ev = evaluate(ds, clf, &tuned, &data, done.history, &tuned_path)?;
+        write_json(&eval_path, &ev)?;
+        job.mark("correct", &h_correct, started)?;
+        ev
+    } else {
+        job.dir("correct")?;
+        let ev = correct_and_evaluate(
+            job,
+            ds,
+            clf,
+            vae,
+            scenarios,
+            labels,
+            &cfg.correct,
+            &tuned_path,
+        )?;
+        write_json(&eval_path, &ev)?;
+        job.mark("correct", &h_correct, started)?;
+        ev
+    };
+
+    Ok(Corrected::Done(evaluation, h_correct))
+}
+
+/// Fine-tunes a fresh copy of the classifier on the training data plus the labelled
+/// scenarios' samples (with `o`), saves it at `tuned_path` (in the format it came in),
+/// and measures test and scenario-test accuracy before and after.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn correct_and_evaluate(
+    job: &Job,
+    ds: &Dataset,
+    clf: &Classifier,
+    vae: &Vae,
+    scenarios: &[Scenario],
+    labels: &Labels,
+    o: &correct::CorrectOptions,
+    tuned_path: &Path,
+) -> Result<report::Evaluation> {
+    let cfg = job.cfg;
+    let device = clf.device();
+    let data = correct::scenario_data(vae, scenarios, labels, cfg.distill.tau, o, cfg.seed)?;
+    let mut tuned = step_models::load_classifier_again(job, ds, device)?;
+    tch::manual_seed(cfg.seed as i64);
+    let history = correct::fine_tune(&mut tuned, &ds.train, &data, o, cfg.seed)?;
+    tuned.save(tuned_path)?;
+    evaluate(ds, clf, &tuned, &data, history, tuned_path)
+}
+
+/// Test and scenario-test accuracy of the classifier before and after correction.
+fn evaluate(
+    ds: &Dataset,
+    clf: &Classifier,
+    tuned: &Classifier,
+    data: &correct::ScenarioData,
+    history: Vec<correct::CorrectEpoch>,
+    tuned_path: &Path,
+) -> Result<report::Evaluation> {
+    let device = clf.device();
+    let test_before = train::accuracy(clf, &ds.test, device)?;
+    let (scn_before, per_before) =
+        correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
+    let test_after = train::accuracy(tuned, &ds.test, device)?;
+    let (scn_after, per_after) =
+        correct::accuracy_by_group(tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
+    Ok(report::Evaluation {
+        test_accuracy_before: test_before,
+        test_accuracy_after: test_after,
+        scenario_accuracy_before: scn_before,
+        scenario_accuracy_after: scn_after,
+        per_scenario_before: per_before,
+        per_scenario_after: per_after,
+        scenario_train_samples: data.train_x.size()[0] as usize,
+        scenario_test_samples: data.test_x.size()[0] as usize,
+        history,
+        model: tuned_path.to_path_buf(),
+    })
+}

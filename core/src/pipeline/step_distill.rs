@@ -1,0 +1,46 @@
+//! Distill: the DP-GMM over the failure codes; its components above the weight
+//! cutoff are the scenarios, each with a grid of samples decoded and classified.
+use std::time::Instant;
+
+use super::{hash_of, Job};
+use crate::error::Result;
+use crate::identify::Failures;
+use crate::layout::{self, read_json, write_json};
+use crate::models::{Classifier, Vae};
+use crate::scenarios::{self, Scenario};
+
+/// The scenarios and the step's hash.
+pub(super) fn run(
+    job: &mut Job,
+    h_identify: &str,
+    failures: &Failures,
+    vae: &Vae,
+    clf: &Classifier,
+) -> Result<(Vec<Scenario>, String)> {
+    let cfg = job.cfg;
+    let h_distill = hash_of(&[&h_identify, &cfg.distill]);
+    let started = Instant::now();
+    let scen_path = job.out.join(layout::SCENARIOS);
+    let scenarios: Vec<Scenario> = if job.done("distill", &h_distill) {
+        job.reuse("distill");
+        read_json(&scen_path)?
+    } else {
+        job.dir("distill")?;
+        let (gmm, mut scenarios, assign) = scenarios::distill(failures, &cfg.distill, cfg.seed)?;
+        for s in &mut scenarios {
+            let codes = s.sample_codes(cfg.distill.grid_samples, cfg.distill.tau, cfg.seed, 0)?;
+            let (imgs, preds) = scenarios::decode_and_classify(vae, clf, &codes)?;
+            // rows of 8: a block a person can take in at a glance
+            let rows = imgs.split(8, 0);
+            crate::images::write_grid(&job.out.join(layout::scenario_grid(s.id)), &rows, 3)?;
+            s.sample_predictions = preds;
+        }
+        write_json(&job.out.join(layout::GMM), &gmm)?;
+        write_json(&job.out.join(layout::ASSIGNMENTS), &assign)?;
+        write_json(&scen_path, &scenarios)?;
+        job.mark("distill", &h_distill, started)?;
+        scenarios
+    };
+    tracing::info!(scenarios = scenarios.len(), "distill");
+    Ok((scenarios, h_distill))
+}
