@@ -18,7 +18,9 @@ use tonic::{Request, Response, Status};
 use crate::error::CoordinatorError;
 use crate::keys::{self, files};
 use crate::lifecycle::{JobState, Phase};
-use crate::store::{now_ms, FailOutcome, Failure, Fenced, JobRecord, StateStore, StoreError};
+use crate::store::{
+    now_ms, Attempt, FailOutcome, Failure, Fenced, JobRecord, StateStore, StoreError,
+};
 
 /// Settings of a coordinator.
 #[derive(Debug, Clone)]
@@ -570,6 +572,16 @@ fn metric_job(id: &str) -> &str {
     crate::rounds::parse_sub_job(id).map_or(id, |(job, _)| job)
 }
 
+/// The attempt a worker's task reference names.
+fn attempt_of<'a>(t: &'a TaskRef, worker: &'a str) -> Attempt<'a> {
+    Attempt {
+        job: &t.job,
+        shard: t.shard,
+        attempt: t.attempt,
+        worker,
+    }
+}
+
 /// A fresh name per process: the host name and a random part.
 fn node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -751,14 +763,7 @@ impl WorkerService for Coordinator {
             let v = match self
                 .inner
                 .store
-                .renew(
-                    &t.job,
-                    t.shard,
-                    &r.worker_id,
-                    t.attempt,
-                    now,
-                    self.inner.cfg.lease_ms,
-                )
+                .renew(&attempt_of(t, &r.worker_id), now, self.inner.cfg.lease_ms)
                 .await
             {
                 Ok(Fenced::Accepted) => TaskVerdict::Continue,
@@ -813,7 +818,7 @@ impl WorkerService for Coordinator {
         let f = self
             .inner
             .store
-            .complete(&t.job, t.shard, &r.worker_id, t.attempt, &r.output_key)
+            .complete(&attempt_of(&t, &r.worker_id), &r.output_key)
             .await;
         crate::metrics::store_call("complete", started.elapsed().as_secs_f64(), f.is_ok());
         let f = f.map_err(store_status)?;
@@ -864,10 +869,7 @@ impl WorkerService for Coordinator {
             .inner
             .store
             .fail(
-                &t.job,
-                t.shard,
-                &r.worker_id,
-                t.attempt,
+                &attempt_of(&t, &r.worker_id),
                 failure,
                 &e.message,
                 self.inner.cfg.max_attempts,

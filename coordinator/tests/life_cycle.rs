@@ -512,7 +512,11 @@ impl Flaky {
 
 #[async_trait::async_trait]
 impl ArtifactStore for Flaky {
-    async fn put(&self, key: &str, bytes: bytes::Bytes) -> defuse_core::artifacts::ArtifactResult<()> {
+    async fn put(
+        &self,
+        key: &str,
+        bytes: bytes::Bytes,
+    ) -> defuse_core::artifacts::ArtifactResult<()> {
         self.check(key)?;
         self.inner.put(key, bytes).await
     }

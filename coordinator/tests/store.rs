@@ -21,6 +21,16 @@ fn job(id: &str) -> JobRecord {
     }
 }
 
+/// Attempt `attempt` of shard `shard` of `job`, held by `worker`.
+fn at<'a>(job: &'a str, shard: u32, worker: &'a str, attempt: u32) -> Attempt<'a> {
+    Attempt {
+        job,
+        shard,
+        attempt,
+        worker,
+    }
+}
+
 async fn suite(s: Arc<dyn StateStore>) {
     let t0 = 1_000_000u64;
     s.create_job(&job("a")).await.unwrap();
@@ -50,29 +60,35 @@ async fn suite(s: Arc<dyn StateStore>) {
 
     // fencing: another owner or attempt is stale
     assert_eq!(
-        s.complete("a", 0, "w2", 1, "k").await.unwrap(),
+        s.complete(&at("a", 0, "w2", 1), "k").await.unwrap(),
         Fenced::Stale
     );
     assert_eq!(
-        s.complete("a", 0, "w1", 2, "k").await.unwrap(),
+        s.complete(&at("a", 0, "w1", 2), "k").await.unwrap(),
         Fenced::Stale
     );
     assert_eq!(
-        s.renew("a", 0, "w1", 1, t0 + 50, 100).await.unwrap(),
+        s.renew(&at("a", 0, "w1", 1), t0 + 50, 100).await.unwrap(),
         Fenced::Accepted
     );
     assert_eq!(
-        s.complete("a", 0, "w1", 1, "jobs/a/0/1").await.unwrap(),
+        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/1")
+            .await
+            .unwrap(),
         Fenced::Accepted
     );
     // a completion retried after its reply was lost is accepted again, counted once
     assert_eq!(
-        s.complete("a", 0, "w1", 1, "jobs/a/0/1").await.unwrap(),
+        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/1")
+            .await
+            .unwrap(),
         Fenced::Accepted,
         "the same owner, attempt and output: idempotent"
     );
     assert_eq!(
-        s.complete("a", 0, "w1", 1, "jobs/a/0/other").await.unwrap(),
+        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/other")
+            .await
+            .unwrap(),
         Fenced::Stale,
         "another output of a done shard"
     );
@@ -92,11 +108,11 @@ async fn suite(s: Arc<dyn StateStore>) {
     );
     // the old owner's completion is now stale
     assert_eq!(
-        s.complete("a", 1, "w2", 1, "late").await.unwrap(),
+        s.complete(&at("a", 1, "w2", 1), "late").await.unwrap(),
         Fenced::Stale
     );
     assert_eq!(
-        s.renew("a", 1, "w2", 1, t0 + 130, 100).await.unwrap(),
+        s.renew(&at("a", 1, "w2", 1), t0 + 130, 100).await.unwrap(),
         Fenced::Stale
     );
     let c = s.counts("a").await.unwrap();
@@ -106,13 +122,13 @@ async fn suite(s: Arc<dyn StateStore>) {
     let l = s.lease("a", "w3", t0 + 200, 100).await.unwrap().unwrap();
     assert_eq!((l.shard, l.attempt), (1, 2));
     assert_eq!(
-        s.fail("a", 1, "w9", 2, Failure::Retryable, "x", 3)
+        s.fail(&at("a", 1, "w9", 2), Failure::Retryable, "x", 3)
             .await
             .unwrap(),
         FailOutcome::Stale
     );
     assert_eq!(
-        s.fail("a", 1, "w3", 2, Failure::Retryable, "io hiccup", 3)
+        s.fail(&at("a", 1, "w3", 2), Failure::Retryable, "io hiccup", 3)
             .await
             .unwrap(),
         FailOutcome::Requeued
@@ -120,13 +136,15 @@ async fn suite(s: Arc<dyn StateStore>) {
     let l = s.lease("a", "w3", t0 + 300, 100).await.unwrap().unwrap();
     assert_eq!((l.shard, l.attempt), (2, 2));
     assert_eq!(
-        s.complete("a", 2, "w3", 2, "jobs/a/2/2").await.unwrap(),
+        s.complete(&at("a", 2, "w3", 2), "jobs/a/2/2")
+            .await
+            .unwrap(),
         Fenced::Accepted
     );
     let l = s.lease("a", "w3", t0 + 300, 100).await.unwrap().unwrap();
     assert_eq!((l.shard, l.attempt), (1, 3));
     assert_eq!(
-        s.fail("a", 1, "w3", 3, Failure::Retryable, "model broken", 3)
+        s.fail(&at("a", 1, "w3", 3), Failure::Retryable, "model broken", 3)
             .await
             .unwrap(),
         FailOutcome::JobFailed
@@ -158,7 +176,7 @@ async fn suite(s: Arc<dyn StateStore>) {
     s.plan_shards("b", 2, t0, 1).await.unwrap();
     let l = s.lease("b", "w", t0, 10).await.unwrap().unwrap();
     assert_eq!(
-        s.fail("b", l.shard, "w", 1, Failure::Fatal, "bad config", 3)
+        s.fail(&at("b", l.shard, "w", 1), Failure::Fatal, "bad config", 3)
             .await
             .unwrap(),
         FailOutcome::JobFailed
@@ -210,7 +228,9 @@ async fn suite(s: Arc<dyn StateStore>) {
         JobState::Cancelled
     );
     assert_eq!(
-        s.complete("d", l.shard, "w", l.attempt, "k").await.unwrap(),
+        s.complete(&at("d", l.shard, "w", l.attempt), "k")
+            .await
+            .unwrap(),
         Fenced::Stale
     );
     assert!(s.reap("d", t0 + 1000, 3, 1).await.unwrap().is_empty());
@@ -235,7 +255,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         let l = s.lease("f", "w", t0, 10).await.unwrap().unwrap();
         assert_eq!(l.attempt, k);
         assert_eq!(
-            s.fail("f", 0, "w", k, Failure::HandBack, "shutting down", 2)
+            s.fail(&at("f", 0, "w", k), Failure::HandBack, "shutting down", 2)
                 .await
                 .unwrap(),
             FailOutcome::Requeued,
@@ -247,7 +267,7 @@ async fn suite(s: Arc<dyn StateStore>) {
     // the tries still count: 2 real ones after 3 hand-backs
     let l = s.lease("f", "w", t0, 10).await.unwrap().unwrap();
     assert_eq!(
-        s.fail("f", 0, "w", l.attempt, Failure::Retryable, "io", 2)
+        s.fail(&at("f", 0, "w", l.attempt), Failure::Retryable, "io", 2)
             .await
             .unwrap(),
         FailOutcome::Requeued
@@ -276,7 +296,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         Err(StoreError::Lost(_))
     ));
     assert!(matches!(
-        s.complete("zz", 0, "w", 1, "k").await,
+        s.complete(&at("zz", 0, "w", 1), "k").await,
         Err(StoreError::Lost(_))
     ));
     assert_eq!(s.get_job("zz").await.unwrap(), None);
@@ -399,7 +419,7 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
     // the connection manager reconnects; scripts are loaded again (NOSCRIPT)
     let mut ok = None;
     for _ in 0..50 {
-        match s.complete("j", l.shard, "w", l.attempt, "out").await {
+        match s.complete(&at("j", l.shard, "w", l.attempt), "out").await {
             Ok(f) => {
                 ok = Some(f);
                 break;

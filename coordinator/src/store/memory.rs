@@ -230,15 +230,13 @@ impl StateStore for MemoryStore {
         }))
     }
 
-    async fn renew(
-        &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
-        now_ms: u64,
-        lease_ms: u64,
-    ) -> StoreResult<Fenced> {
+    async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
+        let Attempt {
+            job: id,
+            shard,
+            attempt,
+            worker,
+        } = *a;
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if !fenced(j, shard, worker, attempt) {
@@ -248,14 +246,13 @@ impl StateStore for MemoryStore {
         Ok(Fenced::Accepted)
     }
 
-    async fn complete(
-        &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
-        output: &str,
-    ) -> StoreResult<Fenced> {
+    async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
+        let Attempt {
+            job: id,
+            shard,
+            attempt,
+            worker,
+        } = *a;
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         let again = j.shards.get(shard as usize).is_some_and(|s| {
@@ -277,14 +274,17 @@ impl StateStore for MemoryStore {
 
     async fn fail(
         &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
+        a: &Attempt<'_>,
         failure: Failure,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
+        let Attempt {
+            job: id,
+            shard,
+            attempt,
+            worker,
+        } = *a;
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         if !fenced(j, shard, worker, attempt) {

@@ -45,6 +45,16 @@ pub struct Lease {
     pub deadline_ms: u64,
 }
 
+/// One attempt at one shard of one job, held by one worker, as its lease granted it:
+/// what every renewal, completion and failure is fenced by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt<'a> {
+    pub job: &'a str,
+    pub shard: u32,
+    pub attempt: u32,
+    pub worker: &'a str,
+}
+
 /// Answer to a fenced update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fenced {
@@ -207,34 +217,16 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         now_ms: u64,
         lease_ms: u64,
     ) -> StoreResult<Option<Lease>>;
-    async fn renew(
-        &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
-        now_ms: u64,
-        lease_ms: u64,
-    ) -> StoreResult<Fenced>;
+    /// Extends the lease of `a` to `now_ms + lease_ms`.
+    async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced>;
     /// Accepts the output of the current owner and attempt. Idempotent: the same owner,
     /// attempt and output completing again (a retry after a lost reply) is accepted
     /// again without counting twice.
-    async fn complete(
-        &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
-        output: &str,
-    ) -> StoreResult<Fenced>;
+    async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced>;
     /// Ends the current attempt without a result; see [`Failure`].
-    #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
+        a: &Attempt<'_>,
         failure: Failure,
         message: &str,
         max_attempts: u32,

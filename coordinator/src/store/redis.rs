@@ -528,15 +528,13 @@ impl StateStore for RedisStore {
         }))
     }
 
-    async fn renew(
-        &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
-        now_ms: u64,
-        lease_ms: u64,
-    ) -> StoreResult<Fenced> {
+    async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
+        let Attempt {
+            job: id,
+            shard,
+            attempt,
+            worker,
+        } = *a;
         let k = keys(id);
         let r: i64 = self
             .scripts
@@ -559,14 +557,13 @@ impl StateStore for RedisStore {
         })
     }
 
-    async fn complete(
-        &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
-        output: &str,
-    ) -> StoreResult<Fenced> {
+    async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
+        let Attempt {
+            job: id,
+            shard,
+            attempt,
+            worker,
+        } = *a;
         let k = keys(id);
         let r: i64 = self
             .scripts
@@ -590,14 +587,17 @@ impl StateStore for RedisStore {
 
     async fn fail(
         &self,
-        id: &str,
-        shard: u32,
-        worker: &str,
-        attempt: u32,
+        a: &Attempt<'_>,
         failure: Failure,
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
+        let Attempt {
+            job: id,
+            shard,
+            attempt,
+            worker,
+        } = *a;
         let k = keys(id);
         let r: String = self
             .scripts
