@@ -276,7 +276,7 @@ async fn jobs_page(State(app): State<App>, Query(q): Query<PageQuery>) -> Respon
         "<table><thead><tr><th>Job</th><th>Name</th><th>State</th><th>Step</th><th>Shards done</th></tr></thead><tbody>",
     );
     for rec in &jobs {
-        let st = app.coord.status_of(rec).await;
+        let st = app.coord.status_of(rec, false).await;
         let shards = st
             .steps
             .iter()
@@ -313,7 +313,7 @@ async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
         Ok(None) => return error_page(CoordinatorError::not_found(format!("no job {id}")), "/"),
         Err(e) => return error_page(CoordinatorError::from(e), "/"),
     };
-    let st = app.coord.status_of(&rec).await;
+    let st = app.coord.status_of(&rec, true).await;
     let mut b = String::new();
     let _ = write!(
         b,
@@ -578,7 +578,7 @@ async fn api_jobs(State(app): State<App>, Query(q): Query<PageQuery>) -> Respons
         Ok((jobs, next)) => {
             let mut out = Vec::new();
             for rec in &jobs {
-                out.push(job_json(&app.coord.status_of(rec).await));
+                out.push(job_json(&app.coord.status_of(rec, false).await));
             }
             let mut r = Json(out).into_response();
             if let Ok(v) = next.parse() {
@@ -602,7 +602,7 @@ async fn api_delete(State(app): State<App>, Path(id): Path<String>) -> Response 
 
 async fn api_job(State(app): State<App>, Path(id): Path<String>) -> Response {
     match app.coord.inner.store.get_job(&id).await {
-        Ok(Some(rec)) => Json(job_json(&app.coord.status_of(&rec).await)).into_response(),
+        Ok(Some(rec)) => Json(job_json(&app.coord.status_of(&rec, true).await)).into_response(),
         Ok(None) => error_json(CoordinatorError::not_found(format!("no job {id}"))),
         Err(e) => error_json(CoordinatorError::from(e)),
     }

@@ -470,7 +470,10 @@ impl Coordinator {
         Ok(plan)
     }
 
-    pub(crate) async fn status_of(&self, rec: &JobRecord) -> JobStatus {
+    /// A job's status. `with_summary`: with the report's `summary.json` once done (one
+    /// read of the artifact store); listings leave it out, so a page of jobs stays
+    /// small (and the error is cut to 4 KiB in both).
+    pub(crate) async fn status_of(&self, rec: &JobRecord, with_summary: bool) -> JobStatus {
         let mut steps = Vec::new();
         let order = ["models", "identify", "finish"];
         let round = rec.step.round();
@@ -543,7 +546,7 @@ impl Coordinator {
             };
             steps.push(p);
         }
-        let summary_json = if rec.state == JobState::Done {
+        let summary_json = if with_summary && rec.state == JobState::Done {
             self.inner
                 .artifacts
                 .get(&keys::result(&rec.id, files::SUMMARY))
@@ -558,7 +561,7 @@ impl Coordinator {
             name: rec.name.clone(),
             state: rec.state.as_str().into(),
             step: rec.step.to_string(),
-            error: rec.error.clone(),
+            error: bounded(&rec.error, MAX_ERROR_BYTES),
             steps,
             summary_json,
             created_ms: rec.created_ms,
@@ -570,6 +573,21 @@ impl Coordinator {
 /// The job a metric is labelled with: a round's parent, so rounds add no series.
 fn metric_job(id: &str) -> &str {
     crate::rounds::parse_sub_job(id).map_or(id, |(job, _)| job)
+}
+
+/// The longest error a status carries.
+const MAX_ERROR_BYTES: usize = 4096;
+
+/// `s` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &s[..end], s.len() - end)
 }
 
 /// The attempt a worker's task reference names.
@@ -903,7 +921,7 @@ impl JobService for Coordinator {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
         let id = req.into_inner().job_id;
         match self.inner.store.get_job(&id).await.map_err(store_status)? {
-            Some(rec) => Ok(Response::new(self.status_of(&rec).await)),
+            Some(rec) => Ok(Response::new(self.status_of(&rec, true).await)),
             None => Err(Status::not_found(format!("no job {id}"))),
         }
     }
@@ -968,7 +986,7 @@ impl JobService for Coordinator {
             .map_err(store_status)?;
         let mut jobs = Vec::new();
         for rec in &recs {
-            jobs.push(self.status_of(rec).await);
+            jobs.push(self.status_of(rec, false).await);
         }
         Ok(Response::new(ListResponse {
             jobs,

@@ -399,6 +399,32 @@ async fn finished_jobs_are_paged_retired_kept_within_retention_and_deleted() {
     assert!(h.artifacts.list("jobs/done-0/").await.unwrap().is_empty());
     assert_eq!(h.artifacts.list("jobs/done-2/").await.unwrap().len(), 1);
 
+    // a status carries the report's summary; a listing does not (a page stays small)
+    use defuse_proto::job_service_server::JobService;
+    let one = JobService::status(
+        &c,
+        Request::new(StatusRequest {
+            job_id: "done-2".into(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(one.summary_json, "{}");
+    let page = JobService::list(
+        &c,
+        Request::new(ListRequest {
+            page_size: 2,
+            page_token: String::new(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(page.jobs.len(), 2);
+    assert_eq!(page.next_page_token, "done-3");
+    assert!(page.jobs.iter().all(|j| j.summary_json.is_empty()));
+
     // `defuse delete`: state and artifacts
     assert_eq!(c.delete("done-4").await.unwrap(), 1);
     assert_eq!(h.store.get_job("done-4").await.unwrap(), None);
