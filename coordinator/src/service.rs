@@ -1081,9 +1081,13 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await;
-    // the driver ends after the tick under way; central steps it started are left
-    // to the process's end (each is idempotent: the next leader runs it again)
+    // the driver ends after the tick under way; the central steps it started are
+    // stopped (each is idempotent: the next leader runs it again)
     let _ = driver.await;
+    for (job, task) in coord.inner.in_flight.lock().unwrap().drain() {
+        task.abort();
+        tracing::info!(job = %job, "central step stopped: shutting down");
+    }
     if let Some(w) = web {
         let _ = w.await;
     }
