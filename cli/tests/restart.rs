@@ -30,7 +30,7 @@ vae_latent = 6
 vae_width = 16
 vae_hidden = 64
 [identify]
-samples = 24
+samples = 96
 keep = 2
 limit = 2000
 shard_size = 100
