@@ -1088,6 +1088,10 @@ pub async fn serve(
         task.abort();
         tracing::info!(job = %job, "central step stopped: shutting down");
     }
+    // another coordinator leads at once, not after the lease runs out
+    if let Err(e) = coord.inner.store.resign(&coord.inner.node).await {
+        tracing::warn!(error = %e, "cannot give up the leader lease; it ends by itself");
+    }
     if let Some(w) = web {
         let _ = w.await;
     }

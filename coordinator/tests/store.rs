@@ -334,6 +334,16 @@ async fn suite(s: Arc<dyn StateStore>) {
         None,
         "n1 lost it"
     );
+    s.resign("n1").await.unwrap(); // not the leader: nothing changes
+    assert_eq!(s.lead("n1", t0 + 161, 100).await.unwrap(), None);
+    s.resign("n2").await.unwrap(); // the leader shuts down: another takes over at once
+    let t3 = s
+        .lead("n1", t0 + 162, 100)
+        .await
+        .unwrap()
+        .expect("n2 resigned");
+    assert!(t3 > t2);
+    assert_eq!(s.lead("n2", t0 + 163, 100).await.unwrap(), None);
     s.create_job(&JobRecord {
         step: Phase::Models,
         ..job("g")

@@ -410,6 +410,16 @@ impl StateStore for MemoryStore {
         Ok(Some(token))
     }
 
+    async fn resign(&self, node: &str) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        if let Some((n, _, until)) = &mut i.leader {
+            if n == node {
+                *until = 0;
+            }
+        }
+        Ok(())
+    }
+
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {
         self.inner
             .lock()

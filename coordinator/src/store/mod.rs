@@ -256,6 +256,9 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// fencing token of its leadership (it grows with every new leader), or `None`
     /// while another node holds a lease that has not expired.
     async fn lead(&self, node: &str, now_ms: u64, ttl_ms: u64) -> StoreResult<Option<u64>>;
+    /// Gives up the leader lease if `node` holds it (a coordinator shutting down), so
+    /// another takes over at once instead of after the lease; the token keeps growing.
+    async fn resign(&self, node: &str) -> StoreResult<()>;
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()>;
     /// Records a heartbeat; false when the worker is unknown (register again).
     async fn touch_worker(&self, worker: &str, now_ms: u64) -> StoreResult<bool>;

@@ -59,6 +59,7 @@ struct Scripts {
     cancel: Script,
     put_labels: Script,
     lead: Script,
+    resign: Script,
 }
 
 impl Scripts {
@@ -207,6 +208,15 @@ if owner and till >= now then return false end
 local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', now + tonumber(ARGV[3]))
 return token"#,
+            ),
+            // KEYS leader; ARGV node: the lease ends now if node holds it
+            resign: Script::new(
+                r#"
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'until', 0)
+  return 1
+end
+return 0"#,
             ),
             // KEYS meta labels; ARGV json
             put_labels: script(
@@ -742,6 +752,17 @@ impl StateStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await?;
         Ok(token)
+    }
+
+    async fn resign(&self, node: &str) -> StoreResult<()> {
+        let _: i64 = self
+            .scripts
+            .resign
+            .key(LEADER)
+            .arg(node)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
     }
 
     async fn register_worker(&self, worker: &str, info_json: &str, now_ms: u64) -> StoreResult<()> {
