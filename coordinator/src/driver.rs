@@ -65,11 +65,42 @@ pub(crate) async fn tick(c: &Coordinator) -> Result<bool, StoreError> {
         _ => {}
     }
     crate::metrics::leader(fence.is_some());
+    if fence != Some(was) {
+        // not the leader, or a new leadership: what this process ran or learnt under
+        // another is stopped and forgotten (the leader runs it again)
+        stop_central_steps(c, "not the leader any more");
+        c.inner.known.lock().unwrap().clear();
+    }
     match fence {
-        Some(f) => step_all(c, f).await?,
+        Some(f) => {
+            if was != f {
+                claim_active_jobs(c, f).await?;
+            }
+            step_all(c, f).await?
+        }
         None => refresh_leasable(c).await?,
     }
     Ok(fence.is_some())
+}
+
+/// Stops every central step this process runs.
+pub(crate) fn stop_central_steps(c: &Coordinator, why: &str) {
+    for (job, task) in c.inner.in_flight.lock().unwrap().drain() {
+        task.abort();
+        tracing::info!(job = %job, why, "central step stopped");
+    }
+}
+
+/// A new leader raises the fence of every active job first, so a former leader that
+/// wakes up cannot move any of them (not only those this one has written to).
+async fn claim_active_jobs(c: &Coordinator, fence: u64) -> Result<(), StoreError> {
+    for rec in c.inner.store.active_jobs().await? {
+        match c.inner.store.claim(&rec.id, fence).await {
+            Ok(()) | Err(StoreError::Lost(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What workers may lease until the next tick.
@@ -129,6 +160,14 @@ async fn step_all(c: &Coordinator, fence: u64) -> Result<(), StoreError> {
                 task.abort();
                 tracing::info!(job = %rec.id, state = rec.state.as_str(), "central step stopped");
             }
+            // a job that ended during a fine-tune round ends its round too
+            if let Some(r) = rec.step.round() {
+                let sub = crate::rounds::sub_job(&rec.id, r);
+                match c.inner.store.cancel(&sub, now_ms()).await {
+                    Ok(()) | Err(StoreError::Lost(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             if !sub {
                 crate::metrics::finished(rec.state.as_str());
             }
@@ -155,8 +194,11 @@ async fn retention(c: &Coordinator) -> Result<(), StoreError> {
         .store
         .expired_jobs(now_ms().saturating_sub(cfg.keep_ms), cfg.keep_jobs)
         .await?;
-    for id in expired.iter().take(8) {
+    // a few per tick: a tick must stay well inside the leader lease
+    for id in expired.iter().take(2) {
         let Some(rec) = c.inner.store.get_job(id).await? else {
+            // a delete that stopped half way: finish it
+            c.inner.store.delete_job(id).await?;
             continue;
         };
         match delete_job(c, &rec).await {
@@ -550,7 +592,7 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
         local.push(path);
     }
     let id = rec.id.clone();
-    let planned_ms = c.plan(&rec.id).await.map(|p| p.planned_ms).unwrap_or(0);
+    let planned_ms = c.plan(rec).await.map(|p| p.planned_ms).unwrap_or(0);
     let identify_seconds = now_ms().saturating_sub(planned_ms) as f64 / 1000.0;
     let outcome = blocking("finish", move || -> Result<RunOutcome, String> {
         let mut p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;

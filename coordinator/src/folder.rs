@@ -79,7 +79,8 @@ fn hash_file(path: &Path) -> std::io::Result<Entry> {
 }
 
 fn is_scratch(rel: &str) -> bool {
-    keys::files::SCRATCH.iter().any(|s| rel.starts_with(s))
+    rel == MARKER
+        || keys::files::SCRATCH.iter().any(|s| rel.starts_with(s))
         || rel.ends_with(".tmp")
         || rel.contains(".part-")
 }
@@ -193,6 +194,10 @@ fn durable(c: &Coordinator) -> bool {
     !c.inner.cfg.use_job_out
 }
 
+/// The marker of which job a cached folder belongs to: a job deleted and submitted
+/// again under the same id must not find the old job's files (its `done.json`).
+const MARKER: &str = ".defuse-job";
+
 /// Before a central step: the job folder as the last step published it.
 pub(crate) async fn restore_job(
     c: &Coordinator,
@@ -200,6 +205,19 @@ pub(crate) async fn restore_job(
     dir: &Path,
 ) -> Result<(), StepError> {
     if durable(c) {
+        let mark = rec.created_ms.to_string();
+        let marker = dir.join(MARKER);
+        let io = |e: std::io::Error| StepError::fatal(format!("{}: {e}", dir.display()));
+        match std::fs::read_to_string(&marker) {
+            Ok(m) if m == mark => {}
+            Ok(_) => {
+                tracing::info!(job = %rec.id, "cached folder of an earlier job of this id removed");
+                std::fs::remove_dir_all(dir).map_err(io)?;
+            }
+            Err(_) => {}
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::write(&marker, mark).map_err(io)?;
         restore(c.inner.artifacts.as_ref(), &rec.id, dir)
             .await
             .map_err(|e| StepError::from(e).context("restoring the job folder"))?;

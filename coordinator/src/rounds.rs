@@ -214,6 +214,9 @@ pub(crate) async fn average(
     let sub = sub_job(&job, round);
     let shards = c.inner.store.shards(&sub).await?;
     let job_dir = c.job_dir_of(rec).map_err(StepError::fatal)?;
+    // the folder this merge publishes after the last round starts as the last step
+    // left it (another coordinator may have run that step)
+    crate::folder::restore_job(c, rec, &job_dir).await?;
     let dir = job_dir.join("correct/rounds");
     let ext = plan.extension.clone();
     let exchange = StoreExchange {

@@ -198,6 +198,13 @@ impl Coordinator {
                 rec.state.as_str()
             )));
         }
+        // until the leader has retired it, a central step of the job may still write
+        let active = self.inner.store.active_jobs().await?;
+        if active.iter().any(|j| j.id == job) {
+            return Err(CoordinatorError::conflict(format!(
+                "job {job} ended a moment ago: delete it in a few seconds"
+            )));
+        }
         let n = crate::driver::delete_job(self, &rec)
             .await
             .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
@@ -293,7 +300,6 @@ impl Coordinator {
             .create_job(&rec)
             .await
             .map_err(CoordinatorError::from)?;
-        self.inner.known.lock().unwrap().insert(id.clone());
         tracing::info!(job = %id, "job submitted");
         Ok(id)
     }
@@ -449,9 +455,14 @@ impl Coordinator {
         }))
     }
 
-    pub(crate) async fn plan(&self, job: &str) -> Result<Arc<Plan>, CoordinatorError> {
+    /// The identify plan of `rec` (cached; a cached plan older than the job is of a
+    /// job deleted and submitted again under the same id, and is read again).
+    pub(crate) async fn plan(&self, rec: &JobRecord) -> Result<Arc<Plan>, CoordinatorError> {
+        let job = rec.id.as_str();
         if let Some(p) = self.inner.plans.lock().unwrap().get(job) {
-            return Ok(p.clone());
+            if p.planned_ms >= rec.created_ms {
+                return Ok(p.clone());
+            }
         }
         let bytes = self
             .inner
@@ -702,13 +713,21 @@ impl WorkerService for Coordinator {
                 let Some((job, _)) = crate::rounds::parse_sub_job(&rec.id) else {
                     continue;
                 };
-                TaskSource::Round(
-                    crate::rounds::plan(self, job)
-                        .await
-                        .map_err(Status::unavailable)?,
-                )
+                match crate::rounds::plan(self, job).await {
+                    Ok(p) => TaskSource::Round(p),
+                    Err(e) => {
+                        tracing::warn!(job = %rec.id, error = %e, "fine-tune plan unreadable: leasing from other jobs");
+                        continue;
+                    }
+                }
             } else {
-                TaskSource::Identify(self.plan(&rec.id).await?)
+                match self.plan(rec).await {
+                    Ok(p) => TaskSource::Identify(p),
+                    Err(e) => {
+                        tracing::warn!(job = %rec.id, error = %e, "plan unreadable: leasing from other jobs");
+                        continue;
+                    }
+                }
             };
             let started = std::time::Instant::now();
             let r = self
@@ -931,25 +950,27 @@ impl JobService for Coordinator {
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
         let id = req.into_inner().job_id;
-        // a fine-tune round in flight goes with its job
-        if let Some(r) = self
+        let round = self
             .inner
             .store
             .get_job(&id)
             .await
             .map_err(store_status)?
-            .and_then(|j| j.step.round())
-        {
-            let sub = crate::rounds::sub_job(&id, r);
-            if let Err(e) = self.inner.store.cancel(&sub, now_ms()).await {
-                tracing::warn!(job = %id, round = r, error = %e, "cannot cancel the round");
-            }
-        }
+            .and_then(|j| j.step.round());
+        // the job first: a round cancelled before it would fail it
         self.inner
             .store
             .cancel(&id, now_ms())
             .await
             .map_err(store_status)?;
+        // then a fine-tune round in flight (the driver also ends it when it retires the
+        // job, should this call fail)
+        if let Some(r) = round {
+            let sub = crate::rounds::sub_job(&id, r);
+            if let Err(e) = self.inner.store.cancel(&sub, now_ms()).await {
+                tracing::warn!(job = %id, round = r, error = %e, "cannot cancel the round");
+            }
+        }
         let rec = self
             .inner
             .store
@@ -1084,10 +1105,7 @@ pub async fn serve(
     // the driver ends after the tick under way; the central steps it started are
     // stopped (each is idempotent: the next leader runs it again)
     let _ = driver.await;
-    for (job, task) in coord.inner.in_flight.lock().unwrap().drain() {
-        task.abort();
-        tracing::info!(job = %job, "central step stopped: shutting down");
-    }
+    crate::driver::stop_central_steps(&coord, "shutting down");
     // another coordinator leads at once, not after the lease runs out
     if let Err(e) = coord.inner.store.resign(&coord.inner.node).await {
         tracing::warn!(error = %e, "cannot give up the leader lease; it ends by itself");

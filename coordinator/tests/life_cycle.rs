@@ -135,9 +135,9 @@ async fn a_plan_that_cannot_be_read_leaves_the_shard_pending_and_burns_no_attemp
     h.job("j", JobState::Running, Phase::Identify, 2).await;
     let c = h.coordinator("work", 3);
     register(&c, "w").await;
-    // no plan in the artifact store (it is down, or was lost)
-    let e = lease(&c, "w").await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    // no plan in the artifact store (it is down, or was lost): no task from this job
+    // (other jobs would still be leased)
+    assert!(lease(&c, "w").await.unwrap().is_none());
     let shards = h.store.shards("j").await.unwrap();
     assert_eq!(
         shards

@@ -63,10 +63,11 @@ fn fenced(j: &MemJob, shard: u32, worker: &str, attempt: u32) -> bool {
         .is_some_and(|s| s.state == "leased" && s.owner == worker && s.attempt == attempt)
 }
 
-fn fail_job(j: &mut MemJob, msg: String) {
+fn fail_job(j: &mut MemJob, msg: String, now_ms: u64) {
     if !j.rec.state.is_final() {
         j.rec.state = JobState::Failed;
         j.rec.error = msg;
+        j.rec.updated_ms = now_ms;
     }
 }
 
@@ -309,7 +310,7 @@ impl StateStore for MemoryStore {
         } else {
             s.state = "failed".into();
             let msg = format!("shard {shard} failed on attempt {attempt}: {message}");
-            fail_job(j, msg);
+            fail_job(j, msg, now_ms());
             Ok(FailOutcome::JobFailed)
         }
     }
@@ -343,7 +344,7 @@ impl StateStore for MemoryStore {
                 s.state = "failed".into();
                 s.error = format!("lease expired {attempt} times (workers lost or hung)");
                 let msg = format!("shard {shard} failed: {}", s.error);
-                fail_job(j, msg);
+                fail_job(j, msg, now_ms);
             }
             out.push(Expired {
                 shard,
@@ -408,6 +409,11 @@ impl StateStore for MemoryStore {
         let token = i.tokens;
         i.leader = Some((node.into(), token, now_ms + ttl_ms));
         Ok(Some(token))
+    }
+
+    async fn claim(&self, id: &str, token: u64) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        fence(job(&mut i, id)?, token)
     }
 
     async fn resign(&self, node: &str) -> StoreResult<()> {

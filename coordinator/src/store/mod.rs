@@ -256,6 +256,9 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// fencing token of its leadership (it grows with every new leader), or `None`
     /// while another node holds a lease that has not expired.
     async fn lead(&self, node: &str, now_ms: u64, ttl_ms: u64) -> StoreResult<Option<u64>>;
+    /// Raises a job's fence to the leader token `fence` without changing the job (a
+    /// new leader claims the active jobs); refused like any fenced write.
+    async fn claim(&self, id: &str, fence: u64) -> StoreResult<()>;
     /// Gives up the leader lease if `node` holds it (a coordinator shutting down), so
     /// another takes over at once instead of after the lease; the token keeps growing.
     async fn resign(&self, node: &str) -> StoreResult<()>;

@@ -60,6 +60,8 @@ struct Scripts {
     put_labels: Script,
     lead: Script,
     resign: Script,
+    claim: Script,
+    create: Script,
 }
 
 impl Scripts {
@@ -209,6 +211,23 @@ local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', now + tonumber(ARGV[3]))
 return token"#,
             ),
+            // KEYS meta; ARGV fence
+            claim: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if not fence_ok(KEYS[1], ARGV[1]) then return redis.error_reply('DEFUSE_FENCED') end
+return 1"#,
+            ),
+            // KEYS meta; ARGV id name state step config n_shards error created updated:
+            // the whole record or nothing
+            create: Script::new(
+                r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'state', ARGV[3], 'step', ARGV[4],
+  'config_toml', ARGV[5], 'n_shards', ARGV[6], 'error', ARGV[7], 'created_ms', ARGV[8],
+  'updated_ms', ARGV[9])
+return 1"#,
+            ),
             // KEYS leader; ARGV node: the lease ends now if node holds it
             resign: Script::new(
                 r#"
@@ -314,12 +333,11 @@ impl RedisStore {
             .map_err(|e| StoreError::Backend(format!("cannot connect to redis at {shown}: {e}")))?;
         let schema: Option<u32> = conn.get(SCHEMA).await?;
         if schema.is_none() {
-            let _: () = ::redis::cmd("SUNIONSTORE")
-                .arg(ACTIVE)
-                .arg(ACTIVE)
-                .arg(JOBS)
-                .query_async(&mut conn)
-                .await?;
+            // one key at a time (the global keys may sit in different cluster slots)
+            let ids: Vec<String> = conn.smembers(JOBS).await?;
+            for id in ids {
+                let _: () = conn.sadd(ACTIVE, id).await?;
+            }
             let _: () = conn.set(SCHEMA, 2).await?;
         }
         Ok(RedisStore {
@@ -368,26 +386,24 @@ impl StateStore for RedisStore {
     async fn create_job(&self, j: &JobRecord) -> StoreResult<()> {
         let k = keys(&j.id);
         let mut c = self.conn();
-        let created: bool = ::redis::cmd("HSETNX")
-            .arg(&k.meta)
-            .arg("id")
+        let created: i64 = self
+            .scripts
+            .create
+            .key(&k.meta)
             .arg(&j.id)
-            .query_async(&mut c)
+            .arg(&j.name)
+            .arg(j.state.as_str())
+            .arg(j.step.to_string())
+            .arg(&j.config_toml)
+            .arg(0)
+            .arg(&j.error)
+            .arg(j.created_ms)
+            .arg(j.updated_ms)
+            .invoke_async(&mut c)
             .await?;
-        if !created {
+        if created == 0 {
             return Err(StoreError::Exists(j.id.clone()));
         }
-        let fields: Vec<(&str, String)> = vec![
-            ("name", j.name.clone()),
-            ("state", j.state.as_str().into()),
-            ("step", j.step.to_string()),
-            ("config_toml", j.config_toml.clone()),
-            ("n_shards", "0".into()),
-            ("error", j.error.clone()),
-            ("created_ms", j.created_ms.to_string()),
-            ("updated_ms", j.updated_ms.to_string()),
-        ];
-        let _: () = c.hset_multiple(&k.meta, &fields).await?;
         let _: () = c.sadd(JOBS, &j.id).await?;
         let _: () = c.sadd(ACTIVE, &j.id).await?;
         Ok(())
@@ -752,6 +768,18 @@ impl StateStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await?;
         Ok(token)
+    }
+
+    async fn claim(&self, id: &str, fence: u64) -> StoreResult<()> {
+        let _: i64 = self
+            .scripts
+            .claim
+            .key(keys(id).meta)
+            .arg(fence)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(())
     }
 
     async fn resign(&self, node: &str) -> StoreResult<()> {
