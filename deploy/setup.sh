@@ -92,7 +92,7 @@ install_mnist() {
 # --- GTSRB (32x32 copy): not in any registry; linked from the shared data folder
 link_gtsrb() {
   local cand
-  for cand in "${DEFUSE_GTSRB:-}" "$here/../shared/data/gtsrb-32" /work/shared/data/gtsrb-32; do
+  for cand in "${DEFUSE_GTSRB:-}" "$here/../shared/data/gtsrb-32"; do
     if [ -n "$cand" ] && [ -f "$cand/train-images-idx4-ubyte.gz" ]; then
       ln -sfn "$(cd "$cand" && pwd)" "$here/data/gtsrb-32"
       return
