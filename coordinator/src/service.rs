@@ -136,7 +136,7 @@ impl Coordinator {
         Coordinator {
             inner: Arc::new(Inner {
                 cfg,
-                node: node_name(),
+                node: defuse_core::fresh_process_id(),
                 leading: std::sync::atomic::AtomicU64::new(0),
                 store,
                 artifacts,
@@ -182,16 +182,19 @@ impl Coordinator {
         Ok((jobs, next))
     }
 
+    /// A job's record, or `NotFound`.
+    async fn job(&self, job: &str) -> Result<JobRecord, CoordinatorError> {
+        self.inner
+            .store
+            .get_job(job)
+            .await?
+            .ok_or_else(|| CoordinatorError::not_found(format!("no job {job}")))
+    }
+
     /// Deletes a finished job: its round sub-jobs, its artifacts (`jobs/<job>/`), its
     /// cached folder, then its state. Returns how many objects were removed.
     pub async fn delete(&self, job: &str) -> Result<u32, CoordinatorError> {
-        let rec = self
-            .inner
-            .store
-            .get_job(job)
-            .await
-            .map_err(CoordinatorError::from)?
-            .ok_or_else(|| CoordinatorError::not_found(format!("no job {job}")))?;
+        let rec = self.job(job).await?;
         if !rec.state.is_final() {
             return Err(CoordinatorError::conflict(format!(
                 "job {job} is {}: cancel it first",
@@ -312,13 +315,7 @@ impl Coordinator {
         job: &str,
         pairs: &[(String, String)],
     ) -> Result<(usize, usize), CoordinatorError> {
-        let rec = self
-            .inner
-            .store
-            .get_job(job)
-            .await
-            .map_err(CoordinatorError::from)?
-            .ok_or_else(|| CoordinatorError::not_found(format!("no job {job}")))?;
+        let rec = self.job(job).await?;
         if rec.state != JobState::AwaitingLabels {
             return Err(CoordinatorError::conflict(format!(
                 "job {job} is {}, not awaiting_labels",
@@ -609,14 +606,6 @@ fn attempt_of<'a>(t: &'a TaskRef, worker: &'a str) -> Attempt<'a> {
         attempt: t.attempt,
         worker,
     }
-}
-
-/// A fresh name per process: the host name and a random part.
-fn node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| sanitize(h.trim()))
-        .unwrap_or_else(|_| "coordinator".into());
-    format!("{host}-{:08x}", rand::random::<u32>())
 }
 
 fn valid_id(s: &str) -> bool {
@@ -971,13 +960,7 @@ impl JobService for Coordinator {
                 tracing::warn!(job = %id, round = r, error = %e, "cannot cancel the round");
             }
         }
-        let rec = self
-            .inner
-            .store
-            .get_job(&id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let rec = self.job(&id).await?;
         tracing::info!(job = %id, state = rec.state.as_str(), "cancel");
         Ok(Response::new(CancelResponse {
             state: rec.state.as_str().into(),

@@ -22,3 +22,21 @@ pub mod tensor_io;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// A fresh id for a process start (a worker, a coordinator): the host name plus a
+/// random part, so a restarted process never inherits what its previous life held
+/// (leases, the leader lease).
+pub fn fresh_process_id() -> String {
+    let host = gethostname::gethostname()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>();
+    format!("{host}-{:08x}", rand::random::<u32>())
+}

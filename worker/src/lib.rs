@@ -59,23 +59,6 @@ pub enum WorkerError {
     Other(String),
 }
 
-/// A fresh id for every start: host name plus a random part, so a restarted worker
-/// never inherits the leases of its previous life.
-pub fn fresh_id() -> String {
-    let host = gethostname::gethostname()
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect::<String>();
-    format!("{host}-{:08x}", rand::random::<u32>())
-}
-
 struct Running {
     task: TaskRef,
     abandon: Arc<AtomicBool>,
@@ -87,7 +70,7 @@ pub async fn run(
     cfg: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    let id = fresh_id();
+    let id = defuse_core::fresh_process_id();
     let device =
         models::parse_device(&cfg.device).map_err(|e| WorkerError::Other(e.to_string()))?;
     if cfg.threads > 0 {

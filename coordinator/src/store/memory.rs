@@ -57,10 +57,11 @@ fn fence(j: &mut MemJob, token: u64) -> StoreResult<()> {
     Ok(())
 }
 
-fn fenced(j: &MemJob, shard: u32, worker: &str, attempt: u32) -> bool {
+/// Whether `a` holds its shard's lease now.
+fn fenced(j: &MemJob, a: &Attempt) -> bool {
     j.shards
-        .get(shard as usize)
-        .is_some_and(|s| s.state == "leased" && s.owner == worker && s.attempt == attempt)
+        .get(a.shard as usize)
+        .is_some_and(|s| s.state == "leased" && s.owner == a.worker && s.attempt == a.attempt)
 }
 
 fn fail_job(j: &mut MemJob, msg: String, now_ms: u64) {
@@ -232,44 +233,32 @@ impl StateStore for MemoryStore {
     }
 
     async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
-        let Attempt {
-            job: id,
-            shard,
-            attempt,
-            worker,
-        } = *a;
         let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, id)?;
-        if !fenced(j, shard, worker, attempt) {
+        let j = job(&mut i, a.job)?;
+        if !fenced(j, a) {
             return Ok(Fenced::Stale);
         }
-        j.deadlines.insert(shard, now_ms + lease_ms);
+        j.deadlines.insert(a.shard, now_ms + lease_ms);
         Ok(Fenced::Accepted)
     }
 
     async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
-        let Attempt {
-            job: id,
-            shard,
-            attempt,
-            worker,
-        } = *a;
         let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, id)?;
-        let again = j.shards.get(shard as usize).is_some_and(|s| {
-            s.state == "done" && s.owner == worker && s.attempt == attempt && s.output == output
+        let j = job(&mut i, a.job)?;
+        let again = j.shards.get(a.shard as usize).is_some_and(|s| {
+            s.state == "done" && s.owner == a.worker && s.attempt == a.attempt && s.output == output
         });
         if again {
             return Ok(Fenced::Accepted);
         }
-        if !fenced(j, shard, worker, attempt) {
+        if !fenced(j, a) {
             return Ok(Fenced::Stale);
         }
-        let s = &mut j.shards[shard as usize];
+        let s = &mut j.shards[a.shard as usize];
         s.state = "done".into();
         s.output = output.into();
         s.accepted += 1;
-        j.deadlines.remove(&shard);
+        j.deadlines.remove(&a.shard);
         Ok(Fenced::Accepted)
     }
 
@@ -280,15 +269,10 @@ impl StateStore for MemoryStore {
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
-        let Attempt {
-            job: id,
-            shard,
-            attempt,
-            worker,
-        } = *a;
+        let (shard, attempt) = (a.shard, a.attempt);
         let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, id)?;
-        if !fenced(j, shard, worker, attempt) {
+        let j = job(&mut i, a.job)?;
+        if !fenced(j, a) {
             return Ok(FailOutcome::Stale);
         }
         j.deadlines.remove(&shard);

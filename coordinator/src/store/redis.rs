@@ -350,6 +350,25 @@ impl RedisStore {
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
+
+    /// The ids in the set `set`, sorted.
+    async fn sorted_members(&self, set: &str) -> StoreResult<Vec<String>> {
+        let mut ids: Vec<String> = self.conn().smembers(set).await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The records of the jobs in the set `set`, in id order (ids whose record is gone
+    /// are left out).
+    async fn records_in(&self, set: &str) -> StoreResult<Vec<JobRecord>> {
+        let mut out = Vec::new();
+        for id in self.sorted_members(set).await? {
+            if let Some(r) = self.get_job(&id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn lost(id: &str, e: ::redis::RedisError) -> StoreError {
@@ -410,21 +429,11 @@ impl StateStore for RedisStore {
     }
 
     async fn job_ids(&self) -> StoreResult<Vec<String>> {
-        let mut ids: Vec<String> = self.conn().smembers(JOBS).await?;
-        ids.sort();
-        Ok(ids)
+        self.sorted_members(JOBS).await
     }
 
     async fn active_jobs(&self) -> StoreResult<Vec<JobRecord>> {
-        let mut ids: Vec<String> = self.conn().smembers(ACTIVE).await?;
-        ids.sort();
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(r) = self.get_job(&id).await? {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        self.records_in(ACTIVE).await
     }
 
     async fn retire(&self, id: &str, finished_ms: Option<u64>) -> StoreResult<()> {
@@ -473,15 +482,7 @@ impl StateStore for RedisStore {
     }
 
     async fn list_jobs(&self) -> StoreResult<Vec<JobRecord>> {
-        let mut ids: Vec<String> = self.conn().smembers(JOBS).await?;
-        ids.sort();
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(r) = self.get_job(&id).await? {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        self.records_in(JOBS).await
     }
 
     async fn set_job_state(
@@ -555,27 +556,21 @@ impl StateStore for RedisStore {
     }
 
     async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
-        let Attempt {
-            job: id,
-            shard,
-            attempt,
-            worker,
-        } = *a;
-        let k = keys(id);
+        let k = keys(a.job);
         let r: i64 = self
             .scripts
             .renew
             .key(&k.meta)
             .key(&k.shards)
             .key(&k.leases)
-            .arg(shard)
-            .arg(worker)
-            .arg(attempt)
+            .arg(a.shard)
+            .arg(a.worker)
+            .arg(a.attempt)
             .arg(now_ms)
             .arg(lease_ms)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(|e| lost(id, e))?;
+            .map_err(|e| lost(a.job, e))?;
         Ok(if r == 1 {
             Fenced::Accepted
         } else {
@@ -584,26 +579,20 @@ impl StateStore for RedisStore {
     }
 
     async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
-        let Attempt {
-            job: id,
-            shard,
-            attempt,
-            worker,
-        } = *a;
-        let k = keys(id);
+        let k = keys(a.job);
         let r: i64 = self
             .scripts
             .complete
             .key(&k.meta)
             .key(&k.shards)
             .key(&k.leases)
-            .arg(shard)
-            .arg(worker)
-            .arg(attempt)
+            .arg(a.shard)
+            .arg(a.worker)
+            .arg(a.attempt)
             .arg(output)
             .invoke_async(&mut self.conn())
             .await
-            .map_err(|e| lost(id, e))?;
+            .map_err(|e| lost(a.job, e))?;
         Ok(if r == 1 {
             Fenced::Accepted
         } else {
@@ -618,13 +607,7 @@ impl StateStore for RedisStore {
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
-        let Attempt {
-            job: id,
-            shard,
-            attempt,
-            worker,
-        } = *a;
-        let k = keys(id);
+        let k = keys(a.job);
         let r: String = self
             .scripts
             .fail
@@ -632,16 +615,16 @@ impl StateStore for RedisStore {
             .key(&k.shards)
             .key(&k.leases)
             .key(&k.pending)
-            .arg(shard)
-            .arg(worker)
-            .arg(attempt)
+            .arg(a.shard)
+            .arg(a.worker)
+            .arg(a.attempt)
             .arg(failure.as_str())
             .arg(message)
             .arg(max_attempts)
             .arg(now_ms())
             .invoke_async(&mut self.conn())
             .await
-            .map_err(|e| lost(id, e))?;
+            .map_err(|e| lost(a.job, e))?;
         Ok(match r.as_str() {
             "requeued" => FailOutcome::Requeued,
             "failed" => FailOutcome::JobFailed,

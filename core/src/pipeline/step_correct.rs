@@ -59,15 +59,15 @@ pub(super) fn run(
         let done: Option<RoundsDone> = read_json(&job.out.join(layout::ROUNDS_DONE))
             .ok()
             .filter(|d: &RoundsDone| d.hash == h_correct);
+        let data = correct::scenario_data(
+            vae,
+            scenarios,
+            labels,
+            cfg.distill.tau,
+            &cfg.correct,
+            cfg.seed,
+        )?;
         let Some(done) = done else {
-            let data = correct::scenario_data(
-                vae,
-                scenarios,
-                labels,
-                cfg.distill.tau,
-                &cfg.correct,
-                cfg.seed,
-            )?;
             let scenario_train = dir.join("scenario-train.safetensors");
             crate::tensor_io::write(
                 &scenario_train,
@@ -100,14 +100,6 @@ pub(super) fn run(
             clf.device(),
         )?;
         tuned.save(&tuned_path)?;
-        let data = correct::scenario_data(
-            vae,
-            scenarios,
-            labels,
-            cfg.distill.tau,
-            &cfg.correct,
-            cfg.seed,
-        )?;
         let ev = evaluate(ds, clf, &tuned, &data, done.history, &tuned_path)?;
         write_json(&eval_path, &ev)?;
         job.mark("correct", &h_correct, started)?;
