@@ -484,7 +484,9 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let rec = store.get_job(&id).await?.context("job vanished")?;
             if rec.step == defuse_coordinator::lifecycle::Phase::Identify {
-                let c = store.counts(&id).await?;
+                let c = store
+                    .counts(&id, defuse_coordinator::lifecycle::Stage::Identify)
+                    .await?;
                 let b = bar.get_or_insert_with(|| {
                     defuse_core::progress::bar(c.total as u64, "identify (shards)")
                 });

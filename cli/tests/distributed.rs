@@ -106,7 +106,8 @@ fn broken_model_fails_the_job_after_the_retries_and_bad_workers_and_configs_are_
     assert_eq!(code, Some(1), "{}", c.workers[i].tail(10));
     let log = c.workers[i].log_text();
     assert!(
-        log.contains("protocol version 99") && log.contains("speaks 1"),
+        log.contains("protocol version 99")
+            && log.contains(&format!("speaks {}", defuse_proto::PROTOCOL_VERSION)),
         "{log}"
     );
 
@@ -301,10 +302,10 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     assert_eq!(identify(&s)["shards_done"], 0);
 }
 
-/// SIGKILLs worker `i` while it trains a round part: stops it when it leases one, and
-/// kills it only if Redis says it still holds that part (else lets it go on and tries
-/// again). The round's sub-job and the part.
-fn kill_holding_a_part(c: &mut Cluster, i: usize) -> (String, String) {
+/// SIGKILLs worker `i` while it trains a part of `job`'s fine-tune: stops it when it
+/// leases one, and kills it only if Redis says it still holds that part (else lets it
+/// go on and tries again). The round and the part.
+fn kill_holding_a_part(c: &mut Cluster, job: &str, i: usize) -> (u32, String) {
     let id = c.worker_id(i);
     let end = Instant::now() + Duration::from_secs(240);
     let mut tried = 0;
@@ -316,7 +317,7 @@ fn kill_holding_a_part(c: &mut Cluster, i: usize) -> (String, String) {
         let log = c.coordinator.as_ref().unwrap().log_text();
         let leases: Vec<String> = log
             .lines()
-            .filter(|l| l.contains("shard leased") && l.contains("--round-") && l.contains(&id))
+            .filter(|l| l.contains("shard leased") && l.contains("unit=round ") && l.contains(&id))
             .map(str::to_string)
             .collect();
         if leases.len() <= tried {
@@ -325,13 +326,13 @@ fn kill_holding_a_part(c: &mut Cluster, i: usize) -> (String, String) {
         }
         tried = leases.len();
         c.workers[i].signal("STOP");
-        let sub = leases[tried - 1]
-            .split("job=")
+        let round: u32 = leases[tried - 1]
+            .split("unit=round ")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
-            .unwrap()
-            .to_string();
-        let fields = redis_shards(&c.redis.url(), &sub);
+            .and_then(|r| r.parse().ok())
+            .unwrap();
+        let fields = redis_round_parts(&c.redis.url(), job, round);
         let held = fields.iter().find_map(|(k, v)| {
             let part = k.strip_suffix(":owner")?;
             let leased = fields
@@ -342,7 +343,7 @@ fn kill_holding_a_part(c: &mut Cluster, i: usize) -> (String, String) {
         match held {
             Some(part) => {
                 c.workers[i].signal("KILL");
-                return (sub, part);
+                return (round, part);
             }
             None => c.workers[i].signal("CONT"),
         }
@@ -412,7 +413,7 @@ fn distributed_fine_tune_survives_killed_workers_and_a_restarted_coordinator() {
     c.start_worker(&[]);
     c.start_worker(&[]);
     let job = c.submit(&cfg_two);
-    let (killed_round, killed_part) = kill_holding_a_part(&mut c, 0);
+    let (killed_round, killed_part) = kill_holding_a_part(&mut c, &job, 0);
     eprintln!("killed worker 0 holding {killed_round} part {killed_part}");
     c.start_worker(&[]);
     // restart the coordinator once a round has been averaged
@@ -438,7 +439,7 @@ fn distributed_fine_tune_survives_killed_workers_and_a_restarted_coordinator() {
     std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator();
     // and SIGKILL a second worker holding a part, in a later round
-    let second = kill_holding_a_part(&mut c, 1);
+    let second = kill_holding_a_part(&mut c, &job, 1);
     eprintln!("killed worker 1 holding {} part {}", second.0, second.1);
     assert_ne!(second.0, killed_round, "a later round");
     c.start_worker(&[]);
@@ -506,8 +507,8 @@ fn distributed_fine_tune_survives_killed_workers_and_a_restarted_coordinator() {
     let acc = defuse_core::train::accuracy(&tuned, &ds.test, tch::Device::Cpu).unwrap();
     assert!((acc - f(&b, "test_accuracy_after")).abs() < 1e-9, "{acc}");
     // the killed workers' parts were trained again, by other workers
-    for (round, part) in [(&killed_round, &killed_part), (&second.0, &second.1)] {
-        let fields = redis_shards(&c.redis.url(), round);
+    for (round, part) in [(killed_round, &killed_part), (second.0, &second.1)] {
+        let fields = redis_round_parts(&c.redis.url(), &job, round);
         let get = |k: String| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.clone());
         assert_eq!(get(format!("{part}:state")).as_deref(), Some("done"));
         assert!(
@@ -519,7 +520,7 @@ fn distributed_fine_tune_survives_killed_workers_and_a_restarted_coordinator() {
     }
     // every round's parts accepted once
     for r in 0..4 {
-        let fields = redis_shards(&c.redis.url(), &format!("{job}--round-{r}"));
+        let fields = redis_round_parts(&c.redis.url(), &job, r);
         for p in 0..2 {
             assert!(
                 fields

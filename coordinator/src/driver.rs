@@ -18,8 +18,8 @@ use tracing::Instrument;
 use crate::error::StepError;
 use crate::keys::{self, files};
 use crate::lifecycle::{self, JobState, Phase};
-use crate::service::{Coordinator, Plan};
-use crate::store::{now_ms, JobRecord, StoreError};
+use crate::state::{Coordinator, Plan};
+use crate::store::{now_ms, JobRecord, Stage, StoreError};
 
 /// Tries of a central step that fails with retryable errors before the job fails
 /// (backoff 1 s doubling to 60 s: about 4 minutes in all).
@@ -69,7 +69,7 @@ pub(crate) async fn tick(c: &Coordinator) -> Result<bool, StoreError> {
         // not the leader, or a new leadership: what this process ran or learnt under
         // another is stopped and forgotten (the leader runs it again)
         stop_central_steps(c, "not the leader any more");
-        c.inner.known.lock().unwrap().clear();
+        c.inner.local().known.clear();
     }
     match fence {
         Some(f) => {
@@ -85,7 +85,7 @@ pub(crate) async fn tick(c: &Coordinator) -> Result<bool, StoreError> {
 
 /// Stops every central step this process runs.
 pub(crate) fn stop_central_steps(c: &Coordinator, why: &str) {
-    for (job, task) in c.inner.in_flight.lock().unwrap().drain() {
+    for (job, task) in c.inner.local().in_flight.drain() {
         task.abort();
         tracing::info!(job = %job, why, "central step stopped");
     }
@@ -111,20 +111,21 @@ async fn refresh_leasable(c: &Coordinator) -> Result<(), StoreError> {
         .active_jobs()
         .await?
         .into_iter()
-        .filter(crate::service::is_leasable)
+        .filter(crate::state::is_leasable)
         .collect();
-    *c.inner.leasable.lock().unwrap() = Some(Arc::new(now_leasable));
+    c.inner.local().leasable = Some(Arc::new(now_leasable));
     Ok(())
 }
 
 async fn step_all(c: &Coordinator, fence: u64) -> Result<(), StoreError> {
     // the active jobs only: a tick costs the same however many jobs have finished
     let jobs = c.inner.store.active_jobs().await?;
-    let (rounds, top): (Vec<&JobRecord>, Vec<&JobRecord>) = jobs
-        .iter()
-        .partition(|j| crate::rounds::parse_sub_job(&j.id).is_some());
-    crate::metrics::jobs(&top, c.inner.store.finished_count().await?);
-    crate::metrics::rounds(rounds.iter().filter(|r| !r.state.is_final()).count());
+    crate::metrics::jobs(&jobs, c.inner.store.finished_count().await?);
+    crate::metrics::rounds(
+        jobs.iter()
+            .filter(|j| !j.state.is_final() && j.step.round().is_some())
+            .count(),
+    );
     let workers = c.inner.store.workers().await?;
     let now = now_ms();
     let ages: Vec<(String, f64)> = workers
@@ -135,45 +136,30 @@ async fn step_all(c: &Coordinator, fence: u64) -> Result<(), StoreError> {
     // a job this process has seen active that the store no longer has: its state was
     // lost (one retired or deleted by another leader is simply forgotten)
     let listed: std::collections::HashSet<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    let known: Vec<String> = c.inner.known.lock().unwrap().iter().cloned().collect();
+    let known: Vec<String> = c.inner.local().known.iter().cloned().collect();
     for id in known.into_iter().filter(|id| !listed.contains(id)) {
         match c.inner.store.get_job(&id).await? {
             None => lost(c, &id).await,
             Some(_) => {
-                c.inner.known.lock().unwrap().remove(&id);
+                c.inner.local().known.remove(&id);
             }
         }
     }
     for rec in jobs {
         if rec.state.is_final() {
-            // retired: out of the active set, into the finished index (rounds go with
-            // their job)
-            let sub = crate::rounds::parse_sub_job(&rec.id).is_some();
-            c.inner
-                .store
-                .retire(&rec.id, (!sub).then_some(rec.updated_ms))
-                .await?;
-            c.inner.known.lock().unwrap().remove(&rec.id);
+            // retired: out of the active set, into the finished index
+            c.inner.store.retire(&rec.id, Some(rec.updated_ms)).await?;
+            c.inner.local().known.remove(&rec.id);
             // a central step of a job cancelled meanwhile stops here (its blocking
             // part, if one runs, ends with the pipeline step under way)
-            if let Some(task) = c.inner.in_flight.lock().unwrap().remove(&rec.id) {
+            if let Some(task) = c.inner.local().in_flight.remove(&rec.id) {
                 task.abort();
                 tracing::info!(job = %rec.id, state = rec.state.as_str(), "central step stopped");
             }
-            // a job that ended during a fine-tune round ends its round too
-            if let Some(r) = rec.step.round() {
-                let sub = crate::rounds::sub_job(&rec.id, r);
-                match c.inner.store.cancel(&sub, now_ms()).await {
-                    Ok(()) | Err(StoreError::Lost(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if !sub {
-                crate::metrics::finished(rec.state.as_str());
-            }
+            crate::metrics::finished(rec.state.as_str());
             continue;
         }
-        c.inner.known.lock().unwrap().insert(rec.id.clone());
+        c.inner.local().known.insert(rec.id.clone());
         match step_job(c, &rec, fence).await {
             Ok(()) => {}
             Err(StoreError::Lost(id)) => lost(c, &id).await,
@@ -209,8 +195,8 @@ async fn retention(c: &Coordinator) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Everything of a finished job: its rounds' sub-jobs, its artifacts, its cached
-/// folder, and last its state (so a failed try is tried again). Returns the number of
+/// Everything of a finished job: its artifacts, its cached folder, and last its state
+/// (every shard set with it) (so a failed try is tried again). Returns the number of
 /// objects removed.
 pub(crate) async fn delete_job(c: &Coordinator, rec: &JobRecord) -> Result<u32, StepError> {
     let a = &c.inner.artifacts;
@@ -227,15 +213,7 @@ pub(crate) async fn delete_job(c: &Coordinator, rec: &JobRecord) -> Result<u32, 
             }
         }
     }
-    let store = &c.inner.store;
-    let prefix = crate::rounds::sub_job(&rec.id, 0);
-    let prefix = prefix.trim_end_matches('0');
-    for id in store.job_ids().await? {
-        if id.starts_with(prefix) {
-            store.delete_job(&id).await?;
-        }
-    }
-    store.delete_job(&rec.id).await?;
+    c.inner.store.delete_job(&rec.id).await?;
     c.forget(&rec.id);
     Ok(n)
 }
@@ -244,7 +222,7 @@ pub(crate) async fn delete_job(c: &Coordinator, rec: &JobRecord) -> Result<u32, 
 async fn lost(c: &Coordinator, id: &str) {
     let msg = format!("job {id}: its state is gone from the state store (Redis restarted without persistence, or flushed); the job cannot go on: submit it again");
     tracing::error!(job = %id, "{msg}");
-    c.inner.known.lock().unwrap().remove(id);
+    c.inner.local().known.remove(id);
     let now = now_ms();
     let rec = JobRecord {
         id: id.into(),
@@ -280,13 +258,19 @@ async fn step_job(c: &Coordinator, rec: &JobRecord, fence: u64) -> Result<(), St
         (JobState::Running, Phase::Models) => spawn_central(c, rec, Central::Prepare, fence),
         (JobState::Running, Phase::Identify) => {
             for e in store
-                .reap(&rec.id, now_ms(), c.inner.cfg.max_attempts, fence)
+                .reap(
+                    &rec.id,
+                    Stage::Identify,
+                    now_ms(),
+                    c.inner.cfg.max_attempts,
+                    fence,
+                )
                 .await?
             {
                 tracing::warn!(job = %rec.id, shard = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
                 crate::metrics::lease_expired(&rec.id, e.requeued);
             }
-            let n = store.counts(&rec.id).await?;
+            let n = store.counts(&rec.id, Stage::Identify).await?;
             crate::metrics::shards(&rec.id, &n);
             if n.total > 0 && n.done == n.total {
                 move_job(
@@ -307,19 +291,6 @@ async fn step_job(c: &Coordinator, rec: &JobRecord, fence: u64) -> Result<(), St
                 crate::rounds::RoundState::Running => {}
                 crate::rounds::RoundState::Complete => {
                     spawn_central(c, rec, Central::Average(round), fence)
-                }
-                crate::rounds::RoundState::Broken(msg) => {
-                    tracing::error!(job = %rec.id, round, error = %msg, "fine-tune round failed");
-                    let msg = format!("fine-tune round {round}: {msg}");
-                    move_job(
-                        c,
-                        fence,
-                        &rec.id,
-                        (rec.state, rec.step),
-                        (JobState::Failed, rec.step),
-                        &msg,
-                    )
-                    .await?;
                 }
             }
         }
@@ -385,16 +356,13 @@ impl Central {
 /// Starts a central step unless one runs for this job already (or a retry of it
 /// waits for its backoff).
 fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
-    let waiting = c
-        .inner
+    // the lock is held until the handle is in: the task's own removal waits for it
+    let mut local = c.inner.local();
+    let waiting = local
         .retries
-        .lock()
-        .unwrap()
         .get(&rec.id)
         .is_some_and(|(_, not_before)| Instant::now() < *not_before);
-    // the lock is held until the handle is in: the task's own removal waits for it
-    let mut in_flight = c.inner.in_flight.lock().unwrap();
-    if waiting || in_flight.contains_key(&rec.id) {
+    if waiting || local.in_flight.contains_key(&rec.id) {
         return;
     }
     let (c2, rec, key) = (c.clone(), rec.clone(), rec.id.clone());
@@ -406,16 +374,16 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
         let r = match what {
             Central::Prepare => prepare(&c, &rec).await,
             Central::Finish => finish(&c, &rec).await,
-            Central::Average(round) => crate::rounds::average(&c, &rec, round, fence)
+            Central::Average(round) => crate::rounds::average(&c, &rec, round)
                 .await
                 .map(Next::Go),
         };
         if r.is_ok() {
-            c.inner.retries.lock().unwrap().remove(&id);
+            c.inner.local().retries.remove(&id);
         }
         let from = (JobState::Running, what.phase());
         let result = match r {
-            Ok(Next::Identify(n)) => match c.inner.store.plan_shards(&id, n, now_ms(), fence).await {
+            Ok(Next::Identify(n)) => match c.inner.store.plan_shards(&id, Stage::Identify, n, now_ms(), fence).await {
                 Ok(()) => move_job(&c, fence, &id, from, (JobState::Running, Phase::Identify), "").await,
                 Err(e) => Err(e),
             },
@@ -430,7 +398,7 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
                 Ok(())
             }
             Err(e) => {
-                c.inner.retries.lock().unwrap().remove(&id);
+                c.inner.local().retries.remove(&id);
                 let msg = e.to_string();
                 tracing::error!(job = %id, step = ?what, error = %msg, "central step failed");
                 move_job(&c, fence, &id, from, (JobState::Failed, what.phase()), &msg).await
@@ -446,16 +414,19 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
             }
         }
         tracing::info!(job = %id, step = ?what, seconds = started.elapsed().as_secs_f64(), "central step ended");
-        c.inner.in_flight.lock().unwrap().remove(&id);
+        c.inner.local().in_flight.remove(&id);
     }.instrument(span));
-    in_flight.insert(key, task.abort_handle());
+    local.in_flight.insert(key, task.abort_handle());
 }
 
 /// Schedules another try of a job's central step after a retryable error; false
 /// when the tries are used up.
 fn retry_later(c: &Coordinator, job: &str) -> bool {
-    let mut m = c.inner.retries.lock().unwrap();
-    let e = m.entry(job.to_string()).or_insert((0, Instant::now()));
+    let mut local = c.inner.local();
+    let e = local
+        .retries
+        .entry(job.to_string())
+        .or_insert((0, Instant::now()));
     e.0 += 1;
     let wait = Duration::from_secs((1u64 << (e.0 - 1).min(6)).min(60));
     e.1 = Instant::now() + wait;
@@ -533,11 +504,7 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let json = serde_json::to_vec_pretty(&plan).expect("plan serialises");
     a.put(&keys::plan(&rec.id), json.into()).await?;
     let n = plan.ranges.len() as u32;
-    c.inner
-        .plans
-        .lock()
-        .unwrap()
-        .insert(rec.id.clone(), Arc::new(plan));
+    c.inner.local().plans.insert(rec.id.clone(), Arc::new(plan));
     tracing::info!(job = %rec.id, shards = n, "identify planned");
     if n == 0 {
         return Err(StepError::fatal(
@@ -571,7 +538,7 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
             .map_err(|e| StepError::fatal(format!("{}: {e}", path.display())))?;
     }
     // the accepted outputs, in shard order (a job that resumed from its folder has none)
-    let shards = c.inner.store.shards(&rec.id).await?;
+    let shards = c.inner.store.shards(&rec.id, Stage::Identify).await?;
     let mut local = Vec::new();
     for s in &shards {
         if s.state != "done" {

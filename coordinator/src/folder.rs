@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::StepError;
 use crate::keys;
-use crate::service::Coordinator;
+use crate::state::Coordinator;
 use crate::store::JobRecord;
 
 #[derive(Debug, Default, Serialize, Deserialize)]

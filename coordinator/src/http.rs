@@ -267,7 +267,7 @@ struct PageQuery {
 }
 
 async fn jobs_page(State(app): State<App>, Query(q): Query<PageQuery>) -> Response {
-    let limit = q.limit.unwrap_or(crate::service::DEFAULT_PAGE);
+    let limit = q.limit.unwrap_or(crate::api::DEFAULT_PAGE);
     let (jobs, next) = match app.coord.jobs_page(&q.after, limit).await {
         Ok(j) => j,
         Err(e) => return error_page(CoordinatorError::from(e), "/"),
@@ -573,7 +573,7 @@ fn job_json(st: &defuse_proto::JobStatus) -> serde_json::Value {
 /// A page of jobs (`?after=&limit=`, default 100, at most 1000); the id to go on
 /// from is in the `X-Next-After` header, absent on the last page.
 async fn api_jobs(State(app): State<App>, Query(q): Query<PageQuery>) -> Response {
-    let limit = q.limit.unwrap_or(crate::service::DEFAULT_PAGE);
+    let limit = q.limit.unwrap_or(crate::api::DEFAULT_PAGE);
     match app.coord.jobs_page(&q.after, limit).await {
         Ok((jobs, next)) => {
             let mut out = Vec::new();

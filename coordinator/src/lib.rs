@@ -4,10 +4,13 @@
 //! (Redis, or memory in the embedded mode). Artifacts (models, shard outputs,
 //! reports) live in an [`defuse_core::artifacts::ArtifactStore`].
 //!
-//! One driver loop owns the job life cycle (`queued -> running(models) ->
-//! running(identify) -> running(finish) -> done | failed | awaiting_labels |
-//! cancelled`) and is the single reaper of expired leases; the gRPC handlers only
-//! make fenced, atomic store transitions.
+//! One driver loop owns the job life cycle (`lifecycle.rs`) and is the single reaper
+//! of expired leases; the gRPC handlers only make fenced, atomic store transitions.
+//!
+//! Layers, each using only those below it: `store` and `keys`; `state` (settings,
+//! stores, the process-local caches behind one lock); `folder` and `rounds`;
+//! `driver` (the life cycle); `api` (the job API, one error type); the adapters
+//! `service` (gRPC) and `http`; `server` (wiring and graceful shutdown).
 //!
 //! Nothing that matters lives only on the coordinator's disk: job and shard state and
 //! the labels are in the state store; plans, models, shard outputs, checkpoints and a
@@ -19,11 +22,16 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod store;
 
+mod api;
 mod driver;
 mod error;
 mod folder;
 mod rounds;
+mod server;
 mod service;
+mod state;
 
+pub use api::{DEFAULT_PAGE, MAX_PAGE};
 pub use error::CoordinatorError;
-pub use service::{serve, Coordinator, CoordinatorConfig, ServeError};
+pub use server::{serve, ServeError};
+pub use state::{Coordinator, CoordinatorConfig};

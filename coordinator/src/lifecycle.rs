@@ -13,8 +13,9 @@
 //!  any phase ──> failed | cancelled         (a final state is never left)
 //! ```
 //!
-//! A fine-tune round's parts live in a sub-job of the round (phase `finetune-part`):
-//! `running` while its parts are leased, `done` once merged.
+//! Workers lease from a job's shard sets ([`Stage`]): the identify shards while the
+//! job is in `identify`, round `r`'s parts while it is in `finetune:r`. A round is part
+//! of its job: its parts fail, cancel and delete with it.
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -75,21 +76,18 @@ pub enum Phase {
     Finish,
     /// Fine-tune round `r` runs on the workers.
     FineTune(usize),
-    /// A round's sub-job: its shards are the round's parts.
-    RoundParts,
     /// The state store lost the job; it was recorded again as failed.
     Lost,
 }
 
 impl Phase {
     /// The text the stores keep (`models`, `identify`, `finish`, `finetune:<r>`,
-    /// `finetune-part`, `lost`).
+    /// `lost`).
     pub fn parse(s: &str) -> Option<Phase> {
         Some(match s {
             "models" => Phase::Models,
             "identify" => Phase::Identify,
             "finish" => Phase::Finish,
-            "finetune-part" => Phase::RoundParts,
             "lost" => Phase::Lost,
             s => Phase::FineTune(s.strip_prefix("finetune:")?.parse().ok()?),
         })
@@ -105,7 +103,49 @@ impl Phase {
 
     /// Whether workers lease shards of a running job in this phase.
     pub fn leasable(&self) -> bool {
-        matches!(self, Phase::Identify | Phase::RoundParts)
+        Stage::of(*self).is_some()
+    }
+}
+
+/// A set of shards of a job that workers lease: the identify step's shards, or the
+/// parts of one fine-tune round. Each has its own pending queue, leases and attempts
+/// in the store; the job's record holds them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    Identify,
+    /// The parts of fine-tune round `r`.
+    Round(u32),
+}
+
+impl Stage {
+    /// The phase the job is in while workers lease from this set.
+    pub fn phase(self) -> Phase {
+        match self {
+            Stage::Identify => Phase::Identify,
+            Stage::Round(r) => Phase::FineTune(r as usize),
+        }
+    }
+
+    /// The set workers lease from in `phase`, if any.
+    pub fn of(phase: Phase) -> Option<Stage> {
+        match phase {
+            Phase::Identify => Some(Stage::Identify),
+            Phase::FineTune(r) => Some(Stage::Round(r as u32)),
+            _ => None,
+        }
+    }
+
+    /// How messages name a shard of this set: `shard 3`, `round 1 part 3`.
+    pub fn unit(self, shard: u32) -> String {
+        format!("{}{shard}", self.unit_prefix())
+    }
+
+    /// [`Stage::unit`] without the number (what the Redis scripts append it to).
+    pub fn unit_prefix(self) -> String {
+        match self {
+            Stage::Identify => "shard ".into(),
+            Stage::Round(r) => format!("round {r} part "),
+        }
     }
 }
 
@@ -116,7 +156,6 @@ impl fmt::Display for Phase {
             Phase::Identify => f.write_str("identify"),
             Phase::Finish => f.write_str("finish"),
             Phase::FineTune(r) => write!(f, "finetune:{r}"),
-            Phase::RoundParts => f.write_str("finetune-part"),
             Phase::Lost => f.write_str("lost"),
         }
     }
@@ -158,7 +197,6 @@ pub fn legal(from: (JobState, Phase), to: (JobState, Phase)) -> bool {
         ((Running, FineTune(r)), (Running, FineTune(s))) => s == r + 1,
         ((Running, FineTune(_)), (Running, Finish)) => true,
         ((Running, Finish), (Done, Finish)) => true,
-        ((Running, RoundParts), (Done, RoundParts)) => true,
         _ => false,
     }
 }
@@ -175,16 +213,35 @@ mod tests {
             Phase::Finish,
             Phase::FineTune(0),
             Phase::FineTune(17),
-            Phase::RoundParts,
             Phase::Lost,
         ] {
             assert_eq!(Phase::parse(&p.to_string()), Some(p));
             let json = serde_json::to_string(&p).unwrap();
             assert_eq!(serde_json::from_str::<Phase>(&json).unwrap(), p);
         }
-        for bad in ["", "finetune:", "finetune:x", "model", "finetune:-1"] {
+        for bad in [
+            "",
+            "finetune:",
+            "finetune:x",
+            "model",
+            "finetune:-1",
+            "finetune-part",
+        ] {
             assert_eq!(Phase::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_stage_is_leased_in_its_phase() {
+        for st in [Stage::Identify, Stage::Round(0), Stage::Round(7)] {
+            assert_eq!(Stage::of(st.phase()), Some(st));
+            assert!(st.phase().leasable());
+        }
+        for p in [Phase::Models, Phase::Finish, Phase::Lost] {
+            assert_eq!(Stage::of(p), None, "{p}");
+        }
+        assert_eq!(Stage::Round(1).unit(3), "round 1 part 3");
+        assert_eq!(Stage::Identify.unit(3), "shard 3");
     }
 
     #[test]

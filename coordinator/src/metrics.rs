@@ -46,7 +46,7 @@ pub fn shards(job: &str, c: &ShardCounts) {
 }
 
 /// Active jobs by state, and the finished jobs kept (`state="finished"`).
-pub fn jobs(active: &[&JobRecord], finished: u64) {
+pub fn jobs(active: &[JobRecord], finished: u64) {
     for state in ["queued", "running", "awaiting_labels"] {
         let n = active.iter().filter(|j| j.state.as_str() == state).count();
         gauge!("defuse_jobs", "state" => state).set(n as f64);

@@ -1,17 +1,19 @@
 //! The distributed fine-tune (`correct.parts > 1`): synchronous rounds over the
 //! workers, driven by the coordinator.
 //!
-//! Round `r` is a sub-job `<job>--round-<r>` whose `parts` shards are the data parts:
-//! the same lease / heartbeat / fence / reap machinery as identify, so a worker lost
-//! mid-round loses its lease and another worker trains its part again (the round
-//! waits; nothing is averaged from a dead attempt). When every part is done, the
+//! Round `r`'s parts are a shard set of the job ([`Stage::Round`]), planned when the
+//! job enters `finetune:r`: the same lease / heartbeat / fence / reap machinery as
+//! identify, so a worker lost mid-round loses its lease and another worker trains its
+//! part again (the round waits; nothing is averaged from a dead attempt). A part that
+//! fails for good fails the job, and cancelling the job ends the round's parts. When
+//! every part is done, the
 //! coordinator merges the parts (`correct.merge`: the sum of their updates, or the mean
 //! of their weights, weighted by the rows each saw) into checkpoint
 //! `r + 1`: it writes the object first, then moves the job's step to `finetune:<r+1>`
 //! (the round lives in the job record, in the state store), so a crash in between
 //! only repeats the average, which gives the same bytes. A restarted coordinator reads
-//! the step and the sub-job and goes on. Results of an older round cannot be accepted:
-//! their sub-job is done, and its shards fence every completion.
+//! the step and the round's set and goes on. Results of an older round cannot be
+//! accepted: its parts are done, and they fence every completion.
 //!
 //! The exchange is the artifact store (checkpoints in, checkpoints out). A multi-GPU
 //! backend (NCCL all-reduce inside a node) would be a second [`Exchange`]: see DESIGN.md.
@@ -21,59 +23,12 @@ use std::sync::Arc;
 use defuse_core::correct;
 use defuse_core::models::Classifier;
 use defuse_core::pipeline::{RoundsDone, RoundsInput};
-use serde::{Deserialize, Serialize};
 
 use crate::error::StepError;
 use crate::keys::{self, files};
-use crate::lifecycle::{JobState, Phase};
-use crate::service::Coordinator;
-use crate::store::{now_ms, JobRecord, StoreError};
-
-/// The plan of a job's fine-tune, in the artifact store (`jobs/<id>/finetune/plan.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct RoundsPlan {
-    pub rounds: usize,
-    pub parts: usize,
-    pub extension: String,
-    pub scenario_key: String,
-    pub n_train: usize,
-    pub n_scenario: usize,
-    pub image_shape: [i64; 3],
-    pub num_classes: i64,
-    /// The correct step's hash, handed back in `rounds-done.json`.
-    pub hash: String,
-}
-
-pub(crate) fn sub_job(job: &str, round: usize) -> String {
-    format!("{job}--round-{round}")
-}
-
-/// (job, round) of a sub-job id.
-pub(crate) fn parse_sub_job(id: &str) -> Option<(&str, usize)> {
-    let (job, r) = id.rsplit_once("--round-")?;
-    Some((job, r.parse().ok()?))
-}
-
-pub(crate) async fn plan(c: &Coordinator, job: &str) -> Result<Arc<RoundsPlan>, String> {
-    if let Some(p) = c.inner.round_plans.lock().unwrap().get(job) {
-        return Ok(p.clone());
-    }
-    let bytes = c
-        .inner
-        .artifacts
-        .get(&keys::finetune_plan(job))
-        .await
-        .map_err(|e| e.to_string())?;
-    let p: RoundsPlan =
-        serde_json::from_slice(&bytes).map_err(|e| format!("fine-tune plan of {job}: {e}"))?;
-    let p = Arc::new(p);
-    c.inner
-        .round_plans
-        .lock()
-        .unwrap()
-        .insert(job.into(), p.clone());
-    Ok(p)
-}
+use crate::lifecycle::Phase;
+use crate::state::{Coordinator, RoundsPlan};
+use crate::store::{now_ms, JobRecord, Stage, StoreError};
 
 /// Publishes round 0 (the classifier, the scenario-train samples, the plan).
 pub(crate) async fn start(
@@ -99,6 +54,7 @@ pub(crate) async fn start(
         image_shape: input.image_shape,
         num_classes: input.num_classes,
         hash: input.hash.clone(),
+        planned_ms: now_ms(),
     };
     a.put(
         &keys::finetune_plan(job),
@@ -106,9 +62,8 @@ pub(crate) async fn start(
     )
     .await?;
     c.inner
+        .local()
         .round_plans
-        .lock()
-        .unwrap()
         .insert(job.into(), Arc::new(plan));
     tracing::info!(
         job,
@@ -119,8 +74,8 @@ pub(crate) async fn start(
     Ok(())
 }
 
-/// What the driver does for a job in step `finetune:<round>`: makes sure the round's
-/// sub-job exists, reaps its leases, and says whether the round is complete.
+/// What the driver does for a job in step `finetune:<round>`: plans the round's parts
+/// (once), reaps their expired leases, and says whether the round is complete.
 pub(crate) async fn tick(
     c: &Coordinator,
     rec: &JobRecord,
@@ -128,8 +83,8 @@ pub(crate) async fn tick(
     fence: u64,
 ) -> Result<RoundState, StoreError> {
     let store = &c.inner.store;
-    let sub = sub_job(&rec.id, round);
-    let parts = match plan(c, &rec.id).await {
+    let stage = Stage::Round(round as u32);
+    let parts = match c.rounds_plan(rec).await {
         Ok(p) => p.parts as u32,
         Err(e) => {
             // the artifact store may be down for a while: try again next tick
@@ -137,52 +92,21 @@ pub(crate) async fn tick(
             return Ok(RoundState::Running);
         }
     };
-    let Some(srec) = store.get_job(&sub).await? else {
-        // the record the driver listed may be stale: start a round only for a job
-        // that is still at this round (not cancelled meanwhile)
-        match store.get_job(&rec.id).await? {
-            Some(p) if p.state == JobState::Running && p.step == rec.step => {}
-            _ => return Ok(RoundState::Running),
-        }
-        let now = now_ms();
+    let n = store.counts(&rec.id, stage).await?;
+    if n.total == 0 {
+        // idempotent, and refused by the store unless the job is running this round
         store
-            .create_job(&JobRecord {
-                id: sub.clone(),
-                name: format!("{} round {round}", rec.name),
-                state: JobState::Running,
-                step: Phase::RoundParts,
-                config_toml: rec.config_toml.clone(),
-                n_shards: parts,
-                error: String::new(),
-                created_ms: now,
-                updated_ms: now,
-            })
-            .await
-            .or_else(|e| match e {
-                StoreError::Exists(_) => Ok(()),
-                e => Err(e),
-            })?;
-        store.plan_shards(&sub, parts, now, fence).await?;
+            .plan_shards(&rec.id, stage, parts, now_ms(), fence)
+            .await?;
         tracing::info!(job = %rec.id, round, parts, "round started");
         return Ok(RoundState::Running);
-    };
-    match srec.state {
-        JobState::Failed => return Ok(RoundState::Broken(srec.error)),
-        JobState::Cancelled => return Ok(RoundState::Broken("round cancelled".into())),
-        _ => {}
     }
     for e in store
-        .reap(&sub, now_ms(), c.inner.cfg.max_attempts, fence)
+        .reap(&rec.id, stage, now_ms(), c.inner.cfg.max_attempts, fence)
         .await?
     {
         tracing::warn!(job = %rec.id, round, part = e.shard, attempt = e.attempt, worker = %e.owner, requeued = e.requeued, "lease expired");
         crate::metrics::lease_expired(&rec.id, e.requeued);
-    }
-    let n = store.counts(&sub).await?;
-    if n.total == 0 {
-        // created, but a crash came before its parts were planned (idempotent)
-        store.plan_shards(&sub, parts, now_ms(), fence).await?;
-        return Ok(RoundState::Running);
     }
     Ok(if n.done == n.total {
         RoundState::Complete
@@ -191,10 +115,10 @@ pub(crate) async fn tick(
     })
 }
 
+/// Where a round stands (a part that failed for good has failed the job already).
 pub(crate) enum RoundState {
     Running,
     Complete,
-    Broken(String),
 }
 
 /// Averages round `round`'s parts into the next checkpoint; after the last round,
@@ -207,12 +131,14 @@ pub(crate) async fn average(
     c: &Coordinator,
     rec: &JobRecord,
     round: usize,
-    fence: u64,
 ) -> Result<Phase, StepError> {
     let job = rec.id.clone();
-    let plan = plan(c, &job).await.map_err(StepError::Retryable)?;
-    let sub = sub_job(&job, round);
-    let shards = c.inner.store.shards(&sub).await?;
+    let plan = c.rounds_plan(rec).await.map_err(StepError::Retryable)?;
+    let shards = c
+        .inner
+        .store
+        .shards(&job, Stage::Round(round as u32))
+        .await?;
     let job_dir = c.job_dir_of(rec).map_err(StepError::fatal)?;
     // the folder this merge publishes after the last round starts as the last step
     // left it (another coordinator may have run that step)
@@ -288,17 +214,9 @@ pub(crate) async fn average(
             serde_json::to_vec(&epoch).expect("epoch").into(),
         )
         .await?;
-    c.inner
-        .last_round
-        .lock()
-        .unwrap()
-        .insert(job.clone(), epoch);
+    c.inner.local().last_round.insert(job.clone(), epoch);
     // publish: the object first, then the step that names it
     exchange.publish(&job, round + 1, &next).await?;
-    c.inner
-        .store
-        .set_job_state(&sub, JobState::Done, Phase::RoundParts, "", now_ms(), fence)
-        .await?;
     if round + 1 < plan.rounds {
         return Ok(Phase::FineTune(round + 1));
     }

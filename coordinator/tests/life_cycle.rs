@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use defuse_coordinator::keys::{self, files};
 use defuse_coordinator::store::memory::MemoryStore;
-use defuse_coordinator::store::{JobRecord, JobState, Phase, StateStore};
+use defuse_coordinator::store::{JobRecord, JobState, Phase, Stage, StateStore};
 use defuse_coordinator::{Coordinator, CoordinatorConfig};
 use defuse_core::artifacts::{ArtifactStore, LocalStore};
 use defuse_proto::worker_service_server::WorkerService;
@@ -64,7 +64,10 @@ impl Harness {
             .await
             .unwrap();
         if shards > 0 {
-            self.store.plan_shards(id, shards, 1, 1).await.unwrap();
+            self.store
+                .plan_shards(id, Stage::Identify, shards, 1, 1)
+                .await
+                .unwrap();
         }
         self.store
             .set_job_state(id, state, step, "", 2, 1)
@@ -81,6 +84,19 @@ impl Harness {
         });
         self.artifacts
             .put(&keys::plan(job), plan.to_string().into())
+            .await
+            .unwrap();
+    }
+
+    /// A fine-tune plan of `parts` parts per round, as the finish step publishes it.
+    async fn rounds_plan(&self, job: &str, parts: usize) {
+        let plan = serde_json::json!({
+            "rounds": 2, "parts": parts, "extension": "safetensors",
+            "scenario_key": keys::scenario_train(job), "n_train": 100, "n_scenario": 10,
+            "image_shape": [1, 28, 28], "num_classes": 10, "hash": "h", "planned_ms": 5,
+        });
+        self.artifacts
+            .put(&keys::finetune_plan(job), plan.to_string().into())
             .await
             .unwrap();
     }
@@ -138,7 +154,7 @@ async fn a_plan_that_cannot_be_read_leaves_the_shard_pending_and_burns_no_attemp
     // no plan in the artifact store (it is down, or was lost): no task from this job
     // (other jobs would still be leased)
     assert!(lease(&c, "w").await.unwrap().is_none());
-    let shards = h.store.shards("j").await.unwrap();
+    let shards = h.store.shards("j", Stage::Identify).await.unwrap();
     assert_eq!(
         shards
             .iter()
@@ -151,7 +167,13 @@ async fn a_plan_that_cannot_be_read_leaves_the_shard_pending_and_burns_no_attemp
     h.plan("j").await;
     let t = lease(&c, "w").await.unwrap().unwrap();
     let r = t.task.unwrap();
-    assert_eq!((r.shard, r.attempt, t.start, t.end), (0, 1, 0, 10));
+    let Some(task::Spec::Identify(spec)) = t.spec else {
+        panic!("not an identify task: {:?}", t.spec)
+    };
+    assert_eq!(
+        (r.index(), r.attempt, spec.start, spec.end),
+        (Some(0), 1, 0, 10)
+    );
 }
 
 #[tokio::test]
@@ -178,7 +200,7 @@ async fn a_completion_retried_after_a_lost_reply_is_accepted_once() {
         let a = complete().await.unwrap().into_inner().acceptance;
         assert_eq!(a, Acceptance::Accepted as i32, "completion {i}");
     }
-    let s = &h.store.shards("j").await.unwrap()[r.shard as usize];
+    let s = &h.store.shards("j", Stage::Identify).await.unwrap()[r.index().unwrap() as usize];
     assert_eq!((s.state.as_str(), s.accepted), ("done", 1));
     // another worker's completion of the same shard is still stale
     register(&c, "x").await;
@@ -316,7 +338,7 @@ async fn of_two_coordinators_one_drives_and_the_other_takes_over_when_it_dies() 
         let store = h.store.clone();
         async move {
             let r = t.task.unwrap();
-            let s = &store.shards("j").await.unwrap()[r.shard as usize];
+            let s = &store.shards("j", Stage::Identify).await.unwrap()[r.index().unwrap() as usize];
             (s.state.as_str(), s.attempt) == ("leased", r.attempt)
         }
     };
@@ -603,4 +625,112 @@ async fn a_store_outage_in_a_central_step_is_retried_and_only_a_real_error_fails
     }
     let j = state().await;
     assert!(j.error.contains("/nowhere"), "{}", j.error);
+}
+
+#[tokio::test]
+async fn a_fine_tune_round_is_part_of_its_job() {
+    let h = Harness::new();
+    for j in ["a", "b"] {
+        h.job(j, JobState::Running, Phase::FineTune(0), 0).await;
+        h.rounds_plan(j, 2).await;
+    }
+    let c = h.coordinator("c", 2);
+    register(&c, "w").await;
+    // the driver plans round 0's parts in the job itself: no other job appears
+    assert!(c.tick().await.unwrap());
+    let ids = h.store.job_ids().await.unwrap();
+    assert_eq!(ids, ["a", "b"], "a round is not a job of its own");
+    for j in ["a", "b"] {
+        let n = h.store.counts(j, Stage::Round(0)).await.unwrap();
+        assert_eq!((n.total, n.pending), (2, 2), "{j}");
+        assert_eq!(h.store.counts(j, Stage::Identify).await.unwrap().total, 0);
+    }
+    // a part's task names its round and part, and the round's checkpoint
+    let t = lease(&c, "w").await.unwrap().unwrap();
+    let r = t.task.clone().unwrap();
+    assert_eq!(r.job, "a");
+    assert_eq!(
+        r.work,
+        Some(task_ref::Work::Finetune(FineTunePart { round: 0, part: 0 }))
+    );
+    let Some(task::Spec::Finetune(spec)) = &t.spec else {
+        panic!("not a fine-tune task: {t:?}")
+    };
+    assert_eq!(spec.checkpoint_key, keys::checkpoint("a", 0, "safetensors"));
+    assert_eq!(t.output_key, keys::part_output("a", 0, 0, 1, "safetensors"));
+    // the round of another phase cannot be leased or planned
+    assert_eq!(
+        h.store
+            .lease("a", Stage::Round(1), "w", 10, 1000)
+            .await
+            .unwrap(),
+        None
+    );
+    h.store
+        .plan_shards("a", Stage::Round(1), 2, 10, 99)
+        .await
+        .unwrap();
+    assert_eq!(h.store.counts("a", Stage::Round(1)).await.unwrap().total, 0);
+
+    // a part that fails for good fails its job at once (max_attempts = 2)
+    let fatal = |t: Task| {
+        let c = c.clone();
+        async move {
+            WorkerService::fail(
+                &c,
+                Request::new(FailRequest {
+                    worker_id: "w".into(),
+                    task: t.task,
+                    error: Some(TaskError {
+                        kind: FailureKind::Execution as i32,
+                        retryable: false,
+                        message: "NaN loss".into(),
+                    }),
+                }),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    fatal(t).await;
+    let a = h.store.get_job("a").await.unwrap().unwrap();
+    assert_eq!(a.state, JobState::Failed);
+    assert_eq!(a.error, "round 0 part 0 failed on attempt 1: NaN loss");
+    // the other part's worker is told to stop: the job has ended
+    let t = lease(&c, "w").await.unwrap().unwrap();
+    assert_eq!(
+        t.task.as_ref().unwrap().job,
+        "b",
+        "a failed job leases nothing"
+    );
+
+    // cancelling a job during a round ends the round's parts: nothing stays pending
+    // or leased, and the worker holding one is told to abandon it
+    defuse_proto::job_service_server::JobService::cancel(
+        &c,
+        Request::new(CancelRequest { job_id: "b".into() }),
+    )
+    .await
+    .unwrap();
+    let n = h.store.counts("b", Stage::Round(0)).await.unwrap();
+    assert_eq!((n.pending, n.leased, n.failed), (0, 0, 2), "{n:?}");
+    let hb = WorkerService::heartbeat(
+        &c,
+        Request::new(HeartbeatRequest {
+            worker_id: "w".into(),
+            running: vec![t.task.clone().unwrap()],
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(hb.verdicts, [TaskVerdict::Abandon as i32]);
+
+    // deleting the job removes its rounds with it
+    c.tick().await.unwrap();
+    c.delete("b").await.unwrap();
+    assert!(matches!(
+        h.store.counts("b", Stage::Round(0)).await,
+        Err(defuse_coordinator::store::StoreError::Lost(_))
+    ));
 }

@@ -25,9 +25,18 @@ fn job(id: &str) -> JobRecord {
 fn at<'a>(job: &'a str, shard: u32, worker: &'a str, attempt: u32) -> Attempt<'a> {
     Attempt {
         job,
+        stage: Stage::Identify,
         shard,
         attempt,
         worker,
+    }
+}
+
+/// Attempt `attempt` of part `part` of fine-tune round `round` of `job`.
+fn part<'a>(job: &'a str, round: u32, part: u32, worker: &'a str, attempt: u32) -> Attempt<'a> {
+    Attempt {
+        stage: Stage::Round(round),
+        ..at(job, part, worker, attempt)
     }
 }
 
@@ -38,11 +47,11 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.create_job(&job("a")).await,
         Err(StoreError::Exists(_))
     ));
-    s.plan_shards("a", 3, t0, 1).await.unwrap();
-    s.plan_shards("a", 5, t0, 1).await.unwrap(); // idempotent
+    s.plan_shards("a", Stage::Identify, 3, t0, 1).await.unwrap();
+    s.plan_shards("a", Stage::Identify, 5, t0, 1).await.unwrap(); // idempotent
     assert_eq!(s.get_job("a").await.unwrap().unwrap().n_shards, 3);
     assert_eq!(
-        s.counts("a").await.unwrap(),
+        s.counts("a", Stage::Identify).await.unwrap(),
         ShardCounts {
             total: 3,
             pending: 3,
@@ -51,12 +60,27 @@ async fn suite(s: Arc<dyn StateStore>) {
     );
 
     // leases in order, attempt 1, until none is left
-    let l0 = s.lease("a", "w1", t0, 100).await.unwrap().unwrap();
+    let l0 = s
+        .lease("a", Stage::Identify, "w1", t0, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((l0.shard, l0.attempt, l0.deadline_ms), (0, 1, t0 + 100));
-    let l1 = s.lease("a", "w2", t0, 100).await.unwrap().unwrap();
-    let l2 = s.lease("a", "w1", t0, 100).await.unwrap().unwrap();
+    let l1 = s
+        .lease("a", Stage::Identify, "w2", t0, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    let l2 = s
+        .lease("a", Stage::Identify, "w1", t0, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((l1.shard, l2.shard), (1, 2));
-    assert_eq!(s.lease("a", "w3", t0, 100).await.unwrap(), None);
+    assert_eq!(
+        s.lease("a", Stage::Identify, "w3", t0, 100).await.unwrap(),
+        None
+    );
 
     // fencing: another owner or attempt is stale
     assert_eq!(
@@ -94,7 +118,7 @@ async fn suite(s: Arc<dyn StateStore>) {
     );
 
     // expiry: shard 1 (deadline t0+100) and 2 expire at t0+120; shard 0 is done
-    let mut exp = s.reap("a", t0 + 120, 3, 1).await.unwrap();
+    let mut exp = s.reap("a", Stage::Identify, t0 + 120, 3, 1).await.unwrap();
     exp.sort_by_key(|e| e.shard);
     assert_eq!(
         exp.iter()
@@ -103,7 +127,10 @@ async fn suite(s: Arc<dyn StateStore>) {
         vec![(1, 1, "w2", true), (2, 1, "w1", true)]
     );
     assert!(
-        s.reap("a", t0 + 120, 3, 1).await.unwrap().is_empty(),
+        s.reap("a", Stage::Identify, t0 + 120, 3, 1)
+            .await
+            .unwrap()
+            .is_empty(),
         "one reaper pass only"
     );
     // the old owner's completion is now stale
@@ -115,11 +142,15 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.renew(&at("a", 1, "w2", 1), t0 + 130, 100).await.unwrap(),
         Fenced::Stale
     );
-    let c = s.counts("a").await.unwrap();
+    let c = s.counts("a", Stage::Identify).await.unwrap();
     assert_eq!((c.pending, c.leased, c.done), (2, 0, 1));
 
     // retryable failure requeues, until the attempts run out
-    let l = s.lease("a", "w3", t0 + 200, 100).await.unwrap().unwrap();
+    let l = s
+        .lease("a", Stage::Identify, "w3", t0 + 200, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((l.shard, l.attempt), (1, 2));
     assert_eq!(
         s.fail(&at("a", 1, "w9", 2), Failure::Retryable, "x", 3)
@@ -133,7 +164,11 @@ async fn suite(s: Arc<dyn StateStore>) {
             .unwrap(),
         FailOutcome::Requeued
     );
-    let l = s.lease("a", "w3", t0 + 300, 100).await.unwrap().unwrap();
+    let l = s
+        .lease("a", Stage::Identify, "w3", t0 + 300, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((l.shard, l.attempt), (2, 2));
     assert_eq!(
         s.complete(&at("a", 2, "w3", 2), "jobs/a/2/2")
@@ -141,7 +176,11 @@ async fn suite(s: Arc<dyn StateStore>) {
             .unwrap(),
         Fenced::Accepted
     );
-    let l = s.lease("a", "w3", t0 + 300, 100).await.unwrap().unwrap();
+    let l = s
+        .lease("a", Stage::Identify, "w3", t0 + 300, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((l.shard, l.attempt), (1, 3));
     assert_eq!(
         s.fail(&at("a", 1, "w3", 3), Failure::Retryable, "model broken", 3)
@@ -164,7 +203,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.get_job("a").await.unwrap().unwrap().state,
         JobState::Failed
     );
-    let sh = s.shards("a").await.unwrap();
+    let sh = s.shards("a", Stage::Identify).await.unwrap();
     assert_eq!(
         sh.iter().map(|x| x.accepted).collect::<Vec<_>>(),
         vec![1, 0, 1]
@@ -173,8 +212,12 @@ async fn suite(s: Arc<dyn StateStore>) {
 
     // a non-retryable failure fails at once; lease expiry out of attempts fails too
     s.create_job(&job("b")).await.unwrap();
-    s.plan_shards("b", 2, t0, 1).await.unwrap();
-    let l = s.lease("b", "w", t0, 10).await.unwrap().unwrap();
+    s.plan_shards("b", Stage::Identify, 2, t0, 1).await.unwrap();
+    let l = s
+        .lease("b", Stage::Identify, "w", t0, 10)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         s.fail(&at("b", l.shard, "w", 1), Failure::Fatal, "bad config", 3)
             .await
@@ -182,11 +225,18 @@ async fn suite(s: Arc<dyn StateStore>) {
         FailOutcome::JobFailed
     );
     s.create_job(&job("c")).await.unwrap();
-    s.plan_shards("c", 1, t0, 1).await.unwrap();
+    s.plan_shards("c", Stage::Identify, 1, t0, 1).await.unwrap();
     for k in 1..=2u64 {
-        let l = s.lease("c", "w", t0 + 100 * k, 10).await.unwrap().unwrap();
+        let l = s
+            .lease("c", Stage::Identify, "w", t0 + 100 * k, 10)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(l.attempt as u64, k);
-        let e = s.reap("c", t0 + 100 * k + 20, 2, 1).await.unwrap();
+        let e = s
+            .reap("c", Stage::Identify, t0 + 100 * k + 20, 2, 1)
+            .await
+            .unwrap();
         assert_eq!(e[0].requeued, k < 2);
     }
     assert_eq!(
@@ -208,20 +258,27 @@ async fn suite(s: Arc<dyn StateStore>) {
     })
     .await
     .unwrap();
-    s.plan_shards("d", 2, t0, 1).await.unwrap();
+    s.plan_shards("d", Stage::Identify, 2, t0, 1).await.unwrap();
     assert_eq!(
-        s.counts("d").await.unwrap().total,
+        s.counts("d", Stage::Identify).await.unwrap().total,
         0,
         "planned only when running"
     );
-    assert_eq!(s.lease("d", "w", t0, 10).await.unwrap(), None);
+    assert_eq!(
+        s.lease("d", Stage::Identify, "w", t0, 10).await.unwrap(),
+        None
+    );
     s.set_job_state("d", JobState::Running, Phase::Identify, "", t0, 1)
         .await
         .unwrap();
-    s.plan_shards("d", 2, t0, 1).await.unwrap();
-    let l = s.lease("d", "w", t0, 10).await.unwrap().unwrap();
+    s.plan_shards("d", Stage::Identify, 2, t0, 1).await.unwrap();
+    let l = s
+        .lease("d", Stage::Identify, "w", t0, 10)
+        .await
+        .unwrap()
+        .unwrap();
     s.cancel("d", t0 + 1).await.unwrap();
-    let c = s.counts("d").await.unwrap();
+    let c = s.counts("d", Stage::Identify).await.unwrap();
     assert_eq!((c.pending, c.leased), (0, 0));
     assert_eq!(
         s.get_job("d").await.unwrap().unwrap().state,
@@ -233,7 +290,11 @@ async fn suite(s: Arc<dyn StateStore>) {
             .unwrap(),
         Fenced::Stale
     );
-    assert!(s.reap("d", t0 + 1000, 3, 1).await.unwrap().is_empty());
+    assert!(s
+        .reap("d", Stage::Identify, t0 + 1000, 3, 1)
+        .await
+        .unwrap()
+        .is_empty());
 
     // a job cancelled while its plan was being made gets no shards: nothing is left
     // pending for workers (cancel during the models step)
@@ -244,15 +305,22 @@ async fn suite(s: Arc<dyn StateStore>) {
     .await
     .unwrap();
     s.cancel("e", t0).await.unwrap();
-    s.plan_shards("e", 4, t0, 1).await.unwrap();
-    assert_eq!(s.counts("e").await.unwrap().total, 0);
-    assert_eq!(s.lease("e", "w", t0, 10).await.unwrap(), None);
+    s.plan_shards("e", Stage::Identify, 4, t0, 1).await.unwrap();
+    assert_eq!(s.counts("e", Stage::Identify).await.unwrap().total, 0);
+    assert_eq!(
+        s.lease("e", Stage::Identify, "w", t0, 10).await.unwrap(),
+        None
+    );
 
     // a hand-back (worker shutting down) requeues without using up a try
     s.create_job(&job("f")).await.unwrap();
-    s.plan_shards("f", 1, t0, 1).await.unwrap();
+    s.plan_shards("f", Stage::Identify, 1, t0, 1).await.unwrap();
     for k in 1..=3u32 {
-        let l = s.lease("f", "w", t0, 10).await.unwrap().unwrap();
+        let l = s
+            .lease("f", Stage::Identify, "w", t0, 10)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(l.attempt, k);
         assert_eq!(
             s.fail(&at("f", 0, "w", k), Failure::HandBack, "shutting down", 2)
@@ -262,18 +330,26 @@ async fn suite(s: Arc<dyn StateStore>) {
             "hand-back {k} with max_attempts 2"
         );
     }
-    let sh = s.shards("f").await.unwrap();
+    let sh = s.shards("f", Stage::Identify).await.unwrap();
     assert_eq!((sh[0].attempt, sh[0].handbacks), (3, 3));
     // the tries still count: 2 real ones after 3 hand-backs
-    let l = s.lease("f", "w", t0, 10).await.unwrap().unwrap();
+    let l = s
+        .lease("f", Stage::Identify, "w", t0, 10)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         s.fail(&at("f", 0, "w", l.attempt), Failure::Retryable, "io", 2)
             .await
             .unwrap(),
         FailOutcome::Requeued
     );
-    let l = s.lease("f", "w", t0 + 100, 10).await.unwrap().unwrap();
-    let e = s.reap("f", t0 + 200, 2, 1).await.unwrap();
+    let l = s
+        .lease("f", Stage::Identify, "w", t0 + 100, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = s.reap("f", Stage::Identify, t0 + 200, 2, 1).await.unwrap();
     assert_eq!((e[0].attempt, e[0].requeued), (l.attempt, false));
     assert_eq!(
         s.get_job("f").await.unwrap().unwrap().state,
@@ -292,7 +368,7 @@ async fn suite(s: Arc<dyn StateStore>) {
 
     // unknown jobs are lost, not silently empty
     assert!(matches!(
-        s.lease("zz", "w", t0, 10).await,
+        s.lease("zz", Stage::Identify, "w", t0, 10).await,
         Err(StoreError::Lost(_))
     ));
     assert!(matches!(
@@ -353,13 +429,15 @@ async fn suite(s: Arc<dyn StateStore>) {
     s.set_job_state("g", JobState::Running, Phase::Models, "", t0, t1)
         .await
         .unwrap();
-    s.plan_shards("g", 2, t0, t2).await.unwrap();
+    s.plan_shards("g", Stage::Identify, 2, t0, t2)
+        .await
+        .unwrap();
     for refused in [
         s.set_job_state("g", JobState::Failed, Phase::Models, "stale", t0, t1)
             .await
             .map(|_| ()),
-        s.plan_shards("g", 9, t0, t1).await,
-        s.reap("g", t0, 3, t1).await.map(|_| ()),
+        s.plan_shards("g", Stage::Identify, 9, t0, t1).await,
+        s.reap("g", Stage::Identify, t0, 3, t1).await.map(|_| ()),
     ] {
         assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
     }
@@ -404,7 +482,132 @@ async fn suite(s: Arc<dyn StateStore>) {
     );
     assert_eq!(s.job_ids().await.unwrap(), ["b", "c", "d", "e", "f", "g"]);
     assert_eq!(s.finished_count().await.unwrap(), 2);
-    assert!(matches!(s.shards("a").await, Err(StoreError::Lost(_))));
+    assert!(matches!(
+        s.shards("a", Stage::Identify).await,
+        Err(StoreError::Lost(_))
+    ));
+
+    rounds(&*s, t0).await;
+}
+
+/// A fine-tune round's parts are a shard set of their job: planned and leased only
+/// while the job is in that round, apart from the identify shards; a part that fails
+/// for good fails the job; cancel and delete take the round with the job.
+async fn rounds(s: &dyn StateStore, t0: u64) {
+    let r0 = Stage::Round(0);
+    let r1 = Stage::Round(1);
+    s.create_job(&JobRecord {
+        step: Phase::FineTune(0),
+        ..job("h")
+    })
+    .await
+    .unwrap();
+    s.plan_shards("h", r1, 2, t0, 9).await.unwrap();
+    assert_eq!(s.counts("h", r1).await.unwrap().total, 0, "not its round");
+    s.plan_shards("h", r0, 2, t0, 9).await.unwrap();
+    s.plan_shards("h", r0, 5, t0, 9).await.unwrap(); // idempotent
+    assert_eq!(s.counts("h", r0).await.unwrap().total, 2);
+    assert_eq!(s.get_job("h").await.unwrap().unwrap().n_shards, 0);
+    assert_eq!(s.counts("h", Stage::Identify).await.unwrap().total, 0);
+    assert_eq!(
+        s.lease("h", Stage::Identify, "w", t0, 10).await.unwrap(),
+        None
+    );
+    for p in 0..2 {
+        let l = s.lease("h", r0, "w", t0, 10).await.unwrap().unwrap();
+        assert_eq!((l.shard, l.attempt), (p, 1));
+        // an identify attempt of the same number is another shard: stale
+        assert_eq!(
+            s.complete(&at("h", p, "w", 1), "x").await.unwrap(),
+            Fenced::Stale
+        );
+        assert_eq!(
+            s.complete(&part("h", 0, p, "w", 1), &format!("r0/{p}"))
+                .await
+                .unwrap(),
+            Fenced::Accepted
+        );
+    }
+    assert_eq!(s.counts("h", r0).await.unwrap().done, 2);
+    // the next round: round 0 is over, round 1 leases
+    s.set_job_state("h", JobState::Running, Phase::FineTune(1), "", t0, 9)
+        .await
+        .unwrap();
+    assert_eq!(s.lease("h", r0, "w", t0, 10).await.unwrap(), None);
+    s.plan_shards("h", r1, 3, t0, 9).await.unwrap();
+    let l = s.lease("h", r1, "w", t0, 10).await.unwrap().unwrap();
+    assert_eq!((l.shard, l.attempt), (0, 1));
+    assert_eq!(
+        s.shards("h", r0).await.unwrap()[1].output,
+        "r0/1",
+        "a round's results stay"
+    );
+    // its lease expires with no tries left: the job fails, naming the part
+    let e = s.reap("h", r1, t0 + 100, 1, 9).await.unwrap();
+    assert_eq!((e.len(), e[0].requeued), (1, false));
+    let h = s.get_job("h").await.unwrap().unwrap();
+    assert_eq!(h.state, JobState::Failed);
+    assert!(
+        h.error.starts_with("round 1 part 0 failed: lease expired"),
+        "{}",
+        h.error
+    );
+
+    // cancel during a round ends its parts; their holders' renewals are refused
+    s.create_job(&JobRecord {
+        step: Phase::FineTune(2),
+        ..job("i")
+    })
+    .await
+    .unwrap();
+    s.plan_shards("i", Stage::Round(2), 3, t0, 9).await.unwrap();
+    let l = s
+        .lease("i", Stage::Round(2), "w", t0, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    s.cancel("i", t0 + 1).await.unwrap();
+    let c = s.counts("i", Stage::Round(2)).await.unwrap();
+    assert_eq!((c.pending, c.leased, c.failed), (0, 0, 3));
+    assert_eq!(
+        s.renew(&part("i", 2, l.shard, "w", l.attempt), t0 + 2, 10)
+            .await
+            .unwrap(),
+        Fenced::Stale
+    );
+    assert_eq!(
+        s.lease("i", Stage::Round(2), "w", t0, 10).await.unwrap(),
+        None
+    );
+
+    // a failed job's holders are told to stop too
+    s.create_job(&job("k")).await.unwrap();
+    s.plan_shards("k", Stage::Identify, 2, t0, 9).await.unwrap();
+    let l0 = s
+        .lease("k", Stage::Identify, "w", t0, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let l1 = s
+        .lease("k", Stage::Identify, "v", t0, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    s.fail(&at("k", l0.shard, "w", 1), Failure::Fatal, "bad", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.renew(&at("k", l1.shard, "v", 1), t0 + 1, 10)
+            .await
+            .unwrap(),
+        Fenced::Stale
+    );
+
+    // delete takes every round with the job
+    for id in ["h", "i", "k"] {
+        s.delete_job(id).await.unwrap();
+        assert!(matches!(s.counts(id, r1).await, Err(StoreError::Lost(_))));
+    }
 }
 
 #[tokio::test]
@@ -416,6 +619,26 @@ async fn memory_store() {
 async fn redis_store() {
     let r = Redis::start(false);
     suite(Arc::new(RedisStore::connect(&r.url()).await.unwrap())).await;
+    // nothing is left of the jobs deleted, rounds included
+    let mut c = ::redis::Client::open(r.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for id in ["a", "h", "i", "k"] {
+        let left: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{{job:{id}}}*"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{id}: {left:?}");
+    }
+    let round_keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*:round:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(round_keys.is_empty(), "{round_keys:?}");
 }
 
 #[tokio::test]
@@ -423,8 +646,12 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
     let mut r = Redis::start(true);
     let s = RedisStore::connect(&r.url()).await.unwrap();
     s.create_job(&job("j")).await.unwrap();
-    s.plan_shards("j", 2, 10, 1).await.unwrap();
-    let l = s.lease("j", "w", 10, 1000).await.unwrap().unwrap();
+    s.plan_shards("j", Stage::Identify, 2, 10, 1).await.unwrap();
+    let l = s
+        .lease("j", Stage::Identify, "w", 10, 1000)
+        .await
+        .unwrap()
+        .unwrap();
     r.restart();
     // the connection manager reconnects; scripts are loaded again (NOSCRIPT)
     let mut ok = None;
@@ -438,7 +665,7 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
         }
     }
     assert_eq!(ok, Some(Fenced::Accepted), "state survived the restart");
-    assert_eq!(s.counts("j").await.unwrap().done, 1);
+    assert_eq!(s.counts("j", Stage::Identify).await.unwrap().done, 1);
     // a server that lost everything
     let mut c = ::redis::Client::open(r.url())
         .unwrap()
@@ -447,9 +674,12 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
         .unwrap();
     let _: () = ::redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
     assert!(matches!(
-        s.lease("j", "w", 20, 1000).await,
+        s.lease("j", Stage::Identify, "w", 20, 1000).await,
         Err(StoreError::Lost(_))
     ));
-    assert!(matches!(s.counts("j").await, Err(StoreError::Lost(_))));
+    assert!(matches!(
+        s.counts("j", Stage::Identify).await,
+        Err(StoreError::Lost(_))
+    ));
     r.stop();
 }

@@ -8,7 +8,34 @@ pub mod v1 {
 pub use v1::*;
 
 /// The protocol version this build speaks; workers of another are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+impl TaskRef {
+    /// The shard (identify) or part (fine-tune) number: what its lease is on.
+    pub fn index(&self) -> Option<u32> {
+        match self.work.as_ref()? {
+            task_ref::Work::Identify(s) => Some(s.shard),
+            task_ref::Work::Finetune(p) => Some(p.part),
+        }
+    }
+
+    /// The fine-tune round of a part (`None` for an identify shard).
+    pub fn round(&self) -> Option<u32> {
+        match self.work.as_ref()? {
+            task_ref::Work::Finetune(p) => Some(p.round),
+            task_ref::Work::Identify(_) => None,
+        }
+    }
+
+    /// How logs name the unit of work: `shard 3`, `round 1 part 2`.
+    pub fn unit(&self) -> String {
+        match &self.work {
+            Some(task_ref::Work::Identify(s)) => format!("shard {}", s.shard),
+            Some(task_ref::Work::Finetune(p)) => format!("round {} part {}", p.round, p.part),
+            None => "no unit".into(),
+        }
+    }
+}
 
 /// Largest gRPC message either side accepts (the config TOML is the biggest field).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

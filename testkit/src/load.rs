@@ -133,7 +133,7 @@ pub async fn simulate_workers(
                         complete_us.push(t.elapsed().as_micros() as u64);
                         counters[1].fetch_add(1, Ordering::Relaxed);
                         accepted.fetch_add(1, Ordering::SeqCst);
-                        mine.push((tr.job, tr.shard));
+                        mine.push((tr.job.clone(), tr.index().unwrap_or(u32::MAX)));
                         last = Some(Instant::now());
                     }
                     Ok(_) => {

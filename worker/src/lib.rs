@@ -1,5 +1,5 @@
-//! The Defuse worker: registers with the coordinator, leases identify tasks, runs
-//! them on its device, writes each output under its attempt's key in the artifact
+//! The Defuse worker: registers with the coordinator, leases tasks (identify shards
+//! and fine-tune parts), runs them on its device, writes each output under its attempt's key in the artifact
 //! store, and completes or fails the task with a typed error. Heartbeats run on the
 //! async runtime while the search runs on a blocking thread, so compute never starves
 //! them; a heartbeat answered ABANDON (lease lost, job cancelled) stops the search.
@@ -145,7 +145,8 @@ pub async fn run(
             task: tref.clone(),
             abandon: abandon.clone(),
         });
-        let span = tracing::info_span!("task", job = %tref.job, step = %tref.step, shard = tref.shard, attempt = tref.attempt, worker = %id);
+        // shard: the identify shard, or the part of fine-tune round `round`
+        let span = tracing::info_span!("task", job = %tref.job, round = tref.round(), shard = tref.index(), attempt = tref.attempt, worker = %id);
         let outcome = execute(
             &task,
             &store,
@@ -260,7 +261,7 @@ async fn heartbeat_loop(
                 // one verdict per task sent; extra verdicts are ignored
                 for ((v, t), flag) in r.verdicts.iter().zip(&tasks).zip(&flags) {
                     if *v == TaskVerdict::Abandon as i32 {
-                        tracing::warn!(worker = %id, job = %t.job, shard = t.shard, attempt = t.attempt, "lease lost: abandoning the task");
+                        tracing::warn!(worker = %id, job = %t.job, unit = %t.unit(), attempt = t.attempt, "lease lost: abandoning the task");
                         flag.store(true, Ordering::SeqCst);
                     }
                 }
@@ -329,24 +330,26 @@ fn dataset(
 
 /// One part of one fine-tune round: `local_steps` steps from the round's checkpoint
 /// on this part's batches; the output is the trained checkpoint, in the same format.
+#[allow(clippy::too_many_arguments)]
 async fn finetune(
     task: &Task,
+    part: &FineTunePart,
+    spec: &FineTuneSpec,
     store: &Arc<dyn ArtifactStore>,
     cfg: &WorkerConfig,
     device: tch::Device,
     datasets: &Arc<Mutex<HashMap<String, Arc<Dataset>>>>,
     job_cfg: JobConfig,
 ) -> Outcome {
-    let t = task.task.clone().unwrap_or_default();
     let cache = cfg.cache_dir.join("artifacts");
     let (ckpt, scn) = match (
-        fetch(store, &task.classifier_key, &cache).await,
-        fetch(store, &task.scenario_key, &cache).await,
+        fetch(store, &spec.checkpoint_key, &cache).await,
+        fetch(store, &spec.scenario_key, &cache).await,
     ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e),
     };
-    let ext = if task.model_extension == "pt" {
+    let ext = if spec.model_extension == "pt" {
         "pt"
     } else {
         "safetensors"
@@ -371,7 +374,7 @@ async fn finetune(
         .join(format!("{}.{ext}", task.output_key));
     let datasets = datasets.clone();
     let out2 = out_path.clone();
-    let round = task.round as usize;
+    let (round, part) = (part.round as usize, part.part as usize);
     let r = tokio::task::spawn_blocking(move || -> Result<String, TaskError> {
         let exec = |e: defuse_core::Error| {
             let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
@@ -404,7 +407,7 @@ async fn finetune(
             &job_cfg.correct,
             job_cfg.seed,
             round,
-            t.shard as usize,
+            part,
         )
         .map_err(exec)?;
         if let Some(d) = out2.parent() {
@@ -456,29 +459,43 @@ async fn execute(
             ))
         }
     };
-    if t.step == "finetune" {
-        return finetune(task, store, cfg, device, datasets, job_cfg).await;
-    }
+    let spec = match (&t.work, &task.spec) {
+        (Some(task_ref::Work::Finetune(part)), Some(task::Spec::Finetune(spec))) => {
+            return finetune(task, part, spec, store, cfg, device, datasets, job_cfg).await;
+        }
+        (Some(task_ref::Work::Identify(_)), Some(task::Spec::Identify(spec))) => spec,
+        _ => {
+            return Outcome::Failed(task_error(
+                FailureKind::Execution,
+                false,
+                format!(
+                    "task {} of job {}: its unit of work and its inputs do not match (a coordinator of another release?)",
+                    t.unit(),
+                    t.job
+                ),
+            ))
+        }
+    };
     let cache = cfg.cache_dir.join("artifacts");
-    let clf_path = match fetch(store, &task.classifier_key, &cache).await {
+    let clf_path = match fetch(store, &spec.classifier_key, &cache).await {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
     };
-    let vae_path = match fetch(store, &task.vae_key, &cache).await {
+    let vae_path = match fetch(store, &spec.vae_key, &cache).await {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
     };
-    let dec_path = if task.vae_decoder_key.is_empty() {
+    let dec_path = if spec.vae_decoder_key.is_empty() {
         None
     } else {
-        match fetch(store, &task.vae_decoder_key, &cache).await {
+        match fetch(store, &spec.vae_decoder_key, &cache).await {
             Ok(p) => Some(p),
             Err(e) => return Outcome::Failed(e),
         }
     };
     let out_path = cfg.cache_dir.join("out").join(&task.output_key);
     let datasets = datasets.clone();
-    let (start, end) = (task.start as usize, task.end as usize);
+    let (start, end) = (spec.start as usize, spec.end as usize);
     let out2 = out_path.clone();
     let flags = (abandon.clone(), stop.clone());
     let r = tokio::task::spawn_blocking(move || -> Result<String, Ended> {
@@ -542,7 +559,7 @@ async fn execute(
     if abandon.load(Ordering::SeqCst) {
         return Outcome::Abandoned;
     }
-    tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, "shard searched, uploading");
+    tracing::info!(job = %t.job, unit = %t.unit(), attempt = t.attempt, "shard searched, uploading");
     match store.put_file(&task.output_key, &out_path).await {
         Ok(()) => Outcome::Done(task.output_key.clone(), stats),
         Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
@@ -581,11 +598,11 @@ async fn report(
         match r {
             Ok(a) => {
                 if a == Acceptance::Stale as i32 {
-                    tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, output = output_key, "coordinator answered STALE: the result is ignored");
+                    tracing::warn!(job = %t.job, unit = %t.unit(), attempt = t.attempt, output = output_key, "coordinator answered STALE: the result is ignored");
                 } else if let Outcome::Failed(e) = &outcome {
-                    tracing::warn!(job = %t.job, shard = t.shard, attempt = t.attempt, error = %e.message, "task failed");
+                    tracing::warn!(job = %t.job, unit = %t.unit(), attempt = t.attempt, error = %e.message, "task failed");
                 } else {
-                    tracing::info!(job = %t.job, shard = t.shard, attempt = t.attempt, "task done");
+                    tracing::info!(job = %t.job, unit = %t.unit(), attempt = t.attempt, "task done");
                 }
                 return;
             }

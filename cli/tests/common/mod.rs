@@ -239,8 +239,18 @@ pub fn identify(s: &serde_json::Value) -> serde_json::Value {
 }
 
 pub fn redis_shards(url: &str, job: &str) -> Vec<(String, String)> {
+    redis_hash(url, &format!("{{job:{job}}}:shards"))
+}
+
+/// The parts of fine-tune round `round` of `job`, as Redis holds them.
+#[allow(dead_code)]
+pub fn redis_round_parts(url: &str, job: &str, round: u32) -> Vec<(String, String)> {
+    redis_hash(url, &format!("{{job:{job}}}:round:{round}:shards"))
+}
+
+fn redis_hash(url: &str, key: &str) -> Vec<(String, String)> {
     let out = Command::new("redis-cli")
-        .args(["-u", url, "HGETALL", &format!("{{job:{job}}}:shards")])
+        .args(["-u", url, "HGETALL", key])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();

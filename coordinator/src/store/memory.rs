@@ -31,6 +31,12 @@ struct MemJob {
     labels: Option<String>,
     /// The newest leader token that wrote to the job.
     fence: u64,
+    /// The job's shard sets, once planned.
+    sets: BTreeMap<Stage, ShardSet>,
+}
+
+#[derive(Debug, Default)]
+struct ShardSet {
     pending: VecDeque<u32>,
     shards: Vec<ShardInfo>,
     deadlines: BTreeMap<u32, u64>,
@@ -58,17 +64,23 @@ fn fence(j: &mut MemJob, token: u64) -> StoreResult<()> {
 }
 
 /// Whether `a` holds its shard's lease now.
-fn fenced(j: &MemJob, a: &Attempt) -> bool {
-    j.shards
+fn fenced(set: &ShardSet, a: &Attempt) -> bool {
+    set.shards
         .get(a.shard as usize)
         .is_some_and(|s| s.state == "leased" && s.owner == a.worker && s.attempt == a.attempt)
 }
 
-fn fail_job(j: &mut MemJob, msg: String, now_ms: u64) {
-    if !j.rec.state.is_final() {
-        j.rec.state = JobState::Failed;
-        j.rec.error = msg;
-        j.rec.updated_ms = now_ms;
+/// The job's record and its set `stage` (a set not planned has no shard to
+/// hold: `None`).
+fn set_of(j: &mut MemJob, stage: Stage) -> (&mut JobRecord, Option<&mut ShardSet>) {
+    (&mut j.rec, j.sets.get_mut(&stage))
+}
+
+fn fail_job(rec: &mut JobRecord, msg: String, now_ms: u64) {
+    if !rec.state.is_final() {
+        rec.state = JobState::Failed;
+        rec.error = msg;
+        rec.updated_ms = now_ms;
     }
 }
 
@@ -86,9 +98,7 @@ impl StateStore for MemoryStore {
             },
             labels: None,
             fence: 0,
-            pending: VecDeque::new(),
-            shards: vec![],
-            deadlines: BTreeMap::new(),
+            sets: BTreeMap::new(),
         };
         i.jobs.insert(rec.id.clone(), j);
         i.active.insert(rec.id.clone());
@@ -184,22 +194,36 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
-    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64, token: u64) -> StoreResult<()> {
+    async fn plan_shards(
+        &self,
+        id: &str,
+        stage: Stage,
+        n: u32,
+        now_ms: u64,
+        token: u64,
+    ) -> StoreResult<()> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         fence(j, token)?;
-        if !j.shards.is_empty() || j.rec.state != JobState::Running {
+        let in_round = matches!(stage, Stage::Round(_)) && j.rec.step != stage.phase();
+        if j.sets.contains_key(&stage) || j.rec.state != JobState::Running || in_round {
             return Ok(());
         }
-        j.shards = (0..n)
-            .map(|s| ShardInfo {
-                shard: s,
-                state: "pending".into(),
-                ..Default::default()
-            })
-            .collect();
-        j.pending = (0..n).collect();
-        j.rec.n_shards = n;
+        let set = ShardSet {
+            shards: (0..n)
+                .map(|s| ShardInfo {
+                    shard: s,
+                    state: "pending".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            pending: (0..n).collect(),
+            deadlines: BTreeMap::new(),
+        };
+        j.sets.insert(stage, set);
+        if stage == Stage::Identify {
+            j.rec.n_shards = n;
+        }
         j.rec.updated_ms = now_ms;
         Ok(())
     }
@@ -207,24 +231,28 @@ impl StateStore for MemoryStore {
     async fn lease(
         &self,
         id: &str,
+        stage: Stage,
         worker: &str,
         now_ms: u64,
         lease_ms: u64,
     ) -> StoreResult<Option<Lease>> {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
-        if j.rec.state != JobState::Running {
+        if j.rec.state != JobState::Running || j.rec.step != stage.phase() {
             return Ok(None);
         }
-        let Some(shard) = j.pending.pop_front() else {
+        let Some(set) = j.sets.get_mut(&stage) else {
             return Ok(None);
         };
-        let s = &mut j.shards[shard as usize];
+        let Some(shard) = set.pending.pop_front() else {
+            return Ok(None);
+        };
+        let s = &mut set.shards[shard as usize];
         s.attempt += 1;
         s.state = "leased".into();
         s.owner = worker.into();
         let deadline_ms = now_ms + lease_ms;
-        j.deadlines.insert(shard, deadline_ms);
+        set.deadlines.insert(shard, deadline_ms);
         Ok(Some(Lease {
             shard,
             attempt: s.attempt,
@@ -234,31 +262,36 @@ impl StateStore for MemoryStore {
 
     async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
         let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, a.job)?;
-        if !fenced(j, a) {
-            return Ok(Fenced::Stale);
+        let (rec, set) = set_of(job(&mut i, a.job)?, a.stage);
+        match set {
+            Some(set) if rec.state == JobState::Running && fenced(set, a) => {
+                set.deadlines.insert(a.shard, now_ms + lease_ms);
+                Ok(Fenced::Accepted)
+            }
+            _ => Ok(Fenced::Stale),
         }
-        j.deadlines.insert(a.shard, now_ms + lease_ms);
-        Ok(Fenced::Accepted)
     }
 
     async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
         let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, a.job)?;
-        let again = j.shards.get(a.shard as usize).is_some_and(|s| {
+        let (_, set) = set_of(job(&mut i, a.job)?, a.stage);
+        let Some(set) = set else {
+            return Ok(Fenced::Stale);
+        };
+        let again = set.shards.get(a.shard as usize).is_some_and(|s| {
             s.state == "done" && s.owner == a.worker && s.attempt == a.attempt && s.output == output
         });
         if again {
             return Ok(Fenced::Accepted);
         }
-        if !fenced(j, a) {
+        if !fenced(set, a) {
             return Ok(Fenced::Stale);
         }
-        let s = &mut j.shards[a.shard as usize];
+        let s = &mut set.shards[a.shard as usize];
         s.state = "done".into();
         s.output = output.into();
         s.accepted += 1;
-        j.deadlines.remove(&a.shard);
+        set.deadlines.remove(&a.shard);
         Ok(Fenced::Accepted)
     }
 
@@ -271,17 +304,17 @@ impl StateStore for MemoryStore {
     ) -> StoreResult<FailOutcome> {
         let (shard, attempt) = (a.shard, a.attempt);
         let mut i = self.inner.lock().unwrap();
-        let j = job(&mut i, a.job)?;
-        if !fenced(j, a) {
+        let (rec, set) = set_of(job(&mut i, a.job)?, a.stage);
+        let Some(set) = set.filter(|set| fenced(set, a)) else {
             return Ok(FailOutcome::Stale);
-        }
-        j.deadlines.remove(&shard);
-        let s = &mut j.shards[shard as usize];
+        };
+        set.deadlines.remove(&shard);
+        let s = &mut set.shards[shard as usize];
         if failure == Failure::HandBack {
             s.handbacks += 1;
             s.state = "pending".into();
             s.owner.clear();
-            j.pending.push_back(shard);
+            set.pending.push_back(shard);
             return Ok(FailOutcome::Requeued);
         }
         s.error = message.into();
@@ -289,12 +322,15 @@ impl StateStore for MemoryStore {
         if failure == Failure::Retryable && tries < max_attempts {
             s.state = "pending".into();
             s.owner.clear();
-            j.pending.push_back(shard);
+            set.pending.push_back(shard);
             Ok(FailOutcome::Requeued)
         } else {
             s.state = "failed".into();
-            let msg = format!("shard {shard} failed on attempt {attempt}: {message}");
-            fail_job(j, msg, now_ms());
+            let msg = format!(
+                "{} failed on attempt {attempt}: {message}",
+                a.stage.unit(shard)
+            );
+            fail_job(rec, msg, now_ms());
             Ok(FailOutcome::JobFailed)
         }
     }
@@ -302,6 +338,7 @@ impl StateStore for MemoryStore {
     async fn reap(
         &self,
         id: &str,
+        stage: Stage,
         now_ms: u64,
         max_attempts: u32,
         token: u64,
@@ -309,7 +346,11 @@ impl StateStore for MemoryStore {
         let mut i = self.inner.lock().unwrap();
         let j = job(&mut i, id)?;
         fence(j, token)?;
-        let expired: Vec<u32> = j
+        let (rec, set) = set_of(j, stage);
+        let Some(set) = set else {
+            return Ok(vec![]);
+        };
+        let expired: Vec<u32> = set
             .deadlines
             .iter()
             .filter(|(_, &d)| d <= now_ms)
@@ -317,18 +358,18 @@ impl StateStore for MemoryStore {
             .collect();
         let mut out = Vec::new();
         for shard in expired {
-            j.deadlines.remove(&shard);
-            let s = &mut j.shards[shard as usize];
+            set.deadlines.remove(&shard);
+            let s = &mut set.shards[shard as usize];
             let (attempt, owner) = (s.attempt, std::mem::take(&mut s.owner));
             let requeued = attempt.saturating_sub(s.handbacks) < max_attempts;
             if requeued {
                 s.state = "pending".into();
-                j.pending.push_back(shard);
+                set.pending.push_back(shard);
             } else {
                 s.state = "failed".into();
                 s.error = format!("lease expired {attempt} times (workers lost or hung)");
-                let msg = format!("shard {shard} failed: {}", s.error);
-                fail_job(j, msg, now_ms);
+                let msg = format!("{} failed: {}", stage.unit(shard), s.error);
+                fail_job(rec, msg, now_ms);
             }
             out.push(Expired {
                 shard,
@@ -340,9 +381,13 @@ impl StateStore for MemoryStore {
         Ok(out)
     }
 
-    async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>> {
+    async fn shards(&self, id: &str, stage: Stage) -> StoreResult<Vec<ShardInfo>> {
         let mut i = self.inner.lock().unwrap();
-        Ok(job(&mut i, id)?.shards.clone())
+        Ok(job(&mut i, id)?
+            .sets
+            .get(&stage)
+            .map(|s| s.shards.clone())
+            .unwrap_or_default())
     }
 
     async fn put_labels(&self, id: &str, labels_json: &str) -> StoreResult<bool> {
@@ -366,14 +411,17 @@ impl StateStore for MemoryStore {
         if j.rec.state.is_final() {
             return Ok(());
         }
-        for s in &mut j.shards {
-            if s.state == "pending" || s.state == "leased" {
-                s.state = "cancelled".into();
-                s.owner.clear();
+        // every set: the identify shards and the rounds'
+        for set in j.sets.values_mut() {
+            for s in &mut set.shards {
+                if s.state == "pending" || s.state == "leased" {
+                    s.state = "cancelled".into();
+                    s.owner.clear();
+                }
             }
+            set.pending.clear();
+            set.deadlines.clear();
         }
-        j.pending.clear();
-        j.deadlines.clear();
         j.rec.state = JobState::Cancelled;
         j.rec.updated_ms = now_ms;
         Ok(())

@@ -2,7 +2,10 @@
 //! semantics (Redis for clusters, memory for the embedded mode), checked by one shared
 //! test suite (`tests/store.rs`).
 //!
-//! Shards follow `pending -> leased(attempt k, owner, deadline) -> done | failed`.
+//! A job's shards come in sets ([`Stage`]): the identify shards, and the parts of each
+//! fine-tune round. Shards of every set follow
+//! `pending -> leased(attempt k, owner, deadline) -> done | failed`; a shard that
+//! fails for good fails its job.
 //! Every transition is atomic (a Lua script in Redis, one lock in memory), and every
 //! completion, failure or renewal is fenced by owner and attempt. Times are
 //! milliseconds since the Unix epoch, passed in by the caller (one clock: the
@@ -19,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub mod memory;
 pub mod redis;
 
-pub use crate::lifecycle::{JobState, Phase};
+pub use crate::lifecycle::{JobState, Phase, Stage};
 
 /// What the store keeps of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +33,8 @@ pub struct JobRecord {
     /// The phase the job is in (see `lifecycle.rs`).
     pub step: Phase,
     pub config_toml: String,
-    /// Shards of the identify step (0 until planned).
+    /// Shards of the identify step (0 until planned; a round's parts are counted in
+    /// its set).
     pub n_shards: u32,
     pub error: String,
     pub created_ms: u64,
@@ -45,11 +49,12 @@ pub struct Lease {
     pub deadline_ms: u64,
 }
 
-/// One attempt at one shard of one job, held by one worker, as its lease granted it:
-/// what every renewal, completion and failure is fenced by.
+/// One attempt at one shard of one set of one job, held by one worker, as its lease
+/// granted it: what every renewal, completion and failure is fenced by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempt<'a> {
     pub job: &'a str,
+    pub stage: Stage,
     pub shard: u32,
     pub attempt: u32,
     pub worker: &'a str,
@@ -190,7 +195,8 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn expired_jobs(&self, before_ms: u64, keep: usize) -> StoreResult<Vec<String>>;
     /// How many retired jobs are kept.
     async fn finished_count(&self) -> StoreResult<u64>;
-    /// Removes everything the store keeps of a job (record, shards, labels, indexes).
+    /// Removes everything the store keeps of a job (record, every shard set, labels,
+    /// indexes).
     async fn delete_job(&self, id: &str) -> StoreResult<()>;
     /// Moves a job to `state`/`step` (with an error message when failing). A final
     /// state is never left.
@@ -205,19 +211,29 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         now_ms: u64,
         fence: u64,
     ) -> StoreResult<()>;
-    /// Plans `n` pending shards (idempotent: does nothing when shards exist, or when
-    /// the job is not running: a job cancelled meanwhile gets none).
+    /// Plans `n` pending shards in the set `stage` (idempotent: does nothing when the
+    /// set has shards, or when the job is not running: a job cancelled meanwhile gets
+    /// none; a round's parts only while the job is in that round).
     /// Fenced by the leader's token `fence`.
-    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64, fence: u64) -> StoreResult<()>;
-    /// Leases the next pending shard of a running job to `worker`.
+    async fn plan_shards(
+        &self,
+        id: &str,
+        stage: Stage,
+        n: u32,
+        now_ms: u64,
+        fence: u64,
+    ) -> StoreResult<()>;
+    /// Leases the next pending shard of the set `stage` to `worker`, if the job is
+    /// running in that stage's phase.
     async fn lease(
         &self,
         id: &str,
+        stage: Stage,
         worker: &str,
         now_ms: u64,
         lease_ms: u64,
     ) -> StoreResult<Option<Lease>>;
-    /// Extends the lease of `a` to `now_ms + lease_ms`.
+    /// Extends the lease of `a` to `now_ms + lease_ms` (stale once the job has ended).
     async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced>;
     /// Accepts the output of the current owner and attempt. Idempotent: the same owner,
     /// attempt and output completing again (a retry after a lost reply) is accepted
@@ -231,26 +247,29 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome>;
-    /// Requeues (or fails, after `max_attempts` tries not handed back) every lease
-    /// past its deadline.
+    /// Requeues (or fails, after `max_attempts` tries not handed back) every lease of
+    /// the set `stage` past its deadline.
     /// Fenced by the leader's token `fence`.
     async fn reap(
         &self,
         id: &str,
+        stage: Stage,
         now_ms: u64,
         max_attempts: u32,
         fence: u64,
     ) -> StoreResult<Vec<Expired>>;
-    async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>>;
-    async fn counts(&self, id: &str) -> StoreResult<ShardCounts> {
-        Ok(ShardCounts::of(&self.shards(id).await?))
+    /// The shards of the set `stage` (none before it is planned).
+    async fn shards(&self, id: &str, stage: Stage) -> StoreResult<Vec<ShardInfo>>;
+    async fn counts(&self, id: &str, stage: Stage) -> StoreResult<ShardCounts> {
+        Ok(ShardCounts::of(&self.shards(id, stage).await?))
     }
     /// Stores a job's labels (JSON) once, atomically: `false` when the job has labels
     /// already (labels are final).
     async fn put_labels(&self, id: &str, labels_json: &str) -> StoreResult<bool>;
     /// The labels a job was given, if any.
     async fn labels(&self, id: &str) -> StoreResult<Option<String>>;
-    /// Marks every pending and leased shard cancelled and the job cancelled.
+    /// Marks every pending and leased shard of the job's identify set and of the round
+    /// it is in cancelled, and the job cancelled.
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()>;
     /// Takes or renews the leader lease for `node` until `now_ms + ttl_ms`. Returns the
     /// fencing token of its leadership (it grows with every new leader), or `None`

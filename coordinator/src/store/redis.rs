@@ -1,10 +1,12 @@
 //! The Redis state store. All keys of a job share the hash tag `{job:<id>}` so that
 //! the multi-key Lua scripts also run on Redis Cluster; scripts never build key names.
 //!
-//! Per job: `{job:ID}:meta` (hash: the record), `{job:ID}:pending` (list of shard ids),
-//! `{job:ID}:shards` (hash: `<n>:state|attempt|owner|output|accepted|error`),
-//! `{job:ID}:leases` (sorted set: shard by deadline), `{job:ID}:labels` (the labels'
-//! JSON, set once). Global: `defuse:jobs` (set of
+//! Per job: `{job:ID}:meta` (hash: the record; `n_shards` and `round:R:n` count the
+//! shards of each set, `rounds` how many rounds were planned), `{job:ID}:labels` (the
+//! labels' JSON, set once), and per shard set (identify: `{job:ID}:<name>`, round R:
+//! `{job:ID}:round:R:<name>`): `pending` (list of shard ids), `shards` (hash:
+//! `<n>:state|attempt|owner|output|accepted|handbacks|error`), `leases` (sorted set:
+//! shard by deadline). Global: `defuse:jobs` (set of
 //! ids), `defuse:jobs:active` (set: jobs not retired, what the driver reads each tick),
 //! `defuse:jobs:finished` (sorted set: retired jobs by the time they finished), `defuse:workers` (hash: id -> info JSON), `defuse:workers:seen` (id -> ms),
 //! `defuse:leader` (hash: owner, token, until: the leader lease).
@@ -77,26 +79,33 @@ if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'step', ARGV[2], 'error', ARGV[3], 'updated_ms', ARGV[4])
 return 1"#,
             ),
-            // KEYS meta pending shards; ARGV n now fence
+            // KEYS meta pending shards; ARGV n now fence n_field step rounds
+            // (step: the phase the job must be in, '' for any; rounds: '' or the rounds
+            // planned once this one is)
             plan: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 if not fence_ok(KEYS[1], ARGV[3]) then return redis.error_reply('DEFUSE_FENCED') end
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-if tonumber(redis.call('HGET', KEYS[1], 'n_shards') or '0') > 0 then return 0 end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'step') ~= ARGV[5] then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], ARGV[4]) or '0') > 0 then return 0 end
 local n = tonumber(ARGV[1])
 for i = 0, n - 1 do
   redis.call('RPUSH', KEYS[2], i)
   redis.call('HSET', KEYS[3], i .. ':state', 'pending', i .. ':attempt', 0, i .. ':accepted', 0)
 end
-redis.call('HSET', KEYS[1], 'n_shards', n, 'updated_ms', ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[4], n, 'updated_ms', ARGV[2])
+if ARGV[6] ~= '' and tonumber(ARGV[6]) > tonumber(redis.call('HGET', KEYS[1], 'rounds') or '0') then
+  redis.call('HSET', KEYS[1], 'rounds', ARGV[6])
+end
 return 1"#,
             ),
-            // KEYS meta pending shards leases; ARGV worker now lease_ms
+            // KEYS meta pending shards leases; ARGV worker now lease_ms step
             lease: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return false end
+local v = redis.call('HMGET', KEYS[1], 'state', 'step')
+if v[1] ~= 'running' or v[2] ~= ARGV[4] then return false end
 local shard = redis.call('LPOP', KEYS[2])
 if not shard then return false end
 local attempt = redis.call('HINCRBY', KEYS[3], shard .. ':attempt', 1)
@@ -109,6 +118,7 @@ return {tonumber(shard), attempt, deadline}"#,
             renew: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[1])
 return 1"#,
@@ -126,7 +136,8 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 1"#,
             ),
             // KEYS meta shards leases pending; ARGV shard worker attempt kind message max now
-            // (kind: retry | fatal | handback; a hand-back is not a try)
+            // unit (kind: retry | fatal | handback; a hand-back is not a try; unit: how
+            // the job's error names the set's shards)
             fail: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
@@ -148,10 +159,10 @@ if ARGV[4] == 'retry' and tries < tonumber(ARGV[6]) then
   return 'requeued'
 end
 redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'failed')
-fail_job(KEYS[1], 'shard ' .. ARGV[1] .. ' failed on attempt ' .. ARGV[3] .. ': ' .. ARGV[5], ARGV[7])
+fail_job(KEYS[1], ARGV[8] .. ARGV[1] .. ' failed on attempt ' .. ARGV[3] .. ': ' .. ARGV[5], ARGV[7])
 return 'failed'"#,
             ),
-            // KEYS meta shards leases pending; ARGV now max fence
+            // KEYS meta shards leases pending; ARGV now max fence unit
             reap: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
@@ -172,27 +183,32 @@ for _, shard in ipairs(expired) do
   else
     local msg = 'lease expired ' .. attempt .. ' times (workers lost or hung)'
     redis.call('HSET', KEYS[2], shard .. ':state', 'failed', shard .. ':error', msg)
-    fail_job(KEYS[1], 'shard ' .. shard .. ' failed: ' .. msg, ARGV[1])
+    fail_job(KEYS[1], ARGV[4] .. shard .. ' failed: ' .. msg, ARGV[1])
   end
   table.insert(out, tonumber(shard)); table.insert(out, attempt); table.insert(out, owner); table.insert(out, requeued)
 end
 return out"#,
             ),
-            // KEYS meta shards leases pending; ARGV now
+            // KEYS meta, then (shards leases pending) per set; ARGV now step, then the
+            // n_field per set. -1: the job left `step` meanwhile (read it again).
             cancel: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
-local st = redis.call('HGET', KEYS[1], 'state')
-if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
-local n = tonumber(redis.call('HGET', KEYS[1], 'n_shards') or '0')
-for i = 0, n - 1 do
-  local s = redis.call('HGET', KEYS[2], i .. ':state')
-  if s == 'pending' or s == 'leased' then
-    redis.call('HSET', KEYS[2], i .. ':state', 'cancelled')
-    redis.call('HDEL', KEYS[2], i .. ':owner')
+local v = redis.call('HMGET', KEYS[1], 'state', 'step')
+if v[1] == 'done' or v[1] == 'failed' or v[1] == 'cancelled' then return 0 end
+if v[2] ~= ARGV[2] then return -1 end
+for k = 0, (#KEYS - 1) / 3 - 1 do
+  local shards, leases, pending = KEYS[2 + 3 * k], KEYS[3 + 3 * k], KEYS[4 + 3 * k]
+  local n = tonumber(redis.call('HGET', KEYS[1], ARGV[3 + k]) or '0')
+  for i = 0, n - 1 do
+    local s = redis.call('HGET', shards, i .. ':state')
+    if s == 'pending' or s == 'leased' then
+      redis.call('HSET', shards, i .. ':state', 'cancelled')
+      redis.call('HDEL', shards, i .. ':owner')
+    end
   end
+  redis.call('DEL', leases, pending)
 end
-redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_ms', ARGV[1])
 return 1"#,
             ),
@@ -292,9 +308,6 @@ impl std::fmt::Debug for RedisStore {
 
 struct Keys {
     meta: String,
-    pending: String,
-    shards: String,
-    leases: String,
     labels: String,
 }
 
@@ -302,10 +315,28 @@ fn keys(id: &str) -> Keys {
     let tag = format!("{{job:{id}}}");
     Keys {
         meta: format!("{tag}:meta"),
-        pending: format!("{tag}:pending"),
-        shards: format!("{tag}:shards"),
-        leases: format!("{tag}:leases"),
         labels: format!("{tag}:labels"),
+    }
+}
+
+/// The keys of one shard set of a job, and the meta field that counts its shards.
+struct SetKeys {
+    pending: String,
+    shards: String,
+    leases: String,
+    n_field: String,
+}
+
+fn set_keys(id: &str, stage: Stage) -> SetKeys {
+    let (prefix, n_field) = match stage {
+        Stage::Identify => (format!("{{job:{id}}}"), "n_shards".to_string()),
+        Stage::Round(r) => (format!("{{job:{id}}}:round:{r}"), format!("round:{r}:n")),
+    };
+    SetKeys {
+        pending: format!("{prefix}:pending"),
+        shards: format!("{prefix}:shards"),
+        leases: format!("{prefix}:leases"),
+        n_field,
     }
 }
 
@@ -467,9 +498,15 @@ impl StateStore for RedisStore {
     async fn delete_job(&self, id: &str) -> StoreResult<()> {
         let k = keys(id);
         let mut c = self.conn();
-        let _: () = c
-            .del(&[&k.meta, &k.pending, &k.shards, &k.leases, &k.labels])
-            .await?;
+        let rounds: Option<u32> = c.hget(&k.meta, "rounds").await?;
+        let sets =
+            std::iter::once(Stage::Identify).chain((0..rounds.unwrap_or(0)).map(Stage::Round));
+        for stage in sets {
+            let s = set_keys(id, stage);
+            let _: () = c.del(&[&s.pending, &s.shards, &s.leases]).await?;
+        }
+        // the record last: a delete that stopped half way is found and finished
+        let _: () = c.del(&[&k.labels, &k.meta]).await?;
         let _: () = c.srem(JOBS, id).await?;
         let _: () = c.srem(ACTIVE, id).await?;
         let _: () = c.zrem(FINISHED, id).await?;
@@ -510,17 +547,31 @@ impl StateStore for RedisStore {
         Ok(())
     }
 
-    async fn plan_shards(&self, id: &str, n: u32, now_ms: u64, fence: u64) -> StoreResult<()> {
-        let k = keys(id);
+    async fn plan_shards(
+        &self,
+        id: &str,
+        stage: Stage,
+        n: u32,
+        now_ms: u64,
+        fence: u64,
+    ) -> StoreResult<()> {
+        let (k, sk) = (keys(id), set_keys(id, stage));
+        let (step, rounds) = match stage {
+            Stage::Identify => (String::new(), String::new()),
+            Stage::Round(r) => (stage.phase().to_string(), (r + 1).to_string()),
+        };
         let _: i64 = self
             .scripts
             .plan
             .key(&k.meta)
-            .key(&k.pending)
-            .key(&k.shards)
+            .key(&sk.pending)
+            .key(&sk.shards)
             .arg(n)
             .arg(now_ms)
             .arg(fence)
+            .arg(&sk.n_field)
+            .arg(step)
+            .arg(rounds)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
@@ -530,21 +581,23 @@ impl StateStore for RedisStore {
     async fn lease(
         &self,
         id: &str,
+        stage: Stage,
         worker: &str,
         now_ms: u64,
         lease_ms: u64,
     ) -> StoreResult<Option<Lease>> {
-        let k = keys(id);
+        let (k, sk) = (keys(id), set_keys(id, stage));
         let r: Option<(u32, u32, u64)> = self
             .scripts
             .lease
             .key(&k.meta)
-            .key(&k.pending)
-            .key(&k.shards)
-            .key(&k.leases)
+            .key(&sk.pending)
+            .key(&sk.shards)
+            .key(&sk.leases)
             .arg(worker)
             .arg(now_ms)
             .arg(lease_ms)
+            .arg(stage.phase().to_string())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
@@ -556,13 +609,13 @@ impl StateStore for RedisStore {
     }
 
     async fn renew(&self, a: &Attempt<'_>, now_ms: u64, lease_ms: u64) -> StoreResult<Fenced> {
-        let k = keys(a.job);
+        let (k, sk) = (keys(a.job), set_keys(a.job, a.stage));
         let r: i64 = self
             .scripts
             .renew
             .key(&k.meta)
-            .key(&k.shards)
-            .key(&k.leases)
+            .key(&sk.shards)
+            .key(&sk.leases)
             .arg(a.shard)
             .arg(a.worker)
             .arg(a.attempt)
@@ -579,13 +632,13 @@ impl StateStore for RedisStore {
     }
 
     async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
-        let k = keys(a.job);
+        let (k, sk) = (keys(a.job), set_keys(a.job, a.stage));
         let r: i64 = self
             .scripts
             .complete
             .key(&k.meta)
-            .key(&k.shards)
-            .key(&k.leases)
+            .key(&sk.shards)
+            .key(&sk.leases)
             .arg(a.shard)
             .arg(a.worker)
             .arg(a.attempt)
@@ -607,14 +660,14 @@ impl StateStore for RedisStore {
         message: &str,
         max_attempts: u32,
     ) -> StoreResult<FailOutcome> {
-        let k = keys(a.job);
+        let (k, sk) = (keys(a.job), set_keys(a.job, a.stage));
         let r: String = self
             .scripts
             .fail
             .key(&k.meta)
-            .key(&k.shards)
-            .key(&k.leases)
-            .key(&k.pending)
+            .key(&sk.shards)
+            .key(&sk.leases)
+            .key(&sk.pending)
             .arg(a.shard)
             .arg(a.worker)
             .arg(a.attempt)
@@ -622,6 +675,7 @@ impl StateStore for RedisStore {
             .arg(message)
             .arg(max_attempts)
             .arg(now_ms())
+            .arg(a.stage.unit_prefix())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(a.job, e))?;
@@ -635,21 +689,23 @@ impl StateStore for RedisStore {
     async fn reap(
         &self,
         id: &str,
+        stage: Stage,
         now_ms: u64,
         max_attempts: u32,
         fence: u64,
     ) -> StoreResult<Vec<Expired>> {
-        let k = keys(id);
+        let (k, sk) = (keys(id), set_keys(id, stage));
         let flat: Vec<::redis::Value> = self
             .scripts
             .reap
             .key(&k.meta)
-            .key(&k.shards)
-            .key(&k.leases)
-            .key(&k.pending)
+            .key(&sk.shards)
+            .key(&sk.leases)
+            .key(&sk.pending)
             .arg(now_ms)
             .arg(max_attempts)
             .arg(fence)
+            .arg(stage.unit_prefix())
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;
@@ -667,18 +723,18 @@ impl StateStore for RedisStore {
         Ok(out)
     }
 
-    async fn shards(&self, id: &str) -> StoreResult<Vec<ShardInfo>> {
-        let k = keys(id);
+    async fn shards(&self, id: &str, stage: Stage) -> StoreResult<Vec<ShardInfo>> {
+        let (k, sk) = (keys(id), set_keys(id, stage));
         let mut c = self.conn();
         let exists: bool = c.exists(&k.meta).await?;
         if !exists {
             return Err(StoreError::Lost(id.into()));
         }
         let n: u32 = c
-            .hget::<_, _, Option<u32>>(&k.meta, "n_shards")
+            .hget::<_, _, Option<u32>>(&k.meta, &sk.n_field)
             .await?
             .unwrap_or(0);
-        let map: HashMap<String, String> = c.hgetall(&k.shards).await?;
+        let map: HashMap<String, String> = c.hgetall(&sk.shards).await?;
         let mut out: Vec<ShardInfo> = (0..n)
             .map(|s| ShardInfo {
                 shard: s,
@@ -726,18 +782,34 @@ impl StateStore for RedisStore {
 
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {
         let k = keys(id);
-        let _: i64 = self
-            .scripts
-            .cancel
-            .key(&k.meta)
-            .key(&k.shards)
-            .key(&k.leases)
-            .key(&k.pending)
-            .arg(now_ms)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| lost(id, e))?;
-        Ok(())
+        // the sets to end depend on the job's phase, read first; the script refuses
+        // (-1) when the job moved on in between, and the phase is read again
+        for _ in 0..10 {
+            let Some(rec) = self.get_job(id).await? else {
+                return Err(StoreError::Lost(id.into()));
+            };
+            let mut sets = vec![Stage::Identify];
+            sets.extend(Stage::of(rec.step).filter(|s| *s != Stage::Identify));
+            let mut inv = self.scripts.cancel.key(&k.meta);
+            for stage in &sets {
+                let sk = set_keys(id, *stage);
+                inv.key(&sk.shards).key(&sk.leases).key(&sk.pending);
+            }
+            inv.arg(now_ms).arg(rec.step.to_string());
+            for stage in &sets {
+                inv.arg(set_keys(id, *stage).n_field);
+            }
+            let r: i64 = inv
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| lost(id, e))?;
+            if r >= 0 {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "job {id}: cannot cancel: its phase keeps changing"
+        )))
     }
 
     async fn lead(&self, node: &str, now_ms: u64, ttl_ms: u64) -> StoreResult<Option<u64>> {
