@@ -281,6 +281,10 @@ def chart_properties(docs, values):
                         and spec.get("completions") == spec.get("parallelism") == w.get("replicas"),
                         f"completionMode {spec.get('completionMode')}, completions "
                         f"{spec.get('completions')}, parallelism {spec.get('parallelism')}"))
+            idle = w.get("job", {}).get("exitWhenIdleSeconds", 300)
+            args = pod["containers"][0].get("args", [])
+            res.append(("workers: the Job's workers exit when the coordinator is idle, so it completes",
+                        f"--exit-when-idle={idle}" in args, f"args {args}"))
     else:
         res.append((f"one worker {kind}", False, f"found {len(workers)}"))
 

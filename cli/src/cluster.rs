@@ -187,12 +187,44 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     }
 }
 
+/// The exit code a job's final state asks for: `None` (0) done, 3 waiting for labels,
+/// 4 failed or cancelled; `None` too while it is not there yet (see [`finished`]).
+fn exit_code_of(j: &JobStatus) -> Option<u8> {
+    match j.state.as_str() {
+        "awaiting_labels" => Some(3),
+        "failed" | "cancelled" => Some(4),
+        _ => None,
+    }
+}
+
+/// Whether a job has stopped moving on its own: final, or waiting for labels.
+fn finished(j: &JobStatus) -> bool {
+    ["done", "failed", "cancelled", "awaiting_labels"].contains(&j.state.as_str())
+}
+
+/// Says on stderr how a job ended, and returns its exit code.
+fn report_end(j: &JobStatus) -> Option<u8> {
+    match j.state.as_str() {
+        "failed" => eprintln!("job {} failed: {}", j.job_id, j.error),
+        "cancelled" => eprintln!("job {} was cancelled", j.job_id),
+        "awaiting_labels" => eprintln!(
+            "job {} waits for labels: defuse label {} --file labels.json",
+            j.job_id, j.job_id
+        ),
+        _ => {}
+    }
+    exit_code_of(j)
+}
+
+/// Submits a job and prints its id; with `wait`, follows it (its phase changes on
+/// stderr) until it ends and returns the exit code of its final state.
 pub fn submit(
     url: &str,
     token: Option<String>,
     config: &Path,
     job_id: Option<String>,
-) -> anyhow::Result<()> {
+    wait: bool,
+) -> anyhow::Result<Option<u8>> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     // check here first: a bad config never reaches the coordinator
@@ -207,18 +239,40 @@ pub fn submit(
             })
             .await
             .map_err(status_err)?;
-        println!("{}", r.into_inner().job_id);
-        Ok(())
+        let id = r.into_inner().job_id;
+        println!("{id}");
+        if !wait {
+            return Ok(None);
+        }
+        let mut last = String::new();
+        loop {
+            let j = c
+                .status(StatusRequest { job_id: id.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let now = format!("{} {}", j.state, j.step);
+            if now != last {
+                eprintln!("job {id}: {now}");
+                last = now;
+            }
+            if finished(&j) {
+                return Ok(report_end(&j));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     })
 }
 
+/// Prints the jobs of a coordinator, or one job. With `watch`, redraws until every job
+/// shown has finished; for one job, returns the exit code of its final state.
 pub fn status(
     url: &str,
     token: Option<String>,
     job: Option<String>,
     json: bool,
     watch: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<u8>> {
     runtime()?.block_on(async {
         let mut c = client(url, token).await?;
         let started = std::time::Instant::now();
@@ -322,11 +376,14 @@ pub fn status(
                     }
                 }
             }
-            let finished = jobs.iter().all(|j| {
-                ["done", "failed", "cancelled", "awaiting_labels"].contains(&j.state.as_str())
-            });
-            if !watch || finished {
-                return Ok(());
+            if !watch {
+                return Ok(None);
+            }
+            if jobs.iter().all(finished) {
+                return Ok(match (&job, &jobs[..]) {
+                    (Some(_), [j]) => report_end(j),
+                    _ => None,
+                });
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }

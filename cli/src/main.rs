@@ -51,10 +51,15 @@ enum Command {
     /// Run a coordinator: job state in Redis (--redis or REDIS_URL; memory without),
     /// artifacts in a folder or S3 (--artifacts file:///path | s3://bucket/prefix).
     Coordinator {
+        /// Address of the gRPC services (workers and clients).
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: String,
+        /// Redis URL of the job, shard and worker state (set REDIS_URL when it holds a
+        /// password); without it, state is in this process's memory.
         #[arg(long, env = "REDIS_URL")]
         redis: Option<String>,
+        /// Where models, shard outputs, checkpoints and reports go: file:///path or
+        /// s3://bucket/prefix (S3 settings from the AWS_* environment).
         #[arg(long, env = "DEFUSE_ARTIFACTS")]
         artifacts: Option<String>,
         /// Where central steps keep each job's files.
@@ -93,6 +98,7 @@ enum Command {
         /// cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Where downloaded models and outputs wait before upload.
         #[arg(long, default_value = "/tmp/defuse-worker")]
         cache_dir: PathBuf,
         /// libtorch intra-op threads (0: its default).
@@ -104,34 +110,52 @@ enum Command {
         /// Serve Prometheus metrics on http://ADDR/metrics.
         #[arg(long, env = "DEFUSE_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Exit (status 0) once the coordinator has had no queued, running or
+        /// labelling job for this many seconds: the worker pods of a Kubernetes Job
+        /// then complete. Without it the worker runs until stopped.
+        #[arg(long, env = "DEFUSE_EXIT_WHEN_IDLE", value_name = "SECONDS")]
+        exit_when_idle: Option<u64>,
     },
     /// Submit a job to a coordinator; prints its id.
     Submit {
+        /// The job file (TOML).
         config: PathBuf,
         #[command(flatten)]
         remote: Remote,
+        /// The job's id (letters, digits, '-' and '_'); default: its name and a
+        /// unique suffix.
         #[arg(long)]
         job_id: Option<String>,
+        /// Wait until the job ends; exit 0 when done, 3 when it waits for labels, 4
+        /// when it failed or was cancelled.
+        #[arg(long)]
+        wait: bool,
     },
     /// Jobs of a coordinator, or one job's steps and shards.
     Status {
+        /// A job id (default: every job, a line each).
         job: Option<String>,
         #[command(flatten)]
         remote: Remote,
+        /// Print JSON (the shape of the HTTP API's /api/jobs).
         #[arg(long)]
         json: bool,
-        /// Redraw every 2 seconds until the job ends (with an ETA).
+        /// Redraw every 2 seconds until the job ends (with an ETA); for one job, exit
+        /// as `submit --wait` does (0 done, 3 waiting for labels, 4 failed or
+        /// cancelled).
         #[arg(long)]
         watch: bool,
     },
     /// Cancel a job: no shard stays leased, no task keeps running.
     Cancel {
+        /// The job id.
         job: String,
         #[command(flatten)]
         remote: Remote,
     },
     /// Delete a finished job from a coordinator: its state, its artifacts, its files.
     Delete {
+        /// The job id (of a done, failed or cancelled job).
         job: String,
         #[command(flatten)]
         remote: Remote,
@@ -194,6 +218,7 @@ impl Command {
 /// Where the coordinator's gRPC services are (for workers and clients).
 #[derive(Args)]
 struct Remote {
+    /// The coordinator's gRPC address (https:// for TLS).
     #[arg(
         long,
         env = "DEFUSE_COORDINATOR",
@@ -215,10 +240,13 @@ struct ClusterArgs {
     /// Components above this weight count as effective.
     #[arg(long, default_value_t = 0.01)]
     weight_cutoff: f64,
+    /// Most EM iterations.
     #[arg(long, default_value_t = 1000)]
     max_iter: usize,
+    /// Stop when the lower bound improves by less than this.
     #[arg(long, default_value_t = 1e-3)]
     tol: f64,
+    /// Seed of the k-means start.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -264,15 +292,19 @@ struct TrainArgs {
     /// Output model file (.safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// Epochs (default: 5 for the classifier, 10 for the VAE).
     #[arg(long)]
     epochs: Option<usize>,
+    /// Rows per batch.
     #[arg(long, default_value_t = 128)]
     batch: usize,
+    /// Adam's learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Multiply the learning rate by this after every epoch.
     #[arg(long, default_value_t = 1.0)]
     lr_decay: f64,
+    /// Seed of the initial weights and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// cpu, cuda or cuda:N
@@ -370,7 +402,9 @@ fn main() -> ExitCode {
 }
 
 /// Exit codes: 0 success, 1 a failure while running, 2 bad input (usage, config, data
-/// or model files): fix the input and run again; 3 (`run`) waiting for labels.
+/// or model files): fix the input and run again; 3 (`run`, `submit --wait`,
+/// `status --watch`) waiting for labels; 4 (`submit --wait`, `status --watch`) the job
+/// failed or was cancelled.
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<defuse_core::Error>() {
         Some(defuse_core::Error::Torch(_)) | Some(defuse_core::Error::Io { .. }) => 1,
@@ -455,8 +489,10 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             threads,
             protocol_version,
             metrics_listen,
+            exit_when_idle,
         } => {
             let mut w = defuse_worker::WorkerConfig::new(coordinator);
+            w.exit_when_idle = exit_when_idle.map(std::time::Duration::from_secs);
             w.device = device;
             w.cache_dir = cache_dir;
             w.threads = threads;
@@ -471,13 +507,14 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             config,
             remote: Remote { coordinator },
             job_id,
-        } => cluster::submit(&coordinator, token, &config, job_id).map(|()| None),
+            wait,
+        } => cluster::submit(&coordinator, token, &config, job_id, wait),
         Command::Status {
             job,
             remote: Remote { coordinator },
             json,
             watch,
-        } => cluster::status(&coordinator, token, job, json, watch).map(|()| None),
+        } => cluster::status(&coordinator, token, job, json, watch),
         Command::Cancel {
             job,
             remote: Remote { coordinator },

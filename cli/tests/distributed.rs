@@ -164,6 +164,17 @@ fn broken_model_fails_the_job_after_the_retries_and_bad_workers_and_configs_are_
             && err.contains("not a safetensors file"),
         "{err}"
     );
+    // scripts can gate on it: `status --watch` exits 4 for a failed job, with its error
+    let out = defuse()
+        .args(["status", &job, "--watch", "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("job {job} failed")) && stderr.contains("attempt 3"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -172,8 +183,6 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
     let dir = tmp.path();
     let (clf, vae) = train_models(dir);
     let mut c = Cluster::start(dir);
-    c.start_worker(&["--log-json"]);
-    c.start_worker(&["--log-json"]);
     let cfg = dir.join("job.toml");
     std::fs::write(
         &cfg,
@@ -181,7 +190,27 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
             .replace("shard_size = 500", "shard_size = 250\nlimit = 2000"),
     )
     .unwrap();
-    let job = c.submit(&cfg);
+    // `submit --wait` follows the job and exits with its outcome; the workers leave
+    // once the coordinator has had no unfinished job for 3 s (a Kubernetes Job's pods
+    // complete)
+    let mut submit = defuse()
+        .args(["submit", cfg.to_str().unwrap(), "--wait"])
+        .args(["--coordinator", &c.url()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let job = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(submit.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().to_string()
+    };
+    assert!(!job.is_empty(), "submit --wait printed no job id");
+    c.start_worker(&["--log-json", "--exit-when-idle", "3"]);
+    c.start_worker(&["--log-json", "--exit-when-idle", "3"]);
     let jl = format!("job=\"{job}\"");
     // mid-run: the shard gauges add up to the number of shards
     c.wait_for(&job, "a shard done", Duration::from_secs(120), |s| {
@@ -217,6 +246,18 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
         8.0
     );
     assert_eq!(scrape(c.metrics_port, "defuse_workers", &[]), vec![2.0]);
+    let waited = submit.wait_with_output().unwrap();
+    assert_eq!(
+        waited.status.code(),
+        Some(0),
+        "submit --wait: {}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("done"));
+    for (i, w) in c.workers.iter_mut().enumerate() {
+        let code = w.wait_timeout(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "worker {i} did not leave when idle");
+    }
     // every worker log line is JSON; task lines carry the job and shard of their span
     let mut with_fields = 0;
     for w in &c.workers {

@@ -103,17 +103,17 @@ async fn claim_active_jobs(c: &Coordinator, fence: u64) -> Result<(), StoreError
     Ok(())
 }
 
-/// What workers may lease until the next tick.
+/// What workers may lease until the next tick, and whether any job is unfinished.
 async fn refresh_leasable(c: &Coordinator) -> Result<(), StoreError> {
-    let now_leasable: Vec<JobRecord> = c
-        .inner
-        .store
-        .active_jobs()
-        .await?
+    let active = c.inner.store.active_jobs().await?;
+    let unfinished = active.iter().filter(|j| !j.state.is_final()).count();
+    let now_leasable: Vec<JobRecord> = active
         .into_iter()
         .filter(crate::state::is_leasable)
         .collect();
-    c.inner.local().leasable = Some(Arc::new(now_leasable));
+    let mut local = c.inner.local();
+    local.leasable = Some(Arc::new(now_leasable));
+    local.unfinished = Some(unfinished);
     Ok(())
 }
 

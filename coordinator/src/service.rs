@@ -151,10 +151,17 @@ impl WorkerService for Coordinator {
                 "unknown worker {worker}: register first"
             )));
         }
-        let cached = self.inner.local().leasable.clone();
-        let jobs = match cached {
-            Some(j) => j,
-            None => Arc::new(self.inner.store.active_jobs().await.map_err(store_status)?),
+        let cached = {
+            let local = self.inner.local();
+            local.leasable.clone().zip(local.unfinished)
+        };
+        let (jobs, unfinished) = match cached {
+            Some(c) => c,
+            None => {
+                let active = self.inner.store.active_jobs().await.map_err(store_status)?;
+                let unfinished = active.iter().filter(|j| !j.state.is_final()).count();
+                (Arc::new(active), unfinished)
+            }
         };
         for rec in jobs.iter().filter(|j| is_leasable(j)) {
             let Some(stage) = Stage::of(rec.step) else {
@@ -199,11 +206,13 @@ impl WorkerService for Coordinator {
             return Ok(Response::new(LeaseResponse {
                 task: Some(task),
                 retry_after_ms: 0,
+                idle: false,
             }));
         }
         Ok(Response::new(LeaseResponse {
             task: None,
             retry_after_ms: 300,
+            idle: unfinished == 0,
         }))
     }
 

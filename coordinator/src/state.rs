@@ -122,6 +122,9 @@ pub(crate) struct Local {
     /// The jobs with shards to lease, as the driver last listed them (None before its
     /// first tick): a lease reads this instead of listing every job in the store.
     pub leasable: Option<Arc<Vec<JobRecord>>>,
+    /// How many jobs were not final at that listing (None before it): none tells
+    /// idle workers that no work will come.
+    pub unfinished: Option<usize>,
     /// Caches of plans in the artifact store (`keys::plan`, `keys::finetune_plan`):
     /// filled by whoever reads one first.
     pub plans: HashMap<String, Arc<Plan>>,

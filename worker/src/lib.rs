@@ -35,6 +35,9 @@ pub struct WorkerConfig {
     pub token: Option<auth::Secret>,
     /// CA bundle (PEM) to trust for an https:// coordinator (else the system's roots).
     pub tls_ca: Option<Vec<u8>>,
+    /// Stop once the coordinator has had no unfinished job for this long (a worker
+    /// of a Kubernetes Job then completes); `None`: run until stopped.
+    pub exit_when_idle: Option<Duration>,
 }
 
 impl WorkerConfig {
@@ -47,6 +50,7 @@ impl WorkerConfig {
             protocol_version: PROTOCOL_VERSION,
             token: None,
             tls_ca: None,
+            exit_when_idle: None,
         }
     }
 }
@@ -110,6 +114,8 @@ pub async fn run(
         Duration::from_millis(reg.heartbeat_ms.max(50)),
     ));
     let datasets: Arc<Mutex<HashMap<String, Arc<Dataset>>>> = Default::default();
+    // since when the coordinator has said it has no unfinished job
+    let mut idle_since: Option<tokio::time::Instant> = None;
 
     while !stop.load(Ordering::SeqCst) {
         if reregister.swap(false, Ordering::SeqCst) {
@@ -136,9 +142,21 @@ pub async fn run(
             }
         };
         let Some(task) = task.task else {
+            if let Some(grace) = cfg.exit_when_idle {
+                match (task.idle, idle_since) {
+                    (false, _) => idle_since = None,
+                    (true, None) => idle_since = Some(tokio::time::Instant::now()),
+                    (true, Some(t)) if t.elapsed() >= grace => {
+                        tracing::info!(worker = %id, idle_s = grace.as_secs_f64(), "no unfinished job on the coordinator: exiting (--exit-when-idle)");
+                        break;
+                    }
+                    (true, Some(_)) => {}
+                }
+            }
             sleep_unless(&stop, task.retry_after_ms.clamp(50, 5000)).await;
             continue;
         };
+        idle_since = None;
         let tref = task.task.clone().unwrap_or_default();
         let abandon = Arc::new(AtomicBool::new(false));
         *running.lock().unwrap() = Some(Running {

@@ -1,5 +1,6 @@
 {{/* The worker pod template, shared by the Deployment and the Indexed Job. Called with
-(dict "root" $ "resources" <merged resources> "restartPolicy" <Always|OnFailure>). */}}
+(dict "root" $ "resources" <merged resources> "restartPolicy" <Always|OnFailure>, and for the
+Indexed Job "exitWhenIdle" <seconds>). */}}
 {{- define "defuse.worker.podTemplate" -}}
 metadata:
   labels:
@@ -43,6 +44,9 @@ spec:
         - --cache-dir={{ .root.Values.worker.cacheDir }}
         - --threads={{ int64 .root.Values.worker.threads }}
         - --metrics-listen=0.0.0.0:{{ .root.Values.worker.metricsPort }}
+        {{- with .exitWhenIdle }}
+        - --exit-when-idle={{ . }}
+        {{- end }}
         {{- range .root.Values.worker.extraArgs }}
         - {{ . | quote }}
         {{- end }}
