@@ -14,6 +14,20 @@ if [ ! -f "$pyenv/.complete" ]; then
   touch "$pyenv/.complete"
 fi
 
+# The Python client's tests (python/tests, run by cli/tests/python.rs): pytest and
+# pandas, pinned, in a folder of their own.
+pyclient_pins=("pytest==8.3.4" "pandas==2.2.3" "numpy==2.2.6")
+pyclient=$cache/py-client-env
+pyclient_stamp=$(printf '%s\n' "${pyclient_pins[@]}" | sha256sum | cut -c1-16)
+if [ ! -f "$pyclient/.complete-$pyclient_stamp" ]; then
+  log "installing pytest + pandas into $pyclient"
+  rm -rf "$pyclient.tmp"
+  python3 -m pip install --quiet --disable-pip-version-check --target "$pyclient.tmp" "${pyclient_pins[@]}"
+  rm -rf "$pyclient"
+  mv "$pyclient.tmp" "$pyclient"
+  touch "$pyclient/.complete-$pyclient_stamp"
+fi
+
 # Offline checks of the Helm chart (deploy/check-chart.py): Helm 4 as a library and the
 # Kubernetes JSON schemas, every package pinned. Its own folder (~360 MB): a second
 # `pip install --target` into pytest-env would have to replace that folder's bin/.

@@ -197,9 +197,11 @@ fn exit_code_of(j: &JobStatus) -> Option<u8> {
     }
 }
 
-/// Whether a job has stopped moving on its own: final, or waiting for labels.
+/// Whether a job has stopped moving on its own: final, or waiting for labels not
+/// given yet.
 fn finished(j: &JobStatus) -> bool {
-    ["done", "failed", "cancelled", "awaiting_labels"].contains(&j.state.as_str())
+    ["done", "failed", "cancelled"].contains(&j.state.as_str())
+        || (j.state == "awaiting_labels" && !j.labelled)
 }
 
 /// Says on stderr how a job ended, and returns its exit code.
@@ -306,7 +308,7 @@ pub fn status(
                 }
             };
             if json {
-                let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+                let v: Vec<serde_json::Value> = jobs.iter().map(defuse_coordinator::job_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 if watch {
@@ -387,17 +389,6 @@ pub fn status(
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-    })
-}
-
-fn status_json(j: &JobStatus) -> serde_json::Value {
-    serde_json::json!({
-        "job_id": j.job_id, "name": j.name, "state": j.state, "step": j.step, "error": j.error,
-        "steps": j.steps.iter().map(|s| serde_json::json!({
-            "step": s.step, "state": s.state, "shards_total": s.shards_total, "shards_pending": s.shards_pending,
-            "shards_leased": s.shards_leased, "shards_done": s.shards_done, "shards_failed": s.shards_failed, "detail": s.detail,
-        })).collect::<Vec<_>>(),
-        "summary": serde_json::from_str::<serde_json::Value>(&j.summary_json).unwrap_or(serde_json::Value::Null),
     })
 }
 

@@ -54,7 +54,7 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
 
     // SIGKILL the coordinator after a few shards, and start it again
     c.wait_for(&job, "5 shards done", Duration::from_secs(180), |s| {
-        identify(s)["shards_done"].as_u64().unwrap_or(0) >= 5
+        identify(s)["shards"]["done"].as_u64().unwrap_or(0) >= 5
     });
     c.coordinator.as_ref().unwrap().signal("KILL");
     eprintln!("killed the coordinator");
@@ -65,7 +65,7 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
         s["state"] == "done"
     });
     eprintln!("distributed run: {:.1} s", started.elapsed().as_secs_f64());
-    assert_eq!(identify(&s)["shards_done"], 20);
+    assert_eq!(identify(&s)["shards"]["done"], 20);
 
     // the same failures, byte for byte, and the same report
     assert_same_result(&emb, &dir.join("coordinator-work").join(&job), 100);
@@ -214,7 +214,7 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
     let jl = format!("job=\"{job}\"");
     // mid-run: the shard gauges add up to the number of shards
     c.wait_for(&job, "a shard done", Duration::from_secs(120), |s| {
-        identify(s)["shards_done"].as_u64().unwrap_or(0) >= 1
+        identify(s)["shards"]["done"].as_u64().unwrap_or(0) >= 1
     });
     std::thread::sleep(Duration::from_millis(600));
     let mid: f64 = scrape(c.metrics_port, "defuse_shards", &[&jl]).iter().sum();
@@ -294,7 +294,7 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     .unwrap();
     let job = c.submit(&cfg);
     c.wait_for(&job, "a shard leased", Duration::from_secs(120), |s| {
-        identify(s)["shards_leased"].as_u64().unwrap_or(0) >= 1
+        identify(s)["shards"]["leased"].as_u64().unwrap_or(0) >= 1
     });
     std::thread::sleep(Duration::from_millis(500));
     c.workers[w].signal("TERM");
@@ -307,9 +307,9 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     );
     // handed back: the shard is pending again at once, not after the lease expires
     let s = c.wait_for(&job, "the shard handed back", Duration::from_secs(2), |s| {
-        identify(s)["shards_leased"] == 0
+        identify(s)["shards"]["leased"] == 0
     });
-    assert_eq!(identify(&s)["shards_done"], 0);
+    assert_eq!(identify(&s)["shards"]["done"], 0);
     let log = c.coordinator.as_ref().unwrap().log_text();
     assert!(
         log.contains("task failed") && log.contains("handed back"),
@@ -320,7 +320,7 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     // a new worker takes over; cancelling mid-run leaves no shard leased or pending
     c.start_worker(&[]);
     c.wait_for(&job, "a shard leased again", Duration::from_secs(60), |s| {
-        identify(s)["shards_leased"].as_u64().unwrap_or(0) >= 1
+        identify(s)["shards"]["leased"].as_u64().unwrap_or(0) >= 1
     });
     let out = defuse()
         .args(["cancel", &job, "--coordinator", &c.url()])
@@ -331,8 +331,8 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     assert_eq!(s["state"], "cancelled");
     assert_eq!(
         (
-            identify(&s)["shards_leased"].as_u64(),
-            identify(&s)["shards_pending"].as_u64()
+            identify(&s)["shards"]["leased"].as_u64(),
+            identify(&s)["shards"]["pending"].as_u64()
         ),
         (Some(0), Some(0))
     );
@@ -340,7 +340,7 @@ fn sigterm_hands_the_task_back_and_cancel_leaves_nothing_leased() {
     std::thread::sleep(Duration::from_secs(2));
     let s = c.status(&job).unwrap();
     assert_eq!(s["state"], "cancelled");
-    assert_eq!(identify(&s)["shards_done"], 0);
+    assert_eq!(identify(&s)["shards"]["done"], 0);
 }
 
 /// SIGKILLs worker `i` while it trains a part of `job`'s fine-tune: stops it when it

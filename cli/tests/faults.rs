@@ -32,7 +32,7 @@ fn wait_lease_of(c: &Cluster, job: &str, id: &str, timeout: Duration) -> Option<
 
 fn done(c: &Cluster, job: &str) -> u64 {
     c.status(job)
-        .map(|s| identify(&s)["shards_done"].as_u64().unwrap_or(0))
+        .map(|s| identify(&s)["shards"]["done"].as_u64().unwrap_or(0))
         .unwrap_or(0)
 }
 
@@ -135,7 +135,7 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
         "distributed run with faults: {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(identify(&s)["shards_done"], 40);
+    assert_eq!(identify(&s)["shards"]["done"], 40);
 
     // the same failures, byte for byte, and the same report
     assert_same_result(
@@ -195,7 +195,7 @@ fn an_accepted_output_deleted_under_the_job_fails_it_naming_the_object() {
     c.start_worker(&[]);
     let job = c.submit(&cfg_path);
     c.wait_for(&job, "a shard done", Duration::from_secs(120), |s| {
-        identify(s)["shards_done"].as_u64().unwrap_or(0) >= 1
+        identify(s)["shards"]["done"].as_u64().unwrap_or(0) >= 1
     });
     let key = redis_shards(&c.redis.url(), &job)
         .into_iter()

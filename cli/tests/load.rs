@@ -46,7 +46,7 @@ shard_size = 1
         &job,
         "10,000 shards planned",
         Duration::from_secs(120),
-        |s| identify(s)["shards_total"] == 10000,
+        |s| identify(s)["shards"]["total"] == 10000,
     );
     let rss_planned = rss_kib(pid).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();

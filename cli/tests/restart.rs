@@ -71,7 +71,7 @@ fn restart_on_empty_disk(c: &mut Cluster, job: &str, why: &str) {
         "restarting the coordinator on an empty work dir: {why} (state {}, step {}, identify {})",
         s["state"],
         s["step"],
-        identify(&s)["shards_done"]
+        identify(&s)["shards"]["done"]
     );
     c.coordinator.as_ref().unwrap().signal("KILL");
     std::thread::sleep(Duration::from_millis(300));
@@ -129,7 +129,7 @@ fn a_coordinator_restarted_on_an_empty_disk_at_every_phase_finishes_the_job() {
     c.start_worker(&[]);
     let job = c.submit(&cfg);
     c.wait_for(&job, "identify under way", Duration::from_secs(300), |s| {
-        s["state"] == "awaiting_labels" || identify(s)["shards_done"].as_u64().unwrap_or(0) >= 2
+        s["state"] == "awaiting_labels" || identify(s)["shards"]["done"].as_u64().unwrap_or(0) >= 2
     });
     restart_on_empty_disk(&mut c, &job, "during identify");
     c.wait_for(&job, "awaiting labels", Duration::from_secs(300), |s| {

@@ -264,9 +264,9 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
             let st = &v[0];
             if st["state"] != "running" && st["state"] != "queued"
-                || identify(st)["shards_done"] == 2
+                || identify(st)["shards"]["done"] == 2
             {
-                assert_eq!(identify(st)["shards_done"], 2, "{st}");
+                assert_eq!(identify(st)["shards"]["done"], 2, "{st}");
                 break;
             }
         }

@@ -234,6 +234,69 @@ impl Coordinator {
         }
     }
 
+    /// The results a job has now, by name: files of its folder (`RESULT_FILES`, those
+    /// written so far) and, once done, the fine-tuned model (`model/<file>`).
+    pub async fn results(&self, job: &str) -> Result<Vec<String>, CoordinatorError> {
+        let rec = self.job(job).await?;
+        let mut names = Vec::new();
+        for rel in RESULT_FILES {
+            match self.job_file(&rec, rel).await {
+                Ok(_) => names.push(rel.to_string()),
+                Err(CoordinatorError::Conflict(_)) => {} // not written (yet)
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.inner.cfg.use_job_out {
+            let prefix = keys::final_model(job, "");
+            let models = self
+                .inner
+                .artifacts
+                .list(&prefix)
+                .await
+                .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
+            for key in models {
+                if let Some(file) = key.strip_prefix(&prefix) {
+                    names.push(format!("{MODEL_DIR}{file}"));
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// One result of [`Coordinator::results`], by name.
+    pub async fn result(&self, job: &str, name: &str) -> Result<bytes::Bytes, CoordinatorError> {
+        let rec = self.job(job).await?;
+        if let Some(file) = name.strip_prefix(MODEL_DIR) {
+            if file.is_empty() || file.contains('/') || self.inner.cfg.use_job_out {
+                return Err(CoordinatorError::not_found(format!(
+                    "job {job}: no result {name}"
+                )));
+            }
+            return match self
+                .inner
+                .artifacts
+                .get(&keys::final_model(job, file))
+                .await
+            {
+                Ok(b) => Ok(b),
+                Err(defuse_core::artifacts::ArtifactError::NotFound { .. }) => Err(
+                    CoordinatorError::not_found(format!("job {job}: no result {name}")),
+                ),
+                Err(e) => Err(CoordinatorError::unavailable(e.to_string())),
+            };
+        }
+        if !RESULT_FILES.contains(&name) {
+            return Err(CoordinatorError::not_found(format!(
+                "job {job}: no result {name} (results: {})",
+                RESULT_FILES.join(", ")
+            )));
+        }
+        self.job_file(&rec, name).await.map_err(|e| match e {
+            CoordinatorError::Conflict(m) => CoordinatorError::not_found(m),
+            e => e,
+        })
+    }
+
     /// A job's scenarios and class names, as its distill step left them.
     pub async fn scenarios(
         &self,
@@ -337,7 +400,11 @@ impl Coordinator {
         } else {
             String::new()
         };
+        // labels given but not yet picked up by the driver: the job is about to resume
+        let labelled = rec.state == JobState::AwaitingLabels
+            && matches!(self.inner.store.labels(&rec.id).await, Ok(Some(_)));
         JobStatus {
+            labelled,
             job_id: rec.id.clone(),
             name: rec.name.clone(),
             state: rec.state.as_str().into(),
@@ -349,6 +416,44 @@ impl Coordinator {
             updated_ms: rec.updated_ms,
         }
     }
+}
+
+/// The files of a job's folder that are its results, under these names (the same
+/// relative paths as in a `defuse run` output folder).
+pub const RESULT_FILES: &[&str] = &[
+    files::SUMMARY,
+    files::REPORT,
+    files::FAILURES,
+    files::ASSIGNMENTS,
+    files::SCENARIOS,
+    files::CLASSES,
+    files::LABELS,
+];
+
+/// Results under this prefix are the fine-tuned classifier, by its file name.
+pub const MODEL_DIR: &str = "model/";
+
+/// A job's status as JSON: the one shape of `GET /api/jobs/<id>`, each entry of
+/// `GET /api/jobs`, and `defuse status --json`.
+pub fn job_json(st: &JobStatus) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = st
+        .steps
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "step": s.step, "state": s.state,
+                "shards": {"total": s.shards_total, "pending": s.shards_pending,
+                           "leased": s.shards_leased, "done": s.shards_done, "failed": s.shards_failed},
+                "detail": s.detail,
+            })
+        })
+        .collect();
+    let summary: Option<serde_json::Value> = serde_json::from_str(&st.summary_json).ok();
+    serde_json::json!({
+        "id": st.job_id, "name": st.name, "state": st.state, "step": st.step,
+        "error": st.error, "steps": steps, "summary": summary,
+        "created_ms": st.created_ms, "updated_ms": st.updated_ms, "labelled": st.labelled,
+    })
 }
 
 /// The longest error a status carries.

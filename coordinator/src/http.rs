@@ -1,8 +1,9 @@
 //! The coordinator's HTTP side: the labelling page (jobs, their scenarios as image
-//! grids, a form to label them, the report when done), a small JSON API beside it,
-//! health checks and Prometheus metrics.
+//! grids, a form to label them, the report when done), the JSON job API beside it
+//! (submit, status, label, cancel, delete, results; described by `openapi.json`,
+//! served at `/api/openapi.json`), health checks and Prometheus metrics.
 //!
-//! With a token, everything but `/healthz` and `/readyz` needs it: an
+//! With a token, everything but `/healthz`, `/readyz` and `/api/openapi.json` needs it: an
 //! `Authorization: Bearer <token>` header, or the cookie that `/login` sets. Pages are
 //! plain server-rendered HTML with no script and no outside link, so they work
 //! offline and from the keyboard; every name from the data is escaped.
@@ -44,15 +45,19 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/jobs/{id}", get(job_page))
         .route("/jobs/{id}/labels", post(labels_form))
         .route("/jobs/{id}/scenarios/{sid}/{picture}", get(scenario_png))
-        .route("/api/jobs", get(api_jobs))
+        .route("/api/jobs", get(api_jobs).post(api_submit))
         .route("/api/jobs/{id}", get(api_job).delete(api_delete))
         .route("/api/jobs/{id}/labels", post(api_labels))
+        .route("/api/jobs/{id}/cancel", post(api_cancel))
+        .route("/api/jobs/{id}/results", get(api_results))
+        .route("/api/jobs/{id}/results/{*name}", get(api_result))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/login", get(login_page).post(login))
+        .route("/api/openapi.json", get(openapi))
         .merge(guarded)
         .with_state(app)
 }
@@ -549,27 +554,6 @@ async fn labels_form(
 
 // ---- JSON API ----
 
-fn job_json(st: &defuse_proto::JobStatus) -> serde_json::Value {
-    let steps: Vec<_> = st
-        .steps
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "step": s.step, "state": s.state,
-                "shards": {"total": s.shards_total, "pending": s.shards_pending,
-                           "leased": s.shards_leased, "done": s.shards_done, "failed": s.shards_failed},
-                "detail": s.detail,
-            })
-        })
-        .collect();
-    let summary: Option<serde_json::Value> = serde_json::from_str(&st.summary_json).ok();
-    serde_json::json!({
-        "id": st.job_id, "name": st.name, "state": st.state, "step": st.step,
-        "error": st.error, "steps": steps, "summary": summary,
-        "created_ms": st.created_ms, "updated_ms": st.updated_ms,
-    })
-}
-
 /// A page of jobs (`?after=&limit=`, default 100, at most 1000); the id to go on
 /// from is in the `X-Next-After` header, absent on the last page.
 async fn api_jobs(State(app): State<App>, Query(q): Query<PageQuery>) -> Response {
@@ -578,7 +562,7 @@ async fn api_jobs(State(app): State<App>, Query(q): Query<PageQuery>) -> Respons
         Ok((jobs, next)) => {
             let mut out = Vec::new();
             for rec in &jobs {
-                out.push(job_json(&app.coord.status_of(rec, false).await));
+                out.push(crate::api::job_json(&app.coord.status_of(rec, false).await));
             }
             let mut r = Json(out).into_response();
             if let Ok(v) = next.parse() {
@@ -602,9 +586,91 @@ async fn api_delete(State(app): State<App>, Path(id): Path<String>) -> Response 
 
 async fn api_job(State(app): State<App>, Path(id): Path<String>) -> Response {
     match app.coord.inner.store.get_job(&id).await {
-        Ok(Some(rec)) => Json(job_json(&app.coord.status_of(&rec, true).await)).into_response(),
+        Ok(Some(rec)) => {
+            Json(crate::api::job_json(&app.coord.status_of(&rec, true).await)).into_response()
+        }
         Ok(None) => error_json(CoordinatorError::not_found(format!("no job {id}"))),
         Err(e) => error_json(CoordinatorError::from(e)),
+    }
+}
+
+/// The HTTP API's description (OpenAPI 3.1), served as is.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// A JSON body, or the 415/400 that says why not.
+fn json_body<T: serde::de::DeserializeOwned>(
+    h: &HeaderMap,
+    body: &[u8],
+) -> Result<T, Box<Response>> {
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/json") {
+        return Err(Box::new((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(serde_json::json!({"error": format!("Content-Type must be application/json, not '{ct}'")})),
+        )
+            .into_response()));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error_json(CoordinatorError::invalid(format!(
+            "request body: {e}"
+        ))))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    /// The job file's text (TOML).
+    config: String,
+    #[serde(default)]
+    job_id: Option<String>,
+}
+
+/// Body: `{"config": "<job TOML>", "job_id": "<optional>"}`; 201 with the job's id.
+async fn api_submit(State(app): State<App>, h: HeaderMap, body: Bytes) -> Response {
+    let b: SubmitBody = match json_body(&h, &body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    match app.coord.submit(&b.config, b.job_id).await {
+        Ok(id) => (StatusCode::CREATED, Json(serde_json::json!({"id": id}))).into_response(),
+        Err(e) => error_json(e),
+    }
+}
+
+async fn api_cancel(State(app): State<App>, Path(id): Path<String>) -> Response {
+    match app.coord.cancel(&id).await {
+        Ok(state) => Json(serde_json::json!({"id": id, "state": state.as_str()})).into_response(),
+        Err(e) => error_json(e),
+    }
+}
+
+/// The names of the results a job has now (`GET .../results/<name>` serves each).
+async fn api_results(State(app): State<App>, Path(id): Path<String>) -> Response {
+    match app.coord.results(&id).await {
+        Ok(names) => Json(serde_json::json!({"id": id, "results": names})).into_response(),
+        Err(e) => error_json(e),
+    }
+}
+
+async fn api_result(State(app): State<App>, Path((id, name)): Path<(String, String)>) -> Response {
+    match app.coord.result(&id, &name).await {
+        Ok(bytes) => {
+            let ct = match name.rsplit('.').next() {
+                Some("json") => "application/json",
+                Some("html") => "text/html; charset=utf-8",
+                _ => "application/octet-stream",
+            };
+            ([(header::CONTENT_TYPE, ct)], bytes).into_response()
+        }
+        Err(e) => error_json(e),
     }
 }
 

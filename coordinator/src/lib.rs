@@ -31,7 +31,7 @@ mod server;
 mod service;
 mod state;
 
-pub use api::{DEFAULT_PAGE, MAX_PAGE};
+pub use api::{job_json, DEFAULT_PAGE, MAX_PAGE, MODEL_DIR, RESULT_FILES};
 pub use error::CoordinatorError;
 pub use server::{serve, ServeError};
 pub use state::{Coordinator, CoordinatorConfig};

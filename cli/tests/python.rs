@@ -1,0 +1,38 @@
+//! The Python client (`python/`): its pytest suite, run against this build's `defuse`
+//! binary (the tests start a coordinator and a worker of their own).
+use std::process::Command;
+
+#[test]
+fn python_client_submits_waits_labels_downloads_and_loads_into_pandas() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cache = std::env::var("DEFUSE_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/defuse", std::env::var("HOME").unwrap()));
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "python/tests",
+        ])
+        .current_dir(&repo)
+        .env("DEFUSE_BIN", env!("CARGO_BIN_EXE_defuse"))
+        .env(
+            "PYTHONPATH",
+            format!("{}/python:{cache}/py-client-env", repo.display()),
+        )
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pytest failed:\n{text}");
+    // every test ran: none skipped for want of the binary
+    assert!(
+        text.contains("4 passed") && !text.contains("skipped"),
+        "{text}"
+    );
+}
