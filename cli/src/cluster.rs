@@ -226,11 +226,11 @@ pub fn submit(
     config: &Path,
     job_id: Option<String>,
     wait: bool,
+    sets: &[String],
 ) -> anyhow::Result<Option<u8>> {
-    let text = std::fs::read_to_string(config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
+    let text = JobConfig::text_with(config, sets)?;
     // check here first: a bad config never reaches the coordinator
-    let mut cfg = JobConfig::load(config)?;
+    let mut cfg = JobConfig::load_with(config, sets)?;
     cfg.out = None;
     runtime()?.block_on(async {
         let mut c = client(url, token).await?;
@@ -389,6 +389,57 @@ pub fn status(
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
+    })
+}
+
+/// `defuse results`: every result of a job into `out`, each written whole (through a
+/// temporary file) under its name.
+pub fn results(url: &str, token: Option<String>, job: &str, out: &Path) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let mut c = client(url, token).await?;
+        let names = c
+            .list_results(ListResultsRequest {
+                job_id: job.to_string(),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner()
+            .names;
+        for name in names {
+            // a name is a relative path of plain parts: nothing written outside `out`
+            let rel = Path::new(&name);
+            if !rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                anyhow::bail!("coordinator: result name '{name}' is not a relative path");
+            }
+            let mut stream = c
+                .fetch_result(FetchResultRequest {
+                    job_id: job.to_string(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut data = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(status_err)? {
+                data.extend_from_slice(&chunk.data);
+            }
+            let target = out.join(rel);
+            let dir = target.parent().unwrap_or(out);
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let tmp = target.with_file_name(format!(
+                "{}.part",
+                target.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            std::fs::write(&tmp, &data)
+                .and_then(|()| std::fs::rename(&tmp, &target))
+                .with_context(|| format!("cannot write {}", target.display()))?;
+            println!("{}", target.display());
+        }
+        Ok(())
     })
 }
 

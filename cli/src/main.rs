@@ -47,6 +47,14 @@ enum Command {
         /// Workers in this process.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Override a setting of the job file: KEY=VALUE, e.g. identify.samples=50
+        /// (the value in TOML syntax; repeatable; DEFUSE_SET holds more, split by ';').
+        /// Order: defaults < job file < DEFUSE_SET < --set.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The device to run on (cpu, cuda, cuda:N): the same as --set device=...
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Run a coordinator: job state in Redis (--redis or REDIS_URL; memory without),
     /// artifacts in a folder or S3 (--artifacts file:///path | s3://bucket/prefix).
@@ -130,6 +138,9 @@ enum Command {
         /// when it failed or was cancelled.
         #[arg(long)]
         wait: bool,
+        /// Override a setting of the job file, as `run --set` does.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Jobs of a coordinator, or one job's steps and shards.
     Status {
@@ -152,6 +163,18 @@ enum Command {
         job: String,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Download a job's results from a coordinator into a folder, in the layout of
+    /// `defuse run`'s output: report, summary, failures, scenarios, labels, and the
+    /// fine-tuned model once done. Prints each file written.
+    Results {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        remote: Remote,
+        /// The folder to write into (created if needed).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Delete a finished job from a coordinator: its state, its artifacts, its files.
     Delete {
@@ -207,6 +230,7 @@ impl Command {
             Command::Status { .. } => "status",
             Command::Cancel { .. } => "cancel",
             Command::Delete { .. } => "delete",
+            Command::Results { .. } => "results",
             Command::Label { .. } => "label",
             Command::Sweep { .. } => "sweep",
             Command::Cluster(_) => "cluster",
@@ -413,6 +437,19 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// The job-file overrides: DEFUSE_SET's (split by ';'), then the command line's.
+fn overrides(cli: Vec<String>) -> Vec<String> {
+    let mut sets: Vec<String> = std::env::var("DEFUSE_SET")
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    sets.extend(cli);
+    sets
+}
+
 /// The token from `--token-file`, else from DEFUSE_TOKEN.
 fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
     let (t, from) = match file {
@@ -452,7 +489,13 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             config,
             out,
             workers,
-        } => run::run(&config, out, workers),
+            set,
+            device,
+        } => {
+            let mut sets = overrides(set);
+            sets.extend(device.map(|d| format!("device={d:?}")));
+            run::run(&config, out, workers, &sets)
+        }
         Command::Coordinator {
             listen,
             redis,
@@ -508,7 +551,8 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             remote: Remote { coordinator },
             job_id,
             wait,
-        } => cluster::submit(&coordinator, token, &config, job_id, wait),
+            set,
+        } => cluster::submit(&coordinator, token, &config, job_id, wait, &overrides(set)),
         Command::Status {
             job,
             remote: Remote { coordinator },
@@ -523,6 +567,11 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             job,
             remote: Remote { coordinator },
         } => cluster::delete(&coordinator, token, job).map(|()| None),
+        Command::Results {
+            job,
+            remote: Remote { coordinator },
+            out,
+        } => cluster::results(&coordinator, token, &job, &out).map(|()| None),
         Command::Label {
             job,
             remote: Remote { coordinator },

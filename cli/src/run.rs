@@ -11,8 +11,13 @@ use defuse_core::scenarios::{self, Scenario};
 /// Exit code of a run that stopped to wait for labels.
 pub const EXIT_AWAITING_LABELS: u8 = 3;
 
-pub fn run(config: &Path, out: Option<PathBuf>, workers: usize) -> anyhow::Result<Option<u8>> {
-    let mut cfg = JobConfig::load(config)?;
+pub fn run(
+    config: &Path,
+    out: Option<PathBuf>,
+    workers: usize,
+    sets: &[String],
+) -> anyhow::Result<Option<u8>> {
+    let mut cfg = JobConfig::load_with(config, sets)?;
     if out.is_some() {
         cfg.out = out;
     }

@@ -184,17 +184,18 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
     let (clf, vae) = train_models(dir);
     let mut c = Cluster::start(dir);
     let cfg = dir.join("job.toml");
-    std::fs::write(
-        &cfg,
-        config(&dir.join("o"), &clf, &vae)
-            .replace("shard_size = 500", "shard_size = 250\nlimit = 2000"),
-    )
-    .unwrap();
+    std::fs::write(&cfg, config(&dir.join("o"), &clf, &vae)).unwrap();
     // `submit --wait` follows the job and exits with its outcome; the workers leave
     // once the coordinator has had no unfinished job for 3 s (a Kubernetes Job's pods
-    // complete)
+    // complete). 8 shards: the --set overrides reach the coordinator
     let mut submit = defuse()
         .args(["submit", cfg.to_str().unwrap(), "--wait"])
+        .args([
+            "--set",
+            "identify.shard_size=250",
+            "--set",
+            "identify.limit=2000",
+        ])
         .args(["--coordinator", &c.url()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -258,6 +259,32 @@ fn metrics_add_up_and_json_logs_carry_job_and_shard() {
         let code = w.wait_timeout(Duration::from_secs(30));
         assert_eq!(code, Some(0), "worker {i} did not leave when idle");
     }
+    // `defuse results` downloads what the job produced, as a `defuse run` folder
+    let got = dir.join("results");
+    let out = defuse()
+        .args(["results", &job, "--coordinator", &c.url(), "--out"])
+        .arg(&got)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let work = dir.join("coordinator-work").join(&job);
+    for rel in [
+        "report/summary.json",
+        "report/index.html",
+        "identify/failures.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(got.join(rel)).unwrap(),
+            std::fs::read(work.join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+    let models: Vec<_> = std::fs::read_dir(got.join("model")).unwrap().collect();
+    assert_eq!(models.len(), 1, "the fine-tuned model");
     // every worker log line is JSON; task lines carry the job and shard of their span
     let mut with_fields = 0;
     for w in &c.workers {

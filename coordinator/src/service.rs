@@ -10,6 +10,9 @@ use defuse_proto::*;
 use tonic::{Request, Response, Status};
 
 use crate::api::{valid_id, DEFAULT_PAGE};
+
+/// The largest piece of a result a `FetchResult` message carries.
+const RESULT_CHUNK: usize = 1 << 20;
 use crate::error::CoordinatorError;
 use crate::keys;
 use crate::state::{is_leasable, Coordinator, Plan};
@@ -424,6 +427,29 @@ impl JobService for Coordinator {
             jobs,
             next_page_token: next,
         }))
+    }
+
+    async fn list_results(
+        &self,
+        req: Request<ListResultsRequest>,
+    ) -> Result<Response<ListResultsResponse>, Status> {
+        let names = self.results(&req.into_inner().job_id).await?;
+        Ok(Response::new(ListResultsResponse { names }))
+    }
+
+    type FetchResultStream = tokio_stream::Iter<std::vec::IntoIter<Result<ResultChunk, Status>>>;
+
+    async fn fetch_result(
+        &self,
+        req: Request<FetchResultRequest>,
+    ) -> Result<Response<Self::FetchResultStream>, Status> {
+        let r = req.into_inner();
+        let bytes = self.result(&r.job_id, &r.name).await?;
+        let chunks: Vec<Result<ResultChunk, Status>> = bytes
+            .chunks(RESULT_CHUNK)
+            .map(|c| Ok(ResultChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(tokio_stream::iter(chunks)))
     }
 
     async fn delete(

@@ -123,17 +123,44 @@ pub enum LabelMode {
 impl JobConfig {
     /// Reads and validates a job file; unknown fields and bad values are errors.
     pub fn load(path: &Path) -> Result<JobConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::invalid("config", format!("cannot read {}: {e}", path.display()))
-        })?;
-        let mut c: JobConfig =
-            toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        Self::load_with(path, &[])
+    }
+
+    /// Reads a job file with overrides on top (`--set`): defaults < the file <
+    /// `sets`, each `key.path=value` with the value in TOML syntax (a bare word is a
+    /// string), applied in order; then validates as [`JobConfig::load`] does.
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<JobConfig> {
+        let text = Self::text_with(path, sets)?;
+        let what = if sets.is_empty() {
+            String::new()
+        } else {
+            format!(" (with --set {})", sets.join(" --set "))
+        };
+        let mut c: JobConfig = toml::from_str(&text)
+            .map_err(|e| Error::format(path, format!("{}{what}", e.message())))?;
         if c.name.is_none() {
             c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         }
         c.validate()
             .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(c)
+    }
+
+    /// The job file's text with `sets` applied (see [`JobConfig::load_with`]): what
+    /// `defuse submit` sends.
+    pub fn text_with(path: &Path, sets: &[String]) -> Result<String> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        if sets.is_empty() {
+            return Ok(text);
+        }
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| Error::format(path, e.message().to_string()))?;
+        for s in sets {
+            set_key(&mut table, s)?;
+        }
+        toml::to_string(&table).map_err(|e| Error::invalid("--set", e.to_string()))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -173,5 +200,85 @@ impl JobConfig {
         self.out
             .clone()
             .unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
+    }
+}
+
+/// Applies one `key.path=value` override to a job file's table.
+fn set_key(table: &mut toml::Table, set: &str) -> Result<()> {
+    let bad = |why: String| Error::invalid("--set", format!("'{set}': {why}"));
+    let (key, value) = set
+        .split_once('=')
+        .ok_or_else(|| bad("expected KEY=VALUE, e.g. identify.samples=50".into()))?;
+    let path: Vec<&str> = key.trim().split('.').map(str::trim).collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(bad(format!(
+            "'{key}' is not a key path like identify.samples"
+        )));
+    }
+    let value = value.trim();
+    // a TOML value (50, 0.5, true, "x", [1, 2], { kind = "gaussian" }), else a string
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let (last, parents) = path.split_last().expect("a non-empty path");
+    let mut at = table;
+    for (i, p) in parents.iter().enumerate() {
+        let next = at
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = next.as_table_mut().ok_or_else(|| {
+            bad(format!(
+                "'{}' is a value, not a table",
+                path[..=i].join(".")
+            ))
+        })?;
+    }
+    at.insert(last.to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod set_tests {
+    use super::*;
+
+    #[test]
+    fn sets_override_the_file_and_bad_ones_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(
+            &path,
+            "name = \"x\"\nseed = 1\n[data]\npath = \"/d\"\n[identify]\nsamples = 10\n",
+        )
+        .unwrap();
+        let sets = [
+            "identify.samples=50".to_string(),
+            "seed=7".into(),
+            "device=cpu".into(),
+            "identify.perturbation={ kind = \"gaussian\", sigma = 0.25 }".into(),
+            "correct.lambda=2".into(),
+        ];
+        let c = JobConfig::load_with(&path, &sets).unwrap();
+        assert_eq!((c.identify.samples, c.seed), (50, 7));
+        assert_eq!(c.correct.lambda, 2.0);
+        assert_eq!(c.name.as_deref(), Some("x"));
+        // the text submit sends carries them
+        let text = JobConfig::text_with(&path, &sets).unwrap();
+        let back: JobConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.identify.samples, 50);
+        for (set, says) in [
+            ("identify.samples", "expected KEY=VALUE"),
+            ("seed.x=1", "'seed' is a value, not a table"),
+            ("identify..x=1", "is not a key path"),
+        ] {
+            let e = JobConfig::load_with(&path, &[set.to_string()]).unwrap_err();
+            assert!(e.to_string().contains(says), "{set}: {e}");
+        }
+        let e = JobConfig::load_with(&path, &["identify.samples=many".to_string()]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("job.toml") && e.contains("--set identify.samples=many"),
+            "{e}"
+        );
     }
 }
