@@ -281,12 +281,40 @@ def chart_properties(docs, values):
                         and spec.get("completions") == spec.get("parallelism") == w.get("replicas"),
                         f"completionMode {spec.get('completionMode')}, completions "
                         f"{spec.get('completions')}, parallelism {spec.get('parallelism')}"))
+            queue = w.get("job", {}).get("queueName", "")
+            label = workers[0]["metadata"]["labels"].get("kueue.x-k8s.io/queue-name", "")
+            res.append(("workers: the Job carries the Kueue queue label when a queue is named",
+                        label == queue, f"label {label!r}, queueName {queue!r}"))
             idle = w.get("job", {}).get("exitWhenIdleSeconds", 300)
             args = pod["containers"][0].get("args", [])
             res.append(("workers: the Job's workers exit when the coordinator is idle, so it completes",
                         f"--exit-when-idle={idle}" in args, f"args {args}"))
+        if kind == "Deployment":
+            budget = w.get("maxUnavailable", 1)
+            pdbs = [d for d in by_kind.get("PodDisruptionBudget", [])
+                    if d["metadata"]["name"].endswith("-worker")]
+            got = pdbs[0]["spec"].get("maxUnavailable") if pdbs else None
+            res.append(("workers: a PodDisruptionBudget bounds evictions (none when maxUnavailable is 0)",
+                        (got == budget) if budget else not pdbs, f"maxUnavailable {got}, wanted {budget}"))
+        res.append(("workers: the scheduler named in schedulerName",
+                    pod.get("schedulerName") == (w.get("schedulerName") or None),
+                    f"schedulerName {pod.get('schedulerName')!r}"))
     else:
         res.append((f"one worker {kind}", False, f"found {len(workers)}"))
+
+    ing = values.get("ingress", {})
+    ingresses = by_kind.get("Ingress", [])
+    if ing.get("enabled"):
+        ok, why = False, f"found {len(ingresses)} Ingresses"
+        if len(ingresses) == 1:
+            rule = ingresses[0]["spec"]["rules"][0]
+            backend = rule["http"]["paths"][0]["backend"]["service"]
+            ok = (rule["host"] == ing.get("host") and backend["port"] == {"name": "http"}
+                  and backend["name"].endswith("-coordinator"))
+            why = f"host {rule['host']}, backend {backend}"
+        res.append(("ingress: the host routes to the coordinator's HTTP port", ok, why))
+    else:
+        res.append(("no Ingress unless ingress.enabled", not ingresses, f"found {len(ingresses)}"))
 
     if existing:
         res.append(("secrets from existingSecret: the chart renders no Secret of its own",

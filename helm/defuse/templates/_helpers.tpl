@@ -126,6 +126,9 @@ by every template that needs them, so the message comes whichever file renders f
 {{- if and (gt (int .Values.coordinator.replicas) 1) .Values.coordinator.workClaimName }}
 {{- fail "coordinator.replicas above 1 needs coordinator.workClaimName empty: each coordinator pod keeps its own cache (an emptyDir); what matters is in Redis and the artifact store" }}
 {{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.host) }}
+{{- fail "ingress.host is required when ingress.enabled is true (the host name of the labelling page, e.g. defuse.example.com)" }}
+{{- end }}
 {{- if and (gt (int .Values.worker.gpu.count) 0) (eq .Values.worker.device "cpu") }}
 {{- fail "worker.gpu.count is above 0 but worker.device is cpu: set worker.device=cuda (and a CUDA worker image, worker.image.repository)" }}
 {{- end }}

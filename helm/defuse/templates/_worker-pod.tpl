@@ -25,6 +25,9 @@ spec:
   serviceAccountName: {{ include "defuse.serviceAccountName" .root }}
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: {{ int64 .root.Values.worker.terminationGracePeriodSeconds }}
+  {{- with .root.Values.worker.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
   {{- with .root.Values.worker.runtimeClassName }}
   runtimeClassName: {{ . }}
   {{- end }}
