@@ -19,7 +19,7 @@ use crate::error::StepError;
 use crate::keys::{self, files};
 use crate::lifecycle::{self, JobState, Phase};
 use crate::state::{Coordinator, Plan};
-use crate::store::{now_ms, JobRecord, Stage, StoreError};
+use crate::store::{now_ms, JobRecord, ShardState, Stage, StoreError};
 
 /// Tries of a central step that fails with retryable errors before the job fails
 /// (backoff 1 s doubling to 60 s: about 4 minutes in all).
@@ -68,7 +68,8 @@ pub(crate) async fn tick(c: &Coordinator) -> Result<bool, StoreError> {
     if fence != Some(was) {
         // not the leader, or a new leadership: what this process ran or learnt under
         // another is stopped and forgotten (the leader runs it again)
-        stop_central_steps(c, "not the leader any more");
+        // stopped, not awaited: the tick goes on (each ends at its next await)
+        drop(stop_central_steps(c, "not the leader any more"));
         c.inner.local().known.clear();
     }
     match fence {
@@ -83,12 +84,17 @@ pub(crate) async fn tick(c: &Coordinator) -> Result<bool, StoreError> {
     Ok(fence.is_some())
 }
 
-/// Stops every central step this process runs.
-pub(crate) fn stop_central_steps(c: &Coordinator, why: &str) {
-    for (job, task) in c.inner.local().in_flight.drain() {
-        task.abort();
-        tracing::info!(job = %job, why, "central step stopped");
-    }
+/// Stops every central step this process runs; returns their tasks, to await.
+pub(crate) fn stop_central_steps(c: &Coordinator, why: &str) -> Vec<tokio::task::JoinHandle<()>> {
+    let tasks: Vec<_> = c.inner.local().in_flight.drain().collect();
+    tasks
+        .into_iter()
+        .map(|(job, task)| {
+            task.abort();
+            tracing::info!(job = %job, why, "central step stopped");
+            task
+        })
+        .collect()
 }
 
 /// A new leader raises the fence of every active job first, so a former leader that
@@ -416,7 +422,7 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
         tracing::info!(job = %id, step = ?what, seconds = started.elapsed().as_secs_f64(), "central step ended");
         c.inner.local().in_flight.remove(&id);
     }.instrument(span));
-    local.in_flight.insert(key, task.abort_handle());
+    local.in_flight.insert(key, task);
 }
 
 /// Schedules another try of a job's central step after a retryable error; false
@@ -541,7 +547,7 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let shards = c.inner.store.shards(&rec.id, Stage::Identify).await?;
     let mut local = Vec::new();
     for s in &shards {
-        if s.state != "done" {
+        if s.state != ShardState::Done {
             return Err(StepError::fatal(format!(
                 "shard {} is {} at finish",
                 s.shard, s.state

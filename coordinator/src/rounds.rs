@@ -28,7 +28,7 @@ use crate::error::StepError;
 use crate::keys::{self, files};
 use crate::lifecycle::Phase;
 use crate::state::{Coordinator, RoundsPlan};
-use crate::store::{now_ms, JobRecord, Stage, StoreError};
+use crate::store::{now_ms, JobRecord, ShardState, Stage, StoreError};
 
 /// Publishes round 0 (the classifier, the scenario-train samples, the plan).
 pub(crate) async fn start(
@@ -153,7 +153,7 @@ pub(crate) async fn average(
     let outputs: Vec<(usize, String)> = shards
         .iter()
         .map(|s| {
-            if s.state == "done" {
+            if s.state == ShardState::Done {
                 Ok((s.shard as usize, s.output.clone()))
             } else {
                 Err(StepError::fatal(format!(

@@ -89,7 +89,10 @@ pub async fn serve(
     // the driver ends after the tick under way; the central steps it started are
     // stopped (each is idempotent: the next leader runs it again)
     let _ = driver.await;
-    crate::driver::stop_central_steps(&coord, "shutting down");
+    for task in crate::driver::stop_central_steps(&coord, "shutting down") {
+        // ends at its next await (a blocking part under way finishes on its thread)
+        let _ = task.await;
+    }
     // another coordinator leads at once, not after the lease runs out
     if let Err(e) = coord.inner.store.resign(&coord.inner.node).await {
         tracing::warn!(error = %e, "cannot give up the leader lease; it ends by itself");

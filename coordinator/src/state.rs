@@ -112,7 +112,7 @@ pub(crate) struct Inner {
 pub(crate) struct Local {
     /// Jobs whose central step runs now in this process, with the handle that stops
     /// it (a job cancelled meanwhile, a leadership lost). Written by the driver.
-    pub in_flight: HashMap<String, tokio::task::AbortHandle>,
+    pub in_flight: HashMap<String, tokio::task::JoinHandle<()>>,
     /// Jobs this process has seen active: one missing from the store was lost.
     /// Written by the driver.
     pub known: HashSet<String>,

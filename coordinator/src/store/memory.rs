@@ -65,9 +65,9 @@ fn fence(j: &mut MemJob, token: u64) -> StoreResult<()> {
 
 /// Whether `a` holds its shard's lease now.
 fn fenced(set: &ShardSet, a: &Attempt) -> bool {
-    set.shards
-        .get(a.shard as usize)
-        .is_some_and(|s| s.state == "leased" && s.owner == a.worker && s.attempt == a.attempt)
+    set.shards.get(a.shard as usize).is_some_and(|s| {
+        s.state == ShardState::Leased && s.owner == a.worker && s.attempt == a.attempt
+    })
 }
 
 /// The job's record and its set `stage` (a set not planned has no shard to
@@ -213,7 +213,7 @@ impl StateStore for MemoryStore {
             shards: (0..n)
                 .map(|s| ShardInfo {
                     shard: s,
-                    state: "pending".into(),
+                    state: ShardState::Pending,
                     ..Default::default()
                 })
                 .collect(),
@@ -249,7 +249,7 @@ impl StateStore for MemoryStore {
         };
         let s = &mut set.shards[shard as usize];
         s.attempt += 1;
-        s.state = "leased".into();
+        s.state = ShardState::Leased;
         s.owner = worker.into();
         let deadline_ms = now_ms + lease_ms;
         set.deadlines.insert(shard, deadline_ms);
@@ -279,7 +279,10 @@ impl StateStore for MemoryStore {
             return Ok(Fenced::Stale);
         };
         let again = set.shards.get(a.shard as usize).is_some_and(|s| {
-            s.state == "done" && s.owner == a.worker && s.attempt == a.attempt && s.output == output
+            s.state == ShardState::Done
+                && s.owner == a.worker
+                && s.attempt == a.attempt
+                && s.output == output
         });
         if again {
             return Ok(Fenced::Accepted);
@@ -288,7 +291,7 @@ impl StateStore for MemoryStore {
             return Ok(Fenced::Stale);
         }
         let s = &mut set.shards[a.shard as usize];
-        s.state = "done".into();
+        s.state = ShardState::Done;
         s.output = output.into();
         s.accepted += 1;
         set.deadlines.remove(&a.shard);
@@ -312,7 +315,7 @@ impl StateStore for MemoryStore {
         let s = &mut set.shards[shard as usize];
         if failure == Failure::HandBack {
             s.handbacks += 1;
-            s.state = "pending".into();
+            s.state = ShardState::Pending;
             s.owner.clear();
             set.pending.push_back(shard);
             return Ok(FailOutcome::Requeued);
@@ -320,12 +323,12 @@ impl StateStore for MemoryStore {
         s.error = message.into();
         let tries = attempt.saturating_sub(s.handbacks);
         if failure == Failure::Retryable && tries < max_attempts {
-            s.state = "pending".into();
+            s.state = ShardState::Pending;
             s.owner.clear();
             set.pending.push_back(shard);
             Ok(FailOutcome::Requeued)
         } else {
-            s.state = "failed".into();
+            s.state = ShardState::Failed;
             let msg = format!(
                 "{} failed on attempt {attempt}: {message}",
                 a.stage.unit(shard)
@@ -363,10 +366,10 @@ impl StateStore for MemoryStore {
             let (attempt, owner) = (s.attempt, std::mem::take(&mut s.owner));
             let requeued = attempt.saturating_sub(s.handbacks) < max_attempts;
             if requeued {
-                s.state = "pending".into();
+                s.state = ShardState::Pending;
                 set.pending.push_back(shard);
             } else {
-                s.state = "failed".into();
+                s.state = ShardState::Failed;
                 s.error = format!("lease expired {attempt} times (workers lost or hung)");
                 let msg = format!("{} failed: {}", stage.unit(shard), s.error);
                 fail_job(rec, msg, now_ms);
@@ -414,8 +417,8 @@ impl StateStore for MemoryStore {
         // every set: the identify shards and the rounds'
         for set in j.sets.values_mut() {
             for s in &mut set.shards {
-                if s.state == "pending" || s.state == "leased" {
-                    s.state = "cancelled".into();
+                if s.state == ShardState::Pending || s.state == ShardState::Leased {
+                    s.state = ShardState::Cancelled;
                     s.owner.clear();
                 }
             }

@@ -127,21 +127,65 @@ impl ShardCounts {
             ..Default::default()
         };
         for s in shards {
-            match s.state.as_str() {
-                "pending" => c.pending += 1,
-                "leased" => c.leased += 1,
-                "done" => c.done += 1,
-                _ => c.failed += 1,
+            match s.state {
+                ShardState::Pending => c.pending += 1,
+                ShardState::Leased => c.leased += 1,
+                ShardState::Done => c.done += 1,
+                ShardState::Failed | ShardState::Cancelled => c.failed += 1,
             }
         }
         c
     }
 }
 
+/// Where a shard is: `pending -> leased -> done | failed` (back to pending on a retry
+/// or an expired lease), or `cancelled` with its job. The Redis scripts keep it as the
+/// text of [`ShardState::as_str`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardState {
+    #[default]
+    Pending,
+    Leased,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl ShardState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShardState::Pending => "pending",
+            ShardState::Leased => "leased",
+            ShardState::Done => "done",
+            ShardState::Failed => "failed",
+            ShardState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ShardState> {
+        [
+            ShardState::Pending,
+            ShardState::Leased,
+            ShardState::Done,
+            ShardState::Failed,
+            ShardState::Cancelled,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ShardState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ShardInfo {
     pub shard: u32,
-    pub state: String,
+    pub state: ShardState,
     pub attempt: u32,
     pub owner: String,
     pub output: String,

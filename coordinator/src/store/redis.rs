@@ -749,7 +749,8 @@ impl StateStore for RedisStore {
                 continue;
             };
             match f {
-                "state" => info.state = v,
+                // a state no release wrote reads as failed, never as done
+                "state" => info.state = ShardState::parse(&v).unwrap_or(ShardState::Failed),
                 "attempt" => info.attempt = v.parse().unwrap_or(0),
                 "owner" => info.owner = v,
                 "output" => info.output = v,
