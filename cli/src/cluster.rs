@@ -248,11 +248,19 @@ pub fn submit(
         }
         let mut last = String::new();
         loop {
-            let j = c
-                .status(StatusRequest { job_id: id.clone() })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let j = match c.status(StatusRequest { job_id: id.clone() }).await {
+                Ok(r) => r.into_inner(),
+                // a coordinator restarting (a rollout, a new leader) is waited out
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    eprintln!(
+                        "job {id}: coordinator unavailable ({}), retrying",
+                        s.message()
+                    );
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+                Err(s) => return Err(status_err(s)),
+            };
             let now = format!("{} {}", j.state, j.step);
             if now != last {
                 eprintln!("job {id}: {now}");

@@ -139,6 +139,10 @@ impl Coordinator {
             .create_job(&rec)
             .await
             .map_err(CoordinatorError::from)?;
+        // workers told "idle" at the last tick hear of this job at once
+        if let Some(n) = self.inner.local().unfinished.as_mut() {
+            *n += 1;
+        }
         tracing::info!(job = %id, "job submitted");
         Ok(id)
     }
@@ -199,6 +203,7 @@ impl Coordinator {
     /// the round it is in); its central step stops at the driver's next tick.
     /// Returns the job's state (a job that had ended keeps its own).
     pub async fn cancel(&self, job: &str) -> Result<JobState, CoordinatorError> {
+        self.job(job).await?; // NotFound for a job that never was
         self.inner.store.cancel(job, now_ms()).await?;
         let rec = self.job(job).await?;
         tracing::info!(job = %job, state = rec.state.as_str(), "cancel");
@@ -240,10 +245,17 @@ impl Coordinator {
         let rec = self.job(job).await?;
         let mut names = Vec::new();
         for rel in RESULT_FILES {
-            match self.job_file(&rec, rel).await {
-                Ok(_) => names.push(rel.to_string()),
-                Err(CoordinatorError::Conflict(_)) => {} // not written (yet)
-                Err(e) => return Err(e),
+            let written = if self.inner.cfg.use_job_out {
+                self.job_dir_of(&rec)?.join(rel).is_file()
+            } else {
+                self.inner
+                    .artifacts
+                    .exists(&keys::folder_file(job, rel))
+                    .await
+                    .map_err(|e| CoordinatorError::unavailable(e.to_string()))?
+            };
+            if written {
+                names.push(rel.to_string());
             }
         }
         if !self.inner.cfg.use_job_out {

@@ -420,7 +420,12 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
             }
         }
         tracing::info!(job = %id, step = ?what, seconds = started.elapsed().as_secs_f64(), "central step ended");
-        c.inner.local().in_flight.remove(&id);
+        // only this task's own entry: a newer step of the job (another leadership) keeps its
+        let me = tokio::task::id();
+        let mut local = c.inner.local();
+        if local.in_flight.get(&id).is_some_and(|t| t.id() == me) {
+            local.in_flight.remove(&id);
+        }
     }.instrument(span));
     local.in_flight.insert(key, task);
 }

@@ -683,3 +683,46 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
     ));
     r.stop();
 }
+
+#[tokio::test]
+async fn redis_drops_the_round_sub_jobs_of_older_releases() {
+    let r = Redis::start(false);
+    let mut c = ::redis::Client::open(r.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // what a release before schema 3 left: a round kept as a job of its own, and a
+    // job whose step this release cannot read
+    for (id, step) in [("j--round-0", "finetune-part"), ("odd", "some-future-step")] {
+        let _: () = ::redis::cmd("HSET")
+            .arg(format!("{{job:{id}}}:meta"))
+            .arg(&["id", id, "name", id, "state", "running", "step", step])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for set in ["defuse:jobs", "defuse:jobs:active"] {
+            let _: () = ::redis::cmd("SADD")
+                .arg(set)
+                .arg(id)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+    let _: () = ::redis::cmd("SET")
+        .arg("defuse:schema")
+        .arg(2)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let s = RedisStore::connect(&r.url()).await.unwrap();
+    assert_eq!(s.job_ids().await.unwrap(), ["odd"], "the old round is gone");
+    assert_eq!(s.get_job("j--round-0").await.unwrap(), None);
+    // a job in a phase this release cannot read can still be cancelled
+    s.cancel("odd", 5).await.unwrap();
+    assert_eq!(
+        s.get_job("odd").await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+}

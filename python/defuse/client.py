@@ -63,6 +63,10 @@ class Client:
     # ---- the wire ----
 
     def _request(self, method: str, path: str, body: Any = None) -> bytes:
+        return self._exchange(method, path, body)[0]
+
+    def _exchange(self, method: str, path: str, body: Any = None) -> "tuple[bytes, Any]":
+        """The reply's body and headers."""
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -73,7 +77,7 @@ class Client:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.read()
+                return r.read(), r.headers
         except urllib.error.HTTPError as e:
             raw = e.read()
             try:
@@ -106,11 +110,11 @@ class Client:
         after = ""
         while True:
             q = urllib.parse.urlencode({"after": after, "limit": 1000})
-            page = self._json("GET", f"/api/jobs?{q}")
-            out.extend(page)
-            if len(page) < 1000:
+            raw, headers = self._exchange("GET", f"/api/jobs?{q}")
+            out.extend(json.loads(raw))
+            after = headers.get("X-Next-After") or ""
+            if not after:
                 return out
-            after = page[-1]["id"]
 
 
 class Job:
@@ -137,7 +141,16 @@ class Job:
         `timeout` seconds."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            st = self.status()
+            try:
+                st = self.status()
+            except DefuseError as e:
+                # a coordinator restarting (a rollout, a new leader) is waited out
+                if e.status not in (None, 502, 503, 504):
+                    raise
+                if end is not None and time.monotonic() > end:
+                    raise
+                time.sleep(poll)
+                continue
             if st["state"] in ("failed", "cancelled"):
                 raise JobFailed(st)
             if st["state"] == "done" or (st["state"] == "awaiting_labels" and not st.get("labelled")):

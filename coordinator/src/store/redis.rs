@@ -196,7 +196,7 @@ return out"#,
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 local v = redis.call('HMGET', KEYS[1], 'state', 'step')
 if v[1] == 'done' or v[1] == 'failed' or v[1] == 'cancelled' then return 0 end
-if v[2] ~= ARGV[2] then return -1 end
+if ARGV[2] ~= '' and v[2] ~= ARGV[2] then return -1 end
 for k = 0, (#KEYS - 1) / 3 - 1 do
   local shards, leases, pending = KEYS[2 + 3 * k], KEYS[3 + 3 * k], KEYS[4 + 3 * k]
   local n = tonumber(redis.call('HGET', KEYS[1], ARGV[3 + k]) or '0')
@@ -370,6 +370,25 @@ impl RedisStore {
                 let _: () = conn.sadd(ACTIVE, id).await?;
             }
             let _: () = conn.set(SCHEMA, 2).await?;
+        }
+        if schema.unwrap_or(0) < 3 {
+            // releases before 3 kept fine-tune rounds as jobs `<job>--round-<r>` (step
+            // `finetune-part`); their parts now live in the job itself
+            let ids: Vec<String> = conn.smembers(JOBS).await?;
+            for id in ids.iter().filter(|id| id.contains("--round-")) {
+                let k = keys(id);
+                let step: Option<String> = conn.hget(&k.meta, "step").await?;
+                if step.as_deref() == Some("finetune-part") {
+                    let s = set_keys(id, Stage::Identify);
+                    let _: () = conn
+                        .del(&[&k.meta, &k.labels, &s.pending, &s.shards, &s.leases])
+                        .await?;
+                    let _: () = conn.srem(JOBS, id).await?;
+                    let _: () = conn.srem(ACTIVE, id).await?;
+                    let _: () = conn.zrem(FINISHED, id).await?;
+                }
+            }
+            let _: () = conn.set(SCHEMA, 3).await?;
         }
         Ok(RedisStore {
             conn,
@@ -796,7 +815,12 @@ impl StateStore for RedisStore {
                 let sk = set_keys(id, *stage);
                 inv.key(&sk.shards).key(&sk.leases).key(&sk.pending);
             }
-            inv.arg(now_ms).arg(rec.step.to_string());
+            // a step this release cannot read (Lost) has no round to end: no check
+            let step = match rec.step {
+                Phase::Lost => String::new(),
+                p => p.to_string(),
+            };
+            inv.arg(now_ms).arg(step);
             for stage in &sets {
                 inv.arg(set_keys(id, *stage).n_field);
             }
