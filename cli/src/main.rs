@@ -48,8 +48,9 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         workers: usize,
         /// Override a setting of the job file: KEY=VALUE, e.g. identify.samples=50
-        /// (the value in TOML syntax; repeatable; DEFUSE_SET holds more, split by ';').
-        /// Order: defaults < job file < DEFUSE_SET < --set.
+        /// (the value in TOML syntax, a bare word else a string: quote a string that
+        /// reads as another value, name='"2024-01-01"'; repeatable; DEFUSE_SET holds
+        /// more, split by ';'). Order: defaults < job file < DEFUSE_SET < --set.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// The device to run on (cpu, cuda, cuda:N): the same as --set device=...

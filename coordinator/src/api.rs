@@ -366,9 +366,14 @@ impl Coordinator {
             steps.push(p);
         }
         if let Some(r) = round {
+            let state = match rec.state {
+                JobState::Failed => "failed",
+                JobState::Cancelled => "cancelled",
+                _ => "running",
+            };
             let mut p = StepProgress {
                 step: "finetune".into(),
-                state: "running".into(),
+                state: state.into(),
                 ..Default::default()
             };
             if let Ok(c) = self
@@ -383,13 +388,12 @@ impl Coordinator {
                 p.shards_done = c.done as u64;
                 p.shards_failed = c.failed as u64;
             }
+            // any coordinator can say it: the plan is read through its cache
             let rounds = self
-                .inner
-                .local()
-                .round_plans
-                .get(&rec.id)
+                .rounds_plan(rec)
+                .await
                 .map(|p| p.rounds.to_string())
-                .unwrap_or_else(|| "?".into());
+                .unwrap_or_else(|_| "?".into());
             let last = self.inner.local().last_round.get(&rec.id).cloned();
             p.detail = match last {
                 Some(e) => format!(

@@ -35,7 +35,7 @@ def _scalar(v: Any, where: str) -> str:
 
 def _key(k: Any) -> str:
     k = str(k)
-    if k and all(c.isalnum() or c in "-_" for c in k):
+    if k and all(c.isascii() and (c.isalnum() or c in "-_") for c in k):
         return k
     return json.dumps(k)
 
