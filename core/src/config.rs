@@ -136,8 +136,8 @@ impl JobConfig {
         } else {
             format!(" (with --set {})", sets.join(" --set "))
         };
-        let mut c: JobConfig = toml::from_str(&text)
-            .map_err(|e| Error::format(path, format!("{}{what}", e.message())))?;
+        let mut c: JobConfig =
+            toml::from_str(&text).map_err(|e| Error::format(path, format!("{e}{what}")))?;
         if c.name.is_none() {
             c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         }
@@ -156,7 +156,7 @@ impl JobConfig {
             return Ok(text);
         }
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| Error::format(path, e.message().to_string()))?;
+            toml::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
         for s in sets {
             set_key(&mut table, s)?;
         }
