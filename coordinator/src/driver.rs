@@ -487,6 +487,13 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
         Ok((p.model_files(), p.shard_ranges(), p.identify_done()))
     })
     .await?;
+    if ranges.len() > defuse_core::limits::MAX_SHARDS {
+        return Err(StepError::fatal(format!(
+            "identify would plan {} shards, above the limit of {}: raise identify.shard_size",
+            ranges.len(),
+            defuse_core::limits::MAX_SHARDS
+        )));
+    }
     // the trained models (and their done.json) outlive this coordinator
     crate::folder::publish_job(c, &rec.id, &dir).await?;
     if done {

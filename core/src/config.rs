@@ -282,3 +282,46 @@ mod set_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn every_count_has_an_upper_bound_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, "[data]\npath = \"/d\"\n").unwrap();
+        assert!(JobConfig::load(&path).is_ok());
+        for (set, field) in [
+            ("identify.samples=100001", "identify.samples"),
+            ("identify.keep=101", "identify.keep"),
+            ("identify.batch_size=65537", "identify.batch_size"),
+            ("identify.chunk=1000000", "identify.chunk"),
+            ("identify.shard_size=10000001", "identify.shard_size"),
+            ("distill.max_components=1001", "distill.max_components"),
+            ("distill.max_iter=100001", "distill.max_iter"),
+            (
+                "correct.samples_per_scenario=100001",
+                "correct.samples_per_scenario",
+            ),
+            ("correct.parts=257", "correct.parts"),
+            ("correct.local_steps=1000001", "correct.local_steps"),
+            ("correct.epochs=10001", "correct.epochs"),
+            ("correct.batch_size=65537", "correct.batch_size"),
+        ] {
+            // keep is bounded by samples: 100 here
+            let sets = ["identify.samples=100".to_string(), set.to_string()];
+            let sets = if field == "identify.samples" {
+                &sets[1..]
+            } else {
+                &sets[..]
+            };
+            let e = JobConfig::load_with(&path, sets).unwrap_err().to_string();
+            assert!(
+                e.contains(field) && e.contains("above the limit"),
+                "{set}: {e}"
+            );
+        }
+    }
+}

@@ -102,6 +102,21 @@ impl CorrectOptions {
                 "batch_size, scenario_batch_size and epochs must be at least 1",
             ));
         }
+        use crate::limits::*;
+        at_most(
+            "correct.samples_per_scenario",
+            self.samples_per_scenario,
+            MAX_SAMPLES_PER_SCENARIO,
+        )?;
+        at_most("correct.parts", self.parts, MAX_PARTS)?;
+        at_most("correct.local_steps", self.local_steps, MAX_LOCAL_STEPS)?;
+        at_most("correct.epochs", self.epochs, MAX_EPOCHS)?;
+        at_most("correct.batch_size", self.batch_size, MAX_BATCH)?;
+        at_most(
+            "correct.scenario_batch_size",
+            self.scenario_batch_size,
+            MAX_BATCH,
+        )?;
         Ok(())
     }
 }

@@ -55,6 +55,13 @@ impl DpGmmOptions {
         if self.max_iter == 0 {
             return Err(Error::invalid("distill.max_iter", "must be at least 1"));
         }
+        use crate::limits::*;
+        at_most(
+            "distill.max_components",
+            self.max_components,
+            MAX_COMPONENTS,
+        )?;
+        at_most("distill.max_iter", self.max_iter, MAX_ITER)?;
         if !(self.reg_covar >= 0.0 && self.tol > 0.0 && self.mean_precision_prior > 0.0) {
             return Err(Error::invalid(
                 "distill",

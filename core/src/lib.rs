@@ -10,6 +10,7 @@ pub mod error;
 pub mod identify;
 pub mod images;
 pub mod layout;
+pub mod limits;
 pub mod models;
 pub mod pictures;
 pub mod pipeline;

@@ -317,12 +317,30 @@ fn task_error(kind: FailureKind, retryable: bool, message: impl Into<String>) ->
     }
 }
 
+/// Where artifact `key` lives under `root`: a key is a relative path of plain parts, so
+/// nothing a task names is read or written outside the worker's folders.
+fn local_path(root: &std::path::Path, key: &str) -> Result<PathBuf, TaskError> {
+    let rel = std::path::Path::new(key);
+    let plain = !key.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !plain {
+        return Err(task_error(
+            FailureKind::Execution,
+            false,
+            format!("artifact key '{key}' is not a relative path of plain parts: refused"),
+        ));
+    }
+    Ok(root.join(rel))
+}
+
 async fn fetch(
     store: &Arc<dyn ArtifactStore>,
     key: &str,
     cache: &std::path::Path,
 ) -> Result<PathBuf, TaskError> {
-    let path = cache.join(key);
+    let path = local_path(cache, key)?;
     if !path.exists() {
         store
             .get_file(key, &path)
@@ -386,10 +404,13 @@ async fn finetune(
             ));
         }
     }
-    let out_path = cfg
-        .cache_dir
-        .join("out")
-        .join(format!("{}.{ext}", task.output_key));
+    let out_path = match local_path(
+        &cfg.cache_dir.join("out"),
+        &format!("{}.{ext}", task.output_key),
+    ) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e),
+    };
     let datasets = datasets.clone();
     let out2 = out_path.clone();
     let (round, part) = (part.round as usize, part.part as usize);
@@ -511,7 +532,10 @@ async fn execute(
             Err(e) => return Outcome::Failed(e),
         }
     };
-    let out_path = cfg.cache_dir.join("out").join(&task.output_key);
+    let out_path = match local_path(&cfg.cache_dir.join("out"), &task.output_key) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e),
+    };
     let datasets = datasets.clone();
     let (start, end) = (spec.start as usize, spec.end as usize);
     let out2 = out_path.clone();
@@ -642,6 +666,26 @@ async fn report(
                 tracing::error!(error = %s.message(), "coordinator refused the report");
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_leave_the_worker_folders_are_refused() {
+        let root = std::path::Path::new("/var/cache/defuse");
+        assert_eq!(
+            local_path(root, "jobs/j/models/classifier.pt").unwrap(),
+            root.join("jobs/j/models/classifier.pt")
+        );
+        for bad in ["../etc/passwd", "jobs/../../x", "/etc/passwd", "", "./x"] {
+            let e = local_path(root, bad).unwrap_err();
+            assert_eq!(e.kind, FailureKind::Execution as i32, "{bad}");
+            assert!(!e.retryable, "{bad}");
+            assert!(e.message.contains("refused"), "{bad}: {}", e.message);
         }
     }
 }
