@@ -140,7 +140,7 @@ impl IdentifyOptions {
         }
         use crate::limits::*;
         at_most("identify.samples", self.samples, MAX_SAMPLES)?;
-        at_most("identify.keep", self.keep, self.samples)?;
+        at_most("identify.keep", self.keep, MAX_SAMPLES)?;
         at_most("identify.batch_size", self.batch_size, MAX_BATCH)?;
         at_most("identify.chunk", self.chunk, MAX_BATCH)?;
         at_most("identify.shard_size", self.shard_size, MAX_SHARD_SIZE)?;

@@ -3,7 +3,7 @@
 //! field and the bound; the coordinator refuses a plan of more than [`MAX_SHARDS`].
 use crate::error::{Error, Result};
 
-/// `identify.samples`: perturbations per image.
+/// `identify.samples` (perturbations per image) and `identify.keep`.
 pub const MAX_SAMPLES: usize = 100_000;
 /// `identify.batch_size`, `identify.chunk`, `correct.batch_size`,
 /// `correct.scenario_batch_size`: rows in memory at once.
