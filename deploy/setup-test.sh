@@ -14,19 +14,26 @@ if [ ! -f "$pyenv/.complete" ]; then
   touch "$pyenv/.complete"
 fi
 
+# A folder of pinned PyPI packages (`pip install --target`), installed from scratch
+# when its pins change: pinned_env <folder> <what, for the log> <pin>...
+pinned_env() {
+  local dir=$1 what=$2
+  shift 2
+  local stamp
+  stamp=$(printf '%s\n' "$@" | sha256sum | cut -c1-16)
+  if [ ! -f "$dir/.complete-$stamp" ]; then
+    log "installing $what into $dir"
+    rm -rf "$dir.tmp"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$dir.tmp" "$@"
+    rm -rf "$dir"
+    mv "$dir.tmp" "$dir"
+    touch "$dir/.complete-$stamp"
+  fi
+}
+
 # The Python client's tests (python/tests, run by cli/tests/python.rs): pytest and
 # pandas, pinned, in a folder of their own.
-pyclient_pins=("pytest==8.3.4" "pandas==2.2.3" "numpy==2.2.6")
-pyclient=$cache/py-client-env
-pyclient_stamp=$(printf '%s\n' "${pyclient_pins[@]}" | sha256sum | cut -c1-16)
-if [ ! -f "$pyclient/.complete-$pyclient_stamp" ]; then
-  log "installing pytest + pandas into $pyclient"
-  rm -rf "$pyclient.tmp"
-  python3 -m pip install --quiet --disable-pip-version-check --target "$pyclient.tmp" "${pyclient_pins[@]}"
-  rm -rf "$pyclient"
-  mv "$pyclient.tmp" "$pyclient"
-  touch "$pyclient/.complete-$pyclient_stamp"
-fi
+pinned_env "$cache/py-client-env" "pytest + pandas" "pytest==8.3.4" "pandas==2.2.3" "numpy==2.2.6"
 
 # Offline checks of the Helm chart (deploy/check-chart.py): Helm 4 as a library and the
 # Kubernetes JSON schemas, every package pinned. Its own folder (~360 MB): a second
@@ -38,16 +45,7 @@ chart_pins=(
   "rpds-py==2026.9.1" "attrs==26.1.0" "PyYAML==6.0.4" "packaging==26.4"
   "importlib-resources==7.1.0" "typing-extensions==4.16.0"
 )
-chartenv=$cache/chart-env
-chart_stamp=$(printf '%s\n' "${chart_pins[@]}" | sha256sum | cut -c1-16)
-if [ ! -f "$chartenv/.complete-$chart_stamp" ]; then
-  log "installing helm-python-sdk + kubernetes-validate into $chartenv"
-  rm -rf "$chartenv.tmp"
-  python3 -m pip install --quiet --disable-pip-version-check --target "$chartenv.tmp" "${chart_pins[@]}"
-  rm -rf "$chartenv"
-  mv "$chartenv.tmp" "$chartenv"
-  touch "$chartenv/.complete-$chart_stamp"
-fi
+pinned_env "$cache/chart-env" "helm-python-sdk + kubernetes-validate" "${chart_pins[@]}"
 
 # Redis (Debian's package; tests start private servers on free ports)
 if ! command -v redis-server >/dev/null 2>&1; then

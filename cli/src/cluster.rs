@@ -415,13 +415,10 @@ pub fn results(url: &str, token: Option<String>, job: &str, out: &Path) -> anyho
             .names;
         for name in names {
             // a name is a relative path of plain parts: nothing written outside `out`
-            let rel = Path::new(&name);
-            if !rel
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-            {
+            if !defuse_core::artifacts::valid_key(&name) {
                 anyhow::bail!("coordinator: result name '{name}' is not a relative path");
             }
+            let rel = Path::new(&name);
             let mut stream = c
                 .fetch_result(FetchResultRequest {
                     job_id: job.to_string(),

@@ -203,8 +203,15 @@ impl Coordinator {
     /// the round it is in); its central step stops at the driver's next tick.
     /// Returns the job's state (a job that had ended keeps its own).
     pub async fn cancel(&self, job: &str) -> Result<JobState, CoordinatorError> {
-        self.job(job).await?; // NotFound for a job that never was
-        self.inner.store.cancel(job, now_ms()).await?;
+        // a job the store does not have was never there (or was deleted): NotFound
+        self.inner
+            .store
+            .cancel(job, now_ms())
+            .await
+            .map_err(|e| match e {
+                StoreError::Lost(_) => CoordinatorError::not_found(format!("no job {job}")),
+                e => e.into(),
+            })?;
         let rec = self.job(job).await?;
         tracing::info!(job = %job, state = rec.state.as_str(), "cancel");
         Ok(rec.state)
@@ -356,11 +363,7 @@ impl Coordinator {
             };
             if *step == "identify" {
                 if let Ok(c) = self.inner.store.counts(&rec.id, Stage::Identify).await {
-                    p.shards_total = c.total as u64;
-                    p.shards_pending = c.pending as u64;
-                    p.shards_leased = c.leased as u64;
-                    p.shards_done = c.done as u64;
-                    p.shards_failed = c.failed as u64;
+                    set_counts(&mut p, &c);
                 }
             }
             steps.push(p);
@@ -382,11 +385,7 @@ impl Coordinator {
                 .counts(&rec.id, Stage::Round(r as u32))
                 .await
             {
-                p.shards_total = c.total as u64;
-                p.shards_pending = c.pending as u64;
-                p.shards_leased = c.leased as u64;
-                p.shards_done = c.done as u64;
-                p.shards_failed = c.failed as u64;
+                set_counts(&mut p, &c);
             }
             // any coordinator can say it: the plan is read through its cache
             let rounds = self
@@ -432,6 +431,15 @@ impl Coordinator {
             updated_ms: rec.updated_ms,
         }
     }
+}
+
+/// A step's shard counts, as a status carries them.
+fn set_counts(p: &mut StepProgress, c: &crate::store::ShardCounts) {
+    p.shards_total = c.total as u64;
+    p.shards_pending = c.pending as u64;
+    p.shards_leased = c.leased as u64;
+    p.shards_done = c.done as u64;
+    p.shards_failed = c.failed as u64;
 }
 
 /// The files of a job's folder that are its results, under these names (the same

@@ -112,7 +112,7 @@ async fn claim_active_jobs(c: &Coordinator, fence: u64) -> Result<(), StoreError
 /// What workers may lease until the next tick, and whether any job is unfinished.
 async fn refresh_leasable(c: &Coordinator) -> Result<(), StoreError> {
     let active = c.inner.store.active_jobs().await?;
-    let unfinished = active.iter().filter(|j| !j.state.is_final()).count();
+    let unfinished = crate::state::unfinished(&active);
     let now_leasable: Vec<JobRecord> = active
         .into_iter()
         .filter(crate::state::is_leasable)

@@ -133,7 +133,10 @@ pub(crate) async fn average(
     round: usize,
 ) -> Result<Phase, StepError> {
     let job = rec.id.clone();
-    let plan = c.rounds_plan(rec).await.map_err(StepError::Retryable)?;
+    let plan = c
+        .rounds_plan(rec)
+        .await
+        .map_err(|e| StepError::Retryable(e.to_string()))?;
     let shards = c
         .inner
         .store

@@ -162,7 +162,7 @@ impl WorkerService for Coordinator {
             Some(c) => c,
             None => {
                 let active = self.inner.store.active_jobs().await.map_err(store_status)?;
-                let unfinished = active.iter().filter(|j| !j.state.is_final()).count();
+                let unfinished = crate::state::unfinished(&active);
                 (Arc::new(active), unfinished)
             }
         };
@@ -274,7 +274,10 @@ impl WorkerService for Coordinator {
         let expected = match a.stage {
             Stage::Round(round) => {
                 let rec = self.job(&t.job).await?;
-                let plan = self.rounds_plan(&rec).await.map_err(Status::unavailable)?;
+                let plan = self
+                    .rounds_plan(&rec)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
                 keys::part_output(&t.job, round as usize, a.shard, a.attempt, &plan.extension)
             }
             Stage::Identify => keys::shard_output(&t.job, a.shard, a.attempt),

@@ -209,47 +209,65 @@ impl Coordinator {
         }
     }
 
-    /// The identify plan of `rec` (cached; a cached plan older than the job is of a
-    /// job deleted and submitted again under the same id, and is read again).
+    /// The identify plan of `rec`, read through its cache.
     pub(crate) async fn plan(&self, rec: &JobRecord) -> Result<Arc<Plan>, CoordinatorError> {
-        let job = rec.id.as_str();
-        if let Some(p) = self.inner.local().plans.get(job) {
-            if p.planned_ms >= rec.created_ms {
-                return Ok(p.clone());
-            }
-        }
-        let bytes = self
-            .inner
-            .artifacts
-            .get(&keys::plan(job))
-            .await
-            .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
-        let plan: Plan = serde_json::from_slice(&bytes)
-            .map_err(|e| CoordinatorError::internal(format!("plan of job {job}: {e}")))?;
-        let plan = Arc::new(plan);
-        self.inner.local().plans.insert(job.into(), plan.clone());
-        Ok(plan)
+        self.cached_plan(
+            rec,
+            keys::plan(&rec.id),
+            "plan of job",
+            |l| &mut l.plans,
+            |p| p.planned_ms,
+        )
+        .await
     }
 
-    /// The fine-tune plan of `rec` (cached; a cached plan older than the job is of a job
-    /// deleted and submitted again under the same id, and is read again).
-    pub(crate) async fn rounds_plan(&self, rec: &JobRecord) -> Result<Arc<RoundsPlan>, String> {
+    /// The fine-tune plan of `rec`, read through its cache.
+    pub(crate) async fn rounds_plan(
+        &self,
+        rec: &JobRecord,
+    ) -> Result<Arc<RoundsPlan>, CoordinatorError> {
+        self.cached_plan(
+            rec,
+            keys::finetune_plan(&rec.id),
+            "fine-tune plan of",
+            |l| &mut l.round_plans,
+            |p| p.planned_ms,
+        )
+        .await
+    }
+
+    /// A plan in the artifact store at `key`, cached in `Local` (`cache`). A cached plan
+    /// older than the job is of a job deleted and submitted again under the same id,
+    /// and is read again.
+    async fn cached_plan<P: serde::de::DeserializeOwned>(
+        &self,
+        rec: &JobRecord,
+        key: String,
+        what: &str,
+        cache: fn(&mut Local) -> &mut HashMap<String, Arc<P>>,
+        planned_ms: fn(&P) -> u64,
+    ) -> Result<Arc<P>, CoordinatorError> {
         let job = rec.id.as_str();
-        if let Some(p) = self.inner.local().round_plans.get(job) {
-            if p.planned_ms >= rec.created_ms {
+        if let Some(p) = cache(&mut self.inner.local()).get(job) {
+            if planned_ms(p) >= rec.created_ms {
                 return Ok(p.clone());
             }
         }
         let bytes = self
             .inner
             .artifacts
-            .get(&keys::finetune_plan(job))
+            .get(&key)
             .await
-            .map_err(|e| e.to_string())?;
-        let p: RoundsPlan =
-            serde_json::from_slice(&bytes).map_err(|e| format!("fine-tune plan of {job}: {e}"))?;
-        let p = Arc::new(p);
-        self.inner.local().round_plans.insert(job.into(), p.clone());
-        Ok(p)
+            .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
+        let plan: P = serde_json::from_slice(&bytes)
+            .map_err(|e| CoordinatorError::internal(format!("{what} {job}: {e}")))?;
+        let plan = Arc::new(plan);
+        cache(&mut self.inner.local()).insert(job.into(), plan.clone());
+        Ok(plan)
     }
+}
+
+/// How many of `jobs` are not final.
+pub(crate) fn unfinished(jobs: &[JobRecord]) -> usize {
+    jobs.iter().filter(|j| !j.state.is_final()).count()
 }

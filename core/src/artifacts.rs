@@ -201,8 +201,19 @@ impl<S: ArtifactStore + 'static> ArtifactStore for Metered<S> {
     }
 }
 
+/// Whether `key` is an artifact key: a relative path of plain parts (no empty, `.` or
+/// `..` part, no leading `/`). Stores refuse others, and so do the places that turn a
+/// key into a local path (workers, `defuse results`).
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with('/')
+        && !key
+            .split('/')
+            .any(|p| p == ".." || p == "." || p.is_empty())
+}
+
 fn check_key(store: &str, key: &str) -> ArtifactResult<()> {
-    if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p.is_empty()) {
+    if !valid_key(key) {
         return Err(ArtifactError::Refused {
             store: store.into(),
             key: key.into(),

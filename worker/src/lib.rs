@@ -320,19 +320,14 @@ fn task_error(kind: FailureKind, retryable: bool, message: impl Into<String>) ->
 /// Where artifact `key` lives under `root`: a key is a relative path of plain parts, so
 /// nothing a task names is read or written outside the worker's folders.
 fn local_path(root: &std::path::Path, key: &str) -> Result<PathBuf, TaskError> {
-    let rel = std::path::Path::new(key);
-    let plain = !key.is_empty()
-        && rel
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-    if !plain {
+    if !artifacts::valid_key(key) {
         return Err(task_error(
             FailureKind::Execution,
             false,
             format!("artifact key '{key}' is not a relative path of plain parts: refused"),
         ));
     }
-    Ok(root.join(rel))
+    Ok(root.join(key))
 }
 
 async fn fetch(

@@ -431,6 +431,15 @@ fn lost(id: &str, e: ::redis::RedisError) -> StoreError {
     }
 }
 
+/// A fenced script's reply: 1 accepted, 0 stale.
+fn fenced_reply(r: i64) -> Fenced {
+    if r == 1 {
+        Fenced::Accepted
+    } else {
+        Fenced::Stale
+    }
+}
+
 fn record(map: HashMap<String, String>) -> Option<JobRecord> {
     if map.is_empty() {
         return None;
@@ -643,11 +652,7 @@ impl StateStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(a.job, e))?;
-        Ok(if r == 1 {
-            Fenced::Accepted
-        } else {
-            Fenced::Stale
-        })
+        Ok(fenced_reply(r))
     }
 
     async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
@@ -665,11 +670,7 @@ impl StateStore for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(a.job, e))?;
-        Ok(if r == 1 {
-            Fenced::Accepted
-        } else {
-            Fenced::Stale
-        })
+        Ok(fenced_reply(r))
     }
 
     async fn fail(
