@@ -258,6 +258,25 @@ def chart_properties(docs, values):
     else:
         res.append(("one coordinator Deployment", False, f"found {len(coord)}"))
 
+    # roles: the workers get only the worker token; the coordinator both, and the
+    # folders jobs may read
+    if values.get("auth", {}).get("enabled", True):
+        env_names = lambda spec: {e["name"] for c in spec["containers"] for e in c.get("env", [])}
+        worker_env = [env_names(spec) for d, spec, _ in pod_specs(docs)
+                      if d["metadata"]["name"].endswith("-worker")]
+        coord_env = [env_names(d["spec"]["template"]["spec"]) for d in coord]
+        res.append(("roles: workers hold only DEFUSE_WORKER_TOKEN, the coordinator both tokens",
+                    bool(worker_env) and all("DEFUSE_WORKER_TOKEN" in e and "DEFUSE_TOKEN" not in e
+                                             for e in worker_env)
+                    and all({"DEFUSE_TOKEN", "DEFUSE_WORKER_TOKEN"} <= e for e in coord_env),
+                    f"workers: {worker_env}, coordinator: {coord_env}"))
+    if values.get("data", {}).get("type", "none") != "none" and len(coord) == 1:
+        env = {e["name"]: e.get("value") for e in coord[0]["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        mount = values.get("data", {}).get("mountPath", "/data")
+        res.append(("coordinator: jobs may read the data volume (DEFUSE_ALLOW_PATHS)",
+                    mount in (env.get("DEFUSE_ALLOW_PATHS") or "").split(":"),
+                    f"DEFUSE_ALLOW_PATHS={env.get('DEFUSE_ALLOW_PATHS')!r}, data.mountPath={mount}"))
+
     w = values.get("worker", {})
     kind = w.get("kind", "Deployment")
     workers = [d for d in by_kind.get(kind, []) if d["metadata"]["name"].endswith("-worker")]

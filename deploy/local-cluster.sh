@@ -30,9 +30,15 @@ export AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port AWS_ACCESS_KEY_ID=local AWS_SE
 "$s3s" --host 127.0.0.1 --port "$s3_port" --access-key local --secret-key local-secret "$dir/s3" >"$dir/s3.log" 2>&1 &
 pids+=($!)
 sleep 1
+# fresh tokens (another user of this machine must not reach the cluster): the user
+# token signs in to the page and is in $dir/token; jobs may read this repository
+umask 077
+DEFUSE_TOKEN=$(openssl rand -hex 32); DEFUSE_WORKER_TOKEN=$(openssl rand -hex 32)
+export DEFUSE_TOKEN DEFUSE_WORKER_TOKEN
+printf '%s\n' "$DEFUSE_TOKEN" >"$dir/token"
 "$bin" coordinator --listen "127.0.0.1:$grpc_port" --redis "redis://127.0.0.1:$redis_port/" \
   --artifacts s3://defuse/local --work-dir "$dir/work" --http-listen "127.0.0.1:$http_port" \
-  >"$dir/coordinator.log" 2>&1 &
+  --allow-path "$PWD" >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 export DEFUSE_COORDINATOR=http://127.0.0.1:$grpc_port
 for i in $(seq 1 "$n"); do
@@ -41,7 +47,7 @@ for i in $(seq 1 "$n"); do
 done
 sleep 1
 job=$("$bin" submit "$config")
-echo "submitted $job to $DEFUSE_COORDINATOR ($n workers); page: http://127.0.0.1:$http_port/jobs/$job; logs in $dir/"
+echo "submitted $job to $DEFUSE_COORDINATOR ($n workers); page: http://127.0.0.1:$http_port/jobs/$job (sign in with the token in $dir/token); logs in $dir/"
 while true; do
   line=$("$bin" status "$job" | sed -n 2p)   # the job's row: id, state, step, shards
   echo "$line"

@@ -327,6 +327,8 @@ fn start_stack(defuse: &std::path::Path, work: &std::path::Path, lease_ms: u64) 
         .arg("--work-dir")
         .arg(work.join("coordinator-work"))
         .args(["--lease-ms", &lease_ms.to_string()])
+        // the bench's jobs read data and models wherever its arguments put them
+        .args(["--allow-path", "/"])
         .env("RUST_LOG", "warn");
     let coordinator = Proc::spawn("coordinator", &mut cmd, work);
     if !wait_port(port, Duration::from_secs(20)) {

@@ -57,6 +57,8 @@ pub struct CoordinatorArgs {
     pub leader_ms: u64,
     pub http_listen: Option<String>,
     pub token: Option<String>,
+    pub worker_token: Option<String>,
+    pub allow_paths: Vec<PathBuf>,
     pub tls: Option<defuse_proto::tls::ServerPem>,
 }
 
@@ -118,7 +120,10 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
             None => None,
         };
         if a.token.is_none() {
-            tracing::warn!("no token (DEFUSE_TOKEN or --token-file): anyone who reaches the ports can submit jobs and label them");
+            tracing::warn!("no tokens (DEFUSE_TOKEN and DEFUSE_WORKER_TOKEN): anyone who reaches the ports can submit jobs, label them and act as a worker");
+        }
+        if a.allow_paths.is_empty() {
+            tracing::warn!("no --allow-path (DEFUSE_ALLOW_PATHS): submitted jobs may read no path on this machine");
         }
         let store: Arc<dyn StateStore> = match &a.redis {
             Some(url) => Arc::new(RedisStore::connect(url).await?),
@@ -129,7 +134,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         };
         let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
         let artifacts = open_artifacts(&url).await?;
-        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, leader_ms: a.leader_ms, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), tls: a.tls.clone(), ..Default::default() };
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, leader_ms: a.leader_ms, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), worker_token: a.worker_token.clone().map(defuse_proto::auth::Secret::new), allowed_roots: Some(a.allow_paths.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())).collect()), tls: a.tls.clone(), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
         println!("coordinator listening on {}", listener.local_addr()?);
@@ -165,7 +170,9 @@ async fn client(
                 "cannot reach the coordinator at {url} (set --coordinator or DEFUSE_COORDINATOR)"
             )
         })?;
-    Ok(JobServiceClient::new(auth::AuthChannel::new(ch, bearer)))
+    Ok(JobServiceClient::new(auth::AuthChannel::new(ch, bearer))
+        .max_decoding_message_size(defuse_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(defuse_proto::MAX_MESSAGE_BYTES))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -552,7 +559,16 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
     runtime()?.block_on(async move {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
         let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(out.join("artifacts")));
+        // a fresh pair of tokens: another user of this machine who finds the
+        // loopback port cannot submit, cancel or act as a worker
+        let (token, worker_token) = (
+            defuse_coordinator::random_secret(),
+            defuse_coordinator::random_secret(),
+        );
         let ccfg = CoordinatorConfig {
+            token: Some(token),
+            worker_token: Some(worker_token.clone()),
+            allowed_roots: None,
             use_job_out: true,
             work_dir: out.clone(),
             tick_ms: 200,
@@ -561,6 +577,7 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         let coord = Coordinator::new(ccfg, store.clone(), artifacts);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
+        tracing::info!(%url, "embedded coordinator listening (its tokens are this process's own)");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
@@ -576,6 +593,7 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
             let mut w = defuse_worker::WorkerConfig::new(url.clone());
             w.device = cfg.device.clone();
             w.cache_dir = out.join(format!("worker-{i}"));
+            w.token = Some(worker_token.clone());
             handles.push(tokio::spawn(defuse_worker::run(w, wait(stop_rx.clone()))));
         }
         let id = coord

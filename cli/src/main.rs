@@ -22,10 +22,14 @@ struct Cli {
     /// Log as JSON lines instead of text (also: DEFUSE_LOG_FORMAT=json). Levels: RUST_LOG.
     #[arg(long, global = true)]
     log_json: bool,
-    /// A file holding the coordinator's token (else DEFUSE_TOKEN; never on the
-    /// command line). The coordinator demands it, workers and clients send it.
+    /// A file holding the user token (else DEFUSE_TOKEN; never on the command line):
+    /// it opens the job API and the web page. Clients send it; a coordinator demands it.
     #[arg(long, global = true, env = "DEFUSE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// A file holding the worker token (else DEFUSE_WORKER_TOKEN): it opens only the
+    /// worker API. Workers send it; a coordinator demands it.
+    #[arg(long, global = true, env = "DEFUSE_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
     /// PEM bundle of the CA that signed an https:// coordinator's certificate (workers
     /// and clients; default: the system's roots).
     #[arg(long, global = true, env = "DEFUSE_TLS_CA")]
@@ -99,6 +103,16 @@ enum Command {
         /// ... and this private key (PEM).
         #[arg(long, env = "DEFUSE_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// A folder on this machine that submitted jobs may read (data.path, models.*,
+        /// label.file); repeatable, or DEFUSE_ALLOW_PATHS split by ':'. Any other path
+        /// is refused at submit; with none, jobs may read no local path.
+        #[arg(
+            long = "allow-path",
+            value_name = "DIR",
+            env = "DEFUSE_ALLOW_PATHS",
+            value_delimiter = ':'
+        )]
+        allow_path: Vec<PathBuf>,
     },
     /// Run a worker: lease tasks from a coordinator and run them on a device.
     Worker {
@@ -398,7 +412,13 @@ fn main() -> ExitCode {
     let _logs = logging::init(cli.log_json);
     let span = tracing::info_span!("command", name = cli.cmd.name());
     let _in = span.enter();
-    let token = match read_token(cli.token_file.as_deref()) {
+    let tokens = read_token(cli.token_file.as_deref(), "DEFUSE_TOKEN").and_then(|user| {
+        Ok(Tokens {
+            user,
+            worker: read_token(cli.worker_token_file.as_deref(), "DEFUSE_WORKER_TOKEN")?,
+        })
+    });
+    let tokens = match tokens {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -416,7 +436,7 @@ fn main() -> ExitCode {
         None => None,
     };
     cluster::set_tls_ca(tls_ca);
-    match dispatch(cli.cmd, token) {
+    match dispatch(cli.cmd, tokens) {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(code)) => ExitCode::from(code),
         Err(e) => {
@@ -451,16 +471,24 @@ fn overrides(cli: Vec<String>) -> Vec<String> {
     sets
 }
 
-/// The token from `--token-file`, else from DEFUSE_TOKEN.
-fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+/// The two roles' tokens, as given to this process.
+struct Tokens {
+    /// The job API's (DEFUSE_TOKEN): clients send it.
+    user: Option<String>,
+    /// The worker API's (DEFUSE_WORKER_TOKEN): workers send it.
+    worker: Option<String>,
+}
+
+/// A token from its file, else from the environment variable `var`.
+fn read_token(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Option<String>> {
     let (t, from) = match file {
         Some(f) => (
             std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read the token file {}", f.display()))?,
             f.display().to_string(),
         ),
-        None => match std::env::var("DEFUSE_TOKEN") {
-            Ok(t) => (t, "DEFUSE_TOKEN".to_string()),
+        None => match std::env::var(var) {
+            Ok(t) => (t, var.to_string()),
             Err(_) => return Ok(None),
         },
     };
@@ -484,7 +512,8 @@ fn read_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> 
     Ok(Some(t))
 }
 
-fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
+fn dispatch(cmd: Command, tokens: Tokens) -> anyhow::Result<Option<u8>> {
+    let token = tokens.user;
     match cmd {
         Command::Run {
             config,
@@ -509,6 +538,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             http_listen,
             tls_cert,
             tls_key,
+            allow_path,
         } => cluster::coordinator(cluster::CoordinatorArgs {
             listen,
             redis,
@@ -520,6 +550,8 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             leader_ms,
             http_listen,
             token,
+            worker_token: tokens.worker,
+            allow_paths: allow_path,
             tls: match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(cluster::read_server_pem(&c, &k)?),
                 _ => None,
@@ -540,7 +572,7 @@ fn dispatch(cmd: Command, token: Option<String>) -> anyhow::Result<Option<u8>> {
             w.device = device;
             w.cache_dir = cache_dir;
             w.threads = threads;
-            w.token = token.map(defuse_proto::auth::Secret::new);
+            w.token = tokens.worker.map(defuse_proto::auth::Secret::new);
             w.tls_ca = cluster::tls_ca();
             if let Some(v) = protocol_version {
                 w.protocol_version = v;

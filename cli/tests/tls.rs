@@ -12,7 +12,8 @@ use defuse_testkit::{free_port, wait_port, Proc, Redis, S3, S3_SECRET};
 mod common;
 use common::{defuse, identify, repo};
 
-const TOKEN: &str = "tls-test-token-5f1c9a";
+const TOKEN: &str = "tls-test-token-5f1c9a-0123456789abcdef";
+const WORKER_TOKEN: &str = "tls-test-worker-token-7d2e4b-0123456789";
 const REDIS_PASSWORD: &str = "redis-pw-0b7e2d";
 /// Our crates at debug level (where a leaked secret would show first).
 const DEBUG_LOGS: &str = "debug,h2=info,hyper=info,aws=info,rustls=info,tower=info";
@@ -118,6 +119,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
     let dir = tmp.path();
     certificates(dir);
     std::fs::write(dir.join("token"), TOKEN).unwrap();
+    std::fs::write(dir.join("worker-token"), WORKER_TOKEN).unwrap();
     let s3 = S3::start();
     let redis = Redis::start_with_password(REDIS_PASSWORD);
     // a password on the command line is refused (visible in ps); REDIS_URL is the way
@@ -147,6 +149,8 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         .arg(dir.join("key.pem"))
         .env("REDIS_URL", redis.url())
         .env("DEFUSE_TOKEN_FILE", dir.join("token"))
+        .env("DEFUSE_WORKER_TOKEN_FILE", dir.join("worker-token"))
+        .env("DEFUSE_ALLOW_PATHS", repo())
         .env("RUST_LOG", DEBUG_LOGS)
         .envs(s3.env());
     let coordinator = Proc::spawn("coordinator", &mut cmd, dir);
@@ -226,7 +230,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         .arg("--cache-dir")
         .arg(dir.join("worker"))
         .env("DEFUSE_TLS_CA", dir.join("ca.pem"))
-        .env("DEFUSE_TOKEN_FILE", dir.join("token"))
+        .env("DEFUSE_WORKER_TOKEN_FILE", dir.join("worker-token"))
         .env("RUST_LOG", DEBUG_LOGS)
         .envs(s3.env());
     let worker = Proc::spawn("worker", &mut wcmd, dir);
@@ -291,6 +295,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         assert!(!log.is_empty());
         for (name, secret) in [
             ("token", TOKEN),
+            ("worker token", WORKER_TOKEN),
             ("S3 secret", S3_SECRET),
             ("TLS key", key_line),
             ("Redis password", REDIS_PASSWORD),

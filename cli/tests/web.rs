@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use defuse_testkit::{cache_dir, free_port, wait_port, Proc, Redis};
 
-const TOKEN: &str = "t0ken-for-the-web-test";
+const TOKEN: &str = "t0ken-for-the-web-test-0123456789abcdef";
+const WORKER_TOKEN: &str = "w0rker-t0ken-for-the-web-test-0123456789";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -22,7 +23,9 @@ fn repo() -> PathBuf {
 
 fn defuse() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_defuse"));
-    c.env("RUST_LOG", "info").env_remove("DEFUSE_TOKEN");
+    c.env("RUST_LOG", "info")
+        .env_remove("DEFUSE_TOKEN")
+        .env_remove("DEFUSE_WORKER_TOKEN");
     c
 }
 
@@ -47,6 +50,8 @@ fn http(port: u16, method: &str, path: &str, headers: &[&str], body: &str) -> (u
     let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     (status, body.to_string())
 }
+
+const JSON: &str = "Content-Type: application/json";
 
 fn job_state(grpc: u16, job: &str) -> Option<String> {
     let out = defuse()
@@ -84,6 +89,7 @@ fn a_person_labels_scenarios_in_the_browser_and_the_job_corrects() {
         "coordinator",
         defuse()
             .env("DEFUSE_TOKEN", TOKEN)
+            .env("DEFUSE_WORKER_TOKEN", WORKER_TOKEN)
             .args(["coordinator", "--redis", &redis.url(), "--listen"])
             .arg(format!("127.0.0.1:{grpc}"))
             .arg("--http-listen")
@@ -91,7 +97,11 @@ fn a_person_labels_scenarios_in_the_browser_and_the_job_corrects() {
             .arg("--artifacts")
             .arg(format!("file://{}", dir.join("artifacts").display()))
             .arg("--work-dir")
-            .arg(dir.join("work")),
+            .arg(dir.join("work"))
+            .arg("--allow-path")
+            .arg(repo())
+            .arg("--allow-path")
+            .arg(dir),
         dir,
     );
     assert!(
@@ -105,7 +115,7 @@ fn a_person_labels_scenarios_in_the_browser_and_the_job_corrects() {
     let mut intruder = Proc::spawn(
         "worker-wrong-token",
         defuse()
-            .env("DEFUSE_TOKEN", "wrong")
+            .env("DEFUSE_WORKER_TOKEN", "wrong")
             .args(["worker", "--coordinator", &url])
             .arg("--cache-dir")
             .arg(dir.join("intruder")),
@@ -132,7 +142,7 @@ fn a_person_labels_scenarios_in_the_browser_and_the_job_corrects() {
     let _worker = Proc::spawn(
         "worker",
         defuse()
-            .env("DEFUSE_TOKEN", TOKEN)
+            .env("DEFUSE_WORKER_TOKEN", WORKER_TOKEN)
             .args(["worker", "--threads", "1", "--coordinator", &url])
             .arg("--cache-dir")
             .arg(dir.join("worker")),
@@ -219,7 +229,7 @@ samples_per_scenario = 40
     assert!(!metrics.contains(TOKEN), "the token leaked into /metrics");
     // labels without the token, with a wrong one, or that make no sense: refused, nothing stored
     let good = r#"{"0": "discard"}"#;
-    let cookie_wrong = "Cookie: defuse_token=nope";
+    let cookie_wrong = "Cookie: defuse_session=v1.99999999999.00000000000000000000000000000000.00";
     for headers in [
         vec![],
         vec!["Authorization: Bearer nope"],
@@ -247,7 +257,7 @@ samples_per_scenario = 40
         ("[1, 2]", "expected a JSON object"),
         (r#"{"0": "discard"}"#, "give at least one"),
     ] {
-        let (code, text) = http(web, "POST", "/api/jobs/web-1/labels", &[&auth], body);
+        let (code, text) = http(web, "POST", "/api/jobs/web-1/labels", &[&auth, JSON], body);
         assert_eq!(code, 400, "{body}: {text}");
         assert!(text.contains(says), "{body}: {text}");
     }
@@ -338,6 +348,6 @@ samples_per_scenario = 40
     }
 
     // a job that is done takes no more labels
-    let (code, text) = http(web, "POST", "/api/jobs/web-1/labels", &[&auth], good);
+    let (code, text) = http(web, "POST", "/api/jobs/web-1/labels", &[&auth, JSON], good);
     assert_eq!(code, 409, "{text}");
 }

@@ -34,4 +34,4 @@ mod state;
 pub use api::{job_json, DEFAULT_PAGE, MAX_PAGE, MODEL_DIR, RESULT_FILES};
 pub use error::CoordinatorError;
 pub use server::{serve, ServeError};
-pub use state::{Coordinator, CoordinatorConfig};
+pub use state::{random_secret, Coordinator, CoordinatorConfig, HttpLimits};

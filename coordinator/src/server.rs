@@ -16,6 +16,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Serves both gRPC services on `grpc` (and, given `http`, the web page, health
@@ -26,7 +28,12 @@ pub async fn serve(
     http: Option<(tokio::net::TcpListener, crate::http::HttpOptions)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    // TLS settings are checked before anything starts
+    // tokens and TLS settings are checked before anything starts
+    defuse_proto::auth::check_tokens(
+        coord.inner.cfg.token.as_ref(),
+        coord.inner.cfg.worker_token.as_ref(),
+    )
+    .map_err(ServeError::Config)?;
     let tls = coord.inner.cfg.tls.clone();
     let http_tls = match &tls {
         Some(pem) => Some(crate::http::tls_acceptor(pem).map_err(ServeError::Tls)?),
@@ -46,29 +53,15 @@ pub async fn serve(
     };
     let driver = tokio::spawn(crate::driver::run(coord.clone(), stopped(stop_rx.clone())));
     let web = http.map(|(listener, opts)| {
+        let limits = coord.inner.cfg.http_limits.clone();
         let app = crate::http::router(coord.clone(), opts);
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move {
-            let r = match http_tls {
-                Some(acceptor) => crate::http::serve_tls(listener, app, acceptor, stop).await,
-                None => {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                }
-            };
-            if let Err(e) = r {
-                tracing::error!(error = %e, "http server failed");
-            }
-        })
+        tokio::spawn(crate::http::serve(listener, app, http_tls, limits, stop))
     });
-    let guard = defuse_proto::auth::Guard::new(
-        coord
-            .inner
-            .cfg
-            .token
-            .as_ref()
-            .map(|t| t.expose().to_string()),
+    use defuse_proto::auth::{Guard, Role};
+    let (user, worker) = (
+        coord.inner.cfg.token.as_ref(),
+        coord.inner.cfg.worker_token.as_ref(),
     );
     // TCP_NODELAY: without it Nagle's algorithm holds a lease reply back until the
     // client's delayed ACK, ~40 ms per lease (seen in bench/run.py's coordinator row).
@@ -77,12 +70,16 @@ pub async fn serve(
         .with_keepalive(Some(Duration::from_secs(30)));
     let r = server
         .add_service(InterceptedService::new(
-            WorkerServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            guard.clone(),
+            WorkerServiceServer::new(coord.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            Guard::new(Role::Worker, worker, user),
         ))
         .add_service(InterceptedService::new(
-            JobServiceServer::new(coord.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            guard,
+            JobServiceServer::new(coord.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            Guard::new(Role::User, user, worker),
         ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await;

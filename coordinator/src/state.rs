@@ -32,8 +32,17 @@ pub struct CoordinatorConfig {
     pub work_dir: PathBuf,
     /// Embedded mode: a job's files go to its config's `out` folder instead.
     pub use_job_out: bool,
-    /// When set, every gRPC call and HTTP request (but health checks) must carry it.
+    /// The user token: when set, every job API call and HTTP request (but health
+    /// checks) must carry it (or the page's session cookie).
     pub token: Option<defuse_proto::auth::Secret>,
+    /// The worker token: when set, every worker API call must carry it. Set with the
+    /// user token or not at all ([`defuse_proto::auth::check_tokens`]).
+    pub worker_token: Option<defuse_proto::auth::Secret>,
+    /// The folders a submitted job may read from this coordinator's disk (`data.path`,
+    /// `models.*`, `label.file`); `None` (the embedded run) allows any path.
+    pub allowed_roots: Option<Vec<PathBuf>>,
+    /// Limits of the HTTP side (timeouts, connections, sign-in attempts).
+    pub http_limits: HttpLimits,
     /// When set, gRPC and HTTP are served over TLS with this certificate.
     pub tls: Option<defuse_proto::tls::ServerPem>,
     /// Retention of finished jobs: at most this many are kept (the oldest are deleted,
@@ -54,11 +63,49 @@ impl Default for CoordinatorConfig {
             work_dir: PathBuf::from("coordinator-work"),
             use_job_out: false,
             token: None,
+            worker_token: None,
+            allowed_roots: Some(Vec::new()),
+            http_limits: HttpLimits::default(),
             tls: None,
             keep_jobs: 1000,
             keep_ms: 30 * 24 * 3600 * 1000,
         }
     }
+}
+
+/// Limits of the HTTP side: a client that sends its request head slowly, holds a
+/// connection, or guesses tokens is cut off.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// A request head (line and headers) must arrive within this, and a TLS
+    /// handshake too.
+    pub header_timeout: std::time::Duration,
+    /// A connection is closed after this long in all (a long download included).
+    pub connection_timeout: std::time::Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Sign-in attempts per client address per minute.
+    pub logins_per_minute: u32,
+    /// How long a page session lasts after signing in.
+    pub session_ttl: std::time::Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            connection_timeout: std::time::Duration::from_secs(600),
+            max_connections: 512,
+            logins_per_minute: 10,
+            session_ttl: std::time::Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// A fresh random secret of 32 bytes (64 hex characters): the embedded run's tokens.
+pub fn random_secret() -> defuse_proto::auth::Secret {
+    let b: [u8; 32] = rand::random();
+    defuse_proto::auth::Secret::new(b.iter().map(|x| format!("{x:02x}")).collect::<String>())
 }
 
 /// The plan of a job's identify step, kept in the artifact store (`jobs/<id>/plan.json`)

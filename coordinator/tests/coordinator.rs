@@ -24,6 +24,8 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
     let cfg = CoordinatorConfig {
         tick_ms: 50,
         work_dir: dir.path().join("work"),
+        // the jobs read temporary folders (tests/security.rs checks the roots)
+        allowed_roots: None,
         ..Default::default()
     };
     let coord = Coordinator::new(

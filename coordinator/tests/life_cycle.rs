@@ -42,6 +42,8 @@ impl Harness {
     ) -> Coordinator {
         let mut cfg = CoordinatorConfig {
             work_dir: self.dir.path().join(name),
+            // the jobs read temporary folders (tests/security.rs checks the roots)
+            allowed_roots: None,
             ..Default::default()
         };
         set(&mut cfg);

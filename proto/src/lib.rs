@@ -91,8 +91,11 @@ pub mod tls {
     }
 }
 
-/// The shared token of a coordinator: clients and workers send it as
-/// `authorization: Bearer <token>`, the coordinator checks it on every call.
+/// A coordinator's credentials. Two roles, two bearer tokens: the **user** token
+/// (`DEFUSE_TOKEN`) calls the job API (submit, status, label, cancel, delete, results;
+/// the web page), the **worker** token (`DEFUSE_WORKER_TOKEN`) calls the worker API
+/// (register, lease, heartbeat, complete, fail) and nothing else. Both are sent as
+/// `authorization: Bearer <token>` and checked on every call.
 pub mod auth {
     use tonic::metadata::{Ascii, MetadataValue};
     use tonic::service::interceptor::InterceptedService;
@@ -147,13 +150,121 @@ pub mod auth {
         }
     }
 
-    /// Server side: refuses calls without the right token (`Unauthenticated`).
-    #[derive(Clone, Default)]
-    pub struct Guard(Option<std::sync::Arc<String>>);
+    /// The shortest token a coordinator accepts (bytes): 32 bytes is 256 bits from
+    /// `openssl rand -hex 32` (64 characters) or half that from a 32-character secret.
+    pub const MIN_TOKEN_BYTES: usize = 32;
+
+    /// Which API a token opens.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Role {
+        /// The job API and the web page.
+        User,
+        /// The worker API.
+        Worker,
+    }
+
+    impl Role {
+        /// The environment variable that carries this role's token.
+        pub fn env(self) -> &'static str {
+            match self {
+                Role::User => "DEFUSE_TOKEN",
+                Role::Worker => "DEFUSE_WORKER_TOKEN",
+            }
+        }
+
+        fn api(self) -> &'static str {
+            match self {
+                Role::User => "the job API (submit, label, cancel, delete, results)",
+                Role::Worker => "the worker API (lease, heartbeat, complete, fail)",
+            }
+        }
+    }
+
+    /// Checks a coordinator's two tokens: both or neither, at least
+    /// [`MIN_TOKEN_BYTES`] each, and different (a worker's must not open the job API).
+    pub fn check_tokens(user: Option<&Secret>, worker: Option<&Secret>) -> Result<(), String> {
+        match (user, worker) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(format!(
+                "a user token ({}) is set but no worker token: set {} too (workers get only that one)",
+                Role::User.env(),
+                Role::Worker.env()
+            )),
+            (None, Some(_)) => Err(format!(
+                "a worker token ({}) is set but no user token: set {} too",
+                Role::Worker.env(),
+                Role::User.env()
+            )),
+            (Some(u), Some(w)) => {
+                for (t, role) in [(u, Role::User), (w, Role::Worker)] {
+                    if t.expose().len() < MIN_TOKEN_BYTES {
+                        return Err(format!(
+                            "{} is {} bytes; a token needs at least {MIN_TOKEN_BYTES} (e.g. openssl rand -hex 32)",
+                            role.env(),
+                            t.expose().len()
+                        ));
+                    }
+                }
+                if token_matches(u.expose(), w.expose()) {
+                    return Err(format!(
+                        "{} and {} are the same: a worker's token must not open the job API",
+                        Role::User.env(),
+                        Role::Worker.env()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Server side: lets in calls that carry `role`'s token and refuses the rest
+    /// (`Unauthenticated`), naming the other role when its token was sent here.
+    #[derive(Clone)]
+    pub struct Guard {
+        role: Role,
+        expected: Option<std::sync::Arc<String>>,
+        other: Option<std::sync::Arc<String>>,
+    }
 
     impl Guard {
-        pub fn new(token: Option<String>) -> Guard {
-            Guard(token.filter(|t| !t.is_empty()).map(std::sync::Arc::new))
+        /// `expected` is `role`'s token (none: the API is open), `other` the other
+        /// role's (to say why it is refused).
+        pub fn new(role: Role, expected: Option<&Secret>, other: Option<&Secret>) -> Guard {
+            let arc = |s: Option<&Secret>| {
+                s.map(|s| s.expose().to_string())
+                    .filter(|t| !t.is_empty())
+                    .map(std::sync::Arc::new)
+            };
+            Guard {
+                role,
+                expected: arc(expected),
+                other: arc(other),
+            }
+        }
+
+        /// Whether a presented token opens this guard's API: `Err` says why not.
+        pub fn admit(&self, given: Option<&str>) -> Result<(), String> {
+            let Some(expected) = &self.expected else {
+                return Ok(());
+            };
+            match given {
+                Some(t) if token_matches(expected, t) => Ok(()),
+                Some(t) if self.other.as_ref().is_some_and(|o| token_matches(o, t)) => {
+                    Err(format!(
+                        "wrong token: a {} token cannot call {}",
+                        match self.role {
+                            Role::User => "worker",
+                            Role::Worker => "user",
+                        },
+                        self.role.api()
+                    ))
+                }
+                Some(_) => Err("wrong token".into()),
+                None => Err(format!(
+                    "this coordinator needs a token: set {}",
+                    self.role.env()
+                )),
+            }
         }
     }
 
@@ -171,20 +282,14 @@ pub mod auth {
 
     impl tonic::service::Interceptor for Guard {
         fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-            let Some(expected) = &self.0 else {
-                return Ok(req);
-            };
             let given = req
                 .metadata()
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .and_then(bearer_token);
-            match given {
-                Some(t) if token_matches(expected, t) => Ok(req),
-                Some(_) => Err(Status::unauthenticated("wrong token")),
-                None => Err(Status::unauthenticated(
-                    "this coordinator needs a token: set DEFUSE_TOKEN",
-                )),
+            match self.admit(given) {
+                Ok(()) => Ok(req),
+                Err(why) => Err(Status::unauthenticated(why)),
             }
         }
     }

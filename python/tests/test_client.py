@@ -24,6 +24,7 @@ BIN = os.environ.get("DEFUSE_BIN", "")
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "mnist"
 TOKEN = "python-client-test-token-0123456789abcdef"
+WORKER_TOKEN = "python-client-worker-token-0123456789abcdef"
 
 pytestmark = pytest.mark.skipif(not BIN, reason="DEFUSE_BIN names no defuse binary")
 
@@ -48,7 +49,7 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 30)
 
 
 def spawn(args, log: Path, env=None) -> subprocess.Popen:
-    e = dict(os.environ, RUST_LOG="info", DEFUSE_TOKEN=TOKEN)
+    e = dict(os.environ, RUST_LOG="info", DEFUSE_TOKEN=TOKEN, DEFUSE_WORKER_TOKEN=WORKER_TOKEN)
     e.update(env or {})
     return subprocess.Popen([BIN, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=e)
 
@@ -73,7 +74,9 @@ def cluster(tmp_path_factory):
     clog, wlog = d / "coordinator.log", d / "worker.log"
     coord = spawn(["coordinator", "--listen", f"127.0.0.1:{grpc}", "--http-listen", f"127.0.0.1:{http}",
                    "--artifacts", f"file://{d / 'artifacts'}", "--work-dir", str(d / "work"),
-                   "--lease-ms", "3000", "--heartbeat-ms", "300"], clog)
+                   "--lease-ms", "3000", "--heartbeat-ms", "300",
+                   # jobs read the repository's data and the models trained under pytest's temp folder
+                   "--allow-path", str(DATA), "--allow-path", str(tmp_path_factory.getbasetemp())], clog)
     procs = [coord]
     try:
         wait_port(http, coord, clog)

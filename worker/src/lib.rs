@@ -96,8 +96,13 @@ pub async fn run(
     let bearer =
         auth::Bearer::new(cfg.token.as_ref().map(|t| t.expose())).map_err(WorkerError::Other)?;
     let channel = auth::AuthChannel::new(channel, bearer);
-    let mut client =
-        WorkerServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // one message limit both ways, as the coordinator's
+    let new_client = || {
+        WorkerServiceClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
+    let mut client = new_client();
     let (reg, store) = register(&mut client, &cfg, &id, &stop).await?;
     let Some((reg, store)) = reg.zip(store) else {
         return Ok(());
@@ -107,7 +112,7 @@ pub async fn run(
     let running: Arc<Mutex<Option<Running>>> = Arc::new(Mutex::new(None));
     let reregister = Arc::new(AtomicBool::new(false));
     let hb = tokio::spawn(heartbeat_loop(
-        WorkerServiceClient::new(channel.clone()),
+        new_client(),
         id.clone(),
         running.clone(),
         reregister.clone(),

@@ -110,6 +110,11 @@ impl Cluster {
         ])
         .arg("--work-dir")
         .arg(self.dir.join("coordinator-work"))
+        // the jobs read the repository's data and the models trained in the test's folder
+        .arg("--allow-path")
+        .arg(repo())
+        .arg("--allow-path")
+        .arg(&self.dir)
         .envs(self.s3.env());
         let n = self.dir.read_dir().map(|d| d.count()).unwrap_or(0);
         let p = Proc::spawn(&format!("coordinator-{n}"), &mut cmd, &self.dir);

@@ -76,6 +76,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "defuse.auth.secretKey" -}}
 {{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
+{{- define "defuse.auth.workerSecretKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretWorkerKey }}{{ else }}worker-token{{ end }}
+{{- end }}
 
 {{- define "defuse.redis.secretName" -}}
 {{- .Values.redis.existingSecret | default (include "defuse.secretName" .) }}
@@ -114,6 +117,17 @@ by every template that needs them, so the message comes whichever file renders f
 {{- if and .Values.auth.enabled (not (or .Values.auth.token .Values.auth.existingSecret)) }}
 {{- fail "auth.token or auth.existingSecret is required while auth.enabled is true (the bearer token of every gRPC and HTTP call); set auth.enabled=false only on a trusted network" }}
 {{- end }}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) }}
+{{- if not .Values.auth.workerToken }}
+{{- fail "auth.workerToken is required with auth.token: the workers' own token, which opens only the worker API (openssl rand -hex 32)" }}
+{{- end }}
+{{- if or (lt (len .Values.auth.token) 32) (lt (len .Values.auth.workerToken) 32) }}
+{{- fail "auth.token and auth.workerToken need at least 32 characters each (openssl rand -hex 32)" }}
+{{- end }}
+{{- if eq .Values.auth.token .Values.auth.workerToken }}
+{{- fail "auth.token and auth.workerToken must differ: a worker's token must not open the job API" }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.s3.existingSecret) (ne (empty .Values.s3.accessKeyId) (empty .Values.s3.secretAccessKey)) }}
 {{- fail "s3.accessKeyId and s3.secretAccessKey go together: set both, or neither (to use the pod's own credentials), or s3.existingSecret" }}
 {{- end }}
@@ -134,14 +148,33 @@ by every template that needs them, so the message comes whichever file renders f
 {{- end }}
 {{- end }}
 
-{{/* Environment shared by the coordinator and the workers. */}}
-{{- define "defuse.commonEnv" -}}
+{{/* The user token: the coordinator's (and the Helm test's), never a worker's. */}}
+{{- define "defuse.userTokenEnv" -}}
 {{- if .Values.auth.enabled }}
 - name: DEFUSE_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ include "defuse.auth.secretName" . }}
       key: {{ include "defuse.auth.secretKey" . }}
+{{- end }}
+{{- end }}
+
+{{/* The folders submitted jobs may read on the coordinator. */}}
+{{- define "defuse.allowPaths" -}}
+{{- $paths := list }}
+{{- if ne .Values.data.type "none" }}{{ $paths = append $paths .Values.data.mountPath }}{{ end }}
+{{- range .Values.coordinator.allowPaths }}{{ $paths = append $paths . }}{{ end }}
+{{- join ":" $paths }}
+{{- end }}
+
+{{/* Environment shared by the coordinator and the workers: the worker token, S3 keys. */}}
+{{- define "defuse.commonEnv" -}}
+{{- if .Values.auth.enabled }}
+- name: DEFUSE_WORKER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "defuse.auth.secretName" . }}
+      key: {{ include "defuse.auth.workerSecretKey" . }}
 {{- end }}
 {{- if include "defuse.s3.hasKeys" . }}
 - name: AWS_ACCESS_KEY_ID

@@ -3,27 +3,32 @@
 //! (submit, status, label, cancel, delete, results; described by `openapi.json`,
 //! served at `/api/openapi.json`), health checks and Prometheus metrics.
 //!
-//! With a token, everything but `/healthz`, `/readyz` and `/api/openapi.json` needs it: an
-//! `Authorization: Bearer <token>` header, or the cookie that `/login` sets. Pages are
+//! With a token, everything but `/healthz`, `/readyz`, `/login` and `/api/openapi.json`
+//! needs it: an `Authorization: Bearer <token>` header, or the session cookie that
+//! `/login` sets (see `access.rs`: signed, expiring, CSRF tokens on forms). Pages are
 //! plain server-rendered HTML with no script and no outside link, so they work
-//! offline and from the keyboard; every name from the data is escaped.
+//! offline and from the keyboard; every name from the data is escaped. The listener
+//! and its limits are in `serve.rs`.
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Json, Router};
-use defuse_proto::auth::{bearer_token, token_matches};
+use axum::{Extension, Form, Json, Router};
 use serde::Deserialize;
 
 use crate::store::JobState;
 use crate::{Coordinator, CoordinatorError};
 
-const COOKIE: &str = "defuse_token";
+mod access;
+mod serve;
+
+pub use access::{Caller, CSRF_FIELD, SESSION_COOKIE};
+pub use serve::{serve, tls_acceptor, Peer};
 
 /// What the HTTP side serves besides the coordinator's own state.
 #[derive(Clone, Default)]
@@ -36,10 +41,24 @@ pub struct HttpOptions {
 struct App {
     coord: Coordinator,
     opts: HttpOptions,
+    sessions: Arc<access::Sessions>,
+    logins: Arc<access::LoginLimiter>,
+    /// Served over TLS: the session cookie is `Secure`.
+    secure: bool,
 }
 
 pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
-    let app = App { coord, opts };
+    let cfg = &coord.inner.cfg;
+    let app = App {
+        sessions: Arc::new(access::Sessions::new(
+            cfg.token.as_ref().map(|t| t.expose()),
+            cfg.http_limits.session_ttl,
+        )),
+        logins: Arc::new(access::LoginLimiter::new(cfg.http_limits.logins_per_minute)),
+        secure: cfg.tls.is_some(),
+        coord,
+        opts,
+    };
     let guarded = Router::new()
         .route("/", get(jobs_page))
         .route("/jobs/{id}", get(job_page))
@@ -52,6 +71,7 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/api/jobs/{id}/results", get(api_results))
         .route("/api/jobs/{id}/results/{*name}", get(api_result))
         .route("/metrics", get(metrics))
+        .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -59,37 +79,31 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/login", get(login_page).post(login))
         .route("/api/openapi.json", get(openapi))
         .merge(guarded)
+        .layer(middleware::from_fn(refuse_cross_site))
         .with_state(app)
 }
 
 // ---- access ----
 
-fn presented_token(h: &HeaderMap) -> Option<String> {
-    if let Some(t) = h
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-    {
-        return Some(t.to_string());
+/// A state-changing request from another site's page is refused before anything
+/// else looks at it (with or without a token).
+async fn refuse_cross_site(req: Request, next: Next) -> Response {
+    if access::cross_site(req.method(), req.headers()) {
+        return (
+            StatusCode::FORBIDDEN,
+            "refused: a cross-site request (its Origin is another site)\n",
+        )
+            .into_response();
     }
-    h.get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string())
+    next.run(req).await
 }
 
-async fn require_token(State(app): State<App>, req: Request, next: Next) -> Response {
-    let Some(expected) = app.coord.inner.cfg.token.as_ref().map(|t| t.expose()) else {
-        return next.run(req).await;
-    };
-    match presented_token(req.headers()) {
-        Some(t) if token_matches(expected, &t) => next.run(req).await,
-        given => {
-            let why = if given.is_some() {
-                "wrong token"
+async fn require_token(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    let caller = match app.sessions.caller(req.headers()) {
+        Ok(c) => c,
+        Err(sent) => {
+            let why = if sent {
+                "wrong token or expired session"
             } else {
                 "this coordinator needs a token"
             };
@@ -106,9 +120,27 @@ async fn require_token(State(app): State<App>, req: Request, next: Next) -> Resp
             *resp.status_mut() = StatusCode::UNAUTHORIZED;
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
-            resp
+            return resp;
+        }
+    };
+    // the JSON API from a signed-in page: a state change carries the session's CSRF
+    // token in a header (forms carry it in a field, checked by their handler)
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD);
+    if changes && req.uri().path().starts_with("/api/") {
+        let given = req
+            .headers()
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok());
+        if !app.sessions.csrf_ok(&caller, given) {
+            return (
+                StatusCode::FORBIDDEN,
+                Json(serde_json::json!({"error": "a signed-in page must send its CSRF token (X-CSRF-Token)"})),
+            )
+                .into_response();
         }
     }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 fn login_form(message: &str, next: &str) -> String {
@@ -135,31 +167,73 @@ struct LoginForm {
     next: String,
 }
 
-async fn login(State(app): State<App>, Form(f): Form<LoginForm>) -> Response {
-    let ok = match app.coord.inner.cfg.token.as_ref().map(|t| t.expose()) {
-        None => return Redirect::to("/").into_response(),
-        Some(t) => token_matches(t, f.token.trim()),
-    };
-    if !ok {
+async fn login(
+    State(app): State<App>,
+    peer: Option<Extension<Peer>>,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if !app.sessions.enabled() {
+        return Redirect::to("/").into_response();
+    }
+    if let Some(Extension(Peer(addr))) = peer {
+        if let Err(wait) = app.logins.attempt(addr.ip()) {
+            let mut r = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Html(page(
+                    "Sign in",
+                    &login_form(
+                        &format!("too many sign-in attempts: try again in {wait} s"),
+                        &f.next,
+                    ),
+                )),
+            )
+                .into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, wait.into());
+            return r;
+        }
+    }
+    if !app.sessions.token_ok(&f.token) {
         let mut r = Html(page("Sign in", &login_form("wrong token", &f.next))).into_response();
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
     }
     // only paths of this site
-    let next = if f.next.starts_with('/') && !f.next.starts_with("//") {
+    let next = if f.next.starts_with('/') && !f.next.starts_with("//") && !f.next.contains('\\') {
         f.next
     } else {
         "/".into()
     };
-    let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        f.token.trim()
-    );
-    let Ok(cookie) = header::HeaderValue::from_str(&cookie) else {
-        return (StatusCode::BAD_REQUEST, "the token cannot go in a cookie\n").into_response();
+    let Some(value) = app.sessions.issue() else {
+        return Redirect::to("/").into_response();
     };
+    let cookie = app.sessions.cookie(value, app.secure);
     let mut r = Redirect::to(&next).into_response();
-    r.headers_mut().insert(header::SET_COOKIE, cookie);
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        header::HeaderValue::from_str(&cookie).expect("a cookie of hex digits is a header value"),
+    );
+    r
+}
+
+/// Ends the page's session in this browser (a form with the session's CSRF token).
+async fn logout(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Form(fields): Form<Vec<(String, String)>>,
+) -> Response {
+    let csrf = fields
+        .iter()
+        .find(|(k, _)| k == CSRF_FIELD)
+        .map(|(_, v)| v.as_str());
+    if !app.sessions.csrf_ok(&caller, csrf) {
+        return (StatusCode::FORBIDDEN, "no or a wrong CSRF token\n").into_response();
+    }
+    let mut r = Redirect::to("/login").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        header::HeaderValue::from_str(&access::Sessions::clear_cookie(app.secure))
+            .expect("a constant cookie is a header value"),
+    );
     r
 }
 
@@ -271,7 +345,11 @@ struct PageQuery {
     limit: Option<usize>,
 }
 
-async fn jobs_page(State(app): State<App>, Query(q): Query<PageQuery>) -> Response {
+async fn jobs_page(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<PageQuery>,
+) -> Response {
     let limit = q.limit.unwrap_or(crate::api::DEFAULT_PAGE);
     let (jobs, next) = match app.coord.jobs_page(&q.after, limit).await {
         Ok(j) => j,
@@ -309,10 +387,21 @@ async fn jobs_page(State(app): State<App>, Query(q): Query<PageQuery>) -> Respon
             esc(&next)
         );
     }
+    if let Caller::Session { nonce } = &caller {
+        let _ = write!(
+            b,
+            r#"<form method="post" action="/logout"><input type="hidden" name="{CSRF_FIELD}" value="{}"><button type="submit" id="sign-out">Sign out</button></form>"#,
+            esc(&app.sessions.csrf(nonce))
+        );
+    }
     Html(page("Jobs", &b)).into_response()
 }
 
-async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
+async fn job_page(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
     let rec = match app.coord.inner.store.get_job(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => return error_page(CoordinatorError::not_found(format!("no job {id}")), "/"),
@@ -356,7 +445,13 @@ async fn job_page(State(app): State<App>, Path(id): Path<String>) -> Response {
     b.push_str("</tbody></table>");
     match rec.state {
         JobState::AwaitingLabels => match app.coord.scenarios(&rec).await {
-            Ok((scen, classes)) => b.push_str(&label_form(&rec.id, &scen, &classes)),
+            Ok((scen, classes)) => {
+                let csrf = match &caller {
+                    Caller::Session { nonce } => app.sessions.csrf(nonce),
+                    Caller::Open | Caller::Bearer => String::new(),
+                };
+                b.push_str(&label_form(&rec.id, &csrf, &scen, &classes))
+            }
             Err(e) => {
                 let _ = write!(b, r#"<p class="error">{}</p>"#, esc(&e.to_string()));
             }
@@ -384,6 +479,7 @@ fn class_name(classes: &[String], c: i64) -> String {
 
 fn label_form(
     job: &str,
+    csrf: &str,
     scenarios: &[defuse_core::scenarios::Scenario],
     classes: &[String],
 ) -> String {
@@ -394,8 +490,10 @@ from it, with the classifier's prediction on each below it (row by row). Give ea
 scenario the class a person would see, or discard it (not a failure, or unclear).
 Tab moves between scenarios; type to pick a class.</p>
 <form method="post" action="/jobs/{}/labels" id="labels">
+<input type="hidden" name="{CSRF_FIELD}" value="{}">
 <div class="scenarios">"#,
-        esc(job)
+        esc(job),
+        esc(csrf)
     );
     for (i, s) in scenarios.iter().enumerate() {
         let preds: Vec<String> = s
@@ -519,15 +617,32 @@ async fn scenario_png(
     }
 }
 
-/// Form fields `scenario-<id>` = class id | "discard".
+/// Form fields `scenario-<id>` = class id | "discard", and the session's CSRF token.
 async fn labels_form(
     State(app): State<App>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
     let back = format!("/jobs/{id}");
+    let csrf = fields
+        .iter()
+        .find(|(k, _)| k == CSRF_FIELD)
+        .map(|(_, v)| v.as_str());
+    if !app.sessions.csrf_ok(&caller, csrf) {
+        let e = "this form is not from this coordinator's page (no or a wrong CSRF token): reload the page and submit again";
+        let body = format!(
+            r#"<p class="error" role="alert">{}</p><p><a href="{}">Back</a></p>"#,
+            esc(e),
+            esc(&back)
+        );
+        return (StatusCode::FORBIDDEN, Html(page("Refused", &body))).into_response();
+    }
     let mut pairs = Vec::new();
     for (k, v) in fields {
+        if k == CSRF_FIELD {
+            continue;
+        }
         match k.strip_prefix("scenario-") {
             Some(sid) if v.is_empty() => {
                 return error_page(
@@ -595,10 +710,28 @@ async fn api_job(State(app): State<App>, Path(id): Path<String>) -> Response {
 }
 
 /// The HTTP API's description (OpenAPI 3.1), served as is.
-pub const OPENAPI: &str = include_str!("openapi.json");
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// `Content-Type: application/json`, or the 415 that says so (a cross-site form
+/// cannot send that type without the browser asking first).
+fn json_content_type(h: &HeaderMap) -> Result<(), Box<Response>> {
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(Box::new((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(serde_json::json!({"error": format!("Content-Type must be application/json, not '{ct}'")})),
+        )
+            .into_response()));
+    }
+    Ok(())
 }
 
 /// A JSON body, or the 415/400 that says why not.
@@ -606,17 +739,7 @@ fn json_body<T: serde::de::DeserializeOwned>(
     h: &HeaderMap,
     body: &[u8],
 ) -> Result<T, Box<Response>> {
-    let ct = h
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ct.starts_with("application/json") {
-        return Err(Box::new((
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Json(serde_json::json!({"error": format!("Content-Type must be application/json, not '{ct}'")})),
-        )
-            .into_response()));
-    }
+    json_content_type(h)?;
     serde_json::from_slice(body).map_err(|e| {
         Box::new(error_json(CoordinatorError::invalid(format!(
             "request body: {e}"
@@ -674,8 +797,16 @@ async fn api_result(State(app): State<App>, Path((id, name)): Path<(String, Stri
     }
 }
 
-/// Body: `{"<scenario id>": <class id> | "<class name>" | "discard"}`.
-async fn api_labels(State(app): State<App>, Path(id): Path<String>, body: Bytes) -> Response {
+/// Body (`application/json`): `{"<scenario id>": <class id> | "<class name>" | "discard"}`.
+async fn api_labels(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = json_content_type(&h) {
+        return *r;
+    }
     let pairs = match defuse_core::scenarios::label_pairs_from_json(&String::from_utf8_lossy(&body))
     {
         Ok(p) => p,
@@ -689,82 +820,6 @@ async fn api_labels(State(app): State<App>, Path(id): Path<String>, body: Bytes)
     }
 }
 
-/// The rustls acceptor for HTTPS, from the coordinator's certificate (the same as
-/// gRPC's). HTTP/2 and HTTP/1.1 are offered.
-pub fn tls_acceptor(
-    pem: &defuse_proto::tls::ServerPem,
-) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(&pem.cert)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("TLS certificate: {e}"))?;
-    if certs.is_empty() {
-        return Err("TLS certificate: no PEM certificate in the file".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| format!("TLS key: {e}"))?;
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate and key: {e}"))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
-}
-
-/// Serves `app` over TLS until `stop`: one task per connection; a failed handshake
-/// (a plain-HTTP client, a client that does not trust the certificate) ends only that
-/// connection.
-pub async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    acceptor: tokio_rustls::TlsAcceptor,
-    stop: impl std::future::Future<Output = ()> + Send,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let mut stop = std::pin::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut stop => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // e.g. out of file descriptors: wait instead of spinning
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-        };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            // a peer that connects and says nothing must not hold a task forever
-            let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
-            let tls = match hs.await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "tls handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "tls handshake timed out");
-                    return;
-                }
-            };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "https connection ended with an error");
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -775,15 +830,5 @@ mod tests {
             esc(r#"<script>alert("x")</script> & 'y'"#),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
-    }
-
-    #[test]
-    fn token_from_header_or_cookie() {
-        let mut h = HeaderMap::new();
-        assert_eq!(presented_token(&h), None);
-        h.insert(header::COOKIE, "a=b; defuse_token=s3cret".parse().unwrap());
-        assert_eq!(presented_token(&h).as_deref(), Some("s3cret"));
-        h.insert(header::AUTHORIZATION, "Bearer other".parse().unwrap());
-        assert_eq!(presented_token(&h).as_deref(), Some("other"));
     }
 }
