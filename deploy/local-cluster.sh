@@ -36,9 +36,11 @@ umask 077
 DEFUSE_TOKEN=$(openssl rand -hex 32); DEFUSE_WORKER_TOKEN=$(openssl rand -hex 32)
 export DEFUSE_TOKEN DEFUSE_WORKER_TOKEN
 printf '%s\n' "$DEFUSE_TOKEN" >"$dir/token"
+allow=(--allow-path "$PWD")                 # and where data/* links to (the cache)
+for d in data/*; do allow+=(--allow-path "$(readlink -f "$d")"); done
 "$bin" coordinator --listen "127.0.0.1:$grpc_port" --redis "redis://127.0.0.1:$redis_port/" \
   --artifacts s3://defuse/local --work-dir "$dir/work" --http-listen "127.0.0.1:$http_port" \
-  --allow-path "$PWD" >"$dir/coordinator.log" 2>&1 &
+  "${allow[@]}" >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 export DEFUSE_COORDINATOR=http://127.0.0.1:$grpc_port
 for i in $(seq 1 "$n"); do

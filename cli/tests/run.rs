@@ -311,3 +311,73 @@ fn config_errors_name_the_file_and_field() {
     let r = defuse(&["run", "/nonexistent.toml"]);
     assert_ne!(r.status.code(), Some(0));
 }
+
+/// `defuse run` serves its in-process workers on a loopback port: another user of the
+/// machine who finds the port gets nothing from it without the run's own tokens.
+#[test]
+fn the_embedded_coordinator_takes_no_call_without_its_token() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cfg = tmp.path().join("job.toml");
+    std::fs::write(&cfg, config(&out, "mode = \"manual\"")).unwrap();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .arg("run")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the address is in the log; the tokens are not
+    let mut lines = std::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.contains("embedded coordinator listening").then(|| {
+                l.split("url=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(|u| u.trim_matches('"').to_string())
+            })?
+        })
+        .expect("the run logs its coordinator's address");
+    // keep reading the log so the run never blocks on a full pipe
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let call = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_defuse"));
+        c.args(args)
+            .args(["--coordinator", &url])
+            .env_remove("DEFUSE_TOKEN")
+            .env_remove("DEFUSE_WORKER_TOKEN");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let guess = "0".repeat(64);
+    for (env, says) in [
+        (vec![], "needs a token"),
+        (vec![("DEFUSE_TOKEN", guess.as_str())], "wrong token"),
+    ] {
+        let (code, err) = call(&["status"], &env);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(says), "{says}: {err}");
+        let (code, err) = call(&["cancel", "mnist-small"], &env);
+        assert_ne!(code, Some(0), "{err}");
+        assert!(err.contains(says), "{says}: {err}");
+    }
+    // nor can it pose as a worker (and take the run's shards)
+    let (code, err) = call(
+        &["worker", "--cache-dir", tmp.path().join("intruder").to_str().unwrap()],
+        &[("DEFUSE_WORKER_TOKEN", guess.as_str()), ("RUST_LOG", "info")],
+    );
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("wrong token"), "{err}");
+    let _ = run.kill();
+    let _ = run.wait();
+    let _ = drain.join();
+}

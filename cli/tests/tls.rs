@@ -150,7 +150,15 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
         .env("REDIS_URL", redis.url())
         .env("DEFUSE_TOKEN_FILE", dir.join("token"))
         .env("DEFUSE_WORKER_TOKEN_FILE", dir.join("worker-token"))
-        .env("DEFUSE_ALLOW_PATHS", repo())
+        // the repository (data, model fixtures) and where data/mnist links to
+        .env(
+            "DEFUSE_ALLOW_PATHS",
+            format!(
+                "{}:{}",
+                repo().display(),
+                repo().join("data/mnist").canonicalize().unwrap().display(),
+            ),
+        )
         .env("RUST_LOG", DEBUG_LOGS)
         .envs(s3.env());
     let coordinator = Proc::spawn("coordinator", &mut cmd, dir);

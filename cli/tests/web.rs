@@ -101,6 +101,8 @@ fn a_person_labels_scenarios_in_the_browser_and_the_job_corrects() {
             .arg("--allow-path")
             .arg(repo())
             .arg("--allow-path")
+            .arg(repo().join("data/mnist").canonicalize().unwrap())
+            .arg("--allow-path")
             .arg(dir),
         dir,
     );

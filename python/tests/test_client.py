@@ -76,7 +76,7 @@ def cluster(tmp_path_factory):
                    "--artifacts", f"file://{d / 'artifacts'}", "--work-dir", str(d / "work"),
                    "--lease-ms", "3000", "--heartbeat-ms", "300",
                    # jobs read the repository's data and the models trained under pytest's temp folder
-                   "--allow-path", str(DATA), "--allow-path", str(tmp_path_factory.getbasetemp())], clog)
+                   "--allow-path", str(DATA), "--allow-path", str(DATA.resolve()), "--allow-path", str(tmp_path_factory.getbasetemp())], clog)
     procs = [coord]
     try:
         wait_port(http, coord, clog)

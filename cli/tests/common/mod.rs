@@ -110,9 +110,12 @@ impl Cluster {
         ])
         .arg("--work-dir")
         .arg(self.dir.join("coordinator-work"))
-        // the jobs read the repository's data and the models trained in the test's folder
+        // the jobs read the repository's data (data/mnist links into the cache) and the
+        // models trained in the test's folder
         .arg("--allow-path")
         .arg(repo())
+        .arg("--allow-path")
+        .arg(repo().join("data/mnist").canonicalize().unwrap())
         .arg("--allow-path")
         .arg(&self.dir)
         .envs(self.s3.env());
