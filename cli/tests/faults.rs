@@ -3,8 +3,9 @@
 //! append-only file on) and then unreachable for 10 s, the S3 server down for 10 s, and
 //! the coordinator SIGKILLed and restarted twice. The job's *result* must equal the
 //! embedded run's: the same failure codes byte for byte and the same report. A second
-//! test deletes an accepted shard output under the job's feet: the job fails, naming
-//! the object.
+//! test deletes an accepted shard output under the job's feet, then replaces one with
+//! other bytes: each job fails, naming the object (and, for the replaced one, that its
+//! content changed after it was accepted).
 use std::time::{Duration, Instant};
 
 mod common;
@@ -181,7 +182,7 @@ fn a_job_survives_the_fault_matrix_with_the_embedded_result() {
 }
 
 #[test]
-fn an_accepted_output_deleted_under_the_job_fails_it_naming_the_object() {
+fn an_accepted_output_deleted_or_replaced_under_the_job_fails_it_naming_the_object() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (clf, vae) = train_models(dir);
@@ -211,4 +212,50 @@ fn an_accepted_output_deleted_under_the_job_fails_it_naming_the_object() {
     });
     let err = s["error"].as_str().unwrap_or_default();
     assert!(err.contains(&key), "the error names the object: {err}");
+
+    // a second job: one accepted output replaced by someone with the S3 credentials
+    std::fs::write(
+        &cfg_path,
+        config(&dir.join("o2"), &clf, &vae)
+            .replace("samples = 24", "samples = 60")
+            .replace("name = \"dist\"", "name = \"dist-2\""),
+    )
+    .unwrap();
+    let job = c.submit(&cfg_path);
+    c.wait_for(&job, "a shard done", Duration::from_secs(120), |s| {
+        identify(s)["shards"]["done"].as_u64().unwrap_or(0) >= 1
+    });
+    let f = redis_shards(&c.redis.url(), &job);
+    let (shard, key) = f
+        .iter()
+        .find_map(|(k, v)| Some((k.strip_suffix(":output")?, v)).filter(|(_, v)| !v.is_empty()))
+        .expect("an accepted output");
+    let recorded = f
+        .iter()
+        .find(|(k, _)| *k == format!("{shard}:sha256"))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert_eq!(recorded.len(), 64, "the output's hash is recorded: {f:?}");
+    // through the S3 API, as such a person would (the server's stored checksums then
+    // match the new bytes: only the recorded hash can tell)
+    for (k, v) in c.s3.env() {
+        std::env::set_var(k, v);
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = defuse_core::artifacts::open("s3://defuse/test")
+            .await
+            .unwrap();
+        let mut forged = store.get(key).await.unwrap().to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 0xff;
+        store.put(key, forged.into()).await.unwrap();
+    });
+    let s = c.wait_for(&job, "failed", Duration::from_secs(300), |s| {
+        s["state"] == "failed"
+    });
+    let err = s["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(key.as_str()) && err.contains("changed after it was accepted"),
+        "the error names the object and says it changed: {err}"
+    );
 }

@@ -356,7 +356,10 @@ fn the_embedded_coordinator_takes_no_call_without_its_token() {
             c.env(k, v);
         }
         let o = c.output().unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stderr).to_string())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
     };
     let guess = "0".repeat(64);
     for (env, says) in [
@@ -372,8 +375,15 @@ fn the_embedded_coordinator_takes_no_call_without_its_token() {
     }
     // nor can it pose as a worker (and take the run's shards)
     let (code, err) = call(
-        &["worker", "--cache-dir", tmp.path().join("intruder").to_str().unwrap()],
-        &[("DEFUSE_WORKER_TOKEN", guess.as_str()), ("RUST_LOG", "info")],
+        &[
+            "worker",
+            "--cache-dir",
+            tmp.path().join("intruder").to_str().unwrap(),
+        ],
+        &[
+            ("DEFUSE_WORKER_TOKEN", guess.as_str()),
+            ("RUST_LOG", "info"),
+        ],
     );
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("wrong token"), "{err}");

@@ -569,11 +569,16 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
             "identify/accepted/shard-{:05}.safetensors",
             s.shard
         ));
-        c.inner
-            .artifacts
-            .get_file(&s.output, &path)
-            .await
-            .map_err(|e| StepError::from(e).context(format!("shard {} output", s.shard)))?;
+        // what was accepted, or a clear failure: an output replaced in the store
+        // after acceptance must not reach the report
+        defuse_core::artifacts::get_file_checked(
+            c.inner.artifacts.as_ref(),
+            &s.output,
+            &path,
+            &s.output_sha256,
+        )
+        .await
+        .map_err(|e| StepError::from(e).context(format!("shard {} output", s.shard)))?;
         local.push(path);
     }
     let id = rec.id.clone();

@@ -153,11 +153,15 @@ pub(crate) async fn average(
         ext: ext.clone(),
     };
     let start = exchange.start(&job, round, &dir).await?;
-    let outputs: Vec<(usize, String)> = shards
+    let outputs: Vec<PartOutput> = shards
         .iter()
         .map(|s| {
             if s.state == ShardState::Done {
-                Ok((s.shard as usize, s.output.clone()))
+                Ok(PartOutput {
+                    part: s.shard as usize,
+                    key: s.output.clone(),
+                    sha256: s.output_sha256.clone(),
+                })
             } else {
                 Err(StepError::fatal(format!(
                     "round {round} part {} is {}",
@@ -251,10 +255,10 @@ pub(crate) async fn average(
 async fn merged_stats(
     c: &Coordinator,
     round: usize,
-    outputs: &[(usize, String)],
+    outputs: &[PartOutput],
 ) -> Result<correct::CorrectEpoch, StepError> {
     let (mut train, mut scenario, mut rows) = (0.0, 0.0, 0usize);
-    for (part, key) in outputs {
+    for PartOutput { part, key, .. } in outputs {
         let bytes = c.inner.artifacts.get(&keys::part_stats(key)).await?;
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| StepError::fatal(format!("losses of round {round} part {part}: {e}")))?;
@@ -271,6 +275,14 @@ async fn merged_stats(
     })
 }
 
+/// An accepted part: its checkpoint's key and the SHA-256 recorded at acceptance.
+#[derive(Debug, Clone)]
+pub(crate) struct PartOutput {
+    pub part: usize,
+    pub key: String,
+    pub sha256: String,
+}
+
 /// How the parts of a round meet the coordinator: where a round's starting checkpoint
 /// comes from, how the parts' results are gathered, and how the merged checkpoint is
 /// published. The one implementation today goes through the artifact store
@@ -280,11 +292,12 @@ async fn merged_stats(
 pub(crate) trait Exchange: Send + Sync {
     /// Round `round`'s starting checkpoint, as a local file under `dir`.
     async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, StepError>;
-    /// The parts' checkpoints (`(part, where it is)`), as local files under `dir`.
+    /// The parts' checkpoints, as local files under `dir`, each checked to be what
+    /// was accepted.
     async fn collect(
         &self,
         round: usize,
-        outputs: &[(usize, String)],
+        outputs: &[PartOutput],
         dir: &Path,
     ) -> Result<Vec<(usize, PathBuf)>, StepError>;
     /// Makes `file` round `round`'s checkpoint, for every worker to start from.
@@ -311,14 +324,13 @@ impl Exchange for StoreExchange {
     async fn collect(
         &self,
         round: usize,
-        outputs: &[(usize, String)],
+        outputs: &[PartOutput],
         dir: &Path,
     ) -> Result<Vec<(usize, PathBuf)>, StepError> {
         let mut parts = Vec::new();
-        for (part, key) in outputs {
+        for PartOutput { part, key, sha256 } in outputs {
             let p = dir.join(format!("round-{round:04}-part-{part:03}.{}", self.ext));
-            self.artifacts
-                .get_file(key, &p)
+            defuse_core::artifacts::get_file_checked(self.artifacts.as_ref(), key, &p, sha256)
                 .await
                 .map_err(|e| StepError::from(e).context(format!("round {round} part {part}")))?;
             parts.push((*part, p));

@@ -288,6 +288,12 @@ impl WorkerService for Coordinator {
                 r.output_key, t.attempt
             )));
         }
+        if !defuse_core::artifacts::is_sha256(&r.output_sha256) {
+            return Err(Status::invalid_argument(format!(
+                "output_sha256 '{}' is not a SHA-256 in hex",
+                r.output_sha256
+            )));
+        }
         if let Stage::Round(_) = a.stage {
             // a part's losses go beside its checkpoint before it is accepted: the
             // round's history survives a restart of the coordinator
@@ -301,7 +307,11 @@ impl WorkerService for Coordinator {
                 .map_err(|e| Status::unavailable(e.to_string()))?;
         }
         let started = std::time::Instant::now();
-        let f = self.inner.store.complete(&a, &r.output_key).await;
+        let f = self
+            .inner
+            .store
+            .complete(&a, &r.output_key, &r.output_sha256)
+            .await;
         crate::metrics::store_call("complete", started.elapsed().as_secs_f64(), f.is_ok());
         let f = f.map_err(store_status)?;
         crate::metrics::completion(&t.job, f == Fenced::Accepted);

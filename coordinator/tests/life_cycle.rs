@@ -195,9 +195,24 @@ async fn a_completion_retried_after_a_lost_reply_is_accepted_once() {
                 task: t.task.clone(),
                 output_key: t.output_key.clone(),
                 stats_json: "{}".into(),
+                output_sha256: "0".repeat(64),
             }),
         )
     };
+    // a completion without its output's hash is refused (nothing to check it by)
+    let e = WorkerService::complete(
+        &c,
+        Request::new(CompleteRequest {
+            worker_id: "w".into(),
+            task: t.task.clone(),
+            output_key: t.output_key.clone(),
+            stats_json: "{}".into(),
+            output_sha256: String::new(),
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     for i in 0..2 {
         let a = complete().await.unwrap().into_inner().acceptance;
         assert_eq!(a, Acceptance::Accepted as i32, "completion {i}");
@@ -213,6 +228,7 @@ async fn a_completion_retried_after_a_lost_reply_is_accepted_once() {
             task: t.task.clone(),
             output_key: t.output_key.clone(),
             stats_json: "{}".into(),
+            output_sha256: "0".repeat(64),
         }),
     )
     .await

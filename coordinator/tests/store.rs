@@ -7,6 +7,9 @@ use defuse_coordinator::store::redis::RedisStore;
 use defuse_coordinator::store::*;
 use defuse_testkit::Redis;
 
+/// An output's SHA-256 as a worker reports it.
+const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
 fn job(id: &str) -> JobRecord {
     JobRecord {
         id: id.into(),
@@ -84,11 +87,11 @@ async fn suite(s: Arc<dyn StateStore>) {
 
     // fencing: another owner or attempt is stale
     assert_eq!(
-        s.complete(&at("a", 0, "w2", 1), "k").await.unwrap(),
+        s.complete(&at("a", 0, "w2", 1), "k", SHA).await.unwrap(),
         Fenced::Stale
     );
     assert_eq!(
-        s.complete(&at("a", 0, "w1", 2), "k").await.unwrap(),
+        s.complete(&at("a", 0, "w1", 2), "k", SHA).await.unwrap(),
         Fenced::Stale
     );
     assert_eq!(
@@ -96,25 +99,31 @@ async fn suite(s: Arc<dyn StateStore>) {
         Fenced::Accepted
     );
     assert_eq!(
-        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/1")
+        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/1", SHA)
             .await
             .unwrap(),
         Fenced::Accepted
     );
     // a completion retried after its reply was lost is accepted again, counted once
     assert_eq!(
-        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/1")
+        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/1", SHA)
             .await
             .unwrap(),
         Fenced::Accepted,
         "the same owner, attempt and output: idempotent"
     );
     assert_eq!(
-        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/other")
+        s.complete(&at("a", 0, "w1", 1), "jobs/a/0/other", SHA)
             .await
             .unwrap(),
         Fenced::Stale,
         "another output of a done shard"
+    );
+    // the output's hash is recorded with it, for the readers to check
+    let done = &s.shards("a", Stage::Identify).await.unwrap()[0];
+    assert_eq!(
+        (done.output.as_str(), done.output_sha256.as_str()),
+        ("jobs/a/0/1", SHA)
     );
 
     // expiry: shard 1 (deadline t0+100) and 2 expire at t0+120; shard 0 is done
@@ -135,7 +144,7 @@ async fn suite(s: Arc<dyn StateStore>) {
     );
     // the old owner's completion is now stale
     assert_eq!(
-        s.complete(&at("a", 1, "w2", 1), "late").await.unwrap(),
+        s.complete(&at("a", 1, "w2", 1), "late", SHA).await.unwrap(),
         Fenced::Stale
     );
     assert_eq!(
@@ -171,7 +180,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         .unwrap();
     assert_eq!((l.shard, l.attempt), (2, 2));
     assert_eq!(
-        s.complete(&at("a", 2, "w3", 2), "jobs/a/2/2")
+        s.complete(&at("a", 2, "w3", 2), "jobs/a/2/2", SHA)
             .await
             .unwrap(),
         Fenced::Accepted
@@ -285,7 +294,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         JobState::Cancelled
     );
     assert_eq!(
-        s.complete(&at("d", l.shard, "w", l.attempt), "k")
+        s.complete(&at("d", l.shard, "w", l.attempt), "k", SHA)
             .await
             .unwrap(),
         Fenced::Stale
@@ -372,7 +381,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         Err(StoreError::Lost(_))
     ));
     assert!(matches!(
-        s.complete(&at("zz", 0, "w", 1), "k").await,
+        s.complete(&at("zz", 0, "w", 1), "k", SHA).await,
         Err(StoreError::Lost(_))
     ));
     assert_eq!(s.get_job("zz").await.unwrap(), None);
@@ -518,11 +527,11 @@ async fn rounds(s: &dyn StateStore, t0: u64) {
         assert_eq!((l.shard, l.attempt), (p, 1));
         // an identify attempt of the same number is another shard: stale
         assert_eq!(
-            s.complete(&at("h", p, "w", 1), "x").await.unwrap(),
+            s.complete(&at("h", p, "w", 1), "x", SHA).await.unwrap(),
             Fenced::Stale
         );
         assert_eq!(
-            s.complete(&part("h", 0, p, "w", 1), &format!("r0/{p}"))
+            s.complete(&part("h", 0, p, "w", 1), &format!("r0/{p}"), SHA)
                 .await
                 .unwrap(),
             Fenced::Accepted
@@ -656,7 +665,10 @@ async fn redis_restart_with_aof_keeps_state_and_a_flush_loses_it_loudly() {
     // the connection manager reconnects; scripts are loaded again (NOSCRIPT)
     let mut ok = None;
     for _ in 0..50 {
-        match s.complete(&at("j", l.shard, "w", l.attempt), "out").await {
+        match s
+            .complete(&at("j", l.shard, "w", l.attempt), "out", SHA)
+            .await
+        {
             Ok(f) => {
                 ok = Some(f);
                 break;

@@ -36,6 +36,15 @@ pub enum ArtifactError {
     },
     #[error("artifact store URL '{0}': expected file:///path, a path, or s3://bucket/prefix")]
     BadUrl(String),
+    /// An accepted artifact whose content is no longer what was accepted: someone
+    /// with write access to the store replaced it.
+    #[error("artifact store {store}, key {key}: its content changed after it was accepted (SHA-256 {found}, recorded {expected}); it was replaced in the store")]
+    Changed {
+        store: String,
+        key: String,
+        expected: String,
+        found: String,
+    },
 }
 
 impl ArtifactError {
@@ -199,6 +208,58 @@ impl<S: ArtifactStore + 'static> ArtifactStore for Metered<S> {
     fn url(&self) -> String {
         self.inner.url()
     }
+}
+
+/// The SHA-256 of a file, in hex: what an accepted output is recorded with.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Whether `s` is a SHA-256 in hex (64 lowercase hex digits).
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Downloads an accepted artifact to `path` and checks it is what was accepted:
+/// its SHA-256 must be `expected` (empty: recorded before hashes were, not checked).
+/// On a mismatch the file is removed and the error names the key.
+pub async fn get_file_checked(
+    store: &dyn ArtifactStore,
+    key: &str,
+    path: &Path,
+    expected: &str,
+) -> ArtifactResult<()> {
+    store.get_file(key, path).await?;
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let found = sha256_file(path).map_err(|e| ArtifactError::Io {
+        store: store.url(),
+        key: key.into(),
+        msg: format!("reading {} back: {e}", path.display()),
+    })?;
+    if found != expected {
+        let _ = std::fs::remove_file(path);
+        return Err(ArtifactError::Changed {
+            store: store.url(),
+            key: key.into(),
+            expected: expected.into(),
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// Whether `key` is an artifact key: a relative path of plain parts (no empty, `.` or
@@ -600,5 +661,50 @@ impl ArtifactStore for S3Store {
         } else {
             format!("s3://{}/{}", self.bucket, self.prefix)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_accepted_artifact_swapped_in_the_store_is_detected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().join("store"));
+        let out = tmp.path().join("out.bin");
+        std::fs::write(&out, b"the accepted output").unwrap();
+        let recorded = sha256_file(&out).unwrap();
+        assert!(is_sha256(&recorded));
+        store
+            .put_file("jobs/j/shard-0.safetensors", &out)
+            .await
+            .unwrap();
+        let got = tmp.path().join("got.bin");
+        get_file_checked(&store, "jobs/j/shard-0.safetensors", &got, &recorded)
+            .await
+            .unwrap();
+        // someone with write access replaces it
+        store
+            .put(
+                "jobs/j/shard-0.safetensors",
+                Bytes::from_static(b"a forged output"),
+            )
+            .await
+            .unwrap();
+        let e = get_file_checked(&store, "jobs/j/shard-0.safetensors", &got, &recorded)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ArtifactError::Changed { .. }) && !e.retryable());
+        let m = e.to_string();
+        assert!(
+            m.contains("jobs/j/shard-0.safetensors") && m.contains("changed"),
+            "{m}"
+        );
+        assert!(!got.exists(), "the forged file is not left for a reader");
+        // no recorded hash (accepted by an older release): not checked
+        get_file_checked(&store, "jobs/j/shard-0.safetensors", &got, "")
+            .await
+            .unwrap();
     }
 }

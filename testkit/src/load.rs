@@ -126,6 +126,7 @@ pub async fn simulate_workers(
                         task: Some(tr.clone()),
                         output_key: task.output_key.clone(),
                         stats_json: "{}".into(),
+                        output_sha256: "0".repeat(64),
                     })
                     .await;
                 match c {

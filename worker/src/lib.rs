@@ -295,8 +295,8 @@ async fn heartbeat_loop(
 }
 
 enum Outcome {
-    /// Output key and the search's statistics (JSON).
-    Done(String, String),
+    /// Output key, the task's statistics (JSON) and the output's SHA-256.
+    Done(String, String, String),
     Abandoned,
     Failed(TaskError),
 }
@@ -472,10 +472,7 @@ async fn finetune(
             ))
         }
     };
-    match store.put_file(&task.output_key, &out_path).await {
-        Ok(()) => Outcome::Done(task.output_key.clone(), stats),
-        Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
-    }
+    upload(store.as_ref(), &task.output_key, &out_path, stats).await
 }
 
 async fn execute(
@@ -602,8 +599,28 @@ async fn execute(
         return Outcome::Abandoned;
     }
     tracing::info!(job = %t.job, unit = %t.unit(), attempt = t.attempt, "shard searched, uploading");
-    match store.put_file(&task.output_key, &out_path).await {
-        Ok(()) => Outcome::Done(task.output_key.clone(), stats),
+    upload(store.as_ref(), &task.output_key, &out_path, stats).await
+}
+
+/// Uploads a task's output, with the SHA-256 the coordinator records at acceptance.
+async fn upload(
+    store: &dyn ArtifactStore,
+    key: &str,
+    path: &std::path::Path,
+    stats: String,
+) -> Outcome {
+    let sha256 = match artifacts::sha256_file(path) {
+        Ok(h) => h,
+        Err(e) => {
+            return Outcome::Failed(task_error(
+                FailureKind::Io,
+                true,
+                format!("{}: {e}", path.display()),
+            ))
+        }
+    };
+    match store.put_file(key, path).await {
+        Ok(()) => Outcome::Done(key.to_string(), stats, sha256),
         Err(e) => Outcome::Failed(task_error(FailureKind::Io, true, e.to_string())),
     }
 }
@@ -619,12 +636,13 @@ async fn report(
     for attempt in 0..60 {
         let r = match &outcome {
             Outcome::Abandoned => return,
-            Outcome::Done(key, stats) => client
+            Outcome::Done(key, stats, sha256) => client
                 .complete(CompleteRequest {
                     worker_id: id.into(),
                     task: Some(t.clone()),
                     output_key: key.clone(),
                     stats_json: stats.clone(),
+                    output_sha256: sha256.clone(),
                 })
                 .await
                 .map(|r| r.into_inner().acceptance),

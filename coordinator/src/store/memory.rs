@@ -272,7 +272,7 @@ impl StateStore for MemoryStore {
         }
     }
 
-    async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
+    async fn complete(&self, a: &Attempt<'_>, output: &str, sha256: &str) -> StoreResult<Fenced> {
         let mut i = self.inner.lock().unwrap();
         let (_, set) = set_of(job(&mut i, a.job)?, a.stage);
         let Some(set) = set else {
@@ -293,6 +293,7 @@ impl StateStore for MemoryStore {
         let s = &mut set.shards[a.shard as usize];
         s.state = ShardState::Done;
         s.output = output.into();
+        s.output_sha256 = sha256.into();
         s.accepted += 1;
         set.deadlines.remove(&a.shard);
         Ok(Fenced::Accepted)

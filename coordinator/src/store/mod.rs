@@ -189,6 +189,8 @@ pub struct ShardInfo {
     pub attempt: u32,
     pub owner: String,
     pub output: String,
+    /// The SHA-256 of the output recorded at acceptance (hex; empty before).
+    pub output_sha256: String,
     /// How many completions were accepted (never more than 1).
     pub accepted: u32,
     /// Attempts handed back by workers shutting down (they do not count as tries).
@@ -282,7 +284,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Accepts the output of the current owner and attempt. Idempotent: the same owner,
     /// attempt and output completing again (a retry after a lost reply) is accepted
     /// again without counting twice.
-    async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced>;
+    async fn complete(&self, a: &Attempt<'_>, output: &str, sha256: &str) -> StoreResult<Fenced>;
     /// Ends the current attempt without a result; see [`Failure`].
     async fn fail(
         &self,

@@ -123,14 +123,14 @@ if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[1])
 return 1"#,
             ),
-            // KEYS meta shards leases; ARGV shard worker attempt output
+            // KEYS meta shards leases; ARGV shard worker attempt output sha256
             complete: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 local v = redis.call('HMGET', KEYS[2], ARGV[1] .. ':state', ARGV[1] .. ':owner', ARGV[1] .. ':attempt', ARGV[1] .. ':output')
 if v[1] == 'done' and v[2] == ARGV[2] and v[3] == ARGV[3] and v[4] == ARGV[4] then return 1 end
 if not fenced(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'done', ARGV[1] .. ':output', ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1] .. ':state', 'done', ARGV[1] .. ':output', ARGV[4], ARGV[1] .. ':sha256', ARGV[5])
 redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':accepted', 1)
 redis.call('ZREM', KEYS[3], ARGV[1])
 return 1"#,
@@ -655,7 +655,7 @@ impl StateStore for RedisStore {
         Ok(fenced_reply(r))
     }
 
-    async fn complete(&self, a: &Attempt<'_>, output: &str) -> StoreResult<Fenced> {
+    async fn complete(&self, a: &Attempt<'_>, output: &str, sha256: &str) -> StoreResult<Fenced> {
         let (k, sk) = (keys(a.job), set_keys(a.job, a.stage));
         let r: i64 = self
             .scripts
@@ -667,6 +667,7 @@ impl StateStore for RedisStore {
             .arg(a.worker)
             .arg(a.attempt)
             .arg(output)
+            .arg(sha256)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(a.job, e))?;
@@ -774,6 +775,7 @@ impl StateStore for RedisStore {
                 "attempt" => info.attempt = v.parse().unwrap_or(0),
                 "owner" => info.owner = v,
                 "output" => info.output = v,
+                "sha256" => info.output_sha256 = v,
                 "accepted" => info.accepted = v.parse().unwrap_or(0),
                 "handbacks" => info.handbacks = v.parse().unwrap_or(0),
                 "error" => info.error = v,
