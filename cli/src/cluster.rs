@@ -92,10 +92,22 @@ pub fn read_server_pem(
     })
 }
 
+/// How long a metric series lives without an update: series of a job or a worker
+/// gone that long (labels `job`, `worker`) leave `/metrics`, so the series do not grow
+/// with every job and worker ever seen. Counters that come back start from zero,
+/// which Prometheus reads as a reset.
+pub const METRICS_IDLE: Duration = Duration::from_secs(3600);
+
+/// The Prometheus exporter's settings, for the coordinator and the workers.
+fn prometheus(idle: Duration) -> metrics_exporter_prometheus::PrometheusBuilder {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .idle_timeout(metrics_util::MetricKindMask::ALL, Some(idle))
+}
+
 /// Serves Prometheus text on `http://addr/metrics` (any path answers).
 fn install_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     if let Some(addr) = addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
+        prometheus(METRICS_IDLE)
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
@@ -108,7 +120,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let http = match &a.http_listen {
             Some(addr) => {
-                let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                let handle = prometheus(METRICS_IDLE)
                     .install_recorder()
                     .context("cannot install the metrics recorder")?;
                 let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (--http-listen)"))?;
@@ -631,4 +643,26 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         let _ = server.await;
         outcome
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_jobs_long_gone_leave_the_metrics() {
+        let recorder = prometheus(Duration::from_millis(200)).build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("defuse_shard_leases_total", "job" => "old-job").increment(1);
+        });
+        assert!(handle.render().contains("old-job"));
+        std::thread::sleep(Duration::from_millis(400));
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("defuse_shard_leases_total", "job" => "new-job").increment(1);
+        });
+        let text = handle.render();
+        assert!(text.contains("new-job"), "{text}");
+        assert!(!text.contains("old-job"), "an idle series was kept: {text}");
+    }
 }

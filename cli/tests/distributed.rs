@@ -599,3 +599,55 @@ fn distributed_fine_tune_survives_killed_workers_and_a_restarted_coordinator() {
         }
     }
 }
+
+/// A worker whose files at `data.path` are not the ones the job was planned with (a
+/// volume mounted from another copy, a file rewritten since) refuses the task, for
+/// good, naming the file: the job fails instead of searching other images.
+#[test]
+fn a_worker_with_other_data_refuses_the_job_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    // the job's own copy of the data, inside the folder the coordinator allows
+    let data = dir.join("data-copy");
+    std::fs::create_dir_all(&data).unwrap();
+    for e in std::fs::read_dir(repo().join("data/mnist")).unwrap() {
+        let e = e.unwrap();
+        if !e.file_name().to_string_lossy().starts_with('.') {
+            std::fs::copy(e.path(), data.join(e.file_name())).unwrap();
+        }
+    }
+    let cfg = dir.join("job.toml");
+    std::fs::write(
+        &cfg,
+        config(&dir.join("o"), &clf, &vae).replace(
+            &repo().join("data/mnist").display().to_string(),
+            &data.display().to_string(),
+        ),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&cfg).unwrap().contains("data-copy"));
+    let mut c = Cluster::start(dir);
+    let job = c.submit(&cfg);
+    c.wait_for(&job, "identify planned", Duration::from_secs(120), |s| {
+        s["step"] == "identify"
+    });
+    // the data changes between the plan and the worker
+    let labels = data.join("t10k-labels-idx1-ubyte");
+    let mut b = std::fs::read(&labels).unwrap();
+    let last = b.len() - 1;
+    b[last] = (b[last] + 1) % 10;
+    std::fs::write(&labels, b).unwrap();
+    c.start_worker(&[]);
+    let s = c.wait_for(&job, "failed", Duration::from_secs(120), |s| {
+        s["state"] == "failed"
+    });
+    let err = s["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("t10k-labels-idx1-ubyte")
+            && err.contains("not the data the job was planned with"),
+        "{err}"
+    );
+    // refused for good: one attempt, not --max-attempts of them
+    assert!(err.contains("attempt 1"), "{err}");
+}

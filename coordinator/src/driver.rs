@@ -482,9 +482,17 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let cfg = job_config(c, rec)?;
     let dir = c.job_dir(rec, &cfg);
     crate::folder::restore_job(c, rec, &dir).await?;
-    let (model_files, ranges, done) = blocking("models step", move || {
+    let (model_files, ranges, done, manifest) = blocking("models step", move || {
         let p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
-        Ok((p.model_files(), p.shard_ranges(), p.identify_done()))
+        // what workers must see at data.path: recorded with the plan
+        let manifest = defuse_core::data::manifest::DataManifest::of(&cfg.data.path)
+            .map_err(|e| e.to_string())?;
+        Ok((
+            p.model_files(),
+            p.shard_ranges(),
+            p.identify_done(),
+            manifest,
+        ))
     })
     .await?;
     if ranges.len() > defuse_core::limits::MAX_SHARDS {
@@ -506,7 +514,11 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
         async move { a.put_file(&key, &path).await.map(|()| key) }
     };
     let (clf, vae, dec) = model_files;
+    let manifest_json = serde_json::to_vec(&manifest).expect("a manifest serialises");
+    a.put(&keys::data_manifest(&rec.id), manifest_json.into())
+        .await?;
     let plan = Plan {
+        data_digest: manifest.digest(),
         classifier_key: upload(clf, "classifier").await?,
         vae_key: upload(vae, "vae").await?,
         vae_decoder_key: match dec {

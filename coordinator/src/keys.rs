@@ -3,7 +3,8 @@
 //!
 //! | key | what |
 //! | --- | --- |
-//! | `plan.json` | identify's plan: shard ranges, model keys |
+//! | `plan.json` | identify's plan: shard ranges, model keys, the data's digest |
+//! | `data-manifest.json` | the data's files, sizes and hashes when the job was planned |
 //! | `models/<name>.<ext>` | the models workers load (trained or given) |
 //! | `identify/shard-<n>/attempt-<a>.safetensors` | a shard attempt's output |
 //! | `finetune/plan.json`, `finetune/scenario-train.safetensors` | the fine-tune's plan and samples |
@@ -20,6 +21,11 @@ pub fn job_prefix(job: &str) -> String {
 
 pub fn plan(job: &str) -> String {
     format!("jobs/{job}/plan.json")
+}
+
+/// The manifest of the job's data when it was planned (`DataManifest`).
+pub fn data_manifest(job: &str) -> String {
+    format!("jobs/{job}/data-manifest.json")
 }
 
 /// A model workers load; `file` is its name with the extension it came with.

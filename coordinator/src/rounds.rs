@@ -44,7 +44,15 @@ pub(crate) async fn start(
         &input.classifier,
     )
     .await?;
+    // the parts read the training split: the data identify was planned with
+    let data_digest = match a.get(&keys::plan(job)).await {
+        Ok(b) => serde_json::from_slice::<crate::state::Plan>(&b)
+            .map(|p| p.data_digest)
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
     let plan = RoundsPlan {
+        data_digest,
         rounds: input.rounds,
         parts: input.parts,
         extension: input.extension.clone(),

@@ -51,7 +51,16 @@ fn identify_task(
             classifier_key: plan.classifier_key.clone(),
             vae_key: plan.vae_key.clone(),
             vae_decoder_key: plan.vae_decoder_key.clone(),
+            data: data_identity(&rec.id, &plan.data_digest),
         })),
+    })
+}
+
+/// What a worker checks its data against (nothing for plans without a digest).
+fn data_identity(job: &str, digest: &str) -> Option<DataIdentity> {
+    (!digest.is_empty()).then(|| DataIdentity {
+        digest: digest.to_string(),
+        manifest_key: keys::data_manifest(job),
     })
 }
 
@@ -79,6 +88,7 @@ fn finetune_task(
             checkpoint_key: keys::checkpoint(&rec.id, r, &plan.extension),
             scenario_key: plan.scenario_key.clone(),
             model_extension: plan.extension.clone(),
+            data: data_identity(&rec.id, &plan.data_digest),
         })),
     }
 }

@@ -116,6 +116,10 @@ pub(crate) struct Plan {
     pub classifier_key: String,
     pub vae_key: String,
     pub vae_decoder_key: String,
+    /// The digest of the data's manifest (`keys::data_manifest`) when planned; empty
+    /// in plans of older releases (then workers do not check).
+    #[serde(default)]
+    pub data_digest: String,
     /// When identify was planned (ms since the epoch): its duration is measured from here.
     #[serde(default)]
     pub planned_ms: u64,
@@ -134,6 +138,9 @@ pub(crate) struct RoundsPlan {
     pub num_classes: i64,
     /// The correct step's hash, handed back in `rounds-done.json`.
     pub hash: String,
+    /// The data's digest from identify's plan (empty: not checked).
+    #[serde(default)]
+    pub data_digest: String,
     /// When the fine-tune was planned (ms since the epoch).
     #[serde(default)]
     pub planned_ms: u64,

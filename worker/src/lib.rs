@@ -350,14 +350,63 @@ async fn fetch(
     Ok(path)
 }
 
-/// The dataset of a job config, loaded once per worker.
+/// The data a task's job was planned with: its manifest's digest, and the manifest
+/// (downloaded) to name what differs.
+struct PlannedData {
+    digest: String,
+    manifest: PathBuf,
+}
+
+/// Downloads the manifest a task names (none: the job's plan has no digest).
+async fn planned_data(
+    store: &Arc<dyn ArtifactStore>,
+    data: Option<&DataIdentity>,
+    cache: &std::path::Path,
+) -> Result<Option<PlannedData>, TaskError> {
+    let Some(d) = data.filter(|d| !d.digest.is_empty()) else {
+        return Ok(None);
+    };
+    let manifest = fetch(store, &d.manifest_key, cache).await?;
+    Ok(Some(PlannedData {
+        digest: d.digest.clone(),
+        manifest,
+    }))
+}
+
+/// The dataset of a job config, loaded once per worker and data digest. With the
+/// digest the job was planned with, the files at `data.path` are checked first: a
+/// worker that sees other data refuses (not retryable: no attempt here will see the
+/// right data), naming the first file that differs.
 fn dataset(
     datasets: &Mutex<HashMap<String, Arc<Dataset>>>,
     job_cfg: &JobConfig,
+    planned: Option<&PlannedData>,
 ) -> defuse_core::Result<Arc<Dataset>> {
-    let key = serde_json::to_string(&job_cfg.data).unwrap_or_default();
+    use defuse_core::data::manifest::DataManifest;
+    let key = format!(
+        "{}|{}",
+        serde_json::to_string(&job_cfg.data).unwrap_or_default(),
+        planned.map_or("", |p| p.digest.as_str())
+    );
     if let Some(d) = datasets.lock().unwrap().get(&key).cloned() {
         return Ok(d);
+    }
+    if let Some(p) = planned {
+        let seen = DataManifest::of(&job_cfg.data.path)?;
+        if seen.digest() != p.digest {
+            let why = std::fs::read(&p.manifest)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<DataManifest>(&b).ok())
+                .and_then(|m| m.difference(&seen))
+                .unwrap_or_else(|| "its files differ".into());
+            return Err(defuse_core::Error::invalid(
+                "data.path",
+                format!(
+                    "{}: this worker's data is not the data the job was planned with: {why}",
+                    job_cfg.data.path.display()
+                ),
+            ));
+        }
     }
     let d = Arc::new(job_cfg.data.load()?);
     datasets.lock().unwrap().insert(key, d.clone());
@@ -384,6 +433,10 @@ async fn finetune(
     ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e),
+    };
+    let planned = match planned_data(store, spec.data.as_ref(), &cache).await {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e),
     };
     let ext = if spec.model_extension == "pt" {
         "pt"
@@ -419,7 +472,7 @@ async fn finetune(
             let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
             task_error(FailureKind::Execution, retryable, e.to_string())
         };
-        let ds = dataset(&datasets, &job_cfg).map_err(exec)?;
+        let ds = dataset(&datasets, &job_cfg, planned.as_ref()).map_err(exec)?;
         let mut clf = Classifier::load(
             &ckpt_local,
             ds.image_shape(),
@@ -521,6 +574,10 @@ async fn execute(
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
     };
+    let planned = match planned_data(store, spec.data.as_ref(), &cache).await {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e),
+    };
     let dec_path = if spec.vae_decoder_key.is_empty() {
         None
     } else {
@@ -545,7 +602,7 @@ async fn execute(
                 Ended::Failed(task_error(FailureKind::Execution, retryable, e.to_string()))
             }
         };
-        let ds = dataset(&datasets, &job_cfg).map_err(exec)?;
+        let ds = dataset(&datasets, &job_cfg, planned.as_ref()).map_err(exec)?;
         let shape = ds.image_shape();
         let clf =
             Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::http::{header, HeaderMap, Method};
+use axum::http::{header, HeaderMap, Method, Uri};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -231,7 +231,7 @@ fn cookies(h: &HeaderMap) -> impl Iterator<Item = cookie::Cookie<'_>> {
 /// Whether a request comes from another site: a state-changing method whose `Origin`
 /// names another host than `Host`, or whose `Sec-Fetch-Site` says `cross-site`.
 /// Requests without these headers (API clients, the CLI) are not cross-site.
-pub fn cross_site(method: &Method, h: &HeaderMap) -> bool {
+pub fn cross_site(method: &Method, uri: &Uri, h: &HeaderMap) -> bool {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return false;
     }
@@ -239,15 +239,25 @@ pub fn cross_site(method: &Method, h: &HeaderMap) -> bool {
     if get("sec-fetch-site") == Some("cross-site") {
         return true;
     }
-    match (get("origin"), get("host")) {
+    // behind a proxy that rewrites Host, the public host is in X-Forwarded-Host (a
+    // page of another site cannot set that header without asking first)
+    // (HTTP/2 names the host in the URI's authority, not in a Host header)
+    let hosts = [
+        get("host"),
+        uri.authority().map(|a| a.as_str()),
+        get("x-forwarded-host").map(|h| h.split(',').next().unwrap_or("").trim()),
+    ];
+    match get("origin") {
+        None => false,
         // "null" is what a sandboxed or file:// page sends
-        (Some("null"), _) => true,
-        (Some(origin), Some(host)) => {
+        Some("null") => true,
+        Some(origin) => {
             let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
-            !origin_host.eq_ignore_ascii_case(host)
+            !hosts
+                .iter()
+                .flatten()
+                .any(|h| origin_host.eq_ignore_ascii_case(h))
         }
-        (Some(_), None) => true,
-        (None, _) => false,
     }
 }
 
@@ -352,22 +362,45 @@ mod tests {
             h
         };
         let post = Method::POST;
-        assert!(!cross_site(&post, &h(&[("host", "a:8080")])));
+        let root: Uri = "/".parse().unwrap();
+        assert!(!cross_site(&post, &root, &h(&[("host", "a:8080")])));
         assert!(!cross_site(
             &post,
+            &root,
             &h(&[("host", "a:8080"), ("origin", "http://a:8080")])
         ));
         assert!(cross_site(
             &post,
+            &root,
             &h(&[("host", "a:8080"), ("origin", "https://evil.example")])
         ));
         assert!(cross_site(
             &post,
+            &root,
             &h(&[("host", "a:8080"), ("origin", "null")])
         ));
-        assert!(cross_site(&post, &h(&[("sec-fetch-site", "cross-site")])));
+        assert!(cross_site(
+            &post,
+            &root,
+            &h(&[("sec-fetch-site", "cross-site")])
+        ));
+        // HTTP/2: the host is the URI's authority
+        let h2: Uri = "https://a:8443/api/jobs".parse().unwrap();
+        assert!(!cross_site(&post, &h2, &h(&[("origin", "https://a:8443")])));
+        assert!(cross_site(&post, &h2, &h(&[("origin", "https://b:8443")])));
+        // a proxy that rewrites Host passes the public one on
+        assert!(!cross_site(
+            &post,
+            &root,
+            &h(&[
+                ("host", "defuse.svc:8080"),
+                ("x-forwarded-host", "defuse.example.com"),
+                ("origin", "https://defuse.example.com")
+            ])
+        ));
         assert!(!cross_site(
             &Method::GET,
+            &root,
             &h(&[("host", "a"), ("origin", "http://b")])
         ));
     }

@@ -88,7 +88,7 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
 /// A state-changing request from another site's page is refused before anything
 /// else looks at it (with or without a token).
 async fn refuse_cross_site(req: Request, next: Next) -> Response {
-    if access::cross_site(req.method(), req.headers()) {
+    if access::cross_site(req.method(), req.uri(), req.headers()) {
         return (
             StatusCode::FORBIDDEN,
             "refused: a cross-site request (its Origin is another site)\n",

@@ -3,6 +3,7 @@
 //! Pixels are kept as bytes (HWC) and become float32 NCHW in [0,1] one batch at a time.
 mod folder;
 pub mod idx;
+pub mod manifest;
 pub mod mat;
 
 use std::ops::Range;

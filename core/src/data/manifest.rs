@@ -1,0 +1,143 @@
+//! The identity of a data set on disk: every regular file under `data.path` (links
+//! followed, names starting with `.` skipped), with its size and SHA-256, and one
+//! digest over them. A job records its data's manifest when it is planned; a worker
+//! whose copy differs refuses the job's tasks, naming the first file that differs,
+//! instead of searching other images than the coordinator planned.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Files of a data folder, sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataManifest {
+    pub files: Vec<DataFile>,
+}
+
+/// One file of a data folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFile {
+    /// Path below the data folder, `/`-separated.
+    pub name: String,
+    pub size: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+}
+
+impl DataManifest {
+    /// The manifest of the folder `dir` (reads every file once).
+    pub fn of(dir: &Path) -> Result<DataManifest> {
+        let bad = |p: &Path, e: std::io::Error| {
+            Error::invalid("data.path", format!("{}: {e}", p.display()))
+        };
+        let mut files = Vec::new();
+        let mut stack = vec![(dir.to_path_buf(), String::new())];
+        while let Some((folder, prefix)) = stack.pop() {
+            let entries = std::fs::read_dir(&folder).map_err(|e| bad(&folder, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| bad(&folder, e))?;
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                // links followed: a data folder is often a link into a cache
+                let meta = std::fs::metadata(&path).map_err(|e| bad(&path, e))?;
+                let rel = format!("{prefix}{name}");
+                if meta.is_dir() {
+                    stack.push((path, format!("{rel}/")));
+                } else if meta.is_file() {
+                    let sha256 = crate::artifacts::sha256_file(&path).map_err(|e| bad(&path, e))?;
+                    files.push(DataFile {
+                        name: rel,
+                        size: meta.len(),
+                        sha256,
+                    });
+                }
+            }
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(DataManifest { files })
+    }
+
+    /// One SHA-256 (hex) over every file's name, size and hash.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for f in &self.files {
+            h.update(format!("{}\t{}\t{}\n", f.name, f.size, f.sha256).as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
+
+    /// How the data `seen` here differs from this manifest (the one the job was
+    /// planned with), naming the first file that differs; `None` when they are equal.
+    pub fn difference(&self, seen: &DataManifest) -> Option<String> {
+        let planned: std::collections::BTreeMap<&str, &DataFile> =
+            self.files.iter().map(|f| (f.name.as_str(), f)).collect();
+        let here: std::collections::BTreeMap<&str, &DataFile> =
+            seen.files.iter().map(|f| (f.name.as_str(), f)).collect();
+        for (name, p) in &planned {
+            match here.get(name) {
+                None => return Some(format!("{name} is missing here")),
+                Some(h) if h.size != p.size => {
+                    return Some(format!(
+                        "{name} has {} bytes here, {} in the job's data",
+                        h.size, p.size
+                    ))
+                }
+                Some(h) if h.sha256 != p.sha256 => {
+                    return Some(format!(
+                        "{name} differs (SHA-256 {} here, {} in the job's data)",
+                        h.sha256, p.sha256
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        here.keys()
+            .find(|n| !planned.contains_key(*n))
+            .map(|n| format!("{n} is here but not in the job's data"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_file_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        std::fs::write(d.join("a/x.png"), b"one").unwrap();
+        std::fs::write(d.join("labels.txt"), b"0 1").unwrap();
+        std::fs::write(d.join(".hidden"), b"skipped").unwrap();
+        let planned = DataManifest::of(d).unwrap();
+        assert_eq!(
+            planned
+                .files
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a/x.png", "labels.txt"]
+        );
+        assert_eq!(planned.difference(&DataManifest::of(d).unwrap()), None);
+        let digest = planned.digest();
+
+        std::fs::write(d.join("a/x.png"), b"two").unwrap();
+        let seen = DataManifest::of(d).unwrap();
+        assert_ne!(seen.digest(), digest);
+        let why = planned.difference(&seen).unwrap();
+        assert!(why.contains("a/x.png") && why.contains("differs"), "{why}");
+
+        std::fs::remove_file(d.join("labels.txt")).unwrap();
+        std::fs::write(d.join("a/x.png"), b"one").unwrap();
+        let why = planned.difference(&DataManifest::of(d).unwrap()).unwrap();
+        assert!(
+            why.contains("labels.txt") && why.contains("missing"),
+            "{why}"
+        );
+    }
+}
