@@ -80,6 +80,9 @@ pub struct HttpLimits {
     /// A request head (line and headers) must arrive within this, and a TLS
     /// handshake too.
     pub header_timeout: std::time::Duration,
+    /// A connection that moves no byte either way for this long is closed (an idle
+    /// keep-alive connection, a client that connects and says nothing).
+    pub idle_timeout: std::time::Duration,
     /// A connection is closed after this long in all (a long download included).
     pub connection_timeout: std::time::Duration,
     /// Connections served at once; more wait in the listen backlog.
@@ -94,6 +97,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             header_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
             connection_timeout: std::time::Duration::from_secs(600),
             max_connections: 512,
             logins_per_minute: 10,

@@ -418,6 +418,13 @@ async fn attacks_on_a_running_coordinator_are_refused() {
             String::from_utf8_lossy(&buf).to_string(),
         )
     });
+    // and one that connects and says nothing at all
+    let silent = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).is_ok()
+    });
     // meanwhile others are served
     let (code, _, _) = http_async(port, "GET", "/healthz".into(), vec![], String::new()).await;
     assert_eq!(code, 200);
@@ -429,6 +436,10 @@ async fn attacks_on_a_running_coordinator_are_refused() {
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "the slow client got an answer: {answer:?} after {after:?}"
+    );
+    assert!(
+        silent.await.unwrap(),
+        "the server closed the silent connection (the client's 30 s read timeout did not fire)"
     );
 
     let _ = stop_tx.send(());

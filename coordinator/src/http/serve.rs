@@ -1,14 +1,19 @@
 //! The HTTP listener: one task per connection, plain or TLS, under
-//! [`HttpLimits`]: a request head (and a TLS handshake) must arrive within
-//! `header_timeout`, a connection lasts at most `connection_timeout`, and at most
-//! `max_connections` are served at once (more wait in the listen backlog). A slow
-//! or silent client costs one connection slot for a bounded time, nothing more.
+//! [`HttpLimits`]: the first byte and then the whole request head (and a TLS
+//! handshake) must arrive within `header_timeout`; a connection that moves no byte
+//! for `idle_timeout` is closed; a connection lasts at most `connection_timeout`; at
+//! most `max_connections` are served at once (more wait in the listen backlog). A
+//! slow or silent client costs one connection slot for a bounded time, nothing more.
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::state::HttpLimits;
 
@@ -80,6 +85,8 @@ pub async fn serve(
             (app.clone(), tls.clone(), limits.clone(), stop_rx.clone());
         conns.spawn(async move {
             let _slot = slot;
+            let tcp = Tracked::new(tcp);
+            let activity = tcp.activity.clone();
             let app = tower::ServiceExt::map_request(
                 app,
                 move |mut r: axum::extract::Request<hyper::body::Incoming>| {
@@ -103,11 +110,15 @@ pub async fn serve(
                     }
                 }
             };
-            if tokio::time::timeout(limits.connection_timeout, whole)
-                .await
-                .is_err()
-            {
-                tracing::debug!(%peer, "http connection closed at its time limit");
+            tokio::select! {
+                r = tokio::time::timeout(limits.connection_timeout, whole) => {
+                    if r.is_err() {
+                        tracing::debug!(%peer, "http connection closed at its time limit");
+                    }
+                }
+                () = activity.idle(limits.header_timeout, limits.idle_timeout) => {
+                    tracing::debug!(%peer, "http connection closed: quiet too long");
+                }
             }
         });
     }
@@ -156,4 +167,114 @@ async fn connection<I, S>(
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+}
+
+/// When a connection last moved a byte, in ms since it was accepted.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    /// Whether any byte has come in yet.
+    spoke: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    fn touch(&self, read: bool) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+        if read {
+            self.spoke.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns once the connection has been quiet too long: `first` before its first
+    /// byte, `idle` after.
+    async fn idle(&self, first: Duration, idle: Duration) {
+        loop {
+            let limit = if self.spoke.load(Ordering::Relaxed) {
+                idle
+            } else {
+                first
+            };
+            let quiet = self
+                .start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)));
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep((limit - quiet).max(Duration::from_millis(50))).await;
+        }
+    }
+}
+
+/// A stream that records when it last moved a byte (see [`Activity`]).
+struct Tracked<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I> Tracked<I> {
+    fn new(io: I) -> Tracked<I> {
+        Tracked {
+            io,
+            activity: Arc::new(Activity {
+                start: Instant::now(),
+                last_ms: AtomicU64::new(0),
+                spoke: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch(true);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch(false);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch(false);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
