@@ -92,13 +92,15 @@ pub fn read_server_pem(
     })
 }
 
-/// How long a metric series lives without an update: series of a job or a worker
-/// gone that long (labels `job`, `worker`) leave `/metrics`, so the series do not grow
-/// with every job and worker ever seen. Counters that come back start from zero,
-/// which Prometheus reads as a reset.
+/// How long a coordinator's metric series lives without an update: the series of
+/// a job or a worker gone that long (labels `job`, `worker`) leave `/metrics`, so
+/// they do not grow with every job and worker ever seen. The coordinator's own
+/// series are set every tick and stay; an event counter that saw no event for that
+/// long leaves too and comes back from zero (Prometheus reads a counter reset).
+/// Workers' series are bounded (no job label) and never pruned.
 pub const METRICS_IDLE: Duration = Duration::from_secs(3600);
 
-/// The Prometheus exporter's settings, for the coordinator and the workers.
+/// The coordinator's Prometheus exporter: series idle for `idle` are dropped.
 fn prometheus(idle: Duration) -> metrics_exporter_prometheus::PrometheusBuilder {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .idle_timeout(metrics_util::MetricKindMask::ALL, Some(idle))
@@ -107,7 +109,7 @@ fn prometheus(idle: Duration) -> metrics_exporter_prometheus::PrometheusBuilder 
 /// Serves Prometheus text on `http://addr/metrics` (any path answers).
 fn install_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     if let Some(addr) = addr {
-        prometheus(METRICS_IDLE)
+        metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("cannot serve metrics on {addr}"))?;

@@ -482,11 +482,21 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let cfg = job_config(c, rec)?;
     let dir = c.job_dir(rec, &cfg);
     crate::folder::restore_job(c, rec, &dir).await?;
+    // the paths again, now that the job reads them (one created, or swapped for a
+    // link, since submit), and every file of the data folder as its manifest is taken
+    let roots = c.inner.cfg.allowed_roots.clone();
+    if let Some(roots) = &roots {
+        crate::paths::check_job(&cfg, roots).map_err(|e| StepError::fatal(e.to_string()))?;
+    }
     let (model_files, ranges, done, manifest) = blocking("models step", move || {
+        // what workers must see at data.path, recorded with the plan; taken before
+        // anything reads the data
+        let allowed =
+            |real: &std::path::Path| roots.as_ref().is_none_or(|r| crate::paths::within(real, r));
+        let manifest =
+            defuse_core::data::manifest::DataManifest::of_within(&cfg.data.path, &allowed)
+                .map_err(|e| e.to_string())?;
         let p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
-        // what workers must see at data.path: recorded with the plan
-        let manifest = defuse_core::data::manifest::DataManifest::of(&cfg.data.path)
-            .map_err(|e| e.to_string())?;
         Ok((
             p.model_files(),
             p.shard_ranges(),

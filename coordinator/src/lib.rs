@@ -26,6 +26,7 @@ mod api;
 mod driver;
 mod error;
 mod folder;
+mod paths;
 mod rounds;
 mod server;
 mod service;

@@ -52,6 +52,10 @@ pub fn jobs(active: &[JobRecord], finished: u64) {
         gauge!("defuse_jobs", "state" => state).set(n as f64);
     }
     gauge!("defuse_jobs", "state" => "finished").set(finished as f64);
+    // kept alive (the exporter drops series idle for an hour): dashboards rate them
+    for state in ["done", "failed", "cancelled"] {
+        counter!("defuse_jobs_finished_total", "state" => state).increment(0);
+    }
 }
 
 /// A job reached a final state (`done`, `failed`, `cancelled`).

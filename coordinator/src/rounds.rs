@@ -44,12 +44,18 @@ pub(crate) async fn start(
         &input.classifier,
     )
     .await?;
+    let sha = defuse_core::artifacts::sha256_file(&input.classifier)
+        .map_err(|e| StepError::fatal(format!("{}: {e}", input.classifier.display())))?;
+    c.inner.store.put_checkpoint_sha256(job, 0, &sha).await?;
     // the parts read the training split: the data identify was planned with
+    // (none when identify ran in the job folder before it was published: nothing to
+    // check against; a store error is retried, not taken for "no digest")
     let data_digest = match a.get(&keys::plan(job)).await {
         Ok(b) => serde_json::from_slice::<crate::state::Plan>(&b)
             .map(|p| p.data_digest)
-            .unwrap_or_default(),
-        Err(_) => String::new(),
+            .map_err(|e| StepError::fatal(format!("identify plan of {job}: {e}")))?,
+        Err(defuse_core::artifacts::ArtifactError::NotFound { .. }) => String::new(),
+        Err(e) => return Err(e.into()),
     };
     let plan = RoundsPlan {
         data_digest,
@@ -160,7 +166,13 @@ pub(crate) async fn average(
         artifacts: c.inner.artifacts.clone(),
         ext: ext.clone(),
     };
-    let start = exchange.start(&job, round, &dir).await?;
+    let start_sha = c
+        .inner
+        .store
+        .checkpoint_sha256(&job, round as u32)
+        .await?
+        .unwrap_or_default();
+    let start = exchange.start(&job, round, &dir, &start_sha).await?;
     let outputs: Vec<PartOutput> = shards
         .iter()
         .map(|s| {
@@ -230,8 +242,12 @@ pub(crate) async fn average(
         )
         .await?;
     c.inner.local().last_round.insert(job.clone(), epoch);
-    // publish: the object first, then the step that names it
-    exchange.publish(&job, round + 1, &next).await?;
+    // publish: the object first, then its hash, then the step that names it
+    let sha = exchange.publish(&job, round + 1, &next).await?;
+    c.inner
+        .store
+        .put_checkpoint_sha256(&job, round as u32 + 1, &sha)
+        .await?;
     if round + 1 < plan.rounds {
         return Ok(Phase::FineTune(round + 1));
     }
@@ -298,8 +314,15 @@ pub(crate) struct PartOutput {
 /// a second one (DESIGN.md, "Where NCCL would plug in").
 #[async_trait::async_trait]
 pub(crate) trait Exchange: Send + Sync {
-    /// Round `round`'s starting checkpoint, as a local file under `dir`.
-    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, StepError>;
+    /// Round `round`'s starting checkpoint, as a local file under `dir`, checked
+    /// against the SHA-256 recorded when it was published (empty: not checked).
+    async fn start(
+        &self,
+        job: &str,
+        round: usize,
+        dir: &Path,
+        sha256: &str,
+    ) -> Result<PathBuf, StepError>;
     /// The parts' checkpoints, as local files under `dir`, each checked to be what
     /// was accepted.
     async fn collect(
@@ -308,8 +331,9 @@ pub(crate) trait Exchange: Send + Sync {
         outputs: &[PartOutput],
         dir: &Path,
     ) -> Result<Vec<(usize, PathBuf)>, StepError>;
-    /// Makes `file` round `round`'s checkpoint, for every worker to start from.
-    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), StepError>;
+    /// Makes `file` round `round`'s checkpoint, for every worker to start from;
+    /// returns its SHA-256, for the caller to record.
+    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<String, StepError>;
 }
 
 /// Checkpoints in and out through the artifact store (S3 or a folder).
@@ -320,12 +344,22 @@ pub(crate) struct StoreExchange {
 
 #[async_trait::async_trait]
 impl Exchange for StoreExchange {
-    async fn start(&self, job: &str, round: usize, dir: &Path) -> Result<PathBuf, StepError> {
+    async fn start(
+        &self,
+        job: &str,
+        round: usize,
+        dir: &Path,
+        sha256: &str,
+    ) -> Result<PathBuf, StepError> {
         let path = dir.join(format!("round-{round:04}.{}", self.ext));
-        self.artifacts
-            .get_file(&keys::checkpoint(job, round, &self.ext), &path)
-            .await
-            .map_err(|e| StepError::from(e).context(format!("checkpoint of round {round}")))?;
+        defuse_core::artifacts::get_file_checked(
+            self.artifacts.as_ref(),
+            &keys::checkpoint(job, round, &self.ext),
+            &path,
+            sha256,
+        )
+        .await
+        .map_err(|e| StepError::from(e).context(format!("checkpoint of round {round}")))?;
         Ok(path)
     }
 
@@ -346,10 +380,13 @@ impl Exchange for StoreExchange {
         Ok(parts)
     }
 
-    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<(), StepError> {
+    async fn publish(&self, job: &str, round: usize, file: &Path) -> Result<String, StepError> {
+        let sha = defuse_core::artifacts::sha256_file(file)
+            .map_err(|e| StepError::fatal(format!("{}: {e}", file.display())))?;
         self.artifacts
             .put_file(&keys::checkpoint(job, round, &self.ext), file)
             .await
-            .map_err(|e| StepError::from(e).context(format!("checkpoint of round {round}")))
+            .map_err(|e| StepError::from(e).context(format!("checkpoint of round {round}")))?;
+        Ok(sha)
     }
 }

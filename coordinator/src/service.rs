@@ -21,8 +21,8 @@ use crate::store::{now_ms, Attempt, FailOutcome, Failure, Fenced, JobRecord, Sta
 /// What a leased shard's task is built from.
 enum TaskSource {
     Identify(Arc<Plan>),
-    /// A round's plan, and the round.
-    Round(Arc<crate::state::RoundsPlan>, u32),
+    /// A round's plan, the round, and its checkpoint's SHA-256 (empty: not recorded).
+    Round(Arc<crate::state::RoundsPlan>, u32, String),
 }
 
 /// The task of identify shard `lease.shard`.
@@ -70,6 +70,7 @@ fn finetune_task(
     rec: &JobRecord,
     round: u32,
     plan: &crate::state::RoundsPlan,
+    checkpoint_sha256: String,
     lease: &crate::store::Lease,
 ) -> Task {
     let r = round as usize;
@@ -86,6 +87,7 @@ fn finetune_task(
         output_key: keys::part_output(&rec.id, r, lease.shard, lease.attempt, &plan.extension),
         spec: Some(task::Spec::Finetune(FineTuneSpec {
             checkpoint_key: keys::checkpoint(&rec.id, r, &plan.extension),
+            checkpoint_sha256,
             scenario_key: plan.scenario_key.clone(),
             model_extension: plan.extension.clone(),
             data: data_identity(&rec.id, &plan.data_digest),
@@ -183,10 +185,17 @@ impl WorkerService for Coordinator {
             // what the task needs is read before the lease is taken: a failed read
             // leaves the shard pending and burns no attempt
             let source = match stage {
-                Stage::Round(r) => match self.rounds_plan(rec).await {
-                    Ok(p) => TaskSource::Round(p, r),
-                    Err(e) => {
+                Stage::Round(r) => match (
+                    self.rounds_plan(rec).await,
+                    self.inner.store.checkpoint_sha256(&rec.id, r).await,
+                ) {
+                    (Ok(p), Ok(sha)) => TaskSource::Round(p, r, sha.unwrap_or_default()),
+                    (Err(e), _) => {
                         tracing::warn!(job = %rec.id, error = %e, "fine-tune plan unreadable: leasing from other jobs");
+                        continue;
+                    }
+                    (_, Err(e)) => {
+                        tracing::warn!(job = %rec.id, error = %e, "checkpoint hash unreadable: leasing from other jobs");
                         continue;
                     }
                 },
@@ -213,7 +222,7 @@ impl WorkerService for Coordinator {
             tracing::info!(job = %rec.id, unit = %stage.unit(lease.shard), attempt = lease.attempt, worker = %worker, "shard leased");
             crate::metrics::lease(&rec.id);
             let task = match source {
-                TaskSource::Round(plan, r) => finetune_task(rec, r, &plan, &lease),
+                TaskSource::Round(plan, r, sha) => finetune_task(rec, r, &plan, sha, &lease),
                 TaskSource::Identify(plan) => identify_task(rec, &plan, &lease)?,
             };
             return Ok(Response::new(LeaseResponse {

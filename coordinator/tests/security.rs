@@ -316,9 +316,32 @@ async fn attacks_on_a_running_coordinator_are_refused() {
     assert!(!set_cookie.contains("Secure"), "plain HTTP: {set_cookie}");
     let pair = set_cookie.split(';').next().unwrap().to_string();
     let cookie = format!("Cookie: {pair}");
-    let (code, _, page) =
+    let (code, head, page) =
         http_async(port, "GET", "/".into(), vec![cookie.clone()], String::new()).await;
     assert_eq!(code, 200);
+    // the page runs no script and cannot be framed or sniffed
+    let head_lc = head.to_ascii_lowercase();
+    for h in [
+        "content-security-policy: default-src 'none'",
+        "frame-ancestors 'none'",
+        "x-content-type-options: nosniff",
+    ] {
+        assert!(head_lc.contains(h), "{h}: {head}");
+    }
+    // sign-in sends the browser back only to a path of this site
+    let (code, head, _) = http_async(
+        port,
+        "POST",
+        "/login".into(),
+        vec![form.clone()],
+        format!("token={USER}&next=/%09/evil.example"),
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("location: /\r\n"),
+        "{head:?}"
+    );
     // a cookie altered by hand (a later expiry) is refused
     let value = pair.split_once('=').unwrap().1;
     let mut parts: Vec<&str> = value.split('.').collect();
@@ -385,7 +408,7 @@ async fn attacks_on_a_running_coordinator_are_refused() {
     assert_ne!(code, 403, "{text}");
     assert!(!text.contains("CSRF"), "{text}");
 
-    // ---- /login is rate limited per address (4 a minute here; 2 used above) ----
+    // ---- /login is rate limited per address (4 a minute here; 3 used above) ----
     let mut codes = Vec::new();
     for _ in 0..3 {
         let (code, head, _) = http_async(
@@ -401,7 +424,7 @@ async fn attacks_on_a_running_coordinator_are_refused() {
         }
         codes.push(code);
     }
-    assert_eq!(codes, [401, 401, 429]);
+    assert_eq!(codes, [401, 429, 429]);
 
     // ---- a client that sends its request head slowly is cut off ----
     let slow = tokio::task::spawn_blocking(move || {

@@ -513,6 +513,19 @@ async fn rounds(s: &dyn StateStore, t0: u64) {
     .unwrap();
     s.plan_shards("h", r1, 2, t0, 9).await.unwrap();
     assert_eq!(s.counts("h", r1).await.unwrap().total, 0, "not its round");
+    // each round's checkpoint hash is recorded, beside the job (not in the bucket)
+    assert_eq!(s.checkpoint_sha256("h", 0).await.unwrap(), None);
+    s.put_checkpoint_sha256("h", 0, SHA).await.unwrap();
+    s.put_checkpoint_sha256("h", 0, SHA).await.unwrap(); // a step run again
+    assert_eq!(
+        s.checkpoint_sha256("h", 0).await.unwrap().as_deref(),
+        Some(SHA)
+    );
+    assert_eq!(s.checkpoint_sha256("h", 1).await.unwrap(), None);
+    assert!(matches!(
+        s.put_checkpoint_sha256("no-such-job", 0, SHA).await,
+        Err(StoreError::Lost(_))
+    ));
     s.plan_shards("h", r0, 2, t0, 9).await.unwrap();
     s.plan_shards("h", r0, 5, t0, 9).await.unwrap(); // idempotent
     assert_eq!(s.counts("h", r0).await.unwrap().total, 2);

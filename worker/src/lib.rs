@@ -434,6 +434,31 @@ async fn finetune(
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e),
     };
+    // the checkpoint the coordinator published, or a refusal naming it (the cached
+    // copy is dropped: another attempt downloads it again)
+    if !spec.checkpoint_sha256.is_empty() {
+        match artifacts::sha256_file(&ckpt) {
+            Ok(h) if h == spec.checkpoint_sha256 => {}
+            Ok(h) => {
+                let _ = std::fs::remove_file(&ckpt);
+                return Outcome::Failed(task_error(
+                    FailureKind::Io,
+                    true,
+                    format!(
+                        "checkpoint {}: its content is not what the coordinator published (SHA-256 {h}, recorded {}); it was replaced in the store",
+                        spec.checkpoint_key, spec.checkpoint_sha256
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Outcome::Failed(task_error(
+                    FailureKind::Io,
+                    true,
+                    format!("{}: {e}", ckpt.display()),
+                ))
+            }
+        }
+    }
     let planned = match planned_data(store, spec.data.as_ref(), &cache).await {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),

@@ -80,10 +80,33 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/api/openapi.json", get(openapi))
         .merge(guarded)
         .layer(middleware::from_fn(refuse_cross_site))
+        .layer(middleware::map_response(security_headers))
         .with_state(app)
 }
 
 // ---- access ----
+
+/// What every answer says to the browser: no script runs on these pages (they have
+/// none), nothing is sniffed into another type, no other site frames them. A
+/// response that set its own policy (a job's result files) keeps it.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        // not no-referrer: with it a browser sends `Origin: null` on the page's own
+        // form posts, which the cross-site check refuses
+        (header::REFERRER_POLICY, "same-origin"),
+    ] {
+        if !h.contains_key(&name) {
+            h.insert(name, header::HeaderValue::from_static(value));
+        }
+    }
+    r
+}
 
 /// A state-changing request from another site's page is refused before anything
 /// else looks at it (with or without a token).
@@ -198,7 +221,9 @@ async fn login(
         return r;
     }
     // only paths of this site
-    let next = if f.next.starts_with('/') && !f.next.starts_with("//") && !f.next.contains('\\') {
+    let plain = |c: char| !c.is_control() && !c.is_whitespace() && c != '\\';
+    let next = if f.next.starts_with('/') && !f.next.starts_with("//") && f.next.chars().all(plain)
+    {
         f.next
     } else {
         "/".into()
@@ -791,7 +816,17 @@ async fn api_result(State(app): State<App>, Path((id, name)): Path<(String, Stri
                 Some("html") => "text/html; charset=utf-8",
                 _ => "application/octet-stream",
             };
-            ([(header::CONTENT_TYPE, ct)], bytes).into_response()
+            // a job's files come from the artifact store, which more hands can write
+            // than this server's: shown in a sandbox (no script, an origin of its
+            // own), never as this site's page
+            (
+                [
+                    (header::CONTENT_TYPE, ct),
+                    (header::CONTENT_SECURITY_POLICY, "sandbox"),
+                ],
+                bytes,
+            )
+                .into_response()
         }
         Err(e) => error_json(e),
     }

@@ -87,13 +87,21 @@ pub async fn serve(
             let _slot = slot;
             let tcp = Tracked::new(tcp);
             let activity = tcp.activity.clone();
+            // a request under way is activity, however long its handler takes
+            let (on_req, on_resp) = (activity.clone(), activity.clone());
             let app = tower::ServiceExt::map_request(
                 app,
                 move |mut r: axum::extract::Request<hyper::body::Incoming>| {
+                    on_req.in_flight.fetch_add(1, Ordering::Relaxed);
                     r.extensions_mut().insert(Peer(peer));
                     r
                 },
             );
+            let app = tower::ServiceExt::map_response(app, move |r: axum::response::Response| {
+                on_resp.in_flight.fetch_sub(1, Ordering::Relaxed);
+                on_resp.touch(false);
+                r
+            });
             let whole = async {
                 match tls {
                     None => connection(tcp, app, &limits, stop_rx).await,
@@ -169,10 +177,12 @@ async fn connection<I, S>(
     let _ = conn.await;
 }
 
-/// When a connection last moved a byte, in ms since it was accepted.
+/// When a connection last moved a byte, in ms since it was accepted, and how many
+/// of its requests are being answered.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
     /// Whether any byte has come in yet.
     spoke: std::sync::atomic::AtomicBool,
 }
@@ -186,10 +196,13 @@ impl Activity {
         }
     }
 
-    /// Returns once the connection has been quiet too long: `first` before its first
-    /// byte, `idle` after.
+    /// Returns once the connection has been quiet too long with no request under
+    /// way: `first` before its first byte, `idle` after.
     async fn idle(&self, first: Duration, idle: Duration) {
         loop {
+            if self.in_flight.load(Ordering::Relaxed) > 0 {
+                self.touch(false);
+            }
             let limit = if self.spoke.load(Ordering::Relaxed) {
                 idle
             } else {
@@ -220,6 +233,7 @@ impl<I> Tracked<I> {
             activity: Arc::new(Activity {
                 start: Instant::now(),
                 last_ms: AtomicU64::new(0),
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
                 spoke: std::sync::atomic::AtomicBool::new(false),
             }),
         }

@@ -29,6 +29,8 @@ struct Inner {
 struct MemJob {
     rec: JobRecord,
     labels: Option<String>,
+    /// The SHA-256 of each fine-tune round's starting checkpoint.
+    checkpoints: BTreeMap<u32, String>,
     /// The newest leader token that wrote to the job.
     fence: u64,
     /// The job's shard sets, once planned.
@@ -97,6 +99,7 @@ impl StateStore for MemoryStore {
                 ..rec.clone()
             },
             labels: None,
+            checkpoints: BTreeMap::new(),
             fence: 0,
             sets: BTreeMap::new(),
         };
@@ -407,6 +410,19 @@ impl StateStore for MemoryStore {
     async fn labels(&self, id: &str) -> StoreResult<Option<String>> {
         let i = self.inner.lock().unwrap();
         Ok(i.jobs.get(id).and_then(|j| j.labels.clone()))
+    }
+
+    async fn put_checkpoint_sha256(&self, id: &str, round: u32, sha256: &str) -> StoreResult<()> {
+        let mut i = self.inner.lock().unwrap();
+        job(&mut i, id)?.checkpoints.insert(round, sha256.into());
+        Ok(())
+    }
+
+    async fn checkpoint_sha256(&self, id: &str, round: u32) -> StoreResult<Option<String>> {
+        let i = self.inner.lock().unwrap();
+        Ok(i.jobs
+            .get(id)
+            .and_then(|j| j.checkpoints.get(&round).cloned()))
     }
 
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {

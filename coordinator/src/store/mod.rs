@@ -314,6 +314,14 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn put_labels(&self, id: &str, labels_json: &str) -> StoreResult<bool>;
     /// The labels a job was given, if any.
     async fn labels(&self, id: &str) -> StoreResult<Option<String>>;
+    /// Records the SHA-256 of the checkpoint fine-tune round `round` starts from (the
+    /// coordinator publishes it; workers and the round's merge check it against this).
+    /// The same round always gets the same bytes (the merge is deterministic), so a
+    /// step run again records the same value.
+    async fn put_checkpoint_sha256(&self, id: &str, round: u32, sha256: &str) -> StoreResult<()>;
+    /// The SHA-256 recorded for round `round`'s checkpoint (none: not recorded, a
+    /// fine-tune planned by an older release).
+    async fn checkpoint_sha256(&self, id: &str, round: u32) -> StoreResult<Option<String>>;
     /// Marks every pending and leased shard of the job's identify set and of the round
     /// it is in cancelled, and the job cancelled.
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()>;

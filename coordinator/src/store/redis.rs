@@ -2,10 +2,11 @@
 //! the multi-key Lua scripts also run on Redis Cluster; scripts never build key names.
 //!
 //! Per job: `{job:ID}:meta` (hash: the record; `n_shards` and `round:R:n` count the
-//! shards of each set, `rounds` how many rounds were planned), `{job:ID}:labels` (the
+//! shards of each set, `rounds` how many rounds were planned,
+//! `round:R:checkpoint_sha256` the hash of round R's checkpoint), `{job:ID}:labels` (the
 //! labels' JSON, set once), and per shard set (identify: `{job:ID}:<name>`, round R:
 //! `{job:ID}:round:R:<name>`): `pending` (list of shard ids), `shards` (hash:
-//! `<n>:state|attempt|owner|output|accepted|handbacks|error`), `leases` (sorted set:
+//! `<n>:state|attempt|owner|output|sha256|accepted|handbacks|error`), `leases` (sorted set:
 //! shard by deadline). Global: `defuse:jobs` (set of
 //! ids), `defuse:jobs:active` (set: jobs not retired, what the driver reads each tick),
 //! `defuse:jobs:finished` (sorted set: retired jobs by the time they finished), `defuse:workers` (hash: id -> info JSON), `defuse:workers:seen` (id -> ms),
@@ -60,6 +61,7 @@ struct Scripts {
     reap: Script,
     cancel: Script,
     put_labels: Script,
+    put_checkpoint: Script,
     lead: Script,
     resign: Script,
     claim: Script,
@@ -260,8 +262,20 @@ if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX') then return 1 end
 return 0"#,
             ),
+            // KEYS meta; ARGV field sha256 (a lost job gets no half-written meta)
+            put_checkpoint: script(
+                r#"
+if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1"#,
+            ),
         }
     }
+}
+
+/// The meta field of round `round`'s checkpoint hash.
+fn checkpoint_field(round: u32) -> String {
+    format!("round:{round}:checkpoint_sha256")
 }
 
 pub struct RedisStore {
@@ -801,6 +815,26 @@ impl StateStore for RedisStore {
 
     async fn labels(&self, id: &str) -> StoreResult<Option<String>> {
         Ok(self.conn().get(keys(id).labels).await?)
+    }
+
+    async fn put_checkpoint_sha256(&self, id: &str, round: u32, sha256: &str) -> StoreResult<()> {
+        let _: i64 = self
+            .scripts
+            .put_checkpoint
+            .key(keys(id).meta)
+            .arg(checkpoint_field(round))
+            .arg(sha256)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| lost(id, e))?;
+        Ok(())
+    }
+
+    async fn checkpoint_sha256(&self, id: &str, round: u32) -> StoreResult<Option<String>> {
+        Ok(self
+            .conn()
+            .hget(keys(id).meta, checkpoint_field(round))
+            .await?)
     }
 
     async fn cancel(&self, id: &str, now_ms: u64) -> StoreResult<()> {

@@ -29,12 +29,35 @@ pub struct DataFile {
 impl DataManifest {
     /// The manifest of the folder `dir` (reads every file once).
     pub fn of(dir: &Path) -> Result<DataManifest> {
+        Self::of_within(dir, &|_| true)
+    }
+
+    /// The manifest of `dir`, refusing any file or folder whose real path (links
+    /// resolved) `allowed` rejects: a link inside the data folder that leads out of
+    /// the folders a coordinator lets jobs read. A folder reached twice (a link
+    /// cycle) is walked once.
+    pub fn of_within(dir: &Path, allowed: &dyn Fn(&Path) -> bool) -> Result<DataManifest> {
         let bad = |p: &Path, e: std::io::Error| {
             Error::invalid("data.path", format!("{}: {e}", p.display()))
         };
         let mut files = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut stack = vec![(dir.to_path_buf(), String::new())];
         while let Some((folder, prefix)) = stack.pop() {
+            let real = std::fs::canonicalize(&folder).map_err(|e| bad(&folder, e))?;
+            if !allowed(&real) {
+                return Err(Error::invalid(
+                    "data.path",
+                    format!(
+                        "{} leads to {}, outside the folders jobs may read",
+                        folder.display(),
+                        real.display()
+                    ),
+                ));
+            }
+            if !seen.insert(real) {
+                continue;
+            }
             let entries = std::fs::read_dir(&folder).map_err(|e| bad(&folder, e))?;
             for entry in entries {
                 let entry = entry.map_err(|e| bad(&folder, e))?;
@@ -49,6 +72,17 @@ impl DataManifest {
                 if meta.is_dir() {
                     stack.push((path, format!("{rel}/")));
                 } else if meta.is_file() {
+                    let real = std::fs::canonicalize(&path).map_err(|e| bad(&path, e))?;
+                    if !allowed(&real) {
+                        return Err(Error::invalid(
+                            "data.path",
+                            format!(
+                                "{} leads to {}, outside the folders jobs may read",
+                                path.display(),
+                                real.display()
+                            ),
+                        ));
+                    }
                     let sha256 = crate::artifacts::sha256_file(&path).map_err(|e| bad(&path, e))?;
                     files.push(DataFile {
                         name: rel,
@@ -139,5 +173,27 @@ mod tests {
             why.contains("labels.txt") && why.contains("missing"),
             "{why}"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn links_out_of_the_allowed_folders_are_refused_and_cycles_walked_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("data");
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        std::fs::write(d.join("a/x.png"), b"one").unwrap();
+        // a cycle: walked once, no endless walk
+        std::os::unix::fs::symlink(&d, d.join("a/again")).unwrap();
+        let root = std::fs::canonicalize(&d).unwrap();
+        let inside = |p: &Path| p.starts_with(&root);
+        let m = DataManifest::of_within(&d, &inside).unwrap();
+        assert_eq!(m.files.len(), 1, "{m:?}");
+        // a link out of the data folder is refused, naming it
+        std::fs::write(tmp.path().join("secret.txt"), b"not data").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret.txt"), d.join("a/leak")).unwrap();
+        let e = DataManifest::of_within(&d, &inside)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a/leak") && e.contains("outside"), "{e}");
     }
 }
