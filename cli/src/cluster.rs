@@ -190,7 +190,6 @@ async fn client(
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    let e = anyhow::anyhow!("coordinator: {}", s.message());
     if matches!(
         s.code(),
         tonic::Code::InvalidArgument
@@ -199,12 +198,13 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
             | tonic::Code::FailedPrecondition
             | tonic::Code::Unauthenticated
     ) {
-        e.context(defuse_core::Error::invalid(
+        // bad input (exit code 2), said once
+        anyhow::Error::new(defuse_core::Error::invalid(
             "request",
-            s.message().to_string(),
+            format!("the coordinator says: {}", s.message()),
         ))
     } else {
-        e
+        anyhow::anyhow!("coordinator: {}", s.message())
     }
 }
 

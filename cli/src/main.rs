@@ -232,6 +232,14 @@ enum Command {
         #[command(subcommand)]
         what: TrainWhat,
     },
+    /// Print a shell completion script, e.g. `defuse completions bash >
+    /// ~/.local/share/bash-completion/completions/defuse`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `defuse man > ~/.local/share/man/man1/defuse.1`.
+    Man,
 }
 
 impl Command {
@@ -250,6 +258,8 @@ impl Command {
             Command::Sweep { .. } => "sweep",
             Command::Cluster(_) => "cluster",
             Command::Train { .. } => "train",
+            Command::Completions { .. } => "completions",
+            Command::Man => "man",
         }
     }
 }
@@ -617,6 +627,17 @@ fn dispatch(cmd: Command, tokens: Tokens) -> anyhow::Result<Option<u8>> {
         }
         .map(|()| None),
         Command::Train { what } => train_cmd(what).map(|()| None),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "defuse", &mut std::io::stdout());
+            Ok(None)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+            Ok(None)
+        }
         Command::Sweep {
             config,
             out,

@@ -391,3 +391,29 @@ fn the_embedded_coordinator_takes_no_call_without_its_token() {
     let _ = run.wait();
     let _ = drain.join();
 }
+
+/// `defuse completions <shell>` and `defuse man` print what shells and `man` read.
+#[test]
+fn completions_and_the_man_page_are_generated() {
+    let out = defuse(&["completions", "bash"]);
+    assert!(out.status.success());
+    let bash = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        bash.contains("_defuse") && bash.contains("--allow-path"),
+        "{bash}"
+    );
+    let out = defuse(&["completions", "zsh"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("#compdef defuse"));
+    let out = defuse(&["man"]);
+    assert!(out.status.success());
+    let man = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        man.contains(".TH defuse") && man.contains("coordinator"),
+        "{man}"
+    );
+    // an unknown shell is a usage error naming the choices
+    let out = defuse(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bash"));
+}
