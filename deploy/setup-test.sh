@@ -86,3 +86,11 @@ if [ ! -f "$nodeenv/.complete-playwright-core-1.65.1" ]; then
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --silent --no-audit --no-fund --prefix "$nodeenv" playwright-core@1.65.1 >/dev/null
   touch "$nodeenv/.complete-playwright-core-1.65.1"
 fi
+
+# Test binaries (about 0.5 GB each, a set per build of the workspace) pile up in the
+# shared target folder and once filled the disk: those not rebuilt for a day go
+# (cargo links them again when they are needed).
+target=${CARGO_TARGET_DIR:-$cache/target}
+if [ -d "$target/debug/deps" ]; then
+  find "$target/debug/deps" -maxdepth 1 -type f -perm -u+x ! -name '*.*' -mmin +1440 -delete 2>/dev/null || true
+fi
