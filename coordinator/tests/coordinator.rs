@@ -131,18 +131,39 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // the driver has taken the job up (so it knows the job was active) before its
+    // state goes; flushed earlier, the job would just be gone, with nothing to record
+    let mut taken_up = false;
+    for _ in 0..1200 {
+        if store
+            .get_job(&id)
+            .await
+            .unwrap()
+            .is_some_and(|r| r.state == JobState::Running)
+        {
+            taken_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(taken_up, "the driver never started the job");
     let _: () = ::redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
-    let mut rec = None;
-    for _ in 0..100 {
+    // up to 60 s: on a loaded machine (the suite in parallel, this job training on
+    // every core) the driver's next tick can be seconds away
+    let (mut rec, mut seen) = (None, None);
+    for _ in 0..1200 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let Some(r) = store.get_job(&id).await.unwrap() {
             if r.state == JobState::Failed {
                 rec = Some(r);
                 break;
             }
+            seen = Some((r.state, r.error));
         }
     }
-    let rec = rec.expect("the lost job is recorded as failed");
+    let rec = rec.unwrap_or_else(|| {
+        panic!("the lost job is recorded as failed; last seen after the flush: {seen:?}")
+    });
     assert!(
         rec.error.contains("state is gone from the state store"),
         "{}",
