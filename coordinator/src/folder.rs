@@ -15,12 +15,10 @@
 //! its entry), so a coordinator that restored part of a folder cannot drop the rest.
 //! The embedded mode (`defuse run`) does neither: its folder is the user's `out`.
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use defuse_core::artifacts::{ArtifactError, ArtifactStore};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::StepError;
 use crate::keys;
@@ -60,21 +58,9 @@ async fn manifest(store: &dyn ArtifactStore, job: &str) -> Result<Manifest, Arti
 }
 
 fn hash_file(path: &Path) -> std::io::Result<Entry> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
     Ok(Entry {
-        size,
-        sha256: format!("{:x}", h.finalize()),
+        size: std::fs::metadata(path)?.len(),
+        sha256: defuse_core::artifacts::sha256_file(path)?,
     })
 }
 
