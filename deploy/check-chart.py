@@ -149,8 +149,55 @@ def name_of(doc):
     return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
 
 
+# The Prometheus Operator's CRDs are not in kubernetes-validate: the fields the chart
+# uses, from monitoring.coreos.com/v1 (prometheus-operator 0.80), each object closed so
+# a misspelled field fails as it would on a cluster with the CRDs.
+_SELECTOR = {"type": "object", "additionalProperties": False, "required": ["matchLabels"],
+             "properties": {"matchLabels": {"type": "object",
+                                            "additionalProperties": {"type": "string"}}}}
+_SECRET_KEY = {"type": "object", "additionalProperties": False, "required": ["name", "key"],
+               "properties": {"name": {"type": "string", "minLength": 1},
+                              "key": {"type": "string", "minLength": 1}}}
+_ENDPOINT = {"type": "object", "additionalProperties": False, "required": ["port"],
+             "properties": {
+                 "port": {"type": "string"}, "path": {"type": "string"},
+                 "scheme": {"enum": ["http", "https"]},
+                 "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                 "authorization": {"type": "object", "additionalProperties": False,
+                                   "properties": {"type": {"type": "string"},
+                                                  "credentials": _SECRET_KEY}}}}
+_METADATA = {"type": "object", "required": ["name"],
+             "properties": {"name": {"type": "string"}, "labels": {"type": "object"}}}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
+            "type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
+            "properties": {"selector": _SELECTOR,
+                           "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}}},
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
+            "type": "object", "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {"selector": _SELECTOR,
+                           "podMetricsEndpoints": {"type": "array", "minItems": 1,
+                                                   "items": _ENDPOINT}}}}},
+}
+
+
 def validate_strict(doc, version):
     """None when the manifest is valid, else the reason."""
+    crd = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    if crd is not None:
+        import jsonschema
+        errors = sorted(jsonschema.Draft7Validator(crd).iter_errors(doc), key=lambda e: list(e.path))
+        if errors:
+            e = errors[0]
+            return f"{'.'.join(str(p) for p in e.path) or '(top)'}: {e.message}"
+        return None
     try:
         kv.validate(doc, version, strict=True)
         return None
@@ -335,6 +382,80 @@ def chart_properties(docs, values):
     else:
         res.append(("no Ingress unless ingress.enabled", not ingresses, f"found {len(ingresses)}"))
 
+    # the Prometheus Operator's monitors find the coordinator's Service and the worker
+    # pods, on ports they name, with a token key the Secret has
+    sm = values.get("metrics", {}).get("serviceMonitor", {})
+    monitors = by_kind.get("ServiceMonitor", []) + by_kind.get("PodMonitor", [])
+    if sm.get("enabled"):
+        problems = []
+        services = [s for s in by_kind.get("Service", []) if not s["spec"].get("publishNotReadyAddresses")]
+        for m in by_kind.get("ServiceMonitor", []):
+            sel = m["spec"]["selector"]["matchLabels"]
+            hit = [s for s in services if all(s["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+            if len(hit) != 1:
+                problems.append(f"{name_of(m)} selects {len(hit)} client Services")
+                continue
+            ports = {p["name"] for p in hit[0]["spec"]["ports"]}
+            for e in m["spec"]["endpoints"]:
+                if e["port"] not in ports:
+                    problems.append(f"{name_of(m)}: port {e['port']} not in {sorted(ports)}")
+                cred = e.get("authorization", {}).get("credentials")
+                if values.get("auth", {}).get("enabled", True):
+                    if not cred:
+                        problems.append(f"{name_of(m)}: no token with auth on")
+                    elif cred["name"] in secret_keys and cred["key"] not in secret_keys[cred["name"]]:
+                        problems.append(f"{name_of(m)}: Secret {cred['name']} has no key {cred['key']}")
+                    elif cred and cred["key"] in ("token", "worker-token"):
+                        problems.append(f"{name_of(m)}: scrapes with the {cred['key']} (it opens more than /metrics)")
+        for m in by_kind.get("PodMonitor", []):
+            sel = m["spec"]["selector"]["matchLabels"]
+            hit = [spec for d, spec, labels in pods if all(labels.get(k) == v for k, v in sel.items())]
+            names = {p.get("name") for spec in hit for c in spec["containers"] for p in c.get("ports", [])}
+            if not hit:
+                problems.append(f"{name_of(m)} selects no pod")
+            for e in m["spec"]["podMetricsEndpoints"]:
+                if e["port"] not in names:
+                    problems.append(f"{name_of(m)}: port {e['port']} not a port of the pods it selects")
+        for m in monitors:
+            for k, v in sm.get("labels", {}).items():
+                if m["metadata"]["labels"].get(k) != v:
+                    problems.append(f"{name_of(m)} lacks the label {k}={v}")
+        res.append(("monitors: a ServiceMonitor on the coordinator's http port with the metrics "
+                    "token, a PodMonitor on the workers' metrics port",
+                    len(by_kind.get("ServiceMonitor", [])) == 1 and len(by_kind.get("PodMonitor", [])) == 1
+                    and not problems, "\n".join(problems) or f"found {[name_of(m) for m in monitors]}"))
+    else:
+        res.append(("no monitors unless metrics.serviceMonitor.enabled", not monitors,
+                    f"found {len(monitors)}"))
+
+    # the runner Job: submits one of `jobs`, follows it, and its exit code is final
+    run = values.get("runner", {})
+    runners = [d for d in by_kind.get("Job", []) if d["metadata"]["labels"].get("app.kubernetes.io/component") == "runner"]
+    if run.get("enabled"):
+        ok, why = False, f"found {len(runners)} runner Jobs"
+        if len(runners) == 1:
+            spec = runners[0]["spec"]
+            pod = spec["template"]["spec"]
+            c = pod["containers"][0]
+            args = c.get("args", [])
+            env = {e["name"] for e in c.get("env", [])}
+            rules = spec.get("podFailurePolicy", {}).get("rules", [])
+            final = [r for r in rules if r.get("action") == "FailJob"
+                     and sorted(r.get("onExitCodes", {}).get("values", [])) == [2, 3, 4]
+                     and r["onExitCodes"].get("containerName") == c["name"]]
+            jobs_cm = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"].endswith("-jobs")]
+            ok = (args[:3] == ["submit", f"/etc/defuse/jobs/{run.get('job')}", "--wait"]
+                  and any(a.startswith("--job-id=") for a in args)
+                  and pod.get("restartPolicy") == "Never" and bool(final)
+                  and "DEFUSE_TOKEN" in env and "DEFUSE_WORKER_TOKEN" not in env
+                  and bool(jobs_cm) and run.get("job") in jobs_cm[0]["data"])
+            why = (f"args {args}, restartPolicy {pod.get('restartPolicy')}, FailJob rules {final}, "
+                   f"env {sorted(env)}, jobs ConfigMap keys {[sorted(d['data']) for d in jobs_cm]}")
+        res.append(("runner: a Job that submits its job with --wait, holds only the user token, "
+                    "and fails for good on the job's own outcome (exit 2, 3, 4)", ok, why))
+    else:
+        res.append(("no runner Job unless runner.enabled", not runners, f"found {len(runners)}"))
+
     if existing:
         res.append(("secrets from existingSecret: the chart renders no Secret of its own",
                      not secrets, f"rendered Secrets: {sorted(secrets)}"))
@@ -418,6 +539,13 @@ def check_validator_fails(report, rendered):
     report.check(why is not None and "replicas" in why,
                  f"a wrong type (replicas: \"one\") fails validation: {why}",
                  f"validator said: {why}")
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+               "metadata": {"name": "m"},
+               "spec": {"selector": {"matchLabels": {"a": "b"}},
+                        "endpoints": [{"port": "http", "bearerTokenSecrett": {"name": "s", "key": "k"}}]}}
+    why = validate_strict(monitor, KUBE_VERSIONS[0])
+    report.check(why is not None and "bearerTokenSecrett" in why,
+                 f"a misspelled ServiceMonitor field fails validation: {why}", f"validator said: {why}")
     typo = copy.deepcopy(svc)
     typo["spec"]["publishNotReadyAdresses"] = True
     why = validate_strict(typo, KUBE_VERSIONS[0])
@@ -575,7 +703,7 @@ def check_container_files(report, rendered):
     for _, d in documents(rendered):
         for _, spec, _ in pod_specs([(None, d)]):
             for c in spec["containers"]:
-                if c["name"] not in ("coordinator", "worker"):
+                if c["name"] not in ("coordinator", "worker", "submit"):
                     continue  # the test hook's curl
                 flags |= {a.split("=", 1)[0] for a in c.get("args", []) if a.startswith("--")}
                 names |= {e["name"] for e in c.get("env", [])}

@@ -58,6 +58,8 @@ pub struct CoordinatorArgs {
     pub http_listen: Option<String>,
     pub token: Option<String>,
     pub worker_token: Option<String>,
+    /// DEFUSE_METRICS_TOKEN: opens only `/metrics`.
+    pub metrics_token: Option<String>,
     pub allow_paths: Vec<PathBuf>,
     pub tls: Option<defuse_proto::tls::ServerPem>,
 }
@@ -148,7 +150,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         };
         let url = a.artifacts.clone().unwrap_or_else(|| format!("file://{}", std::path::absolute(a.work_dir.join("artifacts")).unwrap_or_default().display()));
         let artifacts = open_artifacts(&url).await?;
-        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, leader_ms: a.leader_ms, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), worker_token: a.worker_token.clone().map(defuse_proto::auth::Secret::new), allowed_roots: Some(a.allow_paths.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())).collect()), tls: a.tls.clone(), ..Default::default() };
+        let cfg = CoordinatorConfig { lease_ms: a.lease_ms, heartbeat_ms: a.heartbeat_ms, max_attempts: a.max_attempts, leader_ms: a.leader_ms, work_dir: a.work_dir.clone(), token: a.token.clone().map(defuse_proto::auth::Secret::new), worker_token: a.worker_token.clone().map(defuse_proto::auth::Secret::new), metrics_token: a.metrics_token.clone().map(defuse_proto::auth::Secret::new), allowed_roots: Some(a.allow_paths.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())).collect()), tls: a.tls.clone(), ..Default::default() };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         tracing::info!(addr = %listener.local_addr()?, store = ?store, artifacts = %artifacts.url(), "coordinator listening");
         println!("coordinator listening on {}", listener.local_addr()?);
@@ -268,6 +270,7 @@ pub fn submit(
             return Ok(None);
         }
         let mut last = String::new();
+        let mut told_trace = false;
         loop {
             let j = match c.status(StatusRequest { job_id: id.clone() }).await {
                 Ok(r) => r.into_inner(),
@@ -282,6 +285,10 @@ pub fn submit(
                 }
                 Err(s) => return Err(status_err(s)),
             };
+            if !told_trace && !j.trace_id.is_empty() {
+                eprintln!("job {id}: trace {}", j.trace_id);
+                told_trace = true;
+            }
             let now = format!("{} {}", j.state, j.step);
             if now != last {
                 eprintln!("job {id}: {now}");
@@ -378,6 +385,9 @@ pub fn status(
                             format!("  {}", s.detail)
                         };
                         println!("  {:<9} {:<16}{shards}{detail}", s.step, s.state);
+                    }
+                    if !j.trace_id.is_empty() {
+                        println!("  trace     {}", j.trace_id);
                     }
                     // the evaluation, once the job has its report
                     if let Ok(r) = serde_json::from_str::<serde_json::Value>(&j.summary_json) {
@@ -633,6 +643,12 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
             match rec.state.as_str() {
                 "done" => break Ok(Embedded::Done),
                 "awaiting_labels" => break Ok(Embedded::AwaitingLabels),
+                // the job's own input at fault: a usage error (exit 2), as from `run`
+                "failed"
+                    if rec.error_kind == Some(defuse_coordinator::lifecycle::ErrorKind::Input) =>
+                {
+                    break Err(defuse_core::Error::invalid("job", rec.error).into())
+                }
                 "failed" => break Err(anyhow::anyhow!("job failed: {}", rec.error)),
                 "cancelled" => bail!("job cancelled"),
                 _ => {}

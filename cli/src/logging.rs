@@ -43,6 +43,12 @@ pub fn init(json: bool) -> Guard {
     #[cfg(feature = "otlp")]
     {
         let provider = otlp_provider();
+        if provider.is_some() {
+            defuse_proto::trace::install(defuse_proto::trace::Hooks {
+                set_parent,
+                context_of,
+            });
+        }
         let layer = provider.as_ref().map(|p| {
             use opentelemetry::trace::TracerProvider as _;
             tracing_opentelemetry::layer().with_tracer(p.tracer("defuse"))
@@ -88,4 +94,38 @@ fn otlp_provider() -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
             )
             .build(),
     )
+}
+
+/// Makes `span` a child of a context received from another process.
+#[cfg(feature = "otlp")]
+fn set_parent(span: &tracing::Span, tp: &defuse_proto::trace::TraceParent) {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let flags = if tp.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let remote = SpanContext::new(
+        TraceId::from_bytes(tp.trace_id),
+        SpanId::from_bytes(tp.span_id),
+        flags,
+        true,
+        Default::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// The context a span passes on (its trace and its own id).
+#[cfg(feature = "otlp")]
+fn context_of(span: &tracing::Span) -> Option<defuse_proto::trace::TraceParent> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| defuse_proto::trace::TraceParent {
+        trace_id: sc.trace_id().to_bytes(),
+        span_id: sc.span_id().to_bytes(),
+        sampled: sc.is_sampled(),
+    })
 }

@@ -561,6 +561,9 @@ fn dispatch(cmd: Command, tokens: Tokens) -> anyhow::Result<Option<u8>> {
             http_listen,
             token,
             worker_token: tokens.worker,
+            metrics_token: std::env::var(defuse_proto::auth::METRICS_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty()),
             allow_paths: allow_path,
             tls: match (tls_cert, tls_key) {
                 (Some(c), Some(k)) => Some(cluster::read_server_pem(&c, &k)?),

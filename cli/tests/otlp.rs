@@ -1,7 +1,10 @@
 //! The OTLP exporter (`--features otlp`): a command's spans reach an OTLP/HTTP
-//! endpoint. The endpoint here is a small HTTP server in the test that keeps what it
-//! receives and answers 200, as a collector would.
+//! endpoint, and a job is one trace across processes (submit, the coordinator, a
+//! worker's task). The endpoint here is a small HTTP server in the test that keeps what
+//! it receives and answers 200, as a collector would.
 #![cfg(feature = "otlp")]
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -86,4 +89,96 @@ fn spans_of_a_command_reach_the_otlp_endpoint() {
     assert!(contains(&body, b"defuse-otlp-test"), "service name missing");
     assert!(contains(&body, b"command"), "span 'command' missing");
     assert!(contains(&body, b"train"), "the command's name missing");
+}
+
+/// The 16 bytes of a trace id given as 32 hex digits.
+fn trace_bytes(hex: &str) -> Vec<u8> {
+    assert_eq!(hex.len(), 32, "trace id {hex:?}");
+    (0..16)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_job_is_one_trace_from_submit_to_every_worker_task() {
+    let (port, rx) = collector();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    // every process this test starts exports to the collector (named by service)
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    std::env::set_var("OTEL_SERVICE_NAME", "defuse-coordinator");
+    let dir = tempfile::tempdir().unwrap();
+    let (clf, vae) = common::train_models(dir.path());
+    let mut cluster = common::Cluster::start(dir.path());
+    let mut worker = common::defuse();
+    worker
+        .args(["worker", "--coordinator", &cluster.url(), "--threads", "1"])
+        .arg("--cache-dir")
+        .arg(dir.path().join("worker-cache"))
+        .envs(cluster.s3.env())
+        .env("OTEL_SERVICE_NAME", "defuse-worker");
+    cluster.workers.push(defuse_testkit::Proc::spawn(
+        "worker-0",
+        &mut worker,
+        dir.path(),
+    ));
+    let cfg = dir.path().join("job.toml");
+    let text = common::config(&dir.path().join("out"), &clf, &vae).replace(
+        "limit_train = 4000",
+        "limit_train = 4000\nlimit_test = 1000",
+    );
+    std::fs::write(&cfg, text).unwrap();
+
+    // submit with a trace of the caller's own: the command's span
+    let out = common::defuse()
+        .args([
+            "submit",
+            cfg.to_str().unwrap(),
+            "--coordinator",
+            &cluster.url(),
+        ])
+        .env("OTEL_SERVICE_NAME", "defuse-submit")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let trace = cluster.status(&job).unwrap()["trace_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = trace_bytes(&trace);
+
+    // what each process exported, until the worker has sent a task span
+    let (mut submit, mut coordinator, mut worker_task) = (false, false, false);
+    let end = std::time::Instant::now() + Duration::from_secs(240);
+    while !(submit && coordinator && worker_task) && std::time::Instant::now() < end {
+        let Ok((path, body)) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        assert_eq!(path, "/v1/traces");
+        if !contains(&body, &id) {
+            continue;
+        }
+        // the submit's own span carries the job's trace id: the coordinator took the
+        // caller's context, not a new trace
+        submit |= contains(&body, b"defuse-submit") && contains(&body, b"command");
+        coordinator |= contains(&body, b"defuse-coordinator") && contains(&body, b"grpc");
+        worker_task |= contains(&body, b"defuse-worker") && contains(&body, b"task");
+    }
+    assert!(
+        submit && coordinator && worker_task,
+        "spans in trace {trace}: submit's {submit}, the coordinator's {coordinator}, a worker task's {worker_task}\n{}",
+        cluster.workers[0].tail(20)
+    );
+    // the worker's own log names the trace on its task span too
+    assert!(
+        cluster.workers[0]
+            .log_text()
+            .contains(&format!("trace_id={trace}")),
+        "{}",
+        cluster.workers[0].tail(20)
+    );
 }

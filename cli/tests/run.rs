@@ -312,6 +312,32 @@ fn config_errors_name_the_file_and_field() {
     assert_ne!(r.status.code(), Some(0));
 }
 
+/// A model that cannot serve the job fails its models step inside the embedded
+/// coordinator; the run still exits 2 (bad input), naming the file, as a bad config does.
+#[test]
+fn a_bad_model_in_an_embedded_run_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = repo().join("core/tests/fixtures");
+    for (classifier, expect) in [
+        ("garbage.pt", "garbage.pt"),
+        ("classifier_5_classes.pt", "classifier_5_classes.pt"),
+    ] {
+        let cfg = dir.path().join("bad-model.toml");
+        let text = config(&dir.path().join("o"), "").replace(
+            "[train]",
+            &format!(
+                "[models]\nclassifier = \"{fx}/{classifier}\"\nvae = \"{fx}/encoder_ok.pt\"\nvae_decoder = \"{fx}/decoder_ok.pt\"\n[train]",
+                fx = fx.display()
+            ),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let r = defuse(&["run", cfg.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{classifier}: {err}");
+        assert!(err.contains(expect), "{classifier}: {err}");
+    }
+}
+
 /// `defuse run` serves its in-process workers on a loopback port: another user of the
 /// machine who finds the port gets nothing from it without the run's own tokens.
 #[test]

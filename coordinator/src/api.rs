@@ -3,6 +3,7 @@
 //! HTTP layer (`http.rs`) adapt it and add nothing of their own.
 use defuse_core::config::JobConfig;
 use defuse_core::scenarios::{self, Scenario};
+use defuse_proto::trace::{self, TraceParent};
 use defuse_proto::{JobStatus, StepProgress, MAX_MESSAGE_BYTES};
 
 use crate::error::CoordinatorError;
@@ -92,6 +93,17 @@ impl Coordinator {
         config_toml: &str,
         job_id: Option<String>,
     ) -> Result<String, CoordinatorError> {
+        self.submit_traced(config_toml, job_id, None).await
+    }
+
+    /// [`Coordinator::submit`] under the caller's trace context (the `traceparent` it
+    /// sent): the job becomes a trace of its own inside the caller's, or a new trace.
+    pub async fn submit_traced(
+        &self,
+        config_toml: &str,
+        job_id: Option<String>,
+        caller: Option<TraceParent>,
+    ) -> Result<String, CoordinatorError> {
         if config_toml.len() > MAX_MESSAGE_BYTES {
             return Err(CoordinatorError::invalid("config larger than 4 MiB"));
         }
@@ -135,19 +147,38 @@ impl Coordinator {
                 .map_err(|e| CoordinatorError::internal(e.to_string()))?,
             n_shards: 0,
             error: String::new(),
+            error_kind: None,
             created_ms: now,
             updated_ms: now,
+            // with an exporter, the submit handler's own span (itself the caller's
+            // child); else the caller's trace, or a new one
+            trace_parent: trace::current()
+                .or_else(|| caller.map(|c| c.child()))
+                .unwrap_or_else(TraceParent::random)
+                .to_string(),
         };
-        self.inner
-            .store
-            .create_job(&rec)
-            .await
-            .map_err(CoordinatorError::from)?;
+        match self.inner.store.create_job(&rec).await {
+            Ok(()) => {}
+            // the same job submitted again under its id (a retried `submit --wait`, a
+            // Kubernetes runner pod restarted) is the job already there
+            Err(crate::store::StoreError::Exists(_)) => {
+                return match self.inner.store.get_job(&id).await? {
+                    Some(old) if old.config_toml == rec.config_toml => {
+                        tracing::info!(job = %id, "job submitted again with the same config");
+                        Ok(id)
+                    }
+                    _ => Err(CoordinatorError::Exists(format!(
+                        "job {id} exists already with another config (delete it, or choose another id)"
+                    ))),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        }
         // workers told "idle" at the last tick hear of this job at once
         if let Some(n) = self.inner.local().unfinished.as_mut() {
             *n += 1;
         }
-        tracing::info!(job = %id, "job submitted");
+        tracing::info!(job = %id, trace_id = %trace_id_of(&rec), "job submitted");
         Ok(id)
     }
 
@@ -433,8 +464,19 @@ impl Coordinator {
             summary_json,
             created_ms: rec.created_ms,
             updated_ms: rec.updated_ms,
+            trace_id: trace_id_of(rec),
+            error_kind: rec
+                .error_kind
+                .map_or(String::new(), |k| k.as_str().to_string()),
         }
     }
+}
+
+/// A job's trace id (32 hex digits; empty for a job stored without one).
+pub fn trace_id_of(rec: &JobRecord) -> String {
+    TraceParent::parse(&rec.trace_parent)
+        .map(|t| t.trace_hex())
+        .unwrap_or_default()
 }
 
 /// A step's shard counts, as a status carries them.
@@ -481,6 +523,8 @@ pub fn job_json(st: &JobStatus) -> serde_json::Value {
         "id": st.job_id, "name": st.name, "state": st.state, "step": st.step,
         "error": st.error, "steps": steps, "summary": summary,
         "created_ms": st.created_ms, "updated_ms": st.updated_ms, "labelled": st.labelled,
+        "trace_id": st.trace_id,
+        "error_kind": (!st.error_kind.is_empty()).then_some(&st.error_kind),
     })
 }
 

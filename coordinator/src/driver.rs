@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::error::StepError;
 use crate::keys::{self, files};
-use crate::lifecycle::{self, JobState, Phase};
+use crate::lifecycle::{self, ErrorKind, JobState, Phase};
 use crate::state::{Coordinator, Plan};
 use crate::store::{now_ms, JobRecord, ShardState, Stage, StoreError};
 
@@ -238,8 +238,10 @@ async fn lost(c: &Coordinator, id: &str) {
         config_toml: String::new(),
         n_shards: 0,
         error: msg,
+        error_kind: Some(ErrorKind::Runtime),
         created_ms: now,
         updated_ms: now,
+        trace_parent: String::new(),
     };
     if let Err(e) = c.inner.store.create_job(&rec).await {
         tracing::error!(job = %id, error = %e, "cannot record the lost job as failed");
@@ -337,7 +339,35 @@ pub(crate) async fn move_job(
     }
     c.inner
         .store
-        .set_job_state(id, to.0, to.1, error, now_ms(), fence)
+        .set_job_state(id, to.0, to.1, error, None, now_ms(), fence)
+        .await
+}
+
+/// Fails a job in `phase` with `error`, recording its kind.
+pub(crate) async fn fail_job(
+    c: &Coordinator,
+    fence: u64,
+    id: &str,
+    from: (JobState, Phase),
+    phase: Phase,
+    kind: ErrorKind,
+    error: &str,
+) -> Result<(), StoreError> {
+    if !lifecycle::legal(from, (JobState::Failed, phase)) {
+        tracing::error!(job = %id, from = ?from, to = ?phase, "illegal job transition refused (a bug)");
+        return Ok(());
+    }
+    c.inner
+        .store
+        .set_job_state(
+            id,
+            JobState::Failed,
+            phase,
+            error,
+            Some(kind),
+            now_ms(),
+            fence,
+        )
         .await
 }
 
@@ -372,7 +402,10 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
         return;
     }
     let (c2, rec, key) = (c.clone(), rec.clone(), rec.id.clone());
-    let span = tracing::info_span!("central", job = %rec.id, step = ?what);
+    let span = tracing::info_span!("central", job = %rec.id, step = ?what, trace_id = tracing::field::Empty);
+    if let Some(tp) = defuse_proto::trace::TraceParent::parse(&rec.trace_parent) {
+        defuse_proto::trace::adopt(&span, &tp);
+    }
     let task = tokio::spawn(async move {
         let c = c2;
         let id = rec.id.clone();
@@ -407,7 +440,7 @@ fn spawn_central(c: &Coordinator, rec: &JobRecord, what: Central, fence: u64) {
                 c.inner.local().retries.remove(&id);
                 let msg = e.to_string();
                 tracing::error!(job = %id, step = ?what, error = %msg, "central step failed");
-                move_job(&c, fence, &id, from, (JobState::Failed, what.phase()), &msg).await
+                fail_job(&c, fence, &id, from, what.phase(), e.kind(), &msg).await
             }
         };
         match result {
@@ -463,9 +496,9 @@ fn job_config(c: &Coordinator, rec: &JobRecord) -> Result<JobConfig, StepError> 
 
 /// Runs `f` on a blocking thread in the current span; its errors are fatal (the
 /// pipeline's: bad data, bad models).
-async fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static, E: Into<StepError> + Send + 'static>(
     what: &str,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, StepError> {
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
@@ -474,7 +507,7 @@ async fn blocking<T: Send + 'static>(
     })
     .await
     .map_err(|e| StepError::fatal(format!("{what} panicked: {e}")))?
-    .map_err(StepError::Fatal)
+    .map_err(Into::into)
 }
 
 /// Models step: load or train the models, publish them and the shard plan.
@@ -488,23 +521,24 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     if let Some(roots) = &roots {
         crate::paths::check_job(&cfg, roots).map_err(|e| StepError::fatal(e.to_string()))?;
     }
-    let (model_files, ranges, done, manifest) = blocking("models step", move || {
-        // what workers must see at data.path, recorded with the plan; taken before
-        // anything reads the data
-        let allowed =
-            |real: &std::path::Path| roots.as_ref().is_none_or(|r| crate::paths::within(real, r));
-        let manifest =
-            defuse_core::data::manifest::DataManifest::of_within(&cfg.data.path, &allowed)
-                .map_err(|e| e.to_string())?;
-        let p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
-        Ok((
-            p.model_files(),
-            p.shard_ranges(),
-            p.identify_done(),
-            manifest,
-        ))
-    })
-    .await?;
+    let (model_files, ranges, done, manifest) =
+        blocking("models step", move || -> Result<_, StepError> {
+            // what workers must see at data.path, recorded with the plan; taken before
+            // anything reads the data
+            let allowed = |real: &std::path::Path| {
+                roots.as_ref().is_none_or(|r| crate::paths::within(real, r))
+            };
+            let manifest =
+                defuse_core::data::manifest::DataManifest::of_within(&cfg.data.path, &allowed)?;
+            let p = pipeline::prepare(&cfg)?;
+            Ok((
+                p.model_files(),
+                p.shard_ranges(),
+                p.identify_done(),
+                manifest,
+            ))
+        })
+        .await?;
     if ranges.len() > defuse_core::limits::MAX_SHARDS {
         return Err(StepError::fatal(format!(
             "identify would plan {} shards, above the limit of {}: raise identify.shard_size",
@@ -606,22 +640,23 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let id = rec.id.clone();
     let planned_ms = c.plan(rec).await.map(|p| p.planned_ms).unwrap_or(0);
     let identify_seconds = now_ms().saturating_sub(planned_ms) as f64 / 1000.0;
-    let outcome = blocking("finish", move || -> Result<RunOutcome, String> {
-        let mut p = pipeline::prepare(&cfg).map_err(|e| e.to_string())?;
+    // the job's config, models and labels are its input; the shard outputs are ours
+    let outcome = blocking("finish", move || -> Result<RunOutcome, StepError> {
+        let mut p = pipeline::prepare(&cfg)?;
         p.distributed_correct = true;
         if !local.is_empty() && !p.identify_done() {
             let mut parts = Vec::new();
             let mut total = IdentifyStats::default();
             for path in &local {
-                let (f, s) = Failures::read(path).map_err(|e| e.to_string())?;
+                let (f, s) = Failures::read(path).map_err(StepError::fatal)?;
                 total.absorb(&s);
                 parts.push(f);
             }
             let failures = Failures::concat(parts, p.vae.latent());
             p.record_identify(&failures, &total, identify_seconds)
-                .map_err(|e| e.to_string())?;
+                .map_err(StepError::fatal)?;
         }
-        pipeline::finish(&mut p).map_err(|e| e.to_string())
+        Ok(pipeline::finish(&mut p)?)
     })
     .await?;
     crate::folder::publish_job(c, &id, &dir).await?;

@@ -14,6 +14,10 @@ pub(crate) enum StepError {
     Retryable(String),
     #[error("{0}")]
     Fatal(String),
+    /// Fatal, and the job's own input is at fault (its config, data, models or
+    /// labels): the job fails with [`crate::lifecycle::ErrorKind::Input`].
+    #[error("{0}")]
+    Input(String),
 }
 
 impl StepError {
@@ -26,6 +30,35 @@ impl StepError {
         match self {
             StepError::Retryable(m) => StepError::Retryable(format!("{what}: {m}")),
             StepError::Fatal(m) => StepError::Fatal(format!("{what}: {m}")),
+            StepError::Input(m) => StepError::Input(format!("{what}: {m}")),
+        }
+    }
+
+    /// The kind a job failed by this error records.
+    pub fn kind(&self) -> crate::lifecycle::ErrorKind {
+        match self {
+            StepError::Input(_) => crate::lifecycle::ErrorKind::Input,
+            _ => crate::lifecycle::ErrorKind::Runtime,
+        }
+    }
+}
+
+impl From<String> for StepError {
+    fn from(m: String) -> Self {
+        StepError::Fatal(m)
+    }
+}
+
+/// The method library's errors: a bad model, data file or option is the job's input
+/// at fault; I/O, libtorch and cancellation are not.
+impl From<defuse_core::Error> for StepError {
+    fn from(e: defuse_core::Error) -> Self {
+        use defuse_core::Error as E;
+        match e {
+            E::Model { .. } | E::Format { .. } | E::Invalid { .. } => {
+                StepError::Input(e.to_string())
+            }
+            E::Io { .. } | E::Torch(_) | E::Cancelled => StepError::Fatal(e.to_string()),
         }
     }
 }

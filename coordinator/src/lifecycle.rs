@@ -64,6 +64,31 @@ impl JobState {
     }
 }
 
+/// Why a failed job failed, for clients that act on it: `Input` (its config, data,
+/// models or labels are bad: fix them and submit again; `defuse run` exits 2) or
+/// `Runtime` (anything else: I/O, a worker's computation, lost state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Input,
+    Runtime,
+}
+
+impl ErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorKind::Input => "input",
+            ErrorKind::Runtime => "runtime",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        [ErrorKind::Input, ErrorKind::Runtime]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
 /// The step a job is in (with its [`JobState`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {

@@ -34,6 +34,12 @@ pub async fn serve(
         coord.inner.cfg.worker_token.as_ref(),
     )
     .map_err(ServeError::Config)?;
+    defuse_proto::auth::check_metrics_token(
+        coord.inner.cfg.metrics_token.as_ref(),
+        coord.inner.cfg.token.as_ref(),
+        coord.inner.cfg.worker_token.as_ref(),
+    )
+    .map_err(ServeError::Config)?;
     let tls = coord.inner.cfg.tls.clone();
     let http_tls = match &tls {
         Some(pem) => Some(crate::http::tls_acceptor(pem).map_err(ServeError::Tls)?),
@@ -68,7 +74,29 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(grpc)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
+    // gRPC health (grpc.health.v1: "" and each service; Kubernetes gRPC probes,
+    // grpc-health-probe) and reflection (grpcurl, grpcui) take no token: they reveal
+    // whether the coordinator serves and the public schema of proto/defuse.proto,
+    // nothing of any job
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<WorkerServiceServer<Coordinator>>()
+        .await;
+    health.set_serving::<JobServiceServer<Coordinator>>().await;
+    let readiness = tokio::spawn(report_readiness(
+        coord.clone(),
+        health.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(defuse_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Config(format!("gRPC reflection: {e}")))?;
     let r = server
+        .trace_fn(grpc_span)
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(InterceptedService::new(
             WorkerServiceServer::new(coord.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -83,6 +111,7 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await;
+    let _ = readiness.await;
     // the driver ends after the tick under way; the central steps it started are
     // stopped (each is idempotent: the next leader runs it again)
     let _ = driver.await;
@@ -98,4 +127,70 @@ pub async fn serve(
         let _ = w.await;
     }
     Ok(r?)
+}
+
+/// Keeps the gRPC health status of "" (the whole server) in step with readiness: NOT_SERVING
+/// while the state store does not answer, and from shutdown on.
+async fn report_readiness(
+    coord: Coordinator,
+    health: tonic_health::server::HealthReporter,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use tonic_health::ServingStatus;
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = ServingStatus::Serving;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let now = match coord.ready().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                if last == ServingStatus::Serving {
+                    tracing::warn!(error = %e, "gRPC health: not serving (state store unreachable)");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        health.set_service_status("", now).await;
+        last = now;
+    }
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<WorkerServiceServer<Coordinator>>()
+        .await;
+    health
+        .set_not_serving::<JobServiceServer<Coordinator>>()
+        .await;
+}
+
+/// The span of one gRPC call, in the caller's trace when it sent a `traceparent`.
+/// A worker's polls (register, lease, heartbeat) and health checks are debug spans:
+/// at the default level they are not recorded, so they neither flood a trace backend
+/// nor end up in a job's trace.
+fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let rpc = req.uri().path();
+    let poll = rpc.ends_with("/Lease")
+        || rpc.ends_with("/Heartbeat")
+        || rpc.ends_with("/Register")
+        || rpc.starts_with("/grpc.");
+    let span = if poll {
+        tracing::debug_span!("grpc", rpc, trace_id = tracing::field::Empty)
+    } else {
+        tracing::info_span!("grpc", rpc, trace_id = tracing::field::Empty)
+    };
+    if let Some(tp) = req
+        .headers()
+        .get(defuse_proto::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(defuse_proto::trace::TraceParent::parse)
+    {
+        defuse_proto::trace::adopt(&span, &tp);
+    }
+    span
 }

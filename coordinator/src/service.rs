@@ -45,6 +45,7 @@ fn identify_task(
         }),
         config_toml: rec.config_toml.clone(),
         output_key: keys::shard_output(&rec.id, lease.shard, lease.attempt),
+        traceparent: rec.trace_parent.clone(),
         spec: Some(task::Spec::Identify(IdentifySpec {
             start,
             end,
@@ -85,6 +86,7 @@ fn finetune_task(
         }),
         config_toml: rec.config_toml.clone(),
         output_key: keys::part_output(&rec.id, r, lease.shard, lease.attempt, &plan.extension),
+        traceparent: rec.trace_parent.clone(),
         spec: Some(task::Spec::Finetune(FineTuneSpec {
             checkpoint_key: keys::checkpoint(&rec.id, r, &plan.extension),
             checkpoint_sha256,
@@ -406,8 +408,15 @@ impl JobService for Coordinator {
         &self,
         req: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
+        let caller = req
+            .metadata()
+            .get(defuse_proto::trace::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(defuse_proto::trace::TraceParent::parse);
         let r = req.into_inner();
-        let id = Coordinator::submit(self, &r.config_toml, Some(r.job_id)).await?;
+        let id = self
+            .submit_traced(&r.config_toml, Some(r.job_id), caller)
+            .await?;
         Ok(Response::new(SubmitResponse { job_id: id }))
     }
 

@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     /// The worker token: when set, every worker API call must carry it. Set with the
     /// user token or not at all ([`defuse_proto::auth::check_tokens`]).
     pub worker_token: Option<defuse_proto::auth::Secret>,
+    /// A token that opens only `GET /metrics` (a Prometheus scrape job's; optional:
+    /// the user token opens `/metrics` too). Checked like the others.
+    pub metrics_token: Option<defuse_proto::auth::Secret>,
     /// The folders a submitted job may read from this coordinator's disk (`data.path`,
     /// `models.*`, `label.file`); `None` (the embedded run) allows any path.
     pub allowed_roots: Option<Vec<PathBuf>>,
@@ -64,6 +67,7 @@ impl Default for CoordinatorConfig {
             use_job_out: false,
             token: None,
             worker_token: None,
+            metrics_token: None,
             allowed_roots: Some(Vec::new()),
             http_limits: HttpLimits::default(),
             tls: None,
@@ -242,6 +246,16 @@ impl Coordinator {
     /// This coordinator's name in the leader election.
     pub fn node(&self) -> &str {
         &self.inner.node
+    }
+
+    /// Whether this coordinator can serve: its state store answers. One answer for
+    /// HTTP `/readyz` and the gRPC health service.
+    pub async fn ready(&self) -> Result<(), crate::store::StoreError> {
+        self.inner
+            .store
+            .get_job("-readiness-probe-")
+            .await
+            .map(|_| ())
     }
 
     pub fn store(&self) -> &Arc<dyn StateStore> {

@@ -74,6 +74,25 @@ async fn submit_refuses_bad_configs_and_lost_state_fails_the_job() {
         store.get_job(&id).await.unwrap().unwrap().state,
         JobState::Queued
     );
+    // the same job again under its id is the job already there (a retried
+    // `submit --wait`, a restarted runner pod); another config under it is refused
+    assert_eq!(
+        coord
+            .submit(&config(&mnist), Some("job-1".into()))
+            .await
+            .unwrap(),
+        id
+    );
+    let e = coord
+        .submit(
+            &config(&mnist).replace("[train]", "[identify]\nsamples = 3\n[train]"),
+            Some("job-1".into()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("another config"), "{e}");
+    assert_eq!(store.list_jobs().await.unwrap().len(), 1);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(defuse_coordinator::serve(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use defuse_coordinator::keys::{self, files};
 use defuse_coordinator::store::memory::MemoryStore;
-use defuse_coordinator::store::{JobRecord, JobState, Phase, Stage, StateStore};
+use defuse_coordinator::store::{ErrorKind, JobRecord, JobState, Phase, Stage, StateStore};
 use defuse_coordinator::{Coordinator, CoordinatorConfig};
 use defuse_core::artifacts::{ArtifactStore, LocalStore};
 use defuse_proto::worker_service_server::WorkerService;
@@ -60,8 +60,10 @@ impl Harness {
                 config_toml: "[data]\npath = \"/nowhere\"\n".into(),
                 n_shards: 0,
                 error: String::new(),
+                error_kind: None,
                 created_ms: 1,
                 updated_ms: 1,
+                trace_parent: String::new(),
             })
             .await
             .unwrap();
@@ -72,7 +74,7 @@ impl Harness {
                 .unwrap();
         }
         self.store
-            .set_job_state(id, state, step, "", 2, 1)
+            .set_job_state(id, state, step, "", None, 2, 1)
             .await
             .unwrap();
     }
@@ -380,7 +382,15 @@ async fn of_two_coordinators_one_drives_and_the_other_takes_over_when_it_dies() 
     assert!(!a.tick().await.unwrap());
     let stale = h
         .store
-        .set_job_state("j", JobState::Failed, Phase::Identify, "stale leader", 1, 1)
+        .set_job_state(
+            "j",
+            JobState::Failed,
+            Phase::Identify,
+            "stale leader",
+            Some(ErrorKind::Runtime),
+            1,
+            1,
+        )
         .await;
     assert!(
         matches!(stale, Err(defuse_coordinator::store::StoreError::Fenced(_))),
@@ -399,7 +409,7 @@ async fn finished_jobs_are_paged_retired_kept_within_retention_and_deleted() {
         let id = format!("done-{i}");
         h.job(&id, JobState::Running, Phase::Finish, 0).await;
         h.store
-            .set_job_state(&id, JobState::Done, Phase::Finish, "", 10 + i, 1)
+            .set_job_state(&id, JobState::Done, Phase::Finish, "", None, 10 + i, 1)
             .await
             .unwrap();
         h.artifacts

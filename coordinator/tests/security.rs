@@ -20,12 +20,14 @@ use tonic::transport::Channel;
 
 const USER: &str = "user-token-0123456789abcdef0123456789abcdef";
 const WORKER: &str = "worker-token-0123456789abcdef0123456789abcd";
+const METRICS: &str = "metrics-token-0123456789abcdef0123456789abc";
 
 fn coordinator(dir: &std::path::Path, user: &str, worker: &str) -> Coordinator {
     let cfg = CoordinatorConfig {
         work_dir: dir.join("work"),
         token: Some(Secret::new(user)),
         worker_token: Some(Secret::new(worker)),
+        metrics_token: Some(Secret::new(METRICS)),
         allowed_roots: Some(vec![dir.join("allowed")]),
         http_limits: HttpLimits {
             header_timeout: Duration::from_secs(1),
@@ -106,6 +108,7 @@ async fn attacks_on_a_running_coordinator_are_refused() {
         ("short", WORKER, "at least 32"),
         (USER, "short", "at least 32"),
         (USER, USER, "the same"),
+        (METRICS, WORKER, "the same"),
     ] {
         let c = coordinator(dir, user, worker);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -123,7 +126,12 @@ async fn attacks_on_a_running_coordinator_are_refused() {
     let server = tokio::spawn(defuse_coordinator::serve(
         coord,
         grpc,
-        Some((web, Default::default())),
+        Some((
+            web,
+            defuse_coordinator::http::HttpOptions {
+                metrics: Some(Arc::new(|| "defuse_up 1\n".to_string())),
+            },
+        )),
         async move {
             let _ = stop_rx.await;
         },
@@ -464,6 +472,94 @@ async fn attacks_on_a_running_coordinator_are_refused() {
         silent.await.unwrap(),
         "the server closed the silent connection (the client's 30 s read timeout did not fire)"
     );
+
+    // ---- the metrics token opens /metrics and nothing else ----
+    let scrape = format!("Authorization: Bearer {METRICS}");
+    let (code, _, body) = http(port, "GET", "/metrics", &[&scrape], "");
+    assert_eq!((code, body.as_str()), (200, "defuse_up 1\n"));
+    let user = format!("Authorization: Bearer {USER}");
+    assert_eq!(http(port, "GET", "/metrics", &[&user], "").0, 200);
+    assert_eq!(http(port, "GET", "/metrics", &[], "").0, 401);
+    for path in ["/api/jobs", "/"] {
+        let (code, _, _) = http(port, "GET", path, &[&scrape], "");
+        assert_eq!(code, 401, "the metrics token opened {path}");
+    }
+    let e = JobServiceClient::new(authed(&ch, METRICS))
+        .list(defuse_proto::ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // ---- gRPC health and reflection: open without a token, and reveal no job ----
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let mut health = HealthClient::new(ch.clone());
+    for service in ["", "defuse.v1.JobService", "defuse.v1.WorkerService"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "health of {service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "defuse.v1.NoSuchService".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let mut answers = ServerReflectionClient::new(ch.clone())
+        .server_reflection_info(tokio_stream::iter([
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol(
+                "defuse.v1.JobService".into(),
+            )),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = match answers.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }
+        other => panic!("list services answered {other:?}"),
+    };
+    for want in [
+        "defuse.v1.JobService",
+        "defuse.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(listed.iter().any(|n| n == want), "{want} not in {listed:?}");
+    }
+    match answers.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::FileDescriptorResponse(f)) => {
+            assert!(!f.file_descriptor_proto.is_empty());
+            let raw = f.file_descriptor_proto.concat();
+            assert!(
+                raw.windows(b"SubmitRequest".len())
+                    .any(|w| w == b"SubmitRequest"),
+                "the descriptor of JobService lacks SubmitRequest"
+            );
+        }
+        other => panic!("file containing JobService answered {other:?}"),
+    }
+    // the job API itself still wants the token
+    let e = JobServiceClient::new(ch.clone())
+        .list(defuse_proto::ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();

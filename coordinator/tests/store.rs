@@ -19,8 +19,10 @@ fn job(id: &str) -> JobRecord {
         config_toml: "x = 1".into(),
         n_shards: 0,
         error: String::new(),
+        error_kind: None,
         created_ms: 1,
         updated_ms: 1,
+        trace_parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
     }
 }
 
@@ -53,6 +55,11 @@ async fn suite(s: Arc<dyn StateStore>) {
     s.plan_shards("a", Stage::Identify, 3, t0, 1).await.unwrap();
     s.plan_shards("a", Stage::Identify, 5, t0, 1).await.unwrap(); // idempotent
     assert_eq!(s.get_job("a").await.unwrap().unwrap().n_shards, 3);
+    // the record comes back whole, its trace context with it
+    assert_eq!(
+        s.get_job("a").await.unwrap().unwrap().trace_parent,
+        job("a").trace_parent
+    );
     assert_eq!(
         s.counts("a", Stage::Identify).await.unwrap(),
         ShardCounts {
@@ -199,13 +206,16 @@ async fn suite(s: Arc<dyn StateStore>) {
     );
     let j = s.get_job("a").await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed);
+    // a shard that fails for good is not the job's input at fault (as far as the
+    // store knows): the central steps say when it is
+    assert_eq!(j.error_kind, Some(ErrorKind::Runtime));
     assert!(
         j.error.contains("shard 1") && j.error.contains("model broken"),
         "{}",
         j.error
     );
     // a final state is never left
-    s.set_job_state("a", JobState::Running, Phase::Identify, "", t0, 1)
+    s.set_job_state("a", JobState::Running, Phase::Identify, "", None, t0, 1)
         .await
         .unwrap();
     assert_eq!(
@@ -277,7 +287,7 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.lease("d", Stage::Identify, "w", t0, 10).await.unwrap(),
         None
     );
-    s.set_job_state("d", JobState::Running, Phase::Identify, "", t0, 1)
+    s.set_job_state("d", JobState::Running, Phase::Identify, "", None, t0, 1)
         .await
         .unwrap();
     s.plan_shards("d", Stage::Identify, 2, t0, 1).await.unwrap();
@@ -435,16 +445,24 @@ async fn suite(s: Arc<dyn StateStore>) {
     })
     .await
     .unwrap();
-    s.set_job_state("g", JobState::Running, Phase::Models, "", t0, t1)
+    s.set_job_state("g", JobState::Running, Phase::Models, "", None, t0, t1)
         .await
         .unwrap();
     s.plan_shards("g", Stage::Identify, 2, t0, t2)
         .await
         .unwrap();
     for refused in [
-        s.set_job_state("g", JobState::Failed, Phase::Models, "stale", t0, t1)
-            .await
-            .map(|_| ()),
+        s.set_job_state(
+            "g",
+            JobState::Failed,
+            Phase::Models,
+            "stale",
+            Some(ErrorKind::Runtime),
+            t0,
+            t1,
+        )
+        .await
+        .map(|_| ()),
         s.plan_shards("g", Stage::Identify, 9, t0, t1).await,
         s.reap("g", Stage::Identify, t0, 3, t1).await.map(|_| ()),
     ] {
@@ -452,7 +470,7 @@ async fn suite(s: Arc<dyn StateStore>) {
     }
     let g = s.get_job("g").await.unwrap().unwrap();
     assert_eq!((g.state, g.n_shards), (JobState::Running, 2));
-    s.set_job_state("g", JobState::Running, Phase::Identify, "", t0, t2)
+    s.set_job_state("g", JobState::Running, Phase::Identify, "", None, t0, t2)
         .await
         .unwrap();
 
@@ -495,6 +513,26 @@ async fn suite(s: Arc<dyn StateStore>) {
         s.shards("a", Stage::Identify).await,
         Err(StoreError::Lost(_))
     ));
+
+    // a job failed for its input says so, and the kind survives a read
+    s.create_job(&job("k")).await.unwrap();
+    s.set_job_state(
+        "k",
+        JobState::Failed,
+        Phase::Models,
+        "model c.pt: 5 classes, the data has 10",
+        Some(ErrorKind::Input),
+        t0,
+        1,
+    )
+    .await
+    .unwrap();
+    let k = s.get_job("k").await.unwrap().unwrap();
+    assert_eq!(
+        (k.state, k.error_kind),
+        (JobState::Failed, Some(ErrorKind::Input))
+    );
+    s.delete_job("k").await.unwrap();
 
     rounds(&*s, t0).await;
 }
@@ -552,7 +590,7 @@ async fn rounds(s: &dyn StateStore, t0: u64) {
     }
     assert_eq!(s.counts("h", r0).await.unwrap().done, 2);
     // the next round: round 0 is over, round 1 leases
-    s.set_job_state("h", JobState::Running, Phase::FineTune(1), "", t0, 9)
+    s.set_job_state("h", JobState::Running, Phase::FineTune(1), "", None, t0, 9)
         .await
         .unwrap();
     assert_eq!(s.lease("h", r0, "w", t0, 10).await.unwrap(), None);

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde::{Deserialize, Serialize};
 
 use crate::config::JobConfig;
@@ -159,125 +160,168 @@ pub fn write(dir: &Path, s: &Summary, grids: &Path, pictures: &Path) -> Result<(
     std::fs::write(&p, html).map_err(|e| Error::io(&p, e))
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 fn pct(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{:.1}%", 100.0 * v))
 }
 
 /// A file as an `<img>` with a data URL (nothing when the file is missing).
-fn embedded_img(path: &Path, mime: &str, alt: &str) -> String {
-    std::fs::read(path)
-        .map(|b| {
-            format!(
-                "<img alt=\"{}\" src=\"data:{mime};base64,{}\">",
-                esc(alt),
-                base64::engine::general_purpose::STANDARD.encode(b)
-            )
-        })
-        .unwrap_or_default()
+fn embedded_img(path: &Path, mime: &str, alt: &str) -> Markup {
+    match std::fs::read(path) {
+        Ok(b) => html! {
+            img alt=(alt) src={ "data:" (mime) ";base64," (base64::engine::general_purpose::STANDARD.encode(b)) };
+        },
+        Err(_) => html! {},
+    }
 }
 
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem;color:#222}
+table{border-collapse:collapse}td,th{padding:.25rem .75rem;border-bottom:1px solid #ddd;text-align:right}
+th:first-child,td:first-child{text-align:left}.scn{margin:1.5rem 0;padding-top:.5rem;border-top:1px solid #eee}
+.small{font-size:.85rem;color:#555}img{image-rendering:pixelated;max-width:100%}";
+
+/// `report/index.html`, a maud template: every name from the data (job, dataset,
+/// classes, the model's path) is escaped by the engine.
 fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
     let name = |c: i64| {
-        esc(&s
-            .class_names
+        s.class_names
             .get(c as usize)
             .cloned()
-            .unwrap_or_else(|| c.to_string()))
+            .unwrap_or_else(|| c.to_string())
     };
-    let mut rows = String::new();
-    for sc in &s.scenarios {
-        let img = embedded_img(
-            &grids.join(format!("scenario-{}.png", sc.id)),
-            "image/png",
-            &format!("samples of scenario {}", sc.id),
-        );
-        let nearest = embedded_img(
-            &pictures.join(format!("nearest-{}.png", sc.id)),
-            "image/png",
-            &format!("training images nearest scenario {}", sc.id),
-        );
-        let preds: Vec<String> = sc.sample_predictions.iter().map(|&p| name(p)).collect();
-        let sources: Vec<String> = sc
-            .source_labels
-            .iter()
-            .map(|(l, n)| format!("{}: {n}", name(*l)))
-            .collect();
-        let label = sc.label.map_or("<em>discarded</em>".to_string(), name);
-        rows.push_str(&format!(
-            "<section class=\"scn\" id=\"s{id}\"><h3>Scenario {id}</h3>\
-             <p>weight {w:.3} · {size} failures · classifier says <b>{pred}</b> · labelled <b>{label}</b> · \
-             accuracy {before} → <b>{after}</b></p>{img}\
-             <p class=\"small\">predictions on the samples above, row by row: {preds}</p>\
-             <p class=\"small\">the real training images nearest the scenario's mean (in the VAE's code space):</p>{nearest}\
-             <p class=\"small\">true labels of the source images: {sources}</p></section>\n",
-            id = sc.id,
-            w = sc.weight,
-            size = sc.size,
-            pred = name(sc.predicted),
-            before = pct(sc.accuracy_before),
-            after = pct(sc.accuracy_after),
-            preds = preds.join(" "),
-            sources = sources.join(", "),
-        ));
-    }
     let steps: Vec<String> = s
         .step_seconds
         .iter()
         .map(|(n, t)| format!("{n} {t:.0} s"))
         .collect();
-    format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Defuse report: {job}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem;color:#222}}
-table{{border-collapse:collapse}}td,th{{padding:.25rem .75rem;border-bottom:1px solid #ddd;text-align:right}}
-th:first-child,td:first-child{{text-align:left}}.scn{{margin:1.5rem 0;padding-top:.5rem;border-top:1px solid #eee}}
-.small{{font-size:.85rem;color:#555}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>
-<h1>Defuse report: {job}</h1>
-<p>Dataset <b>{dataset}</b>, {split} split: searched {searched} of {n_split} images
-({wrong} misclassified, {recon} whose VAE reconstruction is misclassified, skipped), {perts} perturbations,
-<b>{fails}</b> failures from {imgs_fail} images ({rate:.1}% of searched images), distilled into
-<b>{nscn}</b> scenarios ({labelled} labelled, {discarded} discarded).</p>
-<table><tr><th></th><th>before</th><th>after</th></tr>
-<tr><td>test accuracy</td><td>{tb}</td><td>{ta}</td></tr>
-<tr><td>scenario-test accuracy ({nst} held-out samples)</td><td>{sb}</td><td>{sa}</td></tr></table>
-<p class="small">Fine-tuned model: {model}. Step times: {steps}.</p>
-<h2>All failures</h2>
-<p class="small">Every failure code projected on its first two principal components, coloured by scenario.</p>
-{projection}
-<h2>Failure scenarios</h2>
-{rows}</body></html>
-"#,
-        job = esc(&s.job),
-        dataset = esc(&s.dataset),
-        split = s.split,
-        searched = s.n_images_searched,
-        n_split = s.n_images_in_split,
-        wrong = s.n_images_wrong,
-        recon = s.n_reconstructions_wrong,
-        perts = s.n_perturbations,
-        fails = s.n_failures,
-        imgs_fail = s.n_images_with_failure,
-        rate = 100.0 * s.failure_rate_per_image,
-        nscn = s.n_scenarios,
-        labelled = s.n_labelled,
-        discarded = s.n_discarded,
-        tb = pct(Some(s.test_accuracy_before)),
-        ta = pct(Some(s.test_accuracy_after)),
-        sb = pct(Some(s.scenario_accuracy_before)),
-        sa = pct(Some(s.scenario_accuracy_after)),
-        nst = s.scenario_test_samples,
-        model = esc(&s.model.display().to_string()),
-        steps = steps.join(", "),
-        projection = embedded_img(
-            &pictures.join("projection.svg"),
-            "image/svg+xml",
-            "failure codes by scenario"
-        ),
-    )
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "Defuse report: " (s.job) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "Defuse report: " (s.job) }
+                p {
+                    "Dataset " b { (s.dataset) } ", " (s.split) " split: searched " (s.n_images_searched)
+                    " of " (s.n_images_in_split) " images (" (s.n_images_wrong) " misclassified, "
+                    (s.n_reconstructions_wrong) " whose VAE reconstruction is misclassified, skipped), "
+                    (s.n_perturbations) " perturbations, " b { (s.n_failures) } " failures from "
+                    (s.n_images_with_failure) " images (" (format!("{:.1}", 100.0 * s.failure_rate_per_image))
+                    "% of searched images), distilled into " b { (s.n_scenarios) } " scenarios ("
+                    (s.n_labelled) " labelled, " (s.n_discarded) " discarded)."
+                }
+                table {
+                    tr { th {} th { "before" } th { "after" } }
+                    tr {
+                        td { "test accuracy" }
+                        td { (pct(Some(s.test_accuracy_before))) }
+                        td { (pct(Some(s.test_accuracy_after))) }
+                    }
+                    tr {
+                        td { "scenario-test accuracy (" (s.scenario_test_samples) " held-out samples)" }
+                        td { (pct(Some(s.scenario_accuracy_before))) }
+                        td { (pct(Some(s.scenario_accuracy_after))) }
+                    }
+                }
+                p.small { "Fine-tuned model: " (s.model.display()) ". Step times: " (steps.join(", ")) "." }
+                h2 { "All failures" }
+                p.small { "Every failure code projected on its first two principal components, coloured by scenario." }
+                (embedded_img(&pictures.join("projection.svg"), "image/svg+xml", "failure codes by scenario"))
+                h2 { "Failure scenarios" }
+                @for sc in &s.scenarios {
+                    section.scn id={ "s" (sc.id) } {
+                        h3 { "Scenario " (sc.id) }
+                        p {
+                            "weight " (format!("{:.3}", sc.weight)) " · " (sc.size) " failures · classifier says "
+                            b { (name(sc.predicted)) } " · labelled "
+                            b {
+                                @match sc.label {
+                                    Some(l) => (name(l)),
+                                    None => em { "discarded" },
+                                }
+                            }
+                            " · accuracy " (pct(sc.accuracy_before)) " → " b { (pct(sc.accuracy_after)) }
+                        }
+                        (embedded_img(&grids.join(format!("scenario-{}.png", sc.id)), "image/png", &format!("samples of scenario {}", sc.id)))
+                        p.small {
+                            "predictions on the samples above, row by row: "
+                            (sc.sample_predictions.iter().map(|&p| name(p)).collect::<Vec<_>>().join(" "))
+                        }
+                        p.small { "the real training images nearest the scenario's mean (in the VAE's code space):" }
+                        (embedded_img(&pictures.join(format!("nearest-{}.png", sc.id)), "image/png", &format!("training images nearest scenario {}", sc.id)))
+                        p.small {
+                            "true labels of the source images: "
+                            (sc.source_labels.iter().map(|(l, n)| format!("{}: {n}", name(*l))).collect::<Vec<_>>().join(", "))
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .into_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names come from the user's data (folder names are class names, the job name
+    /// from its file): the report escapes them, and embeds the pictures it finds.
+    #[test]
+    fn the_report_escapes_names_from_the_data_and_embeds_pictures() {
+        let evil = r#"<img src=x onerror="alert(1)">"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("scenario-0.png"), b"\x89PNG fake").unwrap();
+        let s = Summary {
+            job: evil.into(),
+            dataset: evil.into(),
+            seed: 0,
+            split: "test".into(),
+            n_images_searched: 10,
+            n_images_in_split: 10,
+            n_images_wrong: 0,
+            n_reconstructions_wrong: 0,
+            n_perturbations: 100,
+            n_failures: 3,
+            n_images_with_failure: 2,
+            failure_rate_per_image: 0.2,
+            n_scenarios: 1,
+            n_labelled: 0,
+            n_discarded: 1,
+            test_accuracy_before: 0.9,
+            test_accuracy_after: 0.91,
+            scenario_accuracy_before: 0.1,
+            scenario_accuracy_after: 0.8,
+            scenario_test_samples: 50,
+            model: PathBuf::from(evil),
+            scenarios: vec![ScenarioSummary {
+                id: 0,
+                weight: 0.5,
+                size: 3,
+                predicted: 1,
+                predicted_name: evil.into(),
+                label: None,
+                label_name: None,
+                accuracy_before: Some(0.1),
+                accuracy_after: None,
+                source_labels: [(0, 3)].into(),
+                sample_predictions: vec![0, 1],
+            }],
+            step_seconds: vec![("identify".into(), 1.0)],
+            class_names: vec![evil.into(), "one".into()],
+        };
+        let html = render_html(&s, dir.path(), dir.path());
+        assert!(!html.contains("<img src=x"), "{html}");
+        assert!(
+            html.contains("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"),
+            "{html}"
+        );
+        assert!(html.contains("<em>discarded</em>"), "{html}");
+        assert!(html.contains("accuracy 10.0% → <b>–</b>"), "{html}");
+        // the grid found is embedded; the missing projection and nearest images are left out
+        assert_eq!(html.matches("data:image/png;base64,").count(), 1, "{html}");
+        assert!(!html.contains("image/svg+xml"));
+    }
 }

@@ -7,6 +7,12 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The encoded `FileDescriptorSet` of `proto/defuse.proto`, served by the
+/// coordinator's gRPC reflection service (grpcurl, Postman and grpcui list and call
+/// the services with it).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/defuse_descriptor.bin"));
+
 /// The protocol version this build speaks; workers of another are refused.
 pub const PROTOCOL_VERSION: u32 = 2;
 
@@ -123,7 +129,8 @@ pub mod auth {
     /// A channel that sends the token (if any) with every call.
     pub type AuthChannel = InterceptedService<tonic::transport::Channel, Bearer>;
 
-    /// Client side: adds the bearer header.
+    /// Client side: adds the bearer header, and the caller's trace context
+    /// (`traceparent`) when it has one.
     #[derive(Clone, Default)]
     pub struct Bearer(Option<MetadataValue<Ascii>>);
 
@@ -145,6 +152,11 @@ pub mod auth {
         fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
             if let Some(v) = &self.0 {
                 req.metadata_mut().insert("authorization", v.clone());
+            }
+            if let Some(tp) = crate::trace::current() {
+                if let Ok(v) = tp.to_string().parse() {
+                    req.metadata_mut().insert(crate::trace::HEADER, v);
+                }
             }
             Ok(req)
         }
@@ -216,6 +228,39 @@ pub mod auth {
             }
         }
     }
+
+    /// Checks the optional metrics token against the other two: at least
+    /// [`MIN_TOKEN_BYTES`], different from both, and only beside them.
+    pub fn check_metrics_token(
+        metrics: Option<&Secret>,
+        user: Option<&Secret>,
+        worker: Option<&Secret>,
+    ) -> Result<(), String> {
+        let Some(m) = metrics else { return Ok(()) };
+        if user.is_none() {
+            return Err(format!(
+                "{METRICS_TOKEN_ENV} is set but no user token: without tokens /metrics is open anyway"
+            ));
+        }
+        if m.expose().len() < MIN_TOKEN_BYTES {
+            return Err(format!(
+                "{METRICS_TOKEN_ENV} is {} bytes; a token needs at least {MIN_TOKEN_BYTES} (e.g. openssl rand -hex 32)",
+                m.expose().len()
+            ));
+        }
+        for (t, role) in [(user, Role::User), (worker, Role::Worker)] {
+            if t.is_some_and(|t| token_matches(t.expose(), m.expose())) {
+                return Err(format!(
+                    "{METRICS_TOKEN_ENV} and {} are the same: the metrics token must open nothing else",
+                    role.env()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The environment variable of the metrics token (opens only `GET /metrics`).
+    pub const METRICS_TOKEN_ENV: &str = "DEFUSE_METRICS_TOKEN";
 
     /// Server side: lets in calls that carry `role`'s token and refuses the rest
     /// (`Unauthenticated`), naming the other role when its token was sent here.
@@ -291,6 +336,192 @@ pub mod auth {
                 Ok(()) => Ok(req),
                 Err(why) => Err(Status::unauthenticated(why)),
             }
+        }
+    }
+}
+
+/// One trace per job: W3C trace context (`traceparent`) carried in gRPC metadata and
+/// in each task, so submit, the coordinator's steps and every worker's shards are one
+/// trace in any OpenTelemetry backend.
+///
+/// The crates that make spans (coordinator, worker) know only [`TraceParent`] and two
+/// calls: [`adopt`] makes a span a child of a context, [`current`] reads the context
+/// of a span. What they do beyond recording a `trace_id` field on the span depends on
+/// the exporter the binary installed ([`install`]; the CLI's `otlp` feature): without
+/// one, trace ids still appear in the logs and in a job's status.
+pub mod trace {
+    use std::fmt;
+    use std::sync::OnceLock;
+
+    /// The gRPC metadata key (and HTTP header) of the context.
+    pub const HEADER: &str = "traceparent";
+
+    /// A W3C `traceparent`: version 00, a trace id, the parent span's id, flags.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct TraceParent {
+        pub trace_id: [u8; 16],
+        pub span_id: [u8; 8],
+        pub sampled: bool,
+    }
+
+    impl TraceParent {
+        /// A new trace (random ids, sampled).
+        pub fn random() -> TraceParent {
+            loop {
+                let t = TraceParent {
+                    trace_id: rand::random(),
+                    span_id: rand::random(),
+                    sampled: true,
+                };
+                if t.valid() {
+                    return t;
+                }
+            }
+        }
+
+        /// The same trace with another parent span.
+        pub fn child(&self) -> TraceParent {
+            let mut c = TraceParent::random();
+            c.trace_id = self.trace_id;
+            c.sampled = self.sampled;
+            c
+        }
+
+        fn valid(&self) -> bool {
+            self.trace_id != [0; 16] && self.span_id != [0; 8]
+        }
+
+        /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; `None` for anything else (an
+        /// invalid context is ignored, as the W3C spec asks).
+        pub fn parse(s: &str) -> Option<TraceParent> {
+            let mut parts = s.trim().split('-');
+            let (v, t, p, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            // a future version may append fields; version 00 has exactly four
+            if v.len() != 2 || v == "ff" || (v == "00" && parts.next().is_some()) {
+                return None;
+            }
+            let mut trace_id = [0u8; 16];
+            let mut span_id = [0u8; 8];
+            hex_into(t, &mut trace_id)?;
+            hex_into(p, &mut span_id)?;
+            let mut flags = [0u8; 1];
+            hex_into(f, &mut flags)?;
+            let tp = TraceParent {
+                trace_id,
+                span_id,
+                sampled: flags[0] & 1 == 1,
+            };
+            tp.valid().then_some(tp)
+        }
+
+        /// The trace id as 32 lowercase hex digits.
+        pub fn trace_hex(&self) -> String {
+            hex(&self.trace_id)
+        }
+    }
+
+    impl fmt::Display for TraceParent {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "00-{}-{}-{:02x}",
+                hex(&self.trace_id),
+                hex(&self.span_id),
+                u8::from(self.sampled)
+            )
+        }
+    }
+
+    impl fmt::Debug for TraceParent {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "TraceParent({self})")
+        }
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
+        if s.len() != out.len() * 2
+            || !s
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return None;
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(())
+    }
+
+    /// What an exporter does with contexts: make a span a child of one, and read a
+    /// span's own.
+    #[derive(Clone, Copy)]
+    pub struct Hooks {
+        pub set_parent: fn(&tracing::Span, &TraceParent),
+        pub context_of: fn(&tracing::Span) -> Option<TraceParent>,
+    }
+
+    static HOOKS: OnceLock<Hooks> = OnceLock::new();
+
+    /// Installs the exporter's hooks (once, at start).
+    pub fn install(hooks: Hooks) {
+        let _ = HOOKS.set(hooks);
+    }
+
+    /// Makes `span` part of `parent`'s trace: records its `trace_id` field (declare it
+    /// `trace_id = tracing::field::Empty`) and, with an exporter, sets the parent.
+    pub fn adopt(span: &tracing::Span, parent: &TraceParent) {
+        span.record("trace_id", tracing::field::display(parent.trace_hex()));
+        if let Some(h) = HOOKS.get() {
+            (h.set_parent)(span, parent);
+        }
+    }
+
+    /// The context `span` passes on to what it calls (none without an exporter, or
+    /// for a span the exporter does not sample).
+    pub fn context_of(span: &tracing::Span) -> Option<TraceParent> {
+        HOOKS.get().and_then(|h| (h.context_of)(span))
+    }
+
+    /// The context of the current span.
+    pub fn current() -> Option<TraceParent> {
+        context_of(&tracing::Span::current())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn traceparent_round_trips_and_refuses_malformed_values() {
+            let s = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+            let t = TraceParent::parse(s).unwrap();
+            assert_eq!(t.to_string(), s);
+            assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert!(t.sampled);
+            let c = t.child();
+            assert_eq!(c.trace_id, t.trace_id);
+            assert_ne!(c.span_id, t.span_id);
+            for bad in [
+                "",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+                "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            ] {
+                assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+            }
+            // a later version may carry more fields after the four
+            assert!(TraceParent::parse(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more"
+            )
+            .is_some());
         }
     }
 }

@@ -186,9 +186,14 @@ def test_refusals_cancel_and_delete(cluster, models):
 
     job = client.submit(job_config(models), job_id="to-cancel")
     assert job.id == "to-cancel"
+    # the same job again under its id is the job already there (a retried submit);
+    # another config under that id is refused
+    assert client.submit(job_config(models), job_id="to-cancel").id == "to-cancel"
+    other = job_config(models)
+    other["identify"]["keep"] = 3
     with pytest.raises(defuse.DefuseError) as e:
-        client.submit(job_config(models), job_id="to-cancel")
-    assert e.value.status == 409
+        client.submit(other, job_id="to-cancel")
+    assert e.value.status == 409 and "another config" in str(e.value)
     assert job.cancel() == "cancelled"
     with pytest.raises(defuse.JobFailed) as e:
         job.wait(timeout=30)

@@ -169,7 +169,11 @@ pub async fn run(
             abandon: abandon.clone(),
         });
         // shard: the identify shard, or the part of fine-tune round `round`
-        let span = tracing::info_span!("task", job = %tref.job, round = tref.round(), shard = tref.index(), attempt = tref.attempt, worker = %id);
+        let span = tracing::info_span!("task", job = %tref.job, round = tref.round(), shard = tref.index(), attempt = tref.attempt, worker = %id, trace_id = tracing::field::Empty);
+        // the task is a span of its job's trace (and so is the Complete call below)
+        if let Some(tp) = defuse_proto::trace::TraceParent::parse(&task.traceparent) {
+            defuse_proto::trace::adopt(&span, &tp);
+        }
         let outcome = execute(
             &task,
             &store,

@@ -9,7 +9,6 @@
 //! plain server-rendered HTML with no script and no outside link, so they work
 //! offline and from the keyboard; every name from the data is escaped. The listener
 //! and its limits are in `serve.rs`.
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -25,6 +24,7 @@ use crate::store::JobState;
 use crate::{Coordinator, CoordinatorError};
 
 mod access;
+mod pages;
 mod serve;
 
 pub use access::{Caller, CSRF_FIELD, SESSION_COOKIE};
@@ -70,7 +70,6 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/api/jobs/{id}/cancel", post(api_cancel))
         .route("/api/jobs/{id}/results", get(api_results))
         .route("/api/jobs/{id}/results/{*name}", get(api_result))
-        .route("/metrics", get(metrics))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -78,13 +77,48 @@ pub fn router(coord: Coordinator, opts: HttpOptions) -> Router {
         .route("/readyz", get(ready))
         .route("/login", get(login_page).post(login))
         .route("/api/openapi.json", get(openapi))
+        .route(
+            "/metrics",
+            get(metrics).route_layer(middleware::from_fn_with_state(app.clone(), metrics_access)),
+        )
         .merge(guarded)
         .layer(middleware::from_fn(refuse_cross_site))
+        .layer(middleware::from_fn(http_span))
         .layer(middleware::map_response(security_headers))
         .with_state(app)
 }
 
 // ---- access ----
+
+/// Each request in a span (`http`, method and route), in the caller's trace when it
+/// sent a `traceparent` header. Health checks and metrics scrapes are debug spans.
+async fn http_span(req: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let path = req.uri().path();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or(path, |m| m.as_str())
+        .to_string();
+    let method = req.method().to_string();
+    let span = if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        tracing::debug_span!("http", %method, %route, status = tracing::field::Empty, trace_id = tracing::field::Empty)
+    } else {
+        tracing::info_span!("http", %method, %route, status = tracing::field::Empty, trace_id = tracing::field::Empty)
+    };
+    if let Some(tp) = traceparent(req.headers()) {
+        defuse_proto::trace::adopt(&span, &tp);
+    }
+    let r = next.run(req).instrument(span.clone()).await;
+    span.record("status", r.status().as_u16());
+    r
+}
+
+fn traceparent(h: &HeaderMap) -> Option<defuse_proto::trace::TraceParent> {
+    h.get(defuse_proto::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(defuse_proto::trace::TraceParent::parse)
+}
 
 /// What every answer says to the browser: no script runs on these pages (they have
 /// none), nothing is sniffed into another type, no other site frames them. A
@@ -136,7 +170,11 @@ async fn require_token(State(app): State<App>, mut req: Request, next: Next) -> 
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|a| a.contains("text/html"));
             let mut resp = if wants_html {
-                Html(page("Sign in", &login_form(why, req.uri().path()))).into_response()
+                Html(pages::page(
+                    "Sign in",
+                    pages::login_form(why, req.uri().path()),
+                ))
+                .into_response()
             } else {
                 format!("{why}: send Authorization: Bearer <token>\n").into_response()
             };
@@ -166,21 +204,25 @@ async fn require_token(State(app): State<App>, mut req: Request, next: Next) -> 
     next.run(req).await
 }
 
-fn login_form(message: &str, next: &str) -> String {
-    format!(
-        r#"<p class="error">{}</p>
-<form method="post" action="/login">
-<input type="hidden" name="next" value="{}">
-<label>Token <input type="password" name="token" autofocus required></label>
-<button type="submit">Sign in</button>
-</form>"#,
-        esc(message),
-        esc(next)
-    )
+/// `/metrics` opens with the metrics token (a scrape job's, which opens nothing else)
+/// or with whatever opens the rest.
+async fn metrics_access(State(app): State<App>, req: Request, next: Next) -> Response {
+    let scrape = app.coord.inner.cfg.metrics_token.as_ref().is_some_and(|m| {
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(defuse_proto::auth::bearer_token)
+            .is_some_and(|t| defuse_proto::auth::token_matches(m.expose(), t))
+    });
+    if scrape {
+        next.run(req).await
+    } else {
+        require_token(State(app), req, next).await
+    }
 }
 
 async fn login_page() -> Html<String> {
-    Html(page("Sign in", &login_form("", "/")))
+    Html(pages::page("Sign in", pages::login_form("", "/")))
 }
 
 #[derive(Deserialize)]
@@ -202,9 +244,9 @@ async fn login(
         if let Err(wait) = app.logins.attempt(addr.ip()) {
             let mut r = (
                 StatusCode::TOO_MANY_REQUESTS,
-                Html(page(
+                Html(pages::page(
                     "Sign in",
-                    &login_form(
+                    pages::login_form(
                         &format!("too many sign-in attempts: try again in {wait} s"),
                         &f.next,
                     ),
@@ -216,7 +258,11 @@ async fn login(
         }
     }
     if !app.sessions.token_ok(&f.token) {
-        let mut r = Html(page("Sign in", &login_form("wrong token", &f.next))).into_response();
+        let mut r = Html(pages::page(
+            "Sign in",
+            pages::login_form("wrong token", &f.next),
+        ))
+        .into_response();
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
     }
@@ -265,8 +311,8 @@ async fn logout(
 // ---- health and metrics ----
 
 async fn ready(State(app): State<App>) -> Response {
-    match app.coord.inner.store.get_job("-readiness-probe-").await {
-        Ok(_) => "ready\n".into_response(),
+    match app.coord.ready().await {
+        Ok(()) => "ready\n".into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("state store unreachable: {e}\n"),
@@ -294,12 +340,8 @@ fn http_status(e: &CoordinatorError) -> StatusCode {
 }
 
 fn error_page(e: CoordinatorError, back: &str) -> Response {
-    let body = format!(
-        r#"<p class="error" role="alert">{}</p><p><a href="{}">Back</a></p>"#,
-        esc(&e.to_string()),
-        esc(back)
-    );
-    (http_status(&e), Html(page("Error", &body))).into_response()
+    let body = pages::alert(&e.to_string(), back);
+    (http_status(&e), Html(pages::page("Error", body))).into_response()
 }
 
 fn error_json(e: CoordinatorError) -> Response {
@@ -310,56 +352,7 @@ fn error_json(e: CoordinatorError) -> Response {
         .into_response()
 }
 
-// ---- pages ----
-
-fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
-}
-
-fn page(title: &str, body: &str) -> String {
-    format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{t} · Defuse</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #1b1b1b; max-width: 70rem; }}
-header a {{ color: inherit; text-decoration: none; font-weight: 600; }}
-table {{ border-collapse: collapse; margin: .5rem 0 1rem; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: .3rem .6rem; text-align: left; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.scenarios {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(16rem, 1fr)); gap: 1rem; }}
-.scenario {{ border: 1px solid #ccc; border-radius: 6px; padding: .6rem; }}
-.scenario img {{ width: 100%; image-rendering: pixelated; background: #000; }}
-.scenario h3 {{ margin: 0 0 .4rem; font-size: 1rem; }}
-.preds {{ font-family: ui-monospace, monospace; font-size: .8rem; word-break: break-word; }}
-.error {{ color: #a00; font-weight: 600; }}
-.state {{ font-weight: 600; }}
-button {{ font-size: 1rem; padding: .4rem 1rem; }}
-select:focus, button:focus, a:focus {{ outline: 3px solid #36c; }}
-</style></head>
-<body><header><a href="/">Defuse</a></header>
-<main><h1>{t}</h1>
-{body}
-</main></body></html>"#,
-        t = esc(title)
-    )
-}
-
-fn pct(x: f64) -> String {
-    format!("{:.2}%", 100.0 * x)
-}
+// ---- pages (rendered by `pages.rs`) ----
 
 /// `?after=<job id>&limit=<n>`: a page of the job list.
 #[derive(Deserialize, Default)]
@@ -380,9 +373,7 @@ async fn jobs_page(
         Ok(j) => j,
         Err(e) => return error_page(CoordinatorError::from(e), "/"),
     };
-    let mut b = String::from(
-        "<table><thead><tr><th>Job</th><th>Name</th><th>State</th><th>Step</th><th>Shards done</th></tr></thead><tbody>",
-    );
+    let mut rows = Vec::with_capacity(jobs.len());
     for rec in &jobs {
         let st = app.coord.status_of(rec, false).await;
         let shards = st
@@ -392,34 +383,25 @@ async fn jobs_page(
             .filter(|s| s.shards_total > 0)
             .map(|s| format!("{} / {}", s.shards_done, s.shards_total))
             .unwrap_or_default();
-        let _ = write!(
-            b,
-            r#"<tr><td><a href="/jobs/{id}">{id}</a></td><td>{name}</td><td class="state">{state}</td><td>{step}</td><td class="num">{shards}</td></tr>"#,
-            id = esc(&rec.id),
-            name = esc(&rec.name),
-            state = esc(rec.state.as_str()),
-            step = esc(&rec.step.to_string()),
-        );
+        rows.push(pages::JobRow {
+            id: rec.id.clone(),
+            name: rec.name.clone(),
+            state: rec.state.as_str(),
+            step: rec.step.to_string(),
+            shards,
+        });
     }
-    b.push_str("</tbody></table>");
-    if jobs.is_empty() && q.after.is_empty() {
-        b.push_str("<p>No jobs yet: submit one with <code>defuse submit job.toml</code>.</p>");
-    }
-    if !next.is_empty() {
-        let _ = write!(
-            b,
-            r#"<p><a href="/?after={}&amp;limit={limit}" id="next-page">More jobs</a></p>"#,
-            esc(&next)
-        );
-    }
-    if let Caller::Session { nonce } = &caller {
-        let _ = write!(
-            b,
-            r#"<form method="post" action="/logout"><input type="hidden" name="{CSRF_FIELD}" value="{}"><button type="submit" id="sign-out">Sign out</button></form>"#,
-            esc(&app.sessions.csrf(nonce))
-        );
-    }
-    Html(page("Jobs", &b)).into_response()
+    let csrf = match &caller {
+        Caller::Session { nonce } => Some(app.sessions.csrf(nonce)),
+        Caller::Open | Caller::Bearer => None,
+    };
+    let body = pages::jobs(
+        &rows,
+        q.after.is_empty(),
+        (!next.is_empty()).then_some((next.as_str(), limit)),
+        csrf.as_deref(),
+    );
+    Html(pages::page("Jobs", body)).into_response()
 }
 
 async fn job_page(
@@ -433,192 +415,29 @@ async fn job_page(
         Err(e) => return error_page(CoordinatorError::from(e), "/"),
     };
     let st = app.coord.status_of(&rec, true).await;
-    let mut b = String::new();
-    let _ = write!(
-        b,
-        r#"<p>Name <b>{}</b> · state <span class="state" id="job-state">{}</span> · step {}</p>"#,
-        esc(&rec.name),
-        esc(rec.state.as_str()),
-        esc(&rec.step.to_string())
-    );
-    if !rec.error.is_empty() {
-        let _ = write!(b, r#"<p class="error">{}</p>"#, esc(&rec.error));
-    }
-    b.push_str("<table><thead><tr><th>Step</th><th>State</th><th>Shards (done / leased / pending / failed of total)</th></tr></thead><tbody>");
-    for s in &st.steps {
-        let shards = if s.shards_total > 0 {
-            format!(
-                "{} / {} / {} / {} of {}",
-                s.shards_done, s.shards_leased, s.shards_pending, s.shards_failed, s.shards_total
-            )
-        } else {
-            String::new()
-        };
-        let shards = if s.detail.is_empty() {
-            shards
-        } else {
-            format!("{shards} ({})", esc(&s.detail))
-        };
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&s.step),
-            esc(&s.state),
-            shards
-        );
-    }
-    b.push_str("</tbody></table>");
-    match rec.state {
+    let below = match rec.state {
         JobState::AwaitingLabels => match app.coord.scenarios(&rec).await {
             Ok((scen, classes)) => {
                 let csrf = match &caller {
                     Caller::Session { nonce } => app.sessions.csrf(nonce),
                     Caller::Open | Caller::Bearer => String::new(),
                 };
-                b.push_str(&label_form(&rec.id, &csrf, &scen, &classes))
+                pages::label_form(&rec.id, &csrf, &scen, &classes)
             }
-            Err(e) => {
-                let _ = write!(b, r#"<p class="error">{}</p>"#, esc(&e.to_string()));
-            }
+            Err(e) => pages::alert(&e.to_string(), "/"),
         },
         JobState::Done => {
             let summary = app
                 .coord
                 .job_file(&rec, crate::keys::files::SUMMARY)
                 .await
-                .map_err(|e| e.to_string());
-            b.push_str(&report_section(&rec.id, summary))
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            pages::report(&rec.id, summary)
         }
-        _ => {}
-    }
-    Html(page(&format!("Job {id}"), &b)).into_response()
-}
-
-fn class_name(classes: &[String], c: i64) -> String {
-    usize::try_from(c)
-        .ok()
-        .and_then(|i| classes.get(i))
-        .cloned()
-        .unwrap_or_else(|| c.to_string())
-}
-
-fn label_form(
-    job: &str,
-    csrf: &str,
-    scenarios: &[defuse_core::scenarios::Scenario],
-    classes: &[String],
-) -> String {
-    let mut b = format!(
-        r#"<h2>Label the failure scenarios</h2>
-<p>Each scenario is a cluster of inputs the classifier gets wrong; the grid shows samples
-from it, with the classifier's prediction on each below it (row by row). Give each
-scenario the class a person would see, or discard it (not a failure, or unclear).
-Tab moves between scenarios; type to pick a class.</p>
-<form method="post" action="/jobs/{}/labels" id="labels">
-<input type="hidden" name="{CSRF_FIELD}" value="{}">
-<div class="scenarios">"#,
-        esc(job),
-        esc(csrf)
-    );
-    for (i, s) in scenarios.iter().enumerate() {
-        let preds: Vec<String> = s
-            .sample_predictions
-            .iter()
-            .map(|&p| class_name(classes, p))
-            .collect();
-        let mut by_count: Vec<(&i64, &usize)> = s.source_labels.iter().collect();
-        by_count.sort_by_key(|(l, n)| (std::cmp::Reverse(**n), **l));
-        let sources: Vec<String> = by_count
-            .iter()
-            .map(|(l, n)| format!("{} ×{n}", class_name(classes, **l)))
-            .collect();
-        let mut options = String::from(
-            r#"<option value="" selected>choose…</option><option value="discard">discard</option>"#,
-        );
-        for (c, name) in classes.iter().enumerate() {
-            let _ = write!(
-                options,
-                r#"<option value="{c}">{c}: {}</option>"#,
-                esc(name)
-            );
-        }
-        let _ = write!(
-            b,
-            r#"<section class="scenario" id="scenario-{id}">
-<h3>Scenario {id}</h3>
-<img src="/jobs/{job}/scenarios/{id}/grid.png" alt="samples of scenario {id}">
-<p class="preds">predicted (row by row): {preds}</p>
-<p>Nearest real training images:</p>
-<img class="nearest" src="/jobs/{job}/scenarios/{id}/nearest.png" alt="training images nearest scenario {id}">
-<p>{size} failures · weight {weight:.3} · mostly predicted <b>{pred}</b><br>
-source images labelled: {sources}</p>
-<label>Label <select name="scenario-{id}" id="label-{id}" required{autofocus}>{options}</select></label>
-</section>"#,
-            id = s.id,
-            job = esc(job),
-            preds = esc(&preds.join(" ")),
-            size = s.size,
-            weight = s.weight,
-            pred = esc(&class_name(classes, s.predicted)),
-            sources = esc(&sources.join(", ")),
-            autofocus = if i == 0 { " autofocus" } else { "" },
-        );
-    }
-    b.push_str(
-        r#"</div>
-<p><button type="submit" id="submit-labels">Submit labels and correct the classifier</button></p>
-</form>"#,
-    );
-    b
-}
-
-fn report_section(job: &str, summary: Result<bytes::Bytes, String>) -> String {
-    let s: defuse_core::report::Summary =
-        match summary.and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
-            Ok(s) => s,
-            Err(e) => return format!(r#"<p class="error">report: {}</p>"#, esc(&e)),
-        };
-    let mut b = format!(
-        r#"<h2>Report</h2>
-<table id="report"><thead><tr><th></th><th>before</th><th>after</th></tr></thead><tbody>
-<tr><td>test accuracy</td><td class="num" id="test-before">{}</td><td class="num" id="test-after">{}</td></tr>
-<tr><td>failure-scenario accuracy ({} held-out samples)</td><td class="num" id="scenario-before">{}</td><td class="num" id="scenario-after">{}</td></tr>
-</tbody></table>
-<p>{} images searched, {} perturbations, {} failures from {} images; {} scenarios, {} labelled, {} discarded.</p>
-<div class="scenarios">"#,
-        pct(s.test_accuracy_before),
-        pct(s.test_accuracy_after),
-        s.scenario_test_samples,
-        pct(s.scenario_accuracy_before),
-        pct(s.scenario_accuracy_after),
-        s.n_images_searched,
-        s.n_perturbations,
-        s.n_failures,
-        s.n_images_with_failure,
-        s.n_scenarios,
-        s.n_labelled,
-        s.n_discarded,
-    );
-    for sc in &s.scenarios {
-        let label = sc.label_name.as_deref().unwrap_or("discarded");
-        let acc = match (sc.accuracy_before, sc.accuracy_after) {
-            (Some(a), Some(z)) => format!("accuracy {} → {}", pct(a), pct(z)),
-            _ => String::new(),
-        };
-        let _ = write!(
-            b,
-            r#"<section class="scenario"><h3>Scenario {id}: {label}</h3>
-<img src="/jobs/{job}/scenarios/{id}/grid.png" alt="samples of scenario {id}">
-<p>{size} failures · was read as {pred} · {acc}</p></section>"#,
-            id = sc.id,
-            label = esc(label),
-            job = esc(job),
-            size = sc.size,
-            pred = esc(&sc.predicted_name),
-        );
-    }
-    b.push_str("</div>");
-    b
+        _ => maud::html! {},
+    };
+    Html(pages::page(&format!("Job {id}"), pages::job(&st, below))).into_response()
 }
 
 /// `grid.png` (samples of the scenario) or `nearest.png` (the nearest training images).
@@ -656,12 +475,11 @@ async fn labels_form(
         .map(|(_, v)| v.as_str());
     if !app.sessions.csrf_ok(&caller, csrf) {
         let e = "this form is not from this coordinator's page (no or a wrong CSRF token): reload the page and submit again";
-        let body = format!(
-            r#"<p class="error" role="alert">{}</p><p><a href="{}">Back</a></p>"#,
-            esc(e),
-            esc(&back)
-        );
-        return (StatusCode::FORBIDDEN, Html(page("Refused", &body))).into_response();
+        return (
+            StatusCode::FORBIDDEN,
+            Html(pages::page("Refused", pages::alert(e, &back))),
+        )
+            .into_response();
     }
     let mut pairs = Vec::new();
     for (k, v) in fields {
@@ -787,7 +605,11 @@ async fn api_submit(State(app): State<App>, h: HeaderMap, body: Bytes) -> Respon
         Ok(b) => b,
         Err(r) => return *r,
     };
-    match app.coord.submit(&b.config, b.job_id).await {
+    match app
+        .coord
+        .submit_traced(&b.config, b.job_id, traceparent(&h))
+        .await
+    {
         Ok(id) => (StatusCode::CREATED, Json(serde_json::json!({"id": id}))).into_response(),
         Err(e) => error_json(e),
     }
@@ -852,18 +674,5 @@ async fn api_labels(
             Json(serde_json::json!({"labelled": labelled, "discarded": discarded})).into_response()
         }
         Err(s) => error_json(s),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            esc(r#"<script>alert("x")</script> & 'y'"#),
-            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
-        );
     }
 }

@@ -82,6 +82,7 @@ fn fail_job(rec: &mut JobRecord, msg: String, now_ms: u64) {
     if !rec.state.is_final() {
         rec.state = JobState::Failed;
         rec.error = msg;
+        rec.error_kind = Some(ErrorKind::Runtime);
         rec.updated_ms = now_ms;
     }
 }
@@ -181,6 +182,7 @@ impl StateStore for MemoryStore {
         state: JobState,
         step: Phase,
         error: &str,
+        kind: Option<ErrorKind>,
         now_ms: u64,
         token: u64,
     ) -> StoreResult<()> {
@@ -193,6 +195,7 @@ impl StateStore for MemoryStore {
         j.rec.state = state;
         j.rec.step = step;
         j.rec.error = error.into();
+        j.rec.error_kind = kind;
         j.rec.updated_ms = now_ms;
         Ok(())
     }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub mod memory;
 pub mod redis;
 
-pub use crate::lifecycle::{JobState, Phase, Stage};
+pub use crate::lifecycle::{ErrorKind, JobState, Phase, Stage};
 
 /// What the store keeps of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,8 +37,16 @@ pub struct JobRecord {
     /// its set).
     pub n_shards: u32,
     pub error: String,
+    /// Why it failed (set with `error`; none while it has not).
+    #[serde(default)]
+    pub error_kind: Option<ErrorKind>,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The job's trace context (W3C `traceparent`, set at submit): its central steps
+    /// and every worker's tasks are spans of this trace. Empty for records stored
+    /// before traces (they get none).
+    #[serde(default)]
+    pub trace_parent: String,
 }
 
 /// A granted lease.
@@ -244,8 +252,8 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Removes everything the store keeps of a job (record, every shard set, labels,
     /// indexes).
     async fn delete_job(&self, id: &str) -> StoreResult<()>;
-    /// Moves a job to `state`/`step` (with an error message when failing). A final
-    /// state is never left.
+    /// Moves a job to `state`/`step` (with an error message and its kind when
+    /// failing). A final state is never left.
     /// Fenced by the leader's token `fence`.
     #[allow(clippy::too_many_arguments)]
     async fn set_job_state(
@@ -254,6 +262,7 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
         state: JobState,
         step: Phase,
         error: &str,
+        kind: Option<ErrorKind>,
         now_ms: u64,
         fence: u64,
     ) -> StoreResult<()>;

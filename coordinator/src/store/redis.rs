@@ -42,7 +42,7 @@ end
 local function fail_job(meta, msg, now)
   local st = redis.call('HGET', meta, 'state')
   if st ~= 'done' and st ~= 'failed' and st ~= 'cancelled' then
-    redis.call('HSET', meta, 'state', 'failed', 'error', msg, 'updated_ms', now)
+    redis.call('HSET', meta, 'state', 'failed', 'error', msg, 'error_kind', 'runtime', 'updated_ms', now)
   end
 end
 "#;
@@ -71,14 +71,15 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            // KEYS meta; ARGV state step error now fence
+            // KEYS meta; ARGV state step error now fence error_kind
             set_state: script(
                 r#"
 if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 if not fence_ok(KEYS[1], ARGV[5]) then return redis.error_reply('DEFUSE_FENCED') end
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'step', ARGV[2], 'error', ARGV[3], 'updated_ms', ARGV[4])
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'step', ARGV[2], 'error', ARGV[3], 'updated_ms', ARGV[4],
+  'error_kind', ARGV[6])
 return 1"#,
             ),
             // KEYS meta pending shards; ARGV n now fence n_field step rounds
@@ -236,14 +237,15 @@ if not need(KEYS[1]) then return redis.error_reply('DEFUSE_LOST') end
 if not fence_ok(KEYS[1], ARGV[1]) then return redis.error_reply('DEFUSE_FENCED') end
 return 1"#,
             ),
-            // KEYS meta; ARGV id name state step config n_shards error created updated:
+            // KEYS meta; ARGV id name state step config n_shards error created updated
+            // traceparent error_kind:
             // the whole record or nothing
             create: Script::new(
                 r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'state', ARGV[3], 'step', ARGV[4],
   'config_toml', ARGV[5], 'n_shards', ARGV[6], 'error', ARGV[7], 'created_ms', ARGV[8],
-  'updated_ms', ARGV[9])
+  'updated_ms', ARGV[9], 'trace_parent', ARGV[10], 'error_kind', ARGV[11])
 return 1"#,
             ),
             // KEYS leader; ARGV node: the lease ends now if node holds it
@@ -468,8 +470,10 @@ fn record(map: HashMap<String, String>) -> Option<JobRecord> {
         config_toml: g("config_toml"),
         n_shards: n("n_shards") as u32,
         error: g("error"),
+        error_kind: ErrorKind::parse(&g("error_kind")),
         created_ms: n("created_ms"),
         updated_ms: n("updated_ms"),
+        trace_parent: g("trace_parent"),
     })
 }
 
@@ -491,6 +495,8 @@ impl StateStore for RedisStore {
             .arg(&j.error)
             .arg(j.created_ms)
             .arg(j.updated_ms)
+            .arg(&j.trace_parent)
+            .arg(j.error_kind.map_or("", |k| k.as_str()))
             .invoke_async(&mut c)
             .await?;
         if created == 0 {
@@ -570,6 +576,7 @@ impl StateStore for RedisStore {
         state: JobState,
         step: Phase,
         error: &str,
+        kind: Option<ErrorKind>,
         now_ms: u64,
         fence: u64,
     ) -> StoreResult<()> {
@@ -583,6 +590,7 @@ impl StateStore for RedisStore {
             .arg(error)
             .arg(now_ms)
             .arg(fence)
+            .arg(kind.map_or("", |k| k.as_str()))
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| lost(id, e))?;

@@ -46,6 +46,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-registration" (include "defuse.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The runner Job: <fullname>-run-<job file name, as a DNS label>. */}}
+{{- define "defuse.runner.fullname" -}}
+{{- printf "%s-run-%s" (include "defuse.fullname" .) (trimSuffix ".toml" .Values.runner.job | replace "." "-" | replace "_" "-" | lower | trunc 30 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "defuse.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "defuse.fullname" .) .Values.serviceAccount.name }}
@@ -78,6 +83,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- define "defuse.auth.workerSecretKey" -}}
 {{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretWorkerKey }}{{ else }}worker-token{{ end }}
+{{- end }}
+
+{{/* The key of the metrics token in the auth Secret; empty: there is none. */}}
+{{- define "defuse.auth.metricsSecretKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretMetricsKey }}{{ else if .Values.auth.metricsToken }}metrics-token{{ end }}
 {{- end }}
 
 {{- define "defuse.redis.secretName" -}}
@@ -126,6 +136,25 @@ by every template that needs them, so the message comes whichever file renders f
 {{- end }}
 {{- if eq .Values.auth.token .Values.auth.workerToken }}
 {{- fail "auth.token and auth.workerToken must differ: a worker's token must not open the job API" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) .Values.auth.metricsToken }}
+{{- if lt (len .Values.auth.metricsToken) 32 }}
+{{- fail "auth.metricsToken needs at least 32 characters (openssl rand -hex 32)" }}
+{{- end }}
+{{- if or (eq .Values.auth.metricsToken .Values.auth.token) (eq .Values.auth.metricsToken .Values.auth.workerToken) }}
+{{- fail "auth.metricsToken must differ from auth.token and auth.workerToken: it opens only /metrics" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.auth.enabled (not (include "defuse.auth.metricsSecretKey" .)) }}
+{{- fail "metrics.serviceMonitor with auth on needs a metrics token: auth.metricsToken (or auth.existingSecretMetricsKey), which opens only /metrics" }}
+{{- end }}
+{{- if .Values.runner.enabled }}
+{{- if not .Values.runner.job }}
+{{- fail "runner.job is required when runner.enabled is true: the entry of jobs to run" }}
+{{- end }}
+{{- if not (hasKey .Values.jobs .Values.runner.job) }}
+{{- fail (printf "runner.job %q is not an entry of jobs (entries: %s)" .Values.runner.job (keys .Values.jobs | sortAlpha | join ", ")) }}
 {{- end }}
 {{- end }}
 {{- if and (not .Values.s3.existingSecret) (ne (empty .Values.s3.accessKeyId) (empty .Values.s3.secretAccessKey)) }}
