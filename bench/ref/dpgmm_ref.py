@@ -1,7 +1,7 @@
 """scikit-learn side of the DP-GMM comparison (bench/run.py).
 
     dpgmm_ref.py make X.npy N D SEED     a mixture of 12 overlapping Gaussians
-    dpgmm_ref.py fit X.npy K SEED THREADS LABELS.json
+    dpgmm_ref.py fit X.npy K SEED THREADS LABELS.json [MAX_ITER]
     dpgmm_ref.py ari A.json B.json       adjusted Rand index of two labelings
 
 `fit` uses the settings of Defuse's DP-GMM (and the authors' `BayesianGaussianMixture`):
@@ -26,7 +26,7 @@ def make(path, n, d, seed):
     print(json.dumps({"made": path, "n": n, "d": d}))
 
 
-def fit(path, k, seed, threads, labels_out):
+def fit(path, k, seed, threads, labels_out, max_iter=1000):
     from sklearn.mixture import BayesianGaussianMixture
     from threadpoolctl import threadpool_limits
 
@@ -37,7 +37,7 @@ def fit(path, k, seed, threads, labels_out):
             n_components=k,
             covariance_type="full",
             weight_concentration_prior_type="dirichlet_process",
-            max_iter=1000,
+            max_iter=max_iter,
             tol=1e-3,
             random_state=seed,
         ).fit(x)
@@ -47,7 +47,7 @@ def fit(path, k, seed, threads, labels_out):
     json.dump(labels.tolist(), open(labels_out, "w"))
     print(json.dumps({"impl": "sklearn", "n": len(x), "d": x.shape[1], "k": k, "seconds": dt,
                       "n_iter": int(m.n_iter_), "converged": bool(m.converged_),
-                      "mean_log_likelihood": score,
+                      "mean_log_likelihood": score, "lower_bound": float(m.lower_bound_),
                       "components_over_1pct": int((m.weights_ > 0.01).sum())}))
 
 
@@ -62,7 +62,7 @@ if __name__ == "__main__":
     if c == "make":
         make(r[0], int(r[1]), int(r[2]), int(r[3]))
     elif c == "fit":
-        fit(r[0], int(r[1]), int(r[2]), int(r[3]), r[4])
+        fit(r[0], int(r[1]), int(r[2]), int(r[3]), r[4], int(r[5]) if len(r) > 5 else 1000)
     elif c == "ari":
         ari(r[0], r[1])
     else:

@@ -3,11 +3,18 @@
 //! `BayesianGaussianMixture(weight_concentration_prior_type="dirichlet_process",
 //! covariance_type="full")`, with the same priors, defaults, k-means initialisation
 //! and updates (in log space, through Cholesky factors of the precisions). Computed
-//! in float64 with libtorch; the k-means initialisation is linfa-clustering's.
-use linfa::traits::{Fit, Predict};
-use linfa::DatasetBase;
-use linfa_clustering::KMeans;
-use ndarray::Array2;
+//! in float64 with libtorch.
+//!
+//! Where the time goes, and what is done about it (`bench/run.py`, DP-GMM rows):
+//! - the k-means start: k-means++ (greedy, as scikit-learn's) and Lloyd iterations with
+//!   the distances of all rows to all centres as one matrix product;
+//! - the two `O(N K D^2)` parts of an iteration, the quadratic forms of the E-step and
+//!   the scatter matrices of the M-step, are each one matrix product per block of rows
+//!   over the `D (D + 1) / 2` products `x_i x_j` (i <= j) of every row, instead of a
+//!   product per component: scikit-learn loops over components in Python. The data
+//!   are centred first, so the expanded forms lose nothing in float64;
+//! - everything per component (Cholesky, digamma, the bound) is batched over `K`.
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -88,9 +95,11 @@ pub struct DpGmm {
     state: Option<State>,
 }
 
-/// Variational parameters, as tensors (float64, CPU).
+/// Variational parameters, as tensors (float64, CPU), in coordinates centred at
+/// `center` (the mean of the fitted rows).
 #[derive(Debug)]
 struct State {
+    center: Tensor,
     wc: (Tensor, Tensor),
     mean_precision: Tensor,
     means: Tensor,
@@ -102,6 +111,7 @@ struct State {
 impl Clone for State {
     fn clone(&self) -> Self {
         State {
+            center: self.center.copy(),
             wc: (self.wc.0.copy(), self.wc.1.copy()),
             mean_precision: self.mean_precision.copy(),
             means: self.means.copy(),
@@ -143,22 +153,27 @@ impl DpGmm {
             ));
         }
         let k = (o.max_components as i64).min(n);
-        let xc = &x - x.mean_dim(0, false, Kind::Double);
+        // the model is translation-equivariant: fit the centred rows (the prior mean,
+        // the mean of the rows, is then 0) and move the means back at the end
+        let center = x.mean_dim(0, false, Kind::Double);
+        let x = &x - &center;
+        let tri = Triu::new(d);
         let priors = Priors {
             wcp: o.weight_concentration_prior.unwrap_or(1.0 / k as f64),
             mpp: o.mean_precision_prior,
-            mean: x.mean_dim(0, false, Kind::Double),
+            mean: Tensor::zeros([d], (Kind::Double, Device::Cpu)),
             dof: o.degrees_of_freedom_prior.unwrap_or(d as f64),
-            cov: xc.transpose(0, 1).matmul(&xc) / (n - 1) as f64,
+            cov: x.transpose(0, 1).matmul(&x) / (n - 1) as f64,
         };
         // initial responsibilities: one-hot k-means labels
-        let labels = kmeans_labels(&x, k as usize, seed)?;
+        let labels = kmeans_labels(&x, k, seed);
         let resp = Tensor::zeros([n, k], (Kind::Double, Device::Cpu)).scatter_value(
             1,
-            &Tensor::from_slice(&labels).view([n, 1]),
+            &labels.view([n, 1]),
             1.0,
         );
-        let mut state = m_step(&x, &resp, &priors, o.reg_covar)?;
+        let rows = Rows::new(&x, tri);
+        let mut state = m_step(&rows, &resp, &priors, o.reg_covar, &center)?;
         let mut lower_bounds = Vec::new();
         let mut converged = false;
         let mut lb = f64::NEG_INFINITY;
@@ -166,9 +181,10 @@ impl DpGmm {
         for it in 1..=o.max_iter {
             n_iter = it;
             let prev = lb;
-            let (_, log_resp) = e_step(&x, &state);
-            state = m_step(&x, &log_resp.exp(), &priors, o.reg_covar)?;
-            lb = lower_bound(&log_resp, &state, d);
+            let log_resp = e_step(&rows, &state);
+            let resp = log_resp.exp();
+            state = m_step(&rows, &resp, &priors, o.reg_covar, &center)?;
+            lb = lower_bound(&resp, &log_resp, &state, d);
             lower_bounds.push(lb);
             if (lb - prev).abs() < o.tol {
                 converged = true;
@@ -191,7 +207,7 @@ impl DpGmm {
             state: None,
         };
         out.weights = Vec::<f64>::try_from(weights(&state))?;
-        out.means = to_rows(&state.means)?;
+        out.means = to_rows(&(&state.means + &state.center))?;
         out.covariances = (0..k)
             .map(|i| to_rows(&state.covariances.get(i)))
             .collect::<Result<_>>()?;
@@ -216,9 +232,9 @@ impl DpGmm {
     /// Per-row responsibilities `[N, K]` (the posterior over components).
     pub fn predict_proba(&self, x: &Tensor) -> Result<Tensor> {
         let s = self.state()?;
-        Ok(e_step(&x.to_kind(Kind::Double).to_device(Device::Cpu), &s)
-            .1
-            .exp())
+        let x = x.to_kind(Kind::Double).to_device(Device::Cpu) - &s.center;
+        let d = x.size()[1];
+        Ok(e_step(&Rows::new(&x, Triu::new(d)), &s).exp())
     }
 
     /// Most likely component of every row.
@@ -247,7 +263,14 @@ impl DpGmm {
         .view([k, d, d]);
         let prec_chol = precision_cholesky(&covs)?;
         let lw = Tensor::from_slice(&self.weights).clamp_min(1e-300).log();
-        let lp = log_gaussian(&x, &means, &prec_chol) + lw.unsqueeze(0);
+        // centred as the fit was, so the expanded quadratic forms lose nothing
+        let center = x.mean_dim(0, false, Kind::Double);
+        let lp = log_gaussian(
+            &Rows::new(&(&x - &center), Triu::new(d)),
+            &(means - &center),
+            &prec_chol,
+            &lw,
+        );
         Ok(f64::try_from(lp.logsumexp([1], false).mean(Kind::Double))?)
     }
 }
@@ -256,49 +279,209 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(Vec::<Vec<f64>>::try_from(t.contiguous())?)
 }
 
-fn kmeans_labels(x: &Tensor, k: usize, seed: u64) -> Result<Vec<i64>> {
-    let (n, d) = (x.size()[0] as usize, x.size()[1] as usize);
-    let flat = Vec::<f64>::try_from(x.contiguous().view([-1]))?;
-    let arr = Array2::from_shape_vec((n, d), flat).expect("shape matches");
-    let data = DatasetBase::from(arr.clone());
-    let model = KMeans::params_with_rng(k, rng_for(seed, Step::KMeans, &[]))
-        .n_runs(1)
-        .max_n_iterations(300)
-        .tolerance(1e-4)
-        .fit(&data)
-        .map_err(|e| Error::invalid("distill", format!("k-means initialisation failed: {e}")))?;
-    Ok(model.predict(&arr).iter().map(|&l| l as i64).collect())
+/// The pairs `(i, j)`, `i <= j`, of a `D x D` symmetric matrix: the products
+/// `x_i x_j` of a row carry everything its quadratic forms and scatter need.
+struct Triu {
+    d: i64,
+    rows: Tensor,
+    cols: Tensor,
+    /// Position of `(i, j)` in a flattened `D x D` matrix, and of `(j, i)`.
+    upper: Tensor,
+    lower: Tensor,
+    /// 1 on the diagonal, 2 off it: `x^T A x = sum_{i <= j} w_ij A_ij x_i x_j`.
+    weight: Tensor,
 }
 
-/// Rows per block of the `[K, rows, D]` intermediates: about 2 MB of doubles, so a
-/// block stays in cache. Whole-`N` intermediates (16 MB at 10k x 20 x 10, eight
-/// passes per iteration) made each iteration memory-bound.
-fn block_rows(k: i64, d: i64) -> i64 {
-    ((1 << 18) / (k * d).max(1)).max(64)
+impl Triu {
+    fn new(d: i64) -> Triu {
+        let idx = Tensor::triu_indices(d, d, 0, (Kind::Int64, Device::Cpu));
+        let (rows, cols) = (idx.get(0), idx.get(1));
+        let weight = (rows.ne_tensor(&cols).to_kind(Kind::Double) + 1.0).to_kind(Kind::Double);
+        Triu {
+            d,
+            upper: &rows * d + &cols,
+            lower: &cols * d + &rows,
+            rows,
+            cols,
+            weight,
+        }
+    }
+
+    /// `[B, T]`: each row's products `x_i x_j`, `i <= j`.
+    fn products(&self, x: &Tensor) -> Tensor {
+        x.index_select(1, &self.rows) * x.index_select(1, &self.cols)
+    }
+
+    /// `[K, T]` upper triangles of `[K, D, D]` matrices.
+    fn pick(&self, m: &Tensor) -> Tensor {
+        let k = m.size()[0];
+        m.reshape([k, self.d * self.d]).index_select(1, &self.upper)
+    }
+
+    /// `[K, D, D]` symmetric matrices from their upper triangles `[K, T]`.
+    fn unpick(&self, t: &Tensor) -> Tensor {
+        let k = t.size()[0];
+        let full = Tensor::zeros([k, self.d * self.d], (Kind::Double, Device::Cpu));
+        full.index_copy(1, &self.lower, t)
+            .index_copy(1, &self.upper, t)
+            .view([k, self.d, self.d])
+    }
 }
 
-/// `nk, xk, sk` (scikit-learn's `_estimate_gaussian_parameters`, full covariance).
-fn gaussian_parameters(x: &Tensor, resp: &Tensor, reg: f64) -> (Tensor, Tensor, Tensor) {
-    let (n, d) = (x.size()[0], x.size()[1]);
+/// Rows per block of the `[B, T]` products: about 8 MB of doubles.
+fn block_rows(t: i64) -> i64 {
+    ((1 << 20) / t.max(1)).max(256)
+}
+
+/// The pair products of all rows are kept for the whole fit up to this size (they are
+/// read twice an iteration); above it they are made again block by block.
+const PRODUCTS_CACHE_BYTES: i64 = 512 << 20;
+
+/// The (centred) rows of a fit and their pair products.
+struct Rows {
+    x: Tensor,
+    tri: Triu,
+    /// `[N, T]`, when it fits in [`PRODUCTS_CACHE_BYTES`].
+    products: Option<Tensor>,
+}
+
+impl Rows {
+    fn new(x: &Tensor, tri: Triu) -> Rows {
+        let (n, t) = (x.size()[0], tri.weight.size()[0]);
+        let products = (n * t * 8 <= PRODUCTS_CACHE_BYTES).then(|| tri.products(x));
+        Rows {
+            x: x.shallow_clone(),
+            tri,
+            products,
+        }
+    }
+
+    /// `f(start, rows, their products)` over blocks of rows (one block when cached).
+    fn each_block(&self, mut f: impl FnMut(i64, &Tensor, &Tensor)) {
+        let n = self.x.size()[0];
+        match &self.products {
+            Some(z) => f(0, &self.x, z),
+            None => {
+                let b = block_rows(self.tri.weight.size()[0]);
+                for start in (0..n).step_by(b as usize) {
+                    let xb = self.x.narrow(0, start, b.min(n - start));
+                    f(start, &xb, &self.tri.products(&xb));
+                }
+            }
+        }
+    }
+}
+
+/// Squared distances `[N, C]` of rows to centres, as one matrix product.
+fn sq_dist(x: &Tensor, x_sq: &Tensor, c: &Tensor) -> Tensor {
+    let c_sq = c
+        .square()
+        .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+    (x_sq.unsqueeze(1) - x.matmul(&c.transpose(0, 1)) * 2.0 + c_sq.unsqueeze(0)).clamp_min(0.0)
+}
+
+/// k-means labels of the rows, as scikit-learn's `KMeans(n_init=1)` finds them for the
+/// mixture's start: greedy k-means++ seeding (`2 + ln k` candidates per centre, the
+/// one that lowers the inertia most is kept), then Lloyd iterations until the centres
+/// move less than `1e-4` of the mean variance (at most 300); an empty cluster takes
+/// the row farthest from its centre. Seeded by `(seed, KMeans)`.
+fn kmeans_labels(x: &Tensor, k: i64, seed: u64) -> Tensor {
+    let n = x.size()[0];
+    let mut rng = rng_for(seed, Step::KMeans, &[]);
+    let x_sq = x
+        .square()
+        .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+    let first = rng.gen_range(0..n);
+    let mut centres = vec![first];
+    let mut closest = sq_dist(x, &x_sq, &x.narrow(0, first, 1)).squeeze_dim(1);
+    let mut pot = f64::try_from(closest.sum(Kind::Double)).unwrap_or(0.0);
+    let trials = 2 + (k as f64).ln() as i64;
+    for _ in 1..k {
+        let cum = closest.cumsum(0, Kind::Double);
+        let draws: Vec<f64> = (0..trials).map(|_| rng.gen::<f64>() * pot).collect();
+        let cand = Tensor::from_slice(&draws)
+            .searchsorted(&cum, false, false, "left", None::<&Tensor>)
+            .clamp(0, n - 1);
+        let d = sq_dist(x, &x_sq, &x.index_select(0, &cand)); // [N, trials]
+        let cand_closest = d.minimum(&closest.unsqueeze(1));
+        let pots = cand_closest.sum_dim_intlist([0].as_slice(), false, Kind::Double);
+        let best = i64::try_from(pots.argmin(0, false)).unwrap_or(0);
+        centres.push(i64::try_from(cand.get(best)).unwrap_or(0));
+        closest = cand_closest.select(1, best).contiguous();
+        pot = f64::try_from(pots.get(best)).unwrap_or(pot);
+    }
+    let mut c = x.index_select(0, &Tensor::from_slice(&centres));
+    let var = x.var_dim([0].as_slice(), false, false).mean(Kind::Double);
+    let tol = 1e-4 * f64::try_from(var).unwrap_or(0.0);
+    // nearest centre of every row, and its squared distance; argmin over
+    // |c|^2 - 2 x.c (one product per block: |x|^2 is the same for every centre)
+    let assign = |c: &Tensor| -> (Tensor, Tensor) {
+        let c_sq = c
+            .square()
+            .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+        let ct = c.transpose(0, 1) * -2.0;
+        // [B, K] scores of ~1 MB stay in cache between the product and the argmin
+        let b = ((1 << 17) / k).max(64);
+        let (mut labels, mut dist) = (Vec::new(), Vec::new());
+        for start in (0..n).step_by(b as usize) {
+            let len = b.min(n - start);
+            let scores = c_sq.addmm(&x.narrow(0, start, len), &ct);
+            let (v, i) = scores.min_dim(1, false);
+            dist.push((v + x_sq.narrow(0, start, len)).clamp_min(0.0));
+            labels.push(i);
+        }
+        (Tensor::cat(&labels, 0), Tensor::cat(&dist, 0))
+    };
+    let mut previous: Option<Tensor> = None;
+    for _ in 0..300 {
+        let (labels, dist) = assign(&c);
+        // strict convergence: no row changed its cluster
+        if previous.as_ref().is_some_and(|p| p.equal(&labels)) {
+            return labels;
+        }
+        let counts = labels.bincount(None::<&Tensor>, k).to_kind(Kind::Double);
+        let sums =
+            Tensor::zeros([k, x.size()[1]], (Kind::Double, Device::Cpu)).index_add(0, &labels, x);
+        let mut next = sums / counts.clamp_min(1.0).unsqueeze(1);
+        let empty = counts.eq(0.0).nonzero().squeeze_dim(1);
+        let n_empty = empty.size()[0];
+        if n_empty > 0 {
+            // the rows farthest from their centres start the empty clusters
+            let far = dist.topk(n_empty.min(n), 0, true, true).1;
+            next = next.index_copy(0, &empty, &x.index_select(0, &far));
+        }
+        let shift = f64::try_from((&next - &c).square().sum(Kind::Double)).unwrap_or(0.0);
+        c = next;
+        if n_empty == 0 && shift <= tol {
+            break;
+        }
+        previous = Some(labels);
+    }
+    assign(&c).0
+}
+
+/// `nk, xk, sk` (scikit-learn's `_estimate_gaussian_parameters`, full covariance):
+/// `sk = sum_n r_nk x_n x_n^T / nk - xk xk^T + reg I`, the sums one matrix product over
+/// the rows' pair products.
+fn gaussian_parameters(rows: &Rows, resp: &Tensor, reg: f64) -> (Tensor, Tensor, Tensor) {
+    let (x, tri) = (&rows.x, &rows.tri);
+    let d = x.size()[1];
     let k = resp.size()[1];
     let nk = resp.sum_dim_intlist([0].as_slice(), false, Kind::Double) + EPS10;
     let xk = resp.transpose(0, 1).matmul(x) / nk.unsqueeze(1);
-    // sk[k] = sum_n r_nk (x_n - xk_k)(x_n - xk_k)^T / nk + reg I, by blocks of rows
-    let mut sk = Tensor::zeros([k, d, d], (Kind::Double, Device::Cpu));
-    let b = block_rows(k, d);
-    for start in (0..n).step_by(b as usize) {
-        let len = b.min(n - start);
-        let diff = x.narrow(0, start, len).unsqueeze(0) - xk.unsqueeze(1); // [K, B, D]
-        let weighted = &diff * resp.narrow(0, start, len).transpose(0, 1).unsqueeze(2);
-        sk += weighted.transpose(1, 2).matmul(&diff);
-    }
-    let sk = sk / nk.view([-1, 1, 1]) + Tensor::eye(d, (Kind::Double, Device::Cpu)) * reg;
+    let t = tri.weight.size()[0];
+    let mut s2 = Tensor::zeros([k, t], (Kind::Double, Device::Cpu));
+    rows.each_block(|start, xb, zb| {
+        let _ = s2.addmm_(&resp.narrow(0, start, xb.size()[0]).transpose(0, 1), zb);
+    });
+    let mean_outer = xk.index_select(1, &tri.rows) * xk.index_select(1, &tri.cols);
+    let sk = tri.unpick(&(s2 / nk.unsqueeze(1) - mean_outer))
+        + Tensor::eye(d, (Kind::Double, Device::Cpu)) * reg;
     (nk, xk, sk)
 }
 
-fn m_step(x: &Tensor, resp: &Tensor, p: &Priors, reg: f64) -> Result<State> {
-    let (nk, xk, sk) = gaussian_parameters(x, resp, reg);
-    let d = x.size()[1];
+fn m_step(rows: &Rows, resp: &Tensor, p: &Priors, reg: f64, center: &Tensor) -> Result<State> {
+    let (nk, xk, sk) = gaussian_parameters(rows, resp, reg);
     // stick-breaking weights: (1 + nk, prior + sum of nk after k)
     let rev_cum = nk.flip([0]).cumsum(0, Kind::Double).flip([0]);
     let tail = rev_cum.narrow(0, 1, nk.size()[0] - 1);
@@ -313,9 +496,9 @@ fn m_step(x: &Tensor, resp: &Tensor, p: &Priors, reg: f64) -> Result<State> {
         + nk.view([-1, 1, 1]) * &sk
         + (&nk * p.mpp / &mean_precision).view([-1, 1, 1]) * outer)
         / dof.view([-1, 1, 1]);
-    let _ = d;
     let prec_chol = precision_cholesky(&covariances)?;
     Ok(State {
+        center: center.shallow_clone(),
         wc,
         mean_precision,
         means,
@@ -340,35 +523,35 @@ fn precision_cholesky(covs: &Tensor) -> Result<Tensor> {
     Ok(inv_l.transpose(1, 2))
 }
 
-/// `log N(x | mu_k, Sigma_k)` for all rows and components `[N, K]`.
-fn log_gaussian(x: &Tensor, means: &Tensor, prec_chol: &Tensor) -> Tensor {
-    let d = x.size()[1] as f64;
+/// `log N(x | mu_k, Sigma_k) + extra_k` for all rows and components `[N, K]`. With
+/// `A = P P^T`, `-1/2` of the squared Mahalanobis distance is
+/// `-1/2 x^T A x + x^T A mu - 1/2 mu^T A mu`: a product of the rows' pair products with
+/// the precisions' upper triangles, plus one of the rows with `A mu`, onto the
+/// per-component constants (`extra` folded in, so no pass over `[N, K]` is added).
+fn log_gaussian(rows: &Rows, means: &Tensor, prec_chol: &Tensor, extra: &Tensor) -> Tensor {
+    let (x, tri) = (&rows.x, &rows.tri);
+    let (n, d) = (x.size()[0], x.size()[1]);
+    let k = means.size()[0];
+    if n == 0 {
+        return Tensor::zeros([0, k], (Kind::Double, Device::Cpu));
+    }
     let log_det =
         prec_chol
             .diagonal(0, 1, 2)
             .log()
             .sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
-    let (n, k, dd) = (x.size()[0], means.size()[0], x.size()[1]);
-    if n == 0 {
-        return Tensor::zeros([0, k], (Kind::Double, Device::Cpu));
-    }
-    let mp = means.unsqueeze(1).matmul(prec_chol); // [K, 1, D]
-    let b = block_rows(k, dd);
-    let blocks: Vec<Tensor> = (0..n)
-        .step_by(b as usize)
-        .map(|start| {
-            let y = x
-                .narrow(0, start, b.min(n - start))
-                .unsqueeze(0)
-                .matmul(prec_chol)
-                - &mp; // [K, B, D]
-            y.square()
-                .sum_dim_intlist([2].as_slice(), false, Kind::Double)
-                .transpose(0, 1) // [B, K]
-        })
-        .collect();
-    let maha = Tensor::cat(&blocks, 0); // [N, K]
-    (maha + d * (2.0 * std::f64::consts::PI).ln()) * -0.5 + log_det.unsqueeze(0)
+    let prec = prec_chol.matmul(&prec_chol.transpose(1, 2)); // [K, D, D]
+    let quad_w = (tri.pick(&prec) * tri.weight.unsqueeze(0) * -0.5).transpose(0, 1); // [T, K]
+    let am = prec.matmul(&means.unsqueeze(2)).squeeze_dim(2); // [K, D]
+    let c = (means * &am).sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
+    let lin_w = am.transpose(0, 1); // [D, K]
+    let bias = log_det - c * 0.5 - d as f64 * 0.5 * (2.0 * std::f64::consts::PI).ln() + extra;
+    let out = Tensor::empty([n, k], (Kind::Double, Device::Cpu));
+    rows.each_block(|start, xb, zb| {
+        let part = bias.addmm(zb, &quad_w).addmm(xb, &lin_w);
+        out.narrow(0, start, xb.size()[0]).copy_(&part);
+    });
+    out
 }
 
 fn log_weights(s: &State) -> Tensor {
@@ -388,25 +571,25 @@ fn log_weights(s: &State) -> Tensor {
     da - dsum + shifted
 }
 
-fn e_step(x: &Tensor, s: &State) -> (Tensor, Tensor) {
-    let d = x.size()[1];
+/// Log responsibilities `[N, K]`: every per-component term of the expected log
+/// density (the Wishart's, the weights') is one bias of the product in `log_gaussian`.
+fn e_step(rows: &Rows, s: &State) -> Tensor {
+    let d = rows.x.size()[1];
     let df = d as f64;
-    let log_gauss =
-        log_gaussian(x, &s.means, &s.prec_chol) - (s.dof.log() * (0.5 * df)).unsqueeze(0);
     let ar = Tensor::arange(d, (Kind::Double, Device::Cpu));
     let log_lambda = ((s.dof.unsqueeze(1) - ar.unsqueeze(0)) * 0.5)
         .digamma()
         .sum_dim_intlist([1].as_slice(), false, Kind::Double)
         + df * 2f64.ln();
-    let log_prob =
-        log_gauss + ((log_lambda - s.mean_precision.reciprocal() * df) * 0.5).unsqueeze(0);
-    let weighted = log_prob + log_weights(s).unsqueeze(0);
+    let extra = -(s.dof.log() * (0.5 * df))
+        + (log_lambda - s.mean_precision.reciprocal() * df) * 0.5
+        + log_weights(s);
+    let weighted = log_gaussian(rows, &s.means, &s.prec_chol, &extra);
     let norm = weighted.logsumexp([1], true);
-    let log_resp = &weighted - &norm;
-    (norm.mean(Kind::Double), log_resp)
+    weighted - norm
 }
 
-fn lower_bound(log_resp: &Tensor, s: &State, d: i64) -> f64 {
+fn lower_bound(resp: &Tensor, log_resp: &Tensor, s: &State, d: i64) -> f64 {
     let df = d as f64;
     let log_det_chol =
         s.prec_chol
@@ -422,7 +605,7 @@ fn lower_bound(log_resp: &Tensor, s: &State, d: i64) -> f64 {
     let (a, b) = &s.wc;
     let betaln = a.lgamma() + b.lgamma() - (a + b).lgamma();
     let log_norm_weight = -betaln.sum(Kind::Double);
-    let ent = (log_resp.exp() * log_resp).sum(Kind::Double);
+    let ent = (resp * log_resp).sum(Kind::Double);
     let v = -ent
         - log_wishart.sum(Kind::Double)
         - log_norm_weight
@@ -481,11 +664,91 @@ mod tests {
             );
         }
         assert!((m.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
-        let big: Vec<f64> = m.weights.iter().copied().filter(|&w| w > 0.05).collect();
-        assert_eq!(big.len(), 3, "{:?}", m.weights);
+        // the two tight blobs are one component each, of their share of the rows (less
+        // the prior's mass on the unused components), and the wide blob's rows go to
+        // neither (whether it is one component or split depends on the start)
+        let labels = m.predict(&x).unwrap();
+        let (a, b) = (labels[0], labels[300]);
+        assert!(labels[..300].iter().all(|&l| l == a), "{labels:?}");
+        assert!(labels[300..500].iter().all(|&l| l == b), "{labels:?}");
+        assert!(labels[500..].iter().all(|&l| l != a && l != b), "{labels:?}");
+        assert!((m.weights[a as usize] - 0.5).abs() < 0.02, "{:?}", m.weights);
+        assert!((m.weights[b as usize] - 1.0 / 3.0).abs() < 0.03, "{:?}", m.weights);
         let p = m.predict_proba(&x).unwrap();
         let rows = p.sum_dim_intlist([1].as_slice(), false, Kind::Double);
         assert!(bool::try_from((rows - 1.0).abs().max().le(1e-9)).unwrap());
+    }
+
+    /// The expanded forms (pair products, one matrix product over all rows or per
+    /// block) equal the direct per-component computation.
+    #[test]
+    fn expanded_forms_equal_the_direct_computation() {
+        tch::manual_seed(11);
+        let opts = (Kind::Double, Device::Cpu);
+        // more rows than a block holds at this D, and not a multiple of it
+        let (n, d, k) = (70_001i64, 5i64, 4i64);
+        assert!(n > block_rows(15) && n % block_rows(15) != 0);
+        let x = Tensor::randn([n, d], opts) * 2.0;
+        let x = &x - x.mean_dim(0, false, Kind::Double);
+        let resp = Tensor::rand([n, k], opts).softmax(1, Kind::Double);
+        let a = Tensor::randn([k, d, d], opts);
+        let covs = a.matmul(&a.transpose(1, 2)) + Tensor::eye(d, opts) * 0.5;
+        let prec_chol = precision_cholesky(&covs).unwrap();
+        let means = Tensor::randn([k, d], opts);
+        let extra = Tensor::randn([k], opts);
+        let cached = Rows::new(&x, Triu::new(d));
+        assert!(cached.products.is_some());
+        let mut blocked = Rows::new(&x, Triu::new(d));
+        blocked.products = None;
+        for rows in [&cached, &blocked] {
+            let (nk, xk, sk) = gaussian_parameters(rows, &resp, 1e-6);
+            for c in 0..k {
+                let diff = &x - xk.get(c).unsqueeze(0);
+                let direct = (&diff * resp.select(1, c).unsqueeze(1))
+                    .transpose(0, 1)
+                    .matmul(&diff)
+                    / nk.get(c)
+                    + Tensor::eye(d, opts) * 1e-6;
+                let err = f64::try_from((sk.get(c) - direct).abs().max()).unwrap();
+                assert!(err < 1e-10, "scatter of component {c}: {err}");
+            }
+            let lg = log_gaussian(rows, &means, &prec_chol, &extra);
+            for c in 0..k {
+                let y = (&x - means.get(c).unsqueeze(0)).matmul(&prec_chol.get(c));
+                let log_det = prec_chol.get(c).diagonal(0, 0, 1).log().sum(Kind::Double);
+                let direct = (y
+                    .square()
+                    .sum_dim_intlist([1].as_slice(), false, Kind::Double)
+                    + d as f64 * (2.0 * std::f64::consts::PI).ln())
+                    * -0.5
+                    + log_det
+                    + extra.get(c);
+                let err = f64::try_from((lg.select(1, c) - direct).abs().max()).unwrap();
+                assert!(err < 1e-8, "log density of component {c}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn kmeans_finds_separated_clusters_and_is_seeded() {
+        let x = blobs();
+        let x = &x - x.mean_dim(0, false, Kind::Double);
+        let a = kmeans_labels(&x, 3, 4);
+        assert_eq!(a, kmeans_labels(&x, 3, 4));
+        let a = Vec::<i64>::try_from(a).unwrap();
+        // the three blobs (300, 200, 100 rows) each get one label of their own
+        for (start, len) in [(0usize, 300usize), (300, 200), (500, 100)] {
+            let l = a[start];
+            assert!(
+                a[start..start + len].iter().all(|&v| v == l),
+                "blob at {start}"
+            );
+        }
+        assert!(a[0] != a[300] && a[0] != a[500] && a[300] != a[500]);
+        // more clusters than distinct rows: none is left empty of a centre
+        let few = Tensor::from_slice(&[0.0f64, 0.0, 1.0, 1.0, 5.0, 5.0]).view([6, 1]);
+        let l = Vec::<i64>::try_from(kmeans_labels(&few, 3, 0)).unwrap();
+        assert!(l[0] == l[1] && l[2] == l[3] && l[4] == l[5], "{l:?}");
     }
 
     #[test]
