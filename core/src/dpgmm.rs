@@ -173,7 +173,13 @@ impl DpGmm {
             1.0,
         );
         let rows = Rows::new(&x, tri);
-        let mut state = m_step(&rows, &resp, &priors, o.reg_covar, &center)?;
+        let mut state = m_step(
+            &Stats::of(&rows, &resp),
+            &rows.tri,
+            &priors,
+            o.reg_covar,
+            &center,
+        )?;
         let mut lower_bounds = Vec::new();
         let mut converged = false;
         let mut lb = f64::NEG_INFINITY;
@@ -181,10 +187,9 @@ impl DpGmm {
         for it in 1..=o.max_iter {
             n_iter = it;
             let prev = lb;
-            let log_resp = e_step(&rows, &state);
-            let resp = log_resp.exp();
-            state = m_step(&rows, &resp, &priors, o.reg_covar, &center)?;
-            lb = lower_bound(&resp, &log_resp, &state, d);
+            let st = e_step_stats(&rows, &state);
+            state = m_step(&st, &rows.tri, &priors, o.reg_covar, &center)?;
+            lb = lower_bound(&st.r_log_r, &state, d);
             lower_bounds.push(lb);
             if (lb - prev).abs() < o.tol {
                 converged = true;
@@ -328,16 +333,19 @@ impl Triu {
     }
 }
 
-/// Rows per block of the `[B, T]` products: about 8 MB of doubles.
+/// Rows per block of the `[B, T]` pair products (about 8 MB of doubles): a block's
+/// products are used by the E-step and then by the M-step's sums while they are still
+/// in cache.
 fn block_rows(t: i64) -> i64 {
-    ((1 << 20) / t.max(1)).max(256)
+    ((1 << 20) / t.max(1)).max(64)
 }
 
-/// The pair products of all rows are kept for the whole fit up to this size (they are
-/// read twice an iteration); above it they are made again block by block.
+/// The pair products of all rows are made once per fit and kept up to this size
+/// (gathering them is most of their cost); above it they are made again for every
+/// block of every iteration.
 const PRODUCTS_CACHE_BYTES: i64 = 512 << 20;
 
-/// The (centred) rows of a fit and their pair products.
+/// The (centred) rows of a fit, and their pair products.
 struct Rows {
     x: Tensor,
     tri: Triu,
@@ -356,19 +364,55 @@ impl Rows {
         }
     }
 
-    /// `f(start, rows, their products)` over blocks of rows (one block when cached).
+    /// `f(start, rows, their pair products)` over blocks of rows.
     fn each_block(&self, mut f: impl FnMut(i64, &Tensor, &Tensor)) {
         let n = self.x.size()[0];
-        match &self.products {
-            Some(z) => f(0, &self.x, z),
-            None => {
-                let b = block_rows(self.tri.weight.size()[0]);
-                for start in (0..n).step_by(b as usize) {
-                    let xb = self.x.narrow(0, start, b.min(n - start));
-                    f(start, &xb, &self.tri.products(&xb));
-                }
+        let b = block_rows(self.tri.weight.size()[0]);
+        for start in (0..n).step_by(b as usize) {
+            let len = b.min(n - start);
+            let xb = self.x.narrow(0, start, len);
+            match &self.products {
+                Some(z) => f(start, &xb, &z.narrow(0, start, len)),
+                None => f(start, &xb, &self.tri.products(&xb)),
             }
         }
+    }
+}
+
+/// What the M-step and the bound need of the responsibilities `r`: `sum_n r_nk`,
+/// `sum_n r_nk x_n`, `sum_n r_nk x_n x_n^T` (upper triangles) and `sum r log r`.
+struct Stats {
+    nk: Tensor,
+    sx: Tensor,
+    s2: Tensor,
+    r_log_r: Tensor,
+}
+
+impl Stats {
+    fn zeros(k: i64, d: i64, t: i64) -> Stats {
+        let o = (Kind::Double, Device::Cpu);
+        Stats {
+            nk: Tensor::zeros([k], o),
+            sx: Tensor::zeros([k, d], o),
+            s2: Tensor::zeros([k, t], o),
+            r_log_r: Tensor::zeros([], o),
+        }
+    }
+
+    /// Adds a block's responsibilities `r` `[B, K]` of rows `xb` with products `zb`.
+    fn add(&mut self, r: &Tensor, xb: &Tensor, zb: &Tensor) {
+        let rt = r.transpose(0, 1);
+        self.nk += r.sum_dim_intlist([0].as_slice(), false, Kind::Double);
+        let _ = self.sx.addmm_(&rt, xb);
+        let _ = self.s2.addmm_(&rt, zb);
+    }
+
+    /// Of given responsibilities `[N, K]` (the k-means start).
+    fn of(rows: &Rows, resp: &Tensor) -> Stats {
+        let (d, t) = (rows.x.size()[1], rows.tri.weight.size()[0]);
+        let mut st = Stats::zeros(resp.size()[1], d, t);
+        rows.each_block(|start, xb, zb| st.add(&resp.narrow(0, start, xb.size()[0]), xb, zb));
+        st
     }
 }
 
@@ -461,27 +505,18 @@ fn kmeans_labels(x: &Tensor, k: i64, seed: u64) -> Tensor {
 }
 
 /// `nk, xk, sk` (scikit-learn's `_estimate_gaussian_parameters`, full covariance):
-/// `sk = sum_n r_nk x_n x_n^T / nk - xk xk^T + reg I`, the sums one matrix product over
-/// the rows' pair products.
-fn gaussian_parameters(rows: &Rows, resp: &Tensor, reg: f64) -> (Tensor, Tensor, Tensor) {
-    let (x, tri) = (&rows.x, &rows.tri);
-    let d = x.size()[1];
-    let k = resp.size()[1];
-    let nk = resp.sum_dim_intlist([0].as_slice(), false, Kind::Double) + EPS10;
-    let xk = resp.transpose(0, 1).matmul(x) / nk.unsqueeze(1);
-    let t = tri.weight.size()[0];
-    let mut s2 = Tensor::zeros([k, t], (Kind::Double, Device::Cpu));
-    rows.each_block(|start, xb, zb| {
-        let _ = s2.addmm_(&resp.narrow(0, start, xb.size()[0]).transpose(0, 1), zb);
-    });
+/// `sk = sum_n r_nk x_n x_n^T / nk - xk xk^T + reg I`.
+fn gaussian_parameters(st: &Stats, tri: &Triu, reg: f64) -> (Tensor, Tensor, Tensor) {
+    let nk = &st.nk + EPS10;
+    let xk = &st.sx / nk.unsqueeze(1);
     let mean_outer = xk.index_select(1, &tri.rows) * xk.index_select(1, &tri.cols);
-    let sk = tri.unpick(&(s2 / nk.unsqueeze(1) - mean_outer))
-        + Tensor::eye(d, (Kind::Double, Device::Cpu)) * reg;
+    let sk = tri.unpick(&(&st.s2 / nk.unsqueeze(1) - mean_outer))
+        + Tensor::eye(tri.d, (Kind::Double, Device::Cpu)) * reg;
     (nk, xk, sk)
 }
 
-fn m_step(rows: &Rows, resp: &Tensor, p: &Priors, reg: f64, center: &Tensor) -> Result<State> {
-    let (nk, xk, sk) = gaussian_parameters(rows, resp, reg);
+fn m_step(st: &Stats, tri: &Triu, p: &Priors, reg: f64, center: &Tensor) -> Result<State> {
+    let (nk, xk, sk) = gaussian_parameters(st, tri, reg);
     // stick-breaking weights: (1 + nk, prior + sum of nk after k)
     let rev_cum = nk.flip([0]).cumsum(0, Kind::Double).flip([0]);
     let tail = rev_cum.narrow(0, 1, nk.size()[0] - 1);
@@ -523,33 +558,52 @@ fn precision_cholesky(covs: &Tensor) -> Result<Tensor> {
     Ok(inv_l.transpose(1, 2))
 }
 
-/// `log N(x | mu_k, Sigma_k) + extra_k` for all rows and components `[N, K]`. With
-/// `A = P P^T`, `-1/2` of the squared Mahalanobis distance is
-/// `-1/2 x^T A x + x^T A mu - 1/2 mu^T A mu`: a product of the rows' pair products with
-/// the precisions' upper triangles, plus one of the rows with `A mu`, onto the
-/// per-component constants (`extra` folded in, so no pass over `[N, K]` is added).
-fn log_gaussian(rows: &Rows, means: &Tensor, prec_chol: &Tensor, extra: &Tensor) -> Tensor {
-    let (x, tri) = (&rows.x, &rows.tri);
-    let (n, d) = (x.size()[0], x.size()[1]);
-    let k = means.size()[0];
-    if n == 0 {
-        return Tensor::zeros([0, k], (Kind::Double, Device::Cpu));
+/// `log N(x | mu_k, Sigma_k) + extra_k` of a block of rows is
+/// `bias + products @ quad + rows @ lin`: with `A = P P^T`, `-1/2` of the squared
+/// Mahalanobis distance is `-1/2 x^T A x + x^T A mu - 1/2 mu^T A mu`, the first term
+/// a product of the rows' pair products with the precisions' upper triangles; every
+/// per-component constant (and `extra`) is in the bias, so no pass over `[N, K]` is
+/// added.
+struct GaussianTerms {
+    quad: Tensor,
+    lin: Tensor,
+    bias: Tensor,
+}
+
+impl GaussianTerms {
+    fn new(tri: &Triu, means: &Tensor, prec_chol: &Tensor, extra: &Tensor) -> GaussianTerms {
+        let d = means.size()[1];
+        let log_det =
+            prec_chol
+                .diagonal(0, 1, 2)
+                .log()
+                .sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
+        let prec = prec_chol.matmul(&prec_chol.transpose(1, 2)); // [K, D, D]
+        let am = prec.matmul(&means.unsqueeze(2)).squeeze_dim(2); // [K, D]
+        let c = (means * &am).sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
+        GaussianTerms {
+            quad: (tri.pick(&prec) * tri.weight.unsqueeze(0) * -0.5).transpose(0, 1), // [T, K]
+            lin: am.transpose(0, 1),                                                  // [D, K]
+            bias: log_det - c * 0.5 - d as f64 * 0.5 * (2.0 * std::f64::consts::PI).ln() + extra,
+        }
     }
-    let log_det =
-        prec_chol
-            .diagonal(0, 1, 2)
-            .log()
-            .sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
-    let prec = prec_chol.matmul(&prec_chol.transpose(1, 2)); // [K, D, D]
-    let quad_w = (tri.pick(&prec) * tri.weight.unsqueeze(0) * -0.5).transpose(0, 1); // [T, K]
-    let am = prec.matmul(&means.unsqueeze(2)).squeeze_dim(2); // [K, D]
-    let c = (means * &am).sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
-    let lin_w = am.transpose(0, 1); // [D, K]
-    let bias = log_det - c * 0.5 - d as f64 * 0.5 * (2.0 * std::f64::consts::PI).ln() + extra;
-    let out = Tensor::empty([n, k], (Kind::Double, Device::Cpu));
+
+    /// `[B, K]` for rows `xb` with pair products `zb`.
+    fn block(&self, xb: &Tensor, zb: &Tensor) -> Tensor {
+        self.bias.addmm(zb, &self.quad).addmm(xb, &self.lin)
+    }
+}
+
+/// `log N(x | mu_k, Sigma_k) + extra_k` for all rows and components `[N, K]`.
+fn log_gaussian(rows: &Rows, means: &Tensor, prec_chol: &Tensor, extra: &Tensor) -> Tensor {
+    let terms = GaussianTerms::new(&rows.tri, means, prec_chol, extra);
+    let out = Tensor::empty(
+        [rows.x.size()[0], means.size()[0]],
+        (Kind::Double, Device::Cpu),
+    );
     rows.each_block(|start, xb, zb| {
-        let part = bias.addmm(zb, &quad_w).addmm(xb, &lin_w);
-        out.narrow(0, start, xb.size()[0]).copy_(&part);
+        out.narrow(0, start, xb.size()[0])
+            .copy_(&terms.block(xb, zb));
     });
     out
 }
@@ -571,9 +625,9 @@ fn log_weights(s: &State) -> Tensor {
     da - dsum + shifted
 }
 
-/// Log responsibilities `[N, K]`: every per-component term of the expected log
-/// density (the Wishart's, the weights') is one bias of the product in `log_gaussian`.
-fn e_step(rows: &Rows, s: &State) -> Tensor {
+/// Every per-component term of the expected log density (the Wishart's, the
+/// weights') beside the Gaussian's.
+fn e_step_terms(rows: &Rows, s: &State) -> GaussianTerms {
     let d = rows.x.size()[1];
     let df = d as f64;
     let ar = Tensor::arange(d, (Kind::Double, Device::Cpu));
@@ -584,12 +638,46 @@ fn e_step(rows: &Rows, s: &State) -> Tensor {
     let extra = -(s.dof.log() * (0.5 * df))
         + (log_lambda - s.mean_precision.reciprocal() * df) * 0.5
         + log_weights(s);
-    let weighted = log_gaussian(rows, &s.means, &s.prec_chol, &extra);
+    GaussianTerms::new(&rows.tri, &s.means, &s.prec_chol, &extra)
+}
+
+/// Log responsibilities of a block `[B, K]`.
+fn log_resp_block(terms: &GaussianTerms, xb: &Tensor, zb: &Tensor) -> Tensor {
+    let weighted = terms.block(xb, zb);
     let norm = weighted.logsumexp([1], true);
     weighted - norm
 }
 
-fn lower_bound(resp: &Tensor, log_resp: &Tensor, s: &State, d: i64) -> f64 {
+/// Log responsibilities `[N, K]` (predictions).
+fn e_step(rows: &Rows, s: &State) -> Tensor {
+    let terms = e_step_terms(rows, s);
+    let out = Tensor::empty(
+        [rows.x.size()[0], s.means.size()[0]],
+        (Kind::Double, Device::Cpu),
+    );
+    rows.each_block(|start, xb, zb| {
+        out.narrow(0, start, xb.size()[0])
+            .copy_(&log_resp_block(&terms, xb, zb));
+    });
+    out
+}
+
+/// One E-step fused with the M-step's sums: each block's responsibilities are made and
+/// summed while its rows and pair products are in cache; `[N, K]` is never stored.
+fn e_step_stats(rows: &Rows, s: &State) -> Stats {
+    let terms = e_step_terms(rows, s);
+    let (d, t) = (rows.x.size()[1], rows.tri.weight.size()[0]);
+    let mut st = Stats::zeros(s.means.size()[0], d, t);
+    rows.each_block(|_, xb, zb| {
+        let log_r = log_resp_block(&terms, xb, zb);
+        let r = log_r.exp();
+        st.r_log_r += (&r * &log_r).sum(Kind::Double);
+        st.add(&r, xb, zb);
+    });
+    st
+}
+
+fn lower_bound(r_log_r: &Tensor, s: &State, d: i64) -> f64 {
     let df = d as f64;
     let log_det_chol =
         s.prec_chol
@@ -605,7 +693,7 @@ fn lower_bound(resp: &Tensor, log_resp: &Tensor, s: &State, d: i64) -> f64 {
     let (a, b) = &s.wc;
     let betaln = a.lgamma() + b.lgamma() - (a + b).lgamma();
     let log_norm_weight = -betaln.sum(Kind::Double);
-    let ent = (resp * log_resp).sum(Kind::Double);
+    let ent = r_log_r;
     let v = -ent
         - log_wishart.sum(Kind::Double)
         - log_norm_weight
@@ -671,23 +759,35 @@ mod tests {
         let (a, b) = (labels[0], labels[300]);
         assert!(labels[..300].iter().all(|&l| l == a), "{labels:?}");
         assert!(labels[300..500].iter().all(|&l| l == b), "{labels:?}");
-        assert!(labels[500..].iter().all(|&l| l != a && l != b), "{labels:?}");
-        assert!((m.weights[a as usize] - 0.5).abs() < 0.02, "{:?}", m.weights);
-        assert!((m.weights[b as usize] - 1.0 / 3.0).abs() < 0.03, "{:?}", m.weights);
+        assert!(
+            labels[500..].iter().all(|&l| l != a && l != b),
+            "{labels:?}"
+        );
+        assert!(
+            (m.weights[a as usize] - 0.5).abs() < 0.02,
+            "{:?}",
+            m.weights
+        );
+        assert!(
+            (m.weights[b as usize] - 1.0 / 3.0).abs() < 0.03,
+            "{:?}",
+            m.weights
+        );
         let p = m.predict_proba(&x).unwrap();
         let rows = p.sum_dim_intlist([1].as_slice(), false, Kind::Double);
         assert!(bool::try_from((rows - 1.0).abs().max().le(1e-9)).unwrap());
     }
 
-    /// The expanded forms (pair products, one matrix product over all rows or per
-    /// block) equal the direct per-component computation.
+    /// The expanded forms (pair products, one matrix product per block of rows) equal
+    /// the direct per-component computation, and the fused E-step gathers the same
+    /// sums as the responsibilities it returns.
     #[test]
     fn expanded_forms_equal_the_direct_computation() {
         tch::manual_seed(11);
         let opts = (Kind::Double, Device::Cpu);
-        // more rows than a block holds at this D, and not a multiple of it
-        let (n, d, k) = (70_001i64, 5i64, 4i64);
-        assert!(n > block_rows(15) && n % block_rows(15) != 0);
+        // several blocks at this D, the last one short
+        let (d, k) = (5i64, 4i64);
+        let n = 2 * block_rows(15) + 1001;
         let x = Tensor::randn([n, d], opts) * 2.0;
         let x = &x - x.mean_dim(0, false, Kind::Double);
         let resp = Tensor::rand([n, k], opts).softmax(1, Kind::Double);
@@ -696,37 +796,63 @@ mod tests {
         let prec_chol = precision_cholesky(&covs).unwrap();
         let means = Tensor::randn([k, d], opts);
         let extra = Tensor::randn([k], opts);
-        let cached = Rows::new(&x, Triu::new(d));
-        assert!(cached.products.is_some());
-        let mut blocked = Rows::new(&x, Triu::new(d));
-        blocked.products = None;
-        for rows in [&cached, &blocked] {
-            let (nk, xk, sk) = gaussian_parameters(rows, &resp, 1e-6);
-            for c in 0..k {
-                let diff = &x - xk.get(c).unsqueeze(0);
-                let direct = (&diff * resp.select(1, c).unsqueeze(1))
-                    .transpose(0, 1)
-                    .matmul(&diff)
-                    / nk.get(c)
-                    + Tensor::eye(d, opts) * 1e-6;
-                let err = f64::try_from((sk.get(c) - direct).abs().max()).unwrap();
-                assert!(err < 1e-10, "scatter of component {c}: {err}");
-            }
-            let lg = log_gaussian(rows, &means, &prec_chol, &extra);
-            for c in 0..k {
-                let y = (&x - means.get(c).unsqueeze(0)).matmul(&prec_chol.get(c));
-                let log_det = prec_chol.get(c).diagonal(0, 0, 1).log().sum(Kind::Double);
-                let direct = (y
-                    .square()
-                    .sum_dim_intlist([1].as_slice(), false, Kind::Double)
-                    + d as f64 * (2.0 * std::f64::consts::PI).ln())
-                    * -0.5
-                    + log_det
-                    + extra.get(c);
-                let err = f64::try_from((lg.select(1, c) - direct).abs().max()).unwrap();
-                assert!(err < 1e-8, "log density of component {c}: {err}");
-            }
+        let rows = Rows::new(&x, Triu::new(d));
+        let (nk, xk, sk) = gaussian_parameters(&Stats::of(&rows, &resp), &rows.tri, 1e-6);
+        for c in 0..k {
+            let diff = &x - xk.get(c).unsqueeze(0);
+            let direct = (&diff * resp.select(1, c).unsqueeze(1))
+                .transpose(0, 1)
+                .matmul(&diff)
+                / nk.get(c)
+                + Tensor::eye(d, opts) * 1e-6;
+            let err = f64::try_from((sk.get(c) - direct).abs().max()).unwrap();
+            assert!(err < 1e-10, "scatter of component {c}: {err}");
         }
+        let lg = log_gaussian(&rows, &means, &prec_chol, &extra);
+        for c in 0..k {
+            let y = (&x - means.get(c).unsqueeze(0)).matmul(&prec_chol.get(c));
+            let log_det = prec_chol.get(c).diagonal(0, 0, 1).log().sum(Kind::Double);
+            let direct = (y
+                .square()
+                .sum_dim_intlist([1].as_slice(), false, Kind::Double)
+                + d as f64 * (2.0 * std::f64::consts::PI).ln())
+                * -0.5
+                + log_det
+                + extra.get(c);
+            let err = f64::try_from((lg.select(1, c) - direct).abs().max()).unwrap();
+            assert!(err < 1e-8, "log density of component {c}: {err}");
+        }
+        // the fused pass: the same sums as the stored responsibilities give
+        let m = DpGmm::fit(
+            &x,
+            &DpGmmOptions {
+                max_components: k as usize,
+                max_iter: 3,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+        let state = m.state().unwrap();
+        let fused = e_step_stats(&rows, &state);
+        let log_r = e_step(&rows, &state);
+        let stored = Stats::of(&rows, &log_r.exp());
+        for (a, b) in [
+            (&fused.nk, &stored.nk),
+            (&fused.sx, &stored.sx),
+            (&fused.s2, &stored.s2),
+        ] {
+            let err = f64::try_from((a - b).abs().max()).unwrap();
+            assert!(
+                err < 1e-8 * (1.0 + f64::try_from(b.abs().max()).unwrap()),
+                "{err}"
+            );
+        }
+        let r_log_r = f64::try_from((log_r.exp() * &log_r).sum(Kind::Double)).unwrap();
+        assert!(
+            (f64::try_from(&fused.r_log_r).unwrap() - r_log_r).abs()
+                < 1e-6 * r_log_r.abs().max(1.0)
+        );
     }
 
     #[test]
