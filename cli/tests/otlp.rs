@@ -109,18 +109,9 @@ fn a_job_is_one_trace_from_submit_to_every_worker_task() {
     let dir = tempfile::tempdir().unwrap();
     let (clf, vae) = common::train_models(dir.path());
     let mut cluster = common::Cluster::start(dir.path());
-    let mut worker = common::defuse();
-    worker
-        .args(["worker", "--coordinator", &cluster.url(), "--threads", "1"])
-        .arg("--cache-dir")
-        .arg(dir.path().join("worker-cache"))
-        .envs(cluster.s3.env())
-        .env("OTEL_SERVICE_NAME", "defuse-worker");
-    cluster.workers.push(defuse_testkit::Proc::spawn(
-        "worker-0",
-        &mut worker,
-        dir.path(),
-    ));
+    // each process names its service by the variable it inherits when started
+    std::env::set_var("OTEL_SERVICE_NAME", "defuse-worker");
+    cluster.start_worker(&[]);
     let cfg = dir.path().join("job.toml");
     let text = common::config(&dir.path().join("out"), &clf, &vae).replace(
         "limit_train = 4000",
@@ -129,22 +120,8 @@ fn a_job_is_one_trace_from_submit_to_every_worker_task() {
     std::fs::write(&cfg, text).unwrap();
 
     // submit with a trace of the caller's own: the command's span
-    let out = common::defuse()
-        .args([
-            "submit",
-            cfg.to_str().unwrap(),
-            "--coordinator",
-            &cluster.url(),
-        ])
-        .env("OTEL_SERVICE_NAME", "defuse-submit")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::env::set_var("OTEL_SERVICE_NAME", "defuse-submit");
+    let job = cluster.submit(&cfg);
     let trace = cluster.status(&job).unwrap()["trace_id"]
         .as_str()
         .unwrap()

@@ -2,26 +2,21 @@
 //! binary (the tests start a coordinator and a worker of their own).
 use std::process::Command;
 
-#[test]
-fn python_client_submits_waits_labels_downloads_and_loads_into_pandas() {
+/// Runs pytest on `tests` (under the repository) with the package and the cached
+/// Python folders `envs` on PYTHONPATH; returns its output, after checking that it
+/// passed with `passed` tests and none skipped.
+fn pytest(tests: &str, envs: &[&str], passed: usize) -> String {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cache = std::env::var("DEFUSE_CACHE")
         .unwrap_or_else(|_| format!("{}/.cache/defuse", std::env::var("HOME").unwrap()));
+    let mut path = vec![format!("{}/python", repo.display())];
+    path.extend(envs.iter().map(|e| format!("{cache}/{e}")));
     let out = Command::new("python3")
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "python/tests/test_client.py",
-        ])
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .args(["-W", "ignore::DeprecationWarning", tests])
         .current_dir(&repo)
         .env("DEFUSE_BIN", env!("CARGO_BIN_EXE_defuse"))
-        .env(
-            "PYTHONPATH",
-            format!("{}/python:{cache}/py-client-env", repo.display()),
-        )
+        .env("PYTHONPATH", path.join(":"))
         .output()
         .expect("python3");
     let text = format!(
@@ -30,11 +25,17 @@ fn python_client_submits_waits_labels_downloads_and_loads_into_pandas() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pytest failed:\n{text}");
-    // every test ran: none skipped for want of the binary
+    // every test ran: none skipped for want of the binary (or of PyTorch)
     assert!(
-        text.contains("4 passed") && !text.contains("skipped"),
+        text.contains(&format!("{passed} passed")) && !text.contains("skipped"),
         "{text}"
     );
+    text
+}
+
+#[test]
+fn python_client_submits_waits_labels_downloads_and_loads_into_pandas() {
+    pytest("python/tests/test_client.py", &["py-client-env"], 4);
 }
 
 /// `defuse.export` on a torchvision ResNet and a small VAE, then `defuse run` on the
@@ -46,39 +47,9 @@ fn python_client_submits_waits_labels_downloads_and_loads_into_pandas() {
 #[test]
 #[ignore = "needs PyTorch and torchvision (bench/setup.sh and tv-env), not in the test set-up"]
 fn python_export_helper_writes_files_defuse_runs() {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cache = std::env::var("DEFUSE_CACHE")
-        .unwrap_or_else(|_| format!("{}/.cache/defuse", std::env::var("HOME").unwrap()));
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore::DeprecationWarning",
-            "python/tests/test_export.py",
-        ])
-        .current_dir(&repo)
-        .env("DEFUSE_BIN", env!("CARGO_BIN_EXE_defuse"))
-        .env(
-            "PYTHONPATH",
-            format!(
-                "{}/python:{cache}/bench-env:{cache}/tv-env:{cache}/py-client-env",
-                repo.display()
-            ),
-        )
-        .output()
-        .expect("python3");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pytest failed:\n{text}");
-    assert!(
-        text.contains("2 passed") && !text.contains("skipped"),
-        "{text}"
+    pytest(
+        "python/tests/test_export.py",
+        &["bench-env", "tv-env", "py-client-env"],
+        2,
     );
 }

@@ -184,12 +184,7 @@ fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     } else {
         tracing::info_span!("grpc", rpc, trace_id = tracing::field::Empty)
     };
-    if let Some(tp) = req
-        .headers()
-        .get(defuse_proto::trace::HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(defuse_proto::trace::TraceParent::parse)
-    {
+    if let Some(tp) = crate::http::traceparent(req.headers()) {
         defuse_proto::trace::adopt(&span, &tp);
     }
     span

@@ -364,6 +364,15 @@ impl Rows {
         }
     }
 
+    /// `[N, K]`: `f(rows, their pair products)` `[B, K]` of each block, stacked.
+    fn rows_of(&self, k: i64, f: impl Fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
+        let out = Tensor::empty([self.x.size()[0], k], (Kind::Double, Device::Cpu));
+        self.each_block(|start, xb, zb| {
+            out.narrow(0, start, xb.size()[0]).copy_(&f(xb, zb));
+        });
+        out
+    }
+
     /// `f(start, rows, their pair products)` over blocks of rows.
     fn each_block(&self, mut f: impl FnMut(i64, &Tensor, &Tensor)) {
         let n = self.x.size()[0];
@@ -509,7 +518,7 @@ fn kmeans_labels(x: &Tensor, k: i64, seed: u64) -> Tensor {
 fn gaussian_parameters(st: &Stats, tri: &Triu, reg: f64) -> (Tensor, Tensor, Tensor) {
     let nk = &st.nk + EPS10;
     let xk = &st.sx / nk.unsqueeze(1);
-    let mean_outer = xk.index_select(1, &tri.rows) * xk.index_select(1, &tri.cols);
+    let mean_outer = tri.products(&xk);
     let sk = tri.unpick(&(&st.s2 / nk.unsqueeze(1) - mean_outer))
         + Tensor::eye(tri.d, (Kind::Double, Device::Cpu)) * reg;
     (nk, xk, sk)
@@ -597,15 +606,7 @@ impl GaussianTerms {
 /// `log N(x | mu_k, Sigma_k) + extra_k` for all rows and components `[N, K]`.
 fn log_gaussian(rows: &Rows, means: &Tensor, prec_chol: &Tensor, extra: &Tensor) -> Tensor {
     let terms = GaussianTerms::new(&rows.tri, means, prec_chol, extra);
-    let out = Tensor::empty(
-        [rows.x.size()[0], means.size()[0]],
-        (Kind::Double, Device::Cpu),
-    );
-    rows.each_block(|start, xb, zb| {
-        out.narrow(0, start, xb.size()[0])
-            .copy_(&terms.block(xb, zb));
-    });
-    out
+    rows.rows_of(means.size()[0], |xb, zb| terms.block(xb, zb))
 }
 
 fn log_weights(s: &State) -> Tensor {
@@ -651,15 +652,7 @@ fn log_resp_block(terms: &GaussianTerms, xb: &Tensor, zb: &Tensor) -> Tensor {
 /// Log responsibilities `[N, K]` (predictions).
 fn e_step(rows: &Rows, s: &State) -> Tensor {
     let terms = e_step_terms(rows, s);
-    let out = Tensor::empty(
-        [rows.x.size()[0], s.means.size()[0]],
-        (Kind::Double, Device::Cpu),
-    );
-    rows.each_block(|start, xb, zb| {
-        out.narrow(0, start, xb.size()[0])
-            .copy_(&log_resp_block(&terms, xb, zb));
-    });
-    out
+    rows.rows_of(s.means.size()[0], |xb, zb| log_resp_block(&terms, xb, zb))
 }
 
 /// One E-step fused with the M-step's sums: each block's responsibilities are made and

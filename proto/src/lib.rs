@@ -208,15 +208,8 @@ pub mod auth {
                 Role::User.env()
             )),
             (Some(u), Some(w)) => {
-                for (t, role) in [(u, Role::User), (w, Role::Worker)] {
-                    if t.expose().len() < MIN_TOKEN_BYTES {
-                        return Err(format!(
-                            "{} is {} bytes; a token needs at least {MIN_TOKEN_BYTES} (e.g. openssl rand -hex 32)",
-                            role.env(),
-                            t.expose().len()
-                        ));
-                    }
-                }
+                long_enough(u, Role::User.env())?;
+                long_enough(w, Role::Worker.env())?;
                 if token_matches(u.expose(), w.expose()) {
                     return Err(format!(
                         "{} and {} are the same: a worker's token must not open the job API",
@@ -227,6 +220,17 @@ pub mod auth {
                 Ok(())
             }
         }
+    }
+
+    /// A token of at least [`MIN_TOKEN_BYTES`], or why not (naming its variable).
+    fn long_enough(t: &Secret, env: &str) -> Result<(), String> {
+        let n = t.expose().len();
+        if n < MIN_TOKEN_BYTES {
+            return Err(format!(
+                "{env} is {n} bytes; a token needs at least {MIN_TOKEN_BYTES} (e.g. openssl rand -hex 32)"
+            ));
+        }
+        Ok(())
     }
 
     /// Checks the optional metrics token against the other two: at least
@@ -242,12 +246,7 @@ pub mod auth {
                 "{METRICS_TOKEN_ENV} is set but no user token: without tokens /metrics is open anyway"
             ));
         }
-        if m.expose().len() < MIN_TOKEN_BYTES {
-            return Err(format!(
-                "{METRICS_TOKEN_ENV} is {} bytes; a token needs at least {MIN_TOKEN_BYTES} (e.g. openssl rand -hex 32)",
-                m.expose().len()
-            ));
-        }
+        long_enough(m, METRICS_TOKEN_ENV)?;
         for (t, role) in [(user, Role::User), (worker, Role::Worker)] {
             if t.is_some_and(|t| token_matches(t.expose(), m.expose())) {
                 return Err(format!(

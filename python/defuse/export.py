@@ -55,6 +55,12 @@ def _torch():
     return torch
 
 
+def _channel_buffers(torch, module, mean, std):
+    """Registers per-channel `mean` and `std` buffers `[1, C, 1, 1]` on `module`."""
+    module.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+    module.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+
 def _normalizing(torch, module, mean, std):
     """`module` behind `(x - mean) / std`, so that it takes images in [0, 1]."""
     if mean is None and std is None:
@@ -66,8 +72,7 @@ def _normalizing(torch, module, mean, std):
         def __init__(self, inner, mean, std):
             super().__init__()
             self.inner = inner
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+            _channel_buffers(torch, self, mean, std)
 
         def forward(self, x):
             return self.inner((x - self.mean) / self.std)
@@ -89,8 +94,7 @@ def _decoder_to_unit(torch, decoder, output, mean, std):
             super().__init__()
             self.inner = inner
             if output == "normalized":
-                self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-                self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+                _channel_buffers(torch, self, mean, std)
 
         def forward(self, z):
             y = self.inner(z)
@@ -111,7 +115,7 @@ def _trace_check_save(torch, module, example, path: Path, check):
         loaded = torch.jit.load(str(path), map_location="cpu").eval()
         again = loaded(example)
     check(eager, again, path)
-    return path
+    return path, eager
 
 
 def _close(a, b) -> bool:
@@ -158,9 +162,9 @@ def export_models(
                 raise ValueError(f"classifier: {path} does not reproduce the module (tracing lost a branch?)")
 
         m = _normalizing(torch, classifier, mean, std)
-        paths["classifier"] = _trace_check_save(torch, m, images, out / "classifier.pt", check_classifier)
-        with torch.no_grad():
-            num_classes = int(m.eval()(images).shape[1])
+        paths["classifier"], logits = _trace_check_save(torch, m, images, out / "classifier.pt",
+                                                        check_classifier)
+        num_classes = int(logits.shape[1])
 
     if encoder is not None:
         def check_encoder(eager, again, path):
@@ -173,9 +177,8 @@ def export_models(
                 raise ValueError(f"encoder: {path} does not reproduce the module")
 
         m = _normalizing(torch, encoder, mean, std)
-        paths["encoder"] = _trace_check_save(torch, m, images, out / "encoder.pt", check_encoder)
-        with torch.no_grad():
-            latent = int(m.eval()(images)[0].shape[1])
+        paths["encoder"], (mu, _) = _trace_check_save(torch, m, images, out / "encoder.pt", check_encoder)
+        latent = int(mu.shape[1])
 
     if decoder is not None:
         if latent is None:
@@ -193,7 +196,7 @@ def export_models(
                 raise ValueError(f"decoder: {path} does not reproduce the module")
 
         m = _decoder_to_unit(torch, decoder, decoder_output, mean, std)
-        paths["decoder"] = _trace_check_save(torch, m, codes, out / "decoder.pt", check_decoder)
+        paths["decoder"], _ = _trace_check_save(torch, m, codes, out / "decoder.pt", check_decoder)
 
     return ExportedModels(paths["classifier"], paths["encoder"], paths["decoder"], num_classes, latent)
 

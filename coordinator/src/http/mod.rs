@@ -114,7 +114,9 @@ async fn http_span(req: Request, next: Next) -> Response {
     r
 }
 
-fn traceparent(h: &HeaderMap) -> Option<defuse_proto::trace::TraceParent> {
+/// The caller's trace context, from its `traceparent` header (gRPC's too: tonic hands
+/// the span maker the request's HTTP headers).
+pub(crate) fn traceparent(h: &HeaderMap) -> Option<defuse_proto::trace::TraceParent> {
     h.get(defuse_proto::trace::HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(defuse_proto::trace::TraceParent::parse)
