@@ -166,8 +166,8 @@ def main():
         lim = 2000 if a.quick else a.scaling_images
         limit = f"limit_test = {lim}\n" if lim else ""
         cfg_text = (REPO / "examples/mnist.toml").read_text()
-        cfg_text = cfg_text.replace('out = "runs/mnist"', f'out = "{out / "e2e"}"')
-        cfg_text = cfg_text.replace('path = "data/mnist"', f'path = "{data}"\n{limit}')
+        cfg_text = cfg_text.replace('out = "../runs/mnist"', f'out = "{out / "e2e"}"')
+        cfg_text = cfg_text.replace('path = "../data/mnist"', f'path = "{data}"\n{limit}')
         cfg_text += (f'\n[models]\nclassifier = "{trained / "classifier.safetensors"}"\n'
                      f'vae = "{trained / "vae.safetensors"}"\n')
         cfg = out / "mnist-bench.toml"

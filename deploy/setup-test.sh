@@ -32,8 +32,9 @@ pinned_env() {
 }
 
 # The Python client's tests (python/tests, run by cli/tests/python.rs): pytest and
-# pandas, pinned, in a folder of their own.
-pinned_env "$cache/py-client-env" "pytest + pandas" "pytest==8.3.4" "pandas==2.2.3" "numpy==2.2.6"
+# pandas, pinned, in a folder of their own; pyarrow reads the Parquet files Defuse
+# writes and writes the ones the data tests read.
+pinned_env "$cache/py-client-env" "pytest + pandas + pyarrow" "pytest==8.3.4" "pandas==2.2.3" "numpy==2.2.6" "pyarrow==22.0.0"
 
 # Offline checks of the Helm chart (deploy/check-chart.py): Helm 4 as a library and the
 # Kubernetes JSON schemas, every package pinned. Its own folder (~360 MB): a second

@@ -88,6 +88,66 @@ enum Cmd {
         #[arg(long)]
         work: PathBuf,
     },
+    /// A WebDataset copy of MNIST with `n` test images (the test split repeated) and the
+    /// first 4,000 training images, in shards of 1,000 samples.
+    MakeWebdataset {
+        #[arg(long)]
+        mnist: PathBuf,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Reads a data set whole and writes its layout (what a job's plan carries), then
+    /// prints the process's peak resident memory.
+    DataLayout {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Reads test images `start..end` alone (what a worker reads for a shard) with the
+    /// layout `DataLayout` wrote, `times` times; prints images/s and the peak
+    /// resident memory.
+    DataWindow {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        layout: PathBuf,
+        #[arg(long)]
+        start: usize,
+        #[arg(long)]
+        end: usize,
+        #[arg(long, default_value_t = 5)]
+        times: usize,
+    },
+    /// Identify through a coordinator and N worker processes on a WebDataset copy of
+    /// MNIST (`make-webdataset`), read from its folder or from a bucket in s3s-fs:
+    /// seconds from the first lease to the last shard done, images/s, and the peak
+    /// resident memory of the coordinator and of each worker.
+    DataSource {
+        #[arg(long)]
+        defuse: PathBuf,
+        /// MNIST's IDX folder: small models are trained on it (once, in --work/models).
+        #[arg(long)]
+        mnist: PathBuf,
+        /// The WebDataset folder (`make-webdataset`).
+        #[arg(long)]
+        webdataset: PathBuf,
+        /// Read the data from a bucket (s3s-fs, started here) instead of the folder.
+        #[arg(long)]
+        bucket: bool,
+        /// Images searched: the first `limit` test images.
+        #[arg(long)]
+        limit: usize,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Perturbations per image.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        #[arg(long)]
+        work: PathBuf,
+    },
     /// Identify through a coordinator (Redis, file artifacts) with N worker processes:
     /// seconds from the first lease to the last shard done.
     Scaling {
@@ -142,7 +202,221 @@ fn main() -> Result<()> {
             threads,
             work,
         } => bench_scaling(&defuse, &config, workers, threads, &work),
+        Cmd::DataSource {
+            defuse,
+            mnist,
+            webdataset,
+            bucket,
+            limit,
+            workers,
+            samples,
+            work,
+        } => bench_data_source(
+            &defuse,
+            &mnist,
+            &webdataset,
+            bucket,
+            limit,
+            workers,
+            samples,
+            &work,
+        ),
+        Cmd::MakeWebdataset { mnist, n, out } => make_webdataset(&mnist, n, &out),
+        Cmd::DataLayout { data, out } => {
+            let t = Instant::now();
+            let ds = DataSpec::from_path(&data).load()?;
+            let layout = ds.layout.clone().context("this format has no layout")?;
+            std::fs::write(&out, serde_json::to_vec(&layout)?)?;
+            println!(
+                "{}",
+                json!({"images": ds.train.len() + ds.test.len(), "seconds": t.elapsed().as_secs_f64(), "peak_rss_kib": peak_rss_kib()})
+            );
+            Ok(())
+        }
+        Cmd::DataWindow {
+            data,
+            layout,
+            start,
+            end,
+            times,
+        } => {
+            let layout: defuse_core::data::DataLayout =
+                serde_json::from_slice(&std::fs::read(&layout)?)?;
+            let spec = DataSpec::from_path(&data);
+            let t = Instant::now();
+            for _ in 0..times {
+                let w = spec.read_window(&layout, SplitName::Test, start..end)?;
+                assert_eq!(w.test.len(), end - start);
+            }
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                json!({"images": end - start, "images_per_s": ((end - start) * times) as f64 / s, "peak_rss_kib": peak_rss_kib()})
+            );
+            Ok(())
+        }
     }
+}
+
+/// A process's peak resident memory (`VmHWM`), KiB.
+fn peak_rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_data_source(
+    defuse: &std::path::Path,
+    mnist: &std::path::Path,
+    webdataset: &std::path::Path,
+    bucket: bool,
+    limit: usize,
+    workers: usize,
+    samples: usize,
+    work: &std::path::Path,
+) -> Result<()> {
+    let models = work.join("models");
+    std::fs::create_dir_all(&models)?;
+    let (clf, vae) = (
+        models.join("clf.safetensors"),
+        models.join("vae.safetensors"),
+    );
+    if !clf.exists() || !vae.exists() {
+        defuse_testkit::train_small_mnist_models(defuse, mnist, &models);
+    }
+    let run = work.join("run");
+    let _ = std::fs::remove_dir_all(&run);
+    std::fs::create_dir_all(&run)?;
+    let s3 = bucket.then(defuse_testkit::S3::start);
+    let env: Vec<(&'static str, String)> = s3.as_ref().map(|s| s.env()).unwrap_or_default();
+    let data = match &s3 {
+        Some(_) => {
+            for (k, v) in &env {
+                std::env::set_var(k, v);
+            }
+            let files: Vec<PathBuf> = std::fs::read_dir(webdataset)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<_>>()?;
+            rt()?.block_on(async {
+                use defuse_core::artifacts::ArtifactStore;
+                let store = defuse_core::artifacts::S3Store::from_env("defuse", "bench-data").await;
+                for f in &files {
+                    let name = f.file_name().unwrap_or_default().to_string_lossy();
+                    store.put_file(&name, f).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            "s3://defuse/bench-data".to_string()
+        }
+        None => webdataset.display().to_string(),
+    };
+    let stack = start_stack_with(defuse, &run, 30_000, &env)?;
+    let mut ws = Vec::new();
+    for i in 0..workers {
+        let mut cmd = Command::new(defuse);
+        cmd.args(["worker", "--coordinator", &stack.url])
+            .args(["--threads", "1"])
+            .arg("--cache-dir")
+            .arg(run.join(format!("worker-{i}")))
+            .envs(env.iter().cloned())
+            .env("RUST_LOG", "warn");
+        ws.push(Proc::spawn(&format!("worker-{i}"), &mut cmd, &run));
+    }
+    let cfg = format!(
+        r#"
+name = "data-source"
+seed = 1
+[data]
+path = "{data}"
+format = "webdataset"
+limit_train = 4000
+[models]
+classifier = "{clf}"
+vae = "{vae}"
+[identify]
+samples = {samples}
+keep = 1
+shard_size = 1000
+limit = {limit}
+perturbation = {{ kind = "gaussian", sigma = 0.5 }}
+"#,
+        clf = clf.display(),
+        vae = vae.display()
+    );
+    rt()?.block_on(async {
+        let mut c = jobs(&stack.url).await?;
+        let submitted = Instant::now();
+        let job = submit(&mut c, cfg).await?;
+        let first = wait_identify(&mut c, &job, Duration::from_secs(3600)).await;
+        let done = Instant::now();
+        let worker_peak: Vec<u64> = ws.iter().map(|w| peak_rss_of(w.pid()) / 1024).collect();
+        let coordinator_peak = peak_rss_of(stack.coordinator.pid()) / 1024;
+        let _ = c.cancel(CancelRequest { job_id: job }).await;
+        let first = match first {
+            Ok(f) => f.unwrap_or(submitted),
+            Err(e) => bail!("{e:#}\n{}", ws[0].tail(20)),
+        };
+        let secs = (done - first).as_secs_f64();
+        println!(
+            "{}",
+            json!({"source": if bucket { "bucket (s3s-fs)" } else { "folder" },
+                   "workers": workers, "searched": limit, "samples": samples,
+                   "identify_seconds": secs, "images_per_s": limit as f64 / secs,
+                   "submit_to_identify_done_seconds": (done - submitted).as_secs_f64(),
+                   "worker_peak_rss_mib": worker_peak, "coordinator_peak_rss_mib": coordinator_peak})
+        );
+        Ok(())
+    })
+}
+
+/// This process's peak resident memory (`VmHWM`), KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn make_webdataset(mnist: &std::path::Path, n: usize, out: &std::path::Path) -> Result<()> {
+    let ds = DataSpec::from_path(mnist).load()?;
+    std::fs::create_dir_all(out)?;
+    let write = |split: &defuse_core::data::Split, name: &str, n: usize| -> Result<()> {
+        for (k, start) in (0..n).step_by(1000).enumerate() {
+            let mut tar = tar::Builder::new(std::fs::File::create(
+                out.join(format!("{name}-{k:06}.tar")),
+            )?);
+            for i in start..(start + 1000).min(n) {
+                let j = i % split.len();
+                let mut png = Vec::new();
+                image::GrayImage::from_raw(28, 28, split.images[j * 784..(j + 1) * 784].to_vec())
+                    .context("an MNIST image")?
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+                let cls = split.labels[j].to_string();
+                for (ext, data) in [("png", png.as_slice()), ("cls", cls.as_bytes())] {
+                    let mut h = tar::Header::new_ustar();
+                    h.set_size(data.len() as u64);
+                    h.set_mode(0o644);
+                    h.set_cksum();
+                    tar.append_data(&mut h, format!("{i:08}.{ext}"), data)?;
+                }
+            }
+            tar.finish()?;
+        }
+        Ok(())
+    };
+    write(&ds.train, "train", 4000)?;
+    write(&ds.test, "test", n)?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -324,6 +598,16 @@ struct Stack {
 }
 
 fn start_stack(defuse: &std::path::Path, work: &std::path::Path, lease_ms: u64) -> Result<Stack> {
+    start_stack_with(defuse, work, lease_ms, &[])
+}
+
+/// The same, the coordinator started with `env` (S3 settings).
+fn start_stack_with(
+    defuse: &std::path::Path,
+    work: &std::path::Path,
+    lease_ms: u64,
+    env: &[(&'static str, String)],
+) -> Result<Stack> {
     std::fs::create_dir_all(work)?;
     let redis = Redis::start(false);
     let port = free_port();
@@ -337,6 +621,7 @@ fn start_stack(defuse: &std::path::Path, work: &std::path::Path, lease_ms: u64) 
         .args(["--lease-ms", &lease_ms.to_string()])
         // the bench's jobs read data and models wherever its arguments put them
         .args(["--allow-path", "/"])
+        .envs(env.iter().cloned())
         .env("RUST_LOG", "warn");
     let coordinator = Proc::spawn("coordinator", &mut cmd, work);
     if !wait_port(port, Duration::from_secs(20)) {

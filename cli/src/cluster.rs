@@ -227,6 +227,80 @@ fn finished(j: &JobStatus) -> bool {
         || (j.state == "awaiting_labels" && !j.labelled)
 }
 
+/// A job id as the coordinator makes them: the name and a unique suffix.
+fn new_job_id(name: &str) -> String {
+    let base: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!(
+        "{}-{ms:x}{:04x}",
+        if base.is_empty() { "job" } else { &base },
+        rand::random::<u16>()
+    )
+}
+
+/// Uploads a file for job `job` (not yet submitted) in chunks of 1 MiB; returns the
+/// `upload://` URL its config names it by, and its size.
+async fn put_input(
+    c: &mut JobServiceClient<auth::AuthChannel>,
+    job: &str,
+    path: &Path,
+) -> anyhow::Result<(String, u64)> {
+    use tokio::io::AsyncReadExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (job, shown) = (job.to_string(), path.display().to_string());
+    // the reader feeds the stream; the first chunk names the job and the file
+    let reader = tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = f.read(&mut buf).await?;
+            if n == 0 && !first {
+                return Ok::<(), std::io::Error>(());
+            }
+            buf.truncate(n);
+            let chunk = InputChunk {
+                job_id: if first { job.clone() } else { String::new() },
+                name: if first { name.clone() } else { String::new() },
+                data: buf,
+            };
+            first = false;
+            if tx.send(chunk).await.is_err() || n == 0 {
+                return Ok(());
+            }
+        }
+    });
+    let r = c
+        .put_input(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(status_err);
+    reader
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {shown}: {e}"))?
+        .with_context(|| format!("cannot read {shown}"))?;
+    let r = r?.into_inner();
+    Ok((r.url, r.bytes))
+}
+
 /// Says on stderr how a job ended, and returns its exit code.
 fn report_end(j: &JobStatus) -> Option<u8> {
     match j.state.as_str() {
@@ -242,7 +316,9 @@ fn report_end(j: &JobStatus) -> Option<u8> {
 }
 
 /// Submits a job and prints its id; with `wait`, follows it (its phase changes on
-/// stderr) until it ends and returns the exit code of its final state.
+/// stderr) until it ends and returns the exit code of its final state. With `upload`,
+/// the job's models and labels file that are files here are uploaded with it first.
+#[allow(clippy::too_many_arguments)]
 pub fn submit(
     url: &str,
     token: Option<String>,
@@ -250,13 +326,41 @@ pub fn submit(
     job_id: Option<String>,
     wait: bool,
     sets: &[String],
+    upload: bool,
 ) -> anyhow::Result<Option<u8>> {
-    let text = JobConfig::text_with(config, sets)?;
     // check here first: a bad config never reaches the coordinator
-    let mut cfg = JobConfig::load_with(config, sets)?;
-    cfg.out = None;
+    let checked = JobConfig::load_with(config, sets)?;
+    // relative paths taken from the job file's folder (still relative when that
+    // folder is: the coordinator reads them from its working directory)
+    let mut cfg = JobConfig::read_with(config, sets)?;
+    let local: Vec<&'static str> = if upload {
+        defuse_core::sources::input_fields(&mut cfg)
+            .into_iter()
+            .filter(|(_, p)| p.as_deref().is_some_and(Path::is_file))
+            .map(|(field, _)| field)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // uploads go with a job id chosen here
+    let job_id = match job_id {
+        Some(id) => Some(id),
+        None if !local.is_empty() => Some(new_job_id(checked.name.as_deref().unwrap_or("job"))),
+        None => None,
+    };
     runtime()?.block_on(async {
         let mut c = client(url, token).await?;
+        for (field, p) in defuse_core::sources::input_fields(&mut cfg) {
+            if !local.contains(&field) {
+                continue;
+            }
+            let path = p.clone().expect("a file");
+            let id = job_id.as_deref().expect("chosen above");
+            let (url, bytes) = put_input(&mut c, id, &path).await?;
+            eprintln!("{field}: uploaded {} ({bytes} bytes)", path.display());
+            *p = Some(url.into());
+        }
+        let text = toml::to_string(&cfg)?;
         let r = c
             .submit(SubmitRequest {
                 config_toml: text,
@@ -582,7 +686,9 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         .collect::<String>();
     runtime()?.block_on(async move {
         let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
-        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(out.join("artifacts")));
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(
+            out.join(defuse_core::layout::EMBEDDED_ARTIFACTS),
+        ));
         // a fresh pair of tokens: another user of this machine who finds the
         // loopback port cannot submit, cancel or act as a worker
         let (token, worker_token) = (

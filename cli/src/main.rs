@@ -156,6 +156,10 @@ enum Command {
         /// Override a setting of the job file, as `run --set` does.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Send the paths of models and labels as they are (files on the
+        /// coordinator's disk), instead of uploading those that are files here.
+        #[arg(long)]
+        no_upload: bool,
     },
     /// Jobs of a coordinator, or one job's steps and shards.
     Status {
@@ -549,28 +553,32 @@ fn dispatch(cmd: Command, tokens: Tokens) -> anyhow::Result<Option<u8>> {
             tls_cert,
             tls_key,
             allow_path,
-        } => cluster::coordinator(cluster::CoordinatorArgs {
-            listen,
-            redis,
-            artifacts,
-            work_dir,
-            lease_ms,
-            heartbeat_ms,
-            max_attempts,
-            leader_ms,
-            http_listen,
-            token,
-            worker_token: tokens.worker,
-            metrics_token: std::env::var(defuse_proto::auth::METRICS_TOKEN_ENV)
-                .ok()
-                .filter(|t| !t.is_empty()),
-            allow_paths: allow_path,
-            tls: match (tls_cert, tls_key) {
-                (Some(c), Some(k)) => Some(cluster::read_server_pem(&c, &k)?),
-                _ => None,
-            },
-        })
-        .map(|()| None),
+        } => {
+            // copies of data sets in buckets: a cache beside the job folders (hidden: no job id)
+            defuse_core::data::remote::set_mirror_root(work_dir.join(".data"));
+            cluster::coordinator(cluster::CoordinatorArgs {
+                listen,
+                redis,
+                artifacts,
+                work_dir,
+                lease_ms,
+                heartbeat_ms,
+                max_attempts,
+                leader_ms,
+                http_listen,
+                token,
+                worker_token: tokens.worker,
+                metrics_token: std::env::var(defuse_proto::auth::METRICS_TOKEN_ENV)
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+                allow_paths: allow_path,
+                tls: match (tls_cert, tls_key) {
+                    (Some(c), Some(k)) => Some(cluster::read_server_pem(&c, &k)?),
+                    _ => None,
+                },
+            })
+            .map(|()| None)
+        }
         Command::Worker {
             remote: Remote { coordinator },
             device,
@@ -583,6 +591,7 @@ fn dispatch(cmd: Command, tokens: Tokens) -> anyhow::Result<Option<u8>> {
             let mut w = defuse_worker::WorkerConfig::new(coordinator);
             w.exit_when_idle = exit_when_idle.map(std::time::Duration::from_secs);
             w.device = device;
+            defuse_core::data::remote::set_mirror_root(cache_dir.join("data"));
             w.cache_dir = cache_dir;
             w.threads = threads;
             w.token = tokens.worker.map(defuse_proto::auth::Secret::new);
@@ -598,7 +607,16 @@ fn dispatch(cmd: Command, tokens: Tokens) -> anyhow::Result<Option<u8>> {
             job_id,
             wait,
             set,
-        } => cluster::submit(&coordinator, token, &config, job_id, wait, &overrides(set)),
+            no_upload,
+        } => cluster::submit(
+            &coordinator,
+            token,
+            &config,
+            job_id,
+            wait,
+            &overrides(set),
+            !no_upload,
+        ),
         Command::Status {
             job,
             remote: Remote { coordinator },

@@ -21,7 +21,7 @@ pub fn run(
     if out.is_some() {
         cfg.out = out;
     }
-    if !cfg.data.path.is_dir() {
+    if !cfg.data.in_bucket() && !cfg.data.path.is_dir() {
         return Err(defuse_core::Error::invalid(
             "data.path",
             format!(
@@ -33,6 +33,24 @@ pub fn run(
         .into());
     }
     let out_dir = cfg.out_dir();
+    // an `out` in a bucket: this machine's working copy starts from what is there (a
+    // run begun elsewhere carries on); every step copies its files back
+    let bucket_out = cfg.out_in_bucket();
+    if let Some(u) = &bucket_out {
+        let n = defuse_core::sources::restore_out(u, &out_dir)?;
+        if n > 0 {
+            println!(
+                "defuse run: {n} files of {} copied to {}",
+                u.url(),
+                out_dir.display()
+            );
+        }
+    }
+    // where the user finds the results
+    let shown = |rel: &str| match &bucket_out {
+        Some(u) => format!("{}/{rel}", u.url()),
+        None => out_dir.join(rel).display().to_string(),
+    };
     let started = std::time::Instant::now();
     let outcome = match crate::cluster::embedded(&cfg, workers)? {
         crate::cluster::Embedded::Done => {
@@ -72,7 +90,7 @@ pub fn run(
                 .map(|(n, t)| format!("{n} {t:.0}s"))
                 .collect();
             println!("  steps: {}", steps.join(", "));
-            println!("  report: {}", out_dir.join(layout::REPORT).display());
+            println!("  report: {}", shown(layout::REPORT));
             Ok(None)
         }
         RunOutcome::AwaitingLabels { scenarios } => {

@@ -133,9 +133,29 @@ fn broken_model_fails_the_job_after_the_retries_and_bad_workers_and_configs_are_
         serde_json::json!([])
     );
 
-    // the classifier object gets corrupted in the store after the coordinator checked it
+    // models in a folder the coordinator may not read (a user's laptop): sent as paths
+    // they are refused, uploaded with the job (what submit does) they reach it
+    let laptop = tempfile::tempdir().unwrap();
+    let (clf_here, vae_here) = (
+        laptop.path().join("clf.safetensors"),
+        laptop.path().join("vae.safetensors"),
+    );
+    std::fs::copy(&clf, &clf_here).unwrap();
+    std::fs::copy(&vae, &vae_here).unwrap();
     let cfg = dir.join("job.toml");
-    std::fs::write(&cfg, config(&dir.join("o"), &clf, &vae)).unwrap();
+    std::fs::write(&cfg, config(&dir.join("o"), &clf_here, &vae_here)).unwrap();
+    let out = defuse()
+        .args(["submit", cfg.to_str().unwrap(), "--no-upload"])
+        .args(["--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("models.classifier") && stderr.contains("is outside the folders"),
+        "{stderr}"
+    );
+    // the classifier object gets corrupted in the store after the coordinator checked it
     let job = c.submit(&cfg);
     c.wait_for(&job, "identify planned", Duration::from_secs(60), |s| {
         s["step"] == "identify"
@@ -147,6 +167,14 @@ fn broken_model_fails_the_job_after_the_retries_and_bad_workers_and_configs_are_
             std::env::set_var(k, v);
         }
         let store = defuse_core::artifacts::S3Store::from_env("defuse", "test").await;
+        // the uploads, under the job, by content
+        let sha = defuse_core::artifacts::sha256_file(&clf_here).unwrap();
+        let uploaded = store.list(&format!("jobs/{job}/inputs/")).await.unwrap();
+        assert!(
+            uploaded.contains(&format!("jobs/{job}/inputs/{sha}/clf.safetensors"))
+                && uploaded.len() == 2,
+            "{uploaded:?}"
+        );
         assert!(store.exists(&key).await.unwrap(), "{key} missing");
         store
             .put(&key, bytes::Bytes::from_static(b"not a model any more"))
@@ -650,4 +678,272 @@ fn a_worker_with_other_data_refuses_the_job_naming_the_file() {
     );
     // refused for good: one attempt, not --max-attempts of them
     assert!(err.contains("attempt 1"), "{err}");
+}
+
+/// The first `n` images of an MNIST split as WebDataset shards of `per_shard` samples
+/// (`<split>-<k>.tar`: `<key>.png` + `<key>.cls`), the layout large corpora come in.
+/// Copies the files of a job folder's copy in a bucket (its manifest names them) into `to`.
+fn bucket_folder(url: &str, to: &Path) {
+    let u = defuse_core::sources::S3Url::parse("out", Path::new(url))
+        .unwrap()
+        .unwrap();
+    let n = defuse_core::sources::restore_out(&u, to).unwrap();
+    assert!(n > 10, "{n} files in {url}");
+}
+
+fn webdataset_shards(
+    split: &defuse_core::data::Split,
+    name: &str,
+    n: usize,
+    per_shard: usize,
+    dir: &Path,
+) -> Vec<std::path::PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut files = Vec::new();
+    for (k, start) in (0..n).step_by(per_shard).enumerate() {
+        let path = dir.join(format!("{name}-{k:06}.tar"));
+        let mut tar = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for i in start..(start + per_shard).min(n) {
+            let mut png = Vec::new();
+            image::GrayImage::from_raw(28, 28, split.images[i * 784..(i + 1) * 784].to_vec())
+                .unwrap()
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .unwrap();
+            let cls = split.labels[i].to_string();
+            for (ext, data) in [("png", png.as_slice()), ("cls", cls.as_bytes())] {
+                let mut h = tar::Header::new_ustar();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                tar.append_data(&mut h, format!("{i:07}.{ext}"), data)
+                    .unwrap();
+            }
+        }
+        tar.finish().unwrap();
+        files.push(path);
+    }
+    files
+}
+
+/// Data in a bucket, as WebDataset shards: the coordinator and two workers read it from
+/// S3 (each into its own cache folder; no folder is shared), and find exactly the
+/// failures the embedded run finds on the same images read from the local IDX files.
+/// A worker that lists the bucket after an object was replaced refuses the job, naming
+/// the object.
+#[test]
+fn data_in_a_bucket_equals_the_embedded_run_on_local_idx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (clf, vae) = train_models(dir);
+    let local = config(&dir.join("embedded"), &clf, &vae).replace(
+        "limit_train = 4000",
+        "limit_train = 4000\nlimit_test = 2000",
+    );
+    let cfg_local = dir.join("local.toml");
+    std::fs::write(&cfg_local, &local).unwrap();
+    let st = defuse()
+        .args(["run", cfg_local.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // the same images as WebDataset shards in the bucket
+    let mnist = defuse_core::data::DataSpec::from_path(repo().join("data/mnist"))
+        .load()
+        .unwrap();
+    let wds = dir.join("wds");
+    let mut shards = webdataset_shards(&mnist.train, "train", 4000, 1000, &wds);
+    shards.extend(webdataset_shards(&mnist.test, "test", 2000, 500, &wds));
+    let mut c = Cluster::start(dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (k, v) in c.s3.env() {
+        std::env::set_var(k, v);
+    }
+    let store = rt.block_on(defuse_core::artifacts::S3Store::from_env(
+        "defuse",
+        "sets/mnist",
+    ));
+    rt.block_on(async {
+        use defuse_core::artifacts::ArtifactStore;
+        for s in &shards {
+            let name = s.file_name().unwrap().to_str().unwrap();
+            store.put_file(name, s).await.unwrap();
+        }
+    });
+    // the models too, and the results go to the bucket: no file of the job is on a
+    // disk the coordinator and the workers share
+    let models = rt.block_on(defuse_core::artifacts::S3Store::from_env(
+        "defuse", "models",
+    ));
+    rt.block_on(async {
+        use defuse_core::artifacts::ArtifactStore;
+        models.put_file("clf.safetensors", &clf).await.unwrap();
+        models.put_file("vae.safetensors", &vae).await.unwrap();
+    });
+    let in_bucket = local
+        .replace(
+            &format!("path = \"{}\"", repo().join("data/mnist").display()),
+            "path = \"s3://defuse/sets/mnist\"",
+        )
+        .replace(
+            &format!("classifier = \"{}\"", clf.display()),
+            "classifier = \"s3://defuse/models/clf.safetensors\"",
+        )
+        .replace(
+            &format!("vae = \"{}\"", vae.display()),
+            "vae = \"s3://defuse/models/vae.safetensors\"",
+        )
+        .replace(
+            &format!("out = \"{}\"", dir.join("embedded").display()),
+            "out = \"s3://defuse/results/dist\"",
+        );
+    assert_eq!(in_bucket.matches("s3://defuse/").count(), 4, "{in_bucket}");
+    let cfg_bucket = dir.join("bucket.toml");
+    std::fs::write(&cfg_bucket, &in_bucket).unwrap();
+    c.start_worker(&[]);
+    c.start_worker(&[]);
+    let job = c.submit(&cfg_bucket);
+    let s = c.wait_for(&job, "done", Duration::from_secs(300), |s| {
+        s["state"] == "done"
+    });
+    assert_eq!(identify(&s)["shards"]["done"], 4);
+    assert_same_result(
+        &dir.join("embedded"),
+        &dir.join("coordinator-work").join(&job),
+        10,
+    );
+    // the job's folder is in `out`: the same results, the models it read pinned
+    let results = dir.join("results");
+    bucket_folder("s3://defuse/results/dist", &results);
+    assert_same_result(&dir.join("embedded"), &results, 10);
+    for f in ["distill/failures.parquet", "report/index.html", "job.toml"] {
+        assert!(results.join(f).is_file(), "{f} is not in out");
+    }
+    let pinned: Vec<_> = std::fs::read_dir(results.join("inputs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let clf_copy = pinned
+        .iter()
+        .find(|n| n.starts_with("models.classifier-") && n.ends_with(".safetensors"))
+        .unwrap_or_else(|| panic!("{pinned:?}"));
+    assert_eq!(
+        std::fs::read(results.join("inputs").join(clf_copy)).unwrap(),
+        std::fs::read(&clf).unwrap()
+    );
+    // each process read the bucket into a folder of its own; a worker copied only the
+    // objects of the shards it searched (500 test images a tar, one tar a shard here),
+    // never the training shards; the coordinator's central steps read everything
+    let copied = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.retain(|n| !n.starts_with('.'));
+        v.sort();
+        v
+    };
+    let mut searched = Vec::new();
+    for w in ["worker-0", "worker-1"] {
+        let names = copied(&dir.join(w).join("data/s3/defuse/sets/mnist"));
+        assert!(
+            names.iter().all(|n| n.starts_with("test-")),
+            "{w} copied {names:?}"
+        );
+        searched.extend(names);
+    }
+    searched.sort();
+    searched.dedup();
+    assert_eq!(
+        searched,
+        [
+            "test-000000.tar",
+            "test-000001.tar",
+            "test-000002.tar",
+            "test-000003.tar"
+        ]
+    );
+    assert_eq!(
+        copied(&dir.join("coordinator-work/.data/s3/defuse/sets/mnist")).len(),
+        8
+    );
+
+    // an object replaced between the plan and a worker's listing
+    for w in &mut c.workers {
+        w.kill();
+    }
+    let cfg2 = dir.join("bucket2.toml");
+    std::fs::write(
+        &cfg2,
+        in_bucket
+            .replace("name = \"dist\"", "name = \"dist2\"")
+            .replace("results/dist\"", "results/dist2\""),
+    )
+    .unwrap();
+    let job2 = c.submit(&cfg2);
+    c.wait_for(&job2, "identify planned", Duration::from_secs(120), |s| {
+        s["step"] == "identify"
+    });
+    rt.block_on(async {
+        use defuse_core::artifacts::ArtifactStore;
+        store.put_file("test-000001.tar", &shards[4]).await.unwrap();
+    });
+    c.start_worker(&[]);
+    let s = c.wait_for(&job2, "failed", Duration::from_secs(120), |s| {
+        s["state"] == "failed"
+    });
+    let err = s["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("test-000001.tar") && err.contains("not the data the job was planned with"),
+        "{err}"
+    );
+
+    // `defuse run` takes a job file whose data, models and out are in buckets too: its
+    // folder is a working copy of `out`
+    rt.block_on(async {
+        use defuse_core::artifacts::ArtifactStore;
+        store.put_file("test-000001.tar", &shards[5]).await.unwrap();
+    });
+    let emb_cfg = dir.join("bucket-embedded.toml");
+    std::fs::write(
+        &emb_cfg,
+        in_bucket.replace("results/dist\"", "results/embedded\""),
+    )
+    .unwrap();
+    let run = |cache: &str| {
+        let out = defuse()
+            .args(["run", emb_cfg.to_str().unwrap()])
+            .env("DEFUSE_CACHE", dir.join(cache))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let first = run("cache-a");
+    assert!(
+        first.contains("report: s3://defuse/results/embedded/report/index.html"),
+        "{first}"
+    );
+    let results = dir.join("results-embedded");
+    bucket_folder("s3://defuse/results/embedded", &results);
+    assert_same_result(&dir.join("embedded"), &results, 10);
+    // on another machine (an empty cache) it carries on from the bucket: no step runs again
+    let again = run("cache-b");
+    assert!(
+        again.contains("copied to") && again.contains("identify already done"),
+        "{again}"
+    );
+    // (the report is written again: it names the steps' times)
+    let redone: Vec<&str> = again
+        .lines()
+        .filter(|l| l.contains("step done") && !l.contains("report"))
+        .collect();
+    assert!(redone.is_empty(), "{redone:?}");
 }

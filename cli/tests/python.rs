@@ -35,7 +35,7 @@ fn pytest(tests: &str, envs: &[&str], passed: usize) -> String {
 
 #[test]
 fn python_client_submits_waits_labels_downloads_and_loads_into_pandas() {
-    pytest("python/tests/test_client.py", &["py-client-env"], 4);
+    pytest("python/tests/test_client.py", &["py-client-env"], 5);
 }
 
 /// `defuse.export` on a torchvision ResNet and a small VAE, then `defuse run` on the

@@ -56,6 +56,50 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::not_found(format!("no job {job}")))
     }
 
+    /// Whether a client may upload `name` for the job it is about to submit as `job`
+    /// (checked before any byte is read).
+    pub async fn check_upload(&self, job: &str, name: &str) -> Result<(), CoordinatorError> {
+        if !valid_id(job) {
+            return Err(CoordinatorError::invalid(format!(
+                "job id '{job}': use letters, digits, '-' and '_' only"
+            )));
+        }
+        if !defuse_core::sources::valid_upload_name(name) {
+            return Err(CoordinatorError::invalid(format!(
+                "upload '{name}': expected a plain file name (no '/', not hidden, at most 200 bytes)"
+            )));
+        }
+        if self.inner.store.get_job(job).await?.is_some() {
+            return Err(CoordinatorError::conflict(format!(
+                "job {job} exists: files are uploaded before their job is submitted"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores an uploaded file (received into `path`, of SHA-256 `sha256`) with the job
+    /// `job` to come; returns what its config names it by.
+    pub async fn store_upload(
+        &self,
+        job: &str,
+        name: &str,
+        path: &std::path::Path,
+        sha256: &str,
+    ) -> Result<String, CoordinatorError> {
+        self.check_upload(job, name).await?;
+        let u = defuse_core::sources::Upload {
+            sha256: sha256.into(),
+            name: name.into(),
+        };
+        self.inner
+            .artifacts
+            .put_file(&keys::upload(job, &u), path)
+            .await
+            .map_err(|e| CoordinatorError::unavailable(e.to_string()))?;
+        tracing::info!(job, name, sha256, "input uploaded");
+        Ok(u.url())
+    }
+
     /// Deletes a finished job: its artifacts (`jobs/<job>/`), its
     /// cached folder, then its state. Returns how many objects were removed.
     pub async fn delete(&self, job: &str) -> Result<u32, CoordinatorError> {
@@ -115,7 +159,7 @@ impl Coordinator {
         if let Some(roots) = &self.inner.cfg.allowed_roots {
             crate::paths::check_job(&cfg, roots)?;
         }
-        if !cfg.data.path.is_dir() {
+        if !cfg.data.in_bucket() && !cfg.data.path.is_dir() {
             return Err(CoordinatorError::invalid(format!(
                 "job config: data.path {} is not a folder on the coordinator",
                 cfg.data.path.display()
@@ -495,6 +539,7 @@ pub const RESULT_FILES: &[&str] = &[
     files::REPORT,
     files::FAILURES,
     files::ASSIGNMENTS,
+    files::FAILURES_TABLE,
     files::SCENARIOS,
     files::CLASSES,
     files::LABELS,

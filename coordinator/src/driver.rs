@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use defuse_core::config::JobConfig;
 use defuse_core::identify::{Failures, IdentifyStats};
 use defuse_core::pipeline::{self, RunOutcome};
+use defuse_core::sources::{self, Refresh};
 
 use tracing::Instrument;
 
@@ -494,6 +495,35 @@ fn job_config(c: &Coordinator, rec: &JobRecord) -> Result<JobConfig, StepError> 
     Ok(cfg)
 }
 
+/// Replaces the `upload://` inputs of `cfg` (files `defuse submit` uploaded with the
+/// job) by their copies in the job folder, fetching and checking those it lacks.
+async fn localise_uploads(
+    c: &Coordinator,
+    rec: &JobRecord,
+    cfg: &mut JobConfig,
+    dir: &std::path::Path,
+) -> Result<(), StepError> {
+    for (field, p) in sources::input_fields(cfg) {
+        let Some(path) = p.as_deref() else { continue };
+        let Some(u) = sources::Upload::parse(field, path).map_err(StepError::fatal)? else {
+            continue;
+        };
+        let local = dir.join(u.local_file(field));
+        if !local.is_file() {
+            defuse_core::artifacts::get_file_checked(
+                c.inner.artifacts.as_ref(),
+                &keys::upload(&rec.id, &u),
+                &local,
+                &u.sha256,
+            )
+            .await
+            .map_err(|e| StepError::from(e).context(format!("{field} = {}", u.url())))?;
+        }
+        *p = Some(local);
+    }
+    Ok(())
+}
+
 /// Runs `f` on a blocking thread in the current span; its errors are fatal (the
 /// pipeline's: bad data, bad models).
 async fn blocking<T: Send + 'static, E: Into<StepError> + Send + 'static>(
@@ -521,16 +551,24 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     if let Some(roots) = &roots {
         crate::paths::check_job(&cfg, roots).map_err(|e| StepError::fatal(e.to_string()))?;
     }
+    let mut cfg = cfg;
+    localise_uploads(c, rec, &mut cfg, &dir).await?;
+    let dir_for_inputs = dir.clone();
     let (model_files, ranges, done, manifest) =
         blocking("models step", move || -> Result<_, StepError> {
+            // models and labels in buckets: copied into the job folder, read from there
+            let mut cfg = cfg;
+            sources::localise_inputs(&mut cfg, &dir_for_inputs, Refresh::Always)?;
             // what workers must see at data.path, recorded with the plan; taken before
             // anything reads the data
             let allowed = |real: &std::path::Path| {
                 roots.as_ref().is_none_or(|r| crate::paths::within(real, r))
             };
-            let manifest =
+            let mut manifest =
                 defuse_core::data::manifest::DataManifest::of_within(&cfg.data.path, &allowed)?;
             let p = pipeline::prepare(&cfg)?;
+            // the files of each shard: what lets a worker read its shard alone
+            manifest.layout = p.data_layout();
             Ok((
                 p.model_files(),
                 p.shard_ranges(),
@@ -547,7 +585,7 @@ async fn prepare(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
         )));
     }
     // the trained models (and their done.json) outlive this coordinator
-    crate::folder::publish_job(c, &rec.id, &dir).await?;
+    crate::folder::publish_job(c, rec, &dir).await?;
     if done {
         tracing::info!(job = %rec.id, "identify already done in the job folder: going on to finish");
         return Ok(Next::Go(Phase::Finish));
@@ -641,7 +679,12 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
     let planned_ms = c.plan(rec).await.map(|p| p.planned_ms).unwrap_or(0);
     let identify_seconds = now_ms().saturating_sub(planned_ms) as f64 / 1000.0;
     // the job's config, models and labels are its input; the shard outputs are ours
+    let mut cfg = cfg;
+    localise_uploads(c, rec, &mut cfg, &dir).await?;
+    let dir_for_inputs = dir.clone();
     let outcome = blocking("finish", move || -> Result<RunOutcome, StepError> {
+        let mut cfg = cfg;
+        sources::localise_inputs(&mut cfg, &dir_for_inputs, Refresh::IfMissing)?;
         let mut p = pipeline::prepare(&cfg)?;
         p.distributed_correct = true;
         if !local.is_empty() && !p.identify_done() {
@@ -659,7 +702,7 @@ async fn finish(c: &Coordinator, rec: &JobRecord) -> Result<Next, StepError> {
         Ok(pipeline::finish(&mut p)?)
     })
     .await?;
-    crate::folder::publish_job(c, &id, &dir).await?;
+    crate::folder::publish_job(c, rec, &dir).await?;
     match outcome {
         RunOutcome::AwaitingLabels { scenarios } => {
             tracing::info!(job = %id, scenarios, "waiting for labels");

@@ -10,168 +10,29 @@
 //! pictures and the round results where the last one left them, and never trains or
 //! distills again what was published.
 //!
-//! The manifest keeps each file's size and SHA-256: only changed files are uploaded
-//! or downloaded. Publishing merges into the manifest (a file missing locally keeps
-//! its entry), so a coordinator that restored part of a folder cannot drop the rest.
+//! The copying itself (a manifest of sizes and SHA-256s, changed files only) is
+//! `defuse_core::folder_copy`'s.
 //! The embedded mode (`defuse run`) does neither: its folder is the user's `out`.
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+//!
+//! A job whose `out` is a bucket prefix (`s3://bucket/prefix`) gets a copy of its
+//! folder there too, after every central step.
+use std::path::Path;
 
-use defuse_core::artifacts::{ArtifactError, ArtifactStore};
-use serde::{Deserialize, Serialize};
+use defuse_core::config::JobConfig;
+use defuse_core::folder_copy::{FolderCopy, Restore};
+use defuse_core::sources::S3Url;
 
 use crate::error::StepError;
 use crate::keys;
 use crate::state::Coordinator;
 use crate::store::JobRecord;
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Manifest {
-    /// Path relative to the job folder (with `/`) -> what was published.
-    files: BTreeMap<String, Entry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Entry {
-    size: u64,
-    sha256: String,
-}
-
-fn io_error(store: &dyn ArtifactStore, path: &Path, e: impl std::fmt::Display) -> ArtifactError {
-    ArtifactError::Io {
-        store: store.url(),
-        key: path.display().to_string(),
-        msg: e.to_string(),
+fn copy_of<'a>(c: &'a Coordinator, job: &str) -> FolderCopy<'a> {
+    FolderCopy {
+        store: c.inner.artifacts.as_ref(),
+        files: keys::folder_file(job, ""),
+        manifest: keys::folder_manifest(job),
     }
-}
-
-async fn manifest(store: &dyn ArtifactStore, job: &str) -> Result<Manifest, ArtifactError> {
-    match store.get(&keys::folder_manifest(job)).await {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ArtifactError::Refused {
-            store: store.url(),
-            key: keys::folder_manifest(job),
-            msg: format!("not a folder manifest: {e}"),
-        }),
-        Err(ArtifactError::NotFound { .. }) => Ok(Manifest::default()),
-        Err(e) => Err(e),
-    }
-}
-
-fn hash_file(path: &Path) -> std::io::Result<Entry> {
-    Ok(Entry {
-        size: std::fs::metadata(path)?.len(),
-        sha256: defuse_core::artifacts::sha256_file(path)?,
-    })
-}
-
-fn is_scratch(rel: &str) -> bool {
-    rel == MARKER
-        || keys::files::SCRATCH.iter().any(|s| rel.starts_with(s))
-        || rel.ends_with(".tmp")
-        || rel.contains(".part-")
-}
-
-/// Every file under `dir` worth keeping, with its entry.
-fn scan(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, Entry)>> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let entries = match std::fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for e in entries {
-            let e = e?;
-            let path = e.path();
-            let kind = e.file_type()?;
-            if kind.is_dir() {
-                todo.push(path);
-                continue;
-            }
-            if !kind.is_file() {
-                continue;
-            }
-            let rel = path
-                .strip_prefix(dir)
-                .expect("under dir")
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join("/");
-            if is_scratch(&rel) {
-                continue;
-            }
-            let entry = hash_file(&path)?;
-            out.push((rel, path, entry));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
-}
-
-/// Uploads what changed in `dir` since the last publication, then the manifest.
-/// Returns how many files were uploaded.
-pub(crate) async fn publish(
-    store: &dyn ArtifactStore,
-    job: &str,
-    dir: &Path,
-) -> Result<usize, ArtifactError> {
-    let mut m = manifest(store, job).await?;
-    let d = dir.to_path_buf();
-    let local = tokio::task::spawn_blocking(move || scan(&d))
-        .await
-        .map_err(|e| io_error(store, dir, e))?
-        .map_err(|e| io_error(store, dir, e))?;
-    let mut uploaded = 0;
-    for (rel, path, entry) in local {
-        if m.files.get(&rel) == Some(&entry) {
-            continue;
-        }
-        store.put_file(&keys::folder_file(job, &rel), &path).await?;
-        m.files.insert(rel, entry);
-        uploaded += 1;
-    }
-    if uploaded > 0 {
-        let json = serde_json::to_vec_pretty(&m).expect("manifest serialises");
-        store.put(&keys::folder_manifest(job), json.into()).await?;
-    }
-    tracing::info!(job, uploaded, files = m.files.len(), "job folder published");
-    Ok(uploaded)
-}
-
-/// Downloads into `dir` every published file it lacks or holds in another version.
-/// Returns how many files were downloaded.
-pub(crate) async fn restore(
-    store: &dyn ArtifactStore,
-    job: &str,
-    dir: &Path,
-) -> Result<usize, ArtifactError> {
-    let m = manifest(store, job).await?;
-    let (d, wanted) = (dir.to_path_buf(), m.files.clone());
-    let stale: Vec<String> = tokio::task::spawn_blocking(move || {
-        wanted
-            .into_iter()
-            .filter(|(rel, e)| hash_file(&d.join(rel)).ok().as_ref() != Some(e))
-            .map(|(rel, _)| rel)
-            .collect()
-    })
-    .await
-    .map_err(|e| io_error(store, dir, e))?;
-    for rel in &stale {
-        store
-            .get_file(&keys::folder_file(job, rel), &dir.join(rel))
-            .await?;
-    }
-    if !stale.is_empty() {
-        tracing::info!(
-            job,
-            downloaded = stale.len(),
-            files = m.files.len(),
-            "job folder restored from the artifact store"
-        );
-    }
-    Ok(stale.len())
 }
 
 /// Whether the job folder has a durable copy (not in the embedded mode, whose folder
@@ -204,19 +65,45 @@ pub(crate) async fn restore_job(
         }
         std::fs::create_dir_all(dir).map_err(io)?;
         std::fs::write(&marker, mark).map_err(io)?;
-        restore(c.inner.artifacts.as_ref(), &rec.id, dir)
+        copy_of(c, &rec.id)
+            .restore(dir, Restore::Replace)
             .await
             .map_err(|e| StepError::from(e).context("restoring the job folder"))?;
     }
     Ok(())
 }
 
-/// After a central step: the job folder's durable copy brought up to date.
-pub(crate) async fn publish_job(c: &Coordinator, job: &str, dir: &Path) -> Result<(), StepError> {
+/// After a central step: the job folder's durable copy brought up to date, and the
+/// job's `out` when it is a bucket prefix (the files an `out` folder would hold).
+pub(crate) async fn publish_job(
+    c: &Coordinator,
+    rec: &JobRecord,
+    dir: &Path,
+) -> Result<(), StepError> {
     if durable(c) {
-        publish(c.inner.artifacts.as_ref(), job, dir)
+        copy_of(c, &rec.id)
+            .publish(dir)
             .await
             .map_err(|e| StepError::from(e).context("publishing the job folder"))?;
+    }
+    let cfg: JobConfig = toml::from_str(&rec.config_toml)
+        .map_err(|e| StepError::fatal(format!("job config: {e}")))?;
+    let out = match &cfg.out {
+        Some(p) => S3Url::parse("out", p).map_err(|e| StepError::fatal(e.to_string()))?,
+        None => None,
+    };
+    if let Some(out) = out {
+        let store = out.store().await;
+        FolderCopy {
+            store: &store,
+            files: String::new(),
+            manifest: defuse_core::layout::FOLDER_MANIFEST.into(),
+        }
+        .publish(dir)
+        .await
+        .map_err(|e| {
+            StepError::from(e).context(format!("copying the job folder to out = {}", out.url()))
+        })?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `plan.json` | identify's plan: shard ranges, model keys, the data's digest |
 //! | `data-manifest.json` | the data's files, sizes and hashes when the job was planned |
+//! | `inputs/<sha256>/<name>` | a file the client uploaded with the job (`defuse submit`) |
 //! | `models/<name>.<ext>` | the models workers load (trained or given) |
 //! | `identify/shard-<n>/attempt-<a>.safetensors` | a shard attempt's output |
 //! | `finetune/plan.json`, `finetune/scenario-train.safetensors` | the fine-tune's plan and samples |
@@ -26,6 +27,11 @@ pub fn plan(job: &str) -> String {
 /// The manifest of the job's data when it was planned (`DataManifest`).
 pub fn data_manifest(job: &str) -> String {
     format!("jobs/{job}/data-manifest.json")
+}
+
+/// A file the client uploaded with the job (`upload://<sha256>/<name>`).
+pub fn upload(job: &str, u: &defuse_core::sources::Upload) -> String {
+    format!("jobs/{job}/inputs/{}/{}", u.sha256, u.name)
 }
 
 /// A model workers load; `file` is its name with the extension it came with.

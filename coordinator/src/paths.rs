@@ -29,7 +29,11 @@ pub(crate) fn within(real: &Path, roots: &[PathBuf]) -> bool {
 /// The paths a job names that a coordinator reads (its `out` is not used by a
 /// served coordinator: results go to the artifact store).
 pub(crate) fn job_paths(cfg: &JobConfig) -> Vec<(&'static str, &std::path::Path)> {
-    let mut v = vec![("data.path", cfg.data.path.as_path())];
+    // data in a bucket is read with the coordinator's S3 credentials, not from its disk
+    let mut v = Vec::new();
+    if !cfg.data.in_bucket() {
+        v.push(("data.path", cfg.data.path.as_path()));
+    }
     let m = &cfg.models;
     for (field, p) in [
         ("models.classifier", &m.classifier),
@@ -37,11 +41,18 @@ pub(crate) fn job_paths(cfg: &JobConfig) -> Vec<(&'static str, &std::path::Path)
         ("models.vae_decoder", &m.vae_decoder),
         ("label.file", &cfg.label.file),
     ] {
-        if let Some(p) = p {
-            v.push((field, p.as_path()));
+        // an object in a bucket is read with the coordinator's S3 credentials, an upload
+        // is the job's own
+        if let Some(p) = p.as_deref().filter(|p| !is_url(p)) {
+            v.push((field, p));
         }
     }
     v
+}
+
+fn is_url(p: &Path) -> bool {
+    p.to_str()
+        .is_some_and(|s| s.starts_with("s3://") || s.starts_with("upload://"))
 }
 
 /// Whether a job may read `path` (the job file's `field`; a relative one from the

@@ -269,7 +269,7 @@ pub(crate) async fn average(
     defuse_core::layout::write_json(&job_dir.join(files::ROUNDS_DONE), &done)
         .map_err(StepError::fatal)?;
     // the finish step may run on another coordinator
-    crate::folder::publish_job(c, &job, &job_dir).await?;
+    crate::folder::publish_job(c, rec, &job_dir).await?;
     tracing::info!(job = %job, rounds = plan.rounds, "fine-tune rounds done");
     Ok(Phase::Finish)
 }

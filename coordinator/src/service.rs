@@ -493,6 +493,59 @@ impl JobService for Coordinator {
         Ok(Response::new(tokio_stream::iter(chunks)))
     }
 
+    async fn put_input(
+        &self,
+        req: Request<tonic::Streaming<InputChunk>>,
+    ) -> Result<Response<InputRef>, Status> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        let mut chunks = req.into_inner();
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("an upload without a first chunk"))?;
+        let (job, name) = (first.job_id.clone(), first.name.clone());
+        self.check_upload(&job, &name).await?;
+        // received into the work dir (a scratch file), hashed on the way
+        let dir = self.inner.cfg.work_dir.join(".uploads");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Status::internal(format!("{}: {e}", dir.display())))?;
+        let path = dir.join(format!("{job}-{:016x}.part", rand::random::<u64>()));
+        let io = |e: std::io::Error| Status::internal(format!("{}: {e}", path.display()));
+        let received = async {
+            let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
+            let (mut sha, mut bytes) = (sha2::Sha256::new(), 0u64);
+            let mut next = Some(first);
+            while let Some(c) = next {
+                bytes += c.data.len() as u64;
+                if bytes > defuse_core::limits::MAX_UPLOAD_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "upload '{name}' is larger than {} GiB",
+                        defuse_core::limits::MAX_UPLOAD_BYTES >> 30
+                    )));
+                }
+                sha.update(&c.data);
+                f.write_all(&c.data).await.map_err(io)?;
+                next = chunks.message().await?;
+            }
+            f.flush().await.map_err(io)?;
+            Ok((format!("{:x}", sha.finalize()), bytes))
+        }
+        .await;
+        let stored = match received {
+            Ok((sha, bytes)) => self
+                .store_upload(&job, &name, &path, &sha)
+                .await
+                .map(|url| (url, bytes))
+                .map_err(Status::from),
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        let (url, bytes) = stored?;
+        Ok(Response::new(InputRef { url, bytes }))
+    }
+
     async fn delete(
         &self,
         req: Request<DeleteRequest>,

@@ -407,6 +407,14 @@ pub struct S3Store {
     prefix: String,
 }
 
+/// An object as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+}
+
 /// Objects above this size are uploaded in parts of this size.
 const PART_BYTES: usize = 8 * 1024 * 1024;
 
@@ -434,11 +442,17 @@ impl S3Store {
 
     fn full(&self, key: &str) -> ArtifactResult<String> {
         check_key(&self.url(), key)?;
-        Ok(if self.prefix.is_empty() {
+        Ok(self.joined(key))
+    }
+
+    /// `key` below this store's prefix, unchecked: for keys a listing of the bucket
+    /// gave (a user's data or models, whose names are theirs, not artifact keys).
+    fn joined(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
             key.into()
         } else {
             format!("{}/{key}", self.prefix)
-        })
+        }
     }
 
     fn err(&self, key: &str, e: impl std::fmt::Display) -> ArtifactError {
@@ -466,6 +480,102 @@ impl S3Store {
             },
             _ => self.err(key, msg),
         }
+    }
+
+    /// Every object under this store's prefix: its key below the prefix, size and
+    /// ETag, sorted by key (what a data set in a bucket is identified by). An object
+    /// listed without an ETag is asked for it (`HEAD`).
+    pub async fn list_objects(&self) -> ArtifactResult<Vec<ObjectMeta>> {
+        let full = self.joined("");
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|x| self.sdk_err("", x))?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                let key = &k[full.len().min(k.len())..];
+                if key.is_empty() || key.ends_with('/') {
+                    continue;
+                }
+                out.push(ObjectMeta {
+                    key: key.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                });
+            }
+        }
+        // some S3-compatible servers (s3s-fs among them) list no ETags: ask each object
+        for o in out.iter_mut().filter(|o| o.etag.is_empty()) {
+            o.etag = self.head(&o.key).await?.etag;
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// One object's size and ETag (`NotFound` when there is none).
+    pub async fn head(&self, key: &str) -> ArtifactResult<ObjectMeta> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.joined(key))
+            .send()
+            .await
+        {
+            Ok(h) => Ok(ObjectMeta {
+                key: key.to_string(),
+                size: h.content_length().unwrap_or(0).max(0) as u64,
+                etag: h.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+            }),
+            Err(x) if x.as_service_error().is_some_and(|s| s.is_not_found()) => {
+                Err(ArtifactError::NotFound {
+                    store: self.url(),
+                    key: key.into(),
+                })
+            }
+            Err(x) => Err(self.sdk_err(key, x)),
+        }
+    }
+
+    /// Downloads `key` to `path` (through a temporary file) if its ETag is still
+    /// `etag`: an object replaced since it was listed is an error, not a mixed copy.
+    pub async fn get_file_if_match(
+        &self,
+        key: &str,
+        etag: &str,
+        path: &Path,
+    ) -> ArtifactResult<()> {
+        let full = self.joined(key);
+        let r = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .if_match(format!("\"{etag}\""))
+            .send()
+            .await
+            .map_err(|x| self.sdk_err(key, x))?;
+        let io = |e: std::io::Error| self.err(key, format!("{}: {e}", path.display()));
+        if let Some(d) = path.parent() {
+            tokio::fs::create_dir_all(d).await.map_err(io)?;
+        }
+        let tmp = path.with_extension(format!("part-{}", std::process::id()));
+        let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;
+        let mut body = r.body;
+        while let Some(chunk) = body.try_next().await.map_err(|x| self.err(key, x))? {
+            tokio::io::AsyncWriteExt::write_all(&mut f, &chunk)
+                .await
+                .map_err(io)?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut f).await.map_err(io)?;
+        drop(f);
+        tokio::fs::rename(&tmp, path).await.map_err(io)
     }
 
     /// Creates the bucket when it does not exist (tests, local clusters).
@@ -612,11 +722,7 @@ impl ArtifactStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> ArtifactResult<Vec<String>> {
-        let full = if self.prefix.is_empty() {
-            prefix.to_string()
-        } else {
-            format!("{}/{prefix}", self.prefix)
-        };
+        let full = self.joined(prefix);
         let strip = if self.prefix.is_empty() {
             0
         } else {

@@ -21,7 +21,9 @@ pub struct JobConfig {
     /// Seed of every random draw (see the determinism rule).
     #[serde(default)]
     pub seed: u64,
-    /// Output folder; default `runs/<name>`.
+    /// Output folder, or a bucket prefix `s3://bucket/prefix` (the folder is then a
+    /// working copy under `~/.cache/defuse/out/` copied there after every step);
+    /// default `runs/<name>`.
     #[serde(default)]
     pub out: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -130,14 +132,7 @@ impl JobConfig {
     /// `sets`, each `key.path=value` with the value in TOML syntax (a bare word is a
     /// string), applied in order; then validates as [`JobConfig::load`] does.
     pub fn load_with(path: &Path, sets: &[String]) -> Result<JobConfig> {
-        let text = Self::text_with(path, sets)?;
-        let what = if sets.is_empty() {
-            String::new()
-        } else {
-            format!(" (with --set {})", sets.join(" --set "))
-        };
-        let mut c: JobConfig =
-            toml::from_str(&text).map_err(|e| Error::format(path, format!("{e}{what}")))?;
+        let mut c = Self::read_with(path, sets)?;
         if c.name.is_none() {
             c.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         }
@@ -146,8 +141,48 @@ impl JobConfig {
         Ok(c)
     }
 
-    /// The job file's text with `sets` applied (see [`JobConfig::load_with`]): what
-    /// `defuse submit` sends.
+    /// The job file with `sets` applied and its relative paths (`data.path`,
+    /// `models.*`, `label.file`, `out`) taken from the file's folder, as written
+    /// otherwise (not validated, no default name): what `defuse submit` sends.
+    pub fn read_with(path: &Path, sets: &[String]) -> Result<JobConfig> {
+        let text = Self::text_with(path, sets)?;
+        let what = if sets.is_empty() {
+            String::new()
+        } else {
+            format!(" (with --set {})", sets.join(" --set "))
+        };
+        let mut c: JobConfig =
+            toml::from_str(&text).map_err(|e| Error::format(path, format!("{e}{what}")))?;
+        c.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        Ok(c)
+    }
+
+    /// Takes the local relative paths the job names from `base` (the job file's
+    /// folder): `examples/mnist.toml` naming `../data/mnist` reads `data/mnist`
+    /// whatever the current folder. `s3://` URLs and absolute paths stay.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            let url = p.to_str().is_some_and(|s| s.starts_with("s3://"));
+            if p.is_relative() && !url {
+                *p = joined(base, p);
+            }
+        };
+        fix(&mut self.data.path);
+        for p in [
+            &mut self.models.classifier,
+            &mut self.models.vae,
+            &mut self.models.vae_decoder,
+            &mut self.label.file,
+            &mut self.out,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// The job file's text with `sets` applied (see [`JobConfig::load_with`]).
     pub fn text_with(path: &Path, sets: &[String]) -> Result<String> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             Error::invalid("config", format!("cannot read {}: {e}", path.display()))
@@ -165,6 +200,7 @@ impl JobConfig {
 
     pub fn validate(&self) -> Result<()> {
         models::parse_device(&self.device)?;
+        crate::sources::check_urls(self)?;
         self.identify.validate()?;
         self.distill.validate()?;
         self.correct.validate()?;
@@ -196,11 +232,43 @@ impl JobConfig {
         Ok(())
     }
 
+    /// The job folder on this machine: `out`, or for an `out` in a bucket its working
+    /// copy (`sources::local_out`), or `runs/<name>`.
     pub fn out_dir(&self) -> PathBuf {
+        if let Some(u) = self.out_in_bucket() {
+            return crate::sources::local_out(&u);
+        }
         self.out
             .clone()
             .unwrap_or_else(|| PathBuf::from("runs").join(self.name.as_deref().unwrap_or("job")))
     }
+
+    /// `out` when it is a bucket prefix (`s3://bucket/prefix`).
+    pub fn out_in_bucket(&self) -> Option<crate::sources::S3Url> {
+        let out = self.out.as_deref()?;
+        crate::sources::S3Url::parse("out", out).ok().flatten()
+    }
+}
+
+/// `base/rel` with `x/..` pairs taken away (`examples/../data` is `data`).
+fn joined(base: &Path, rel: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(rel).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 /// Applies one `key.path=value` override to a job file's table.
@@ -262,9 +330,8 @@ mod set_tests {
         assert_eq!((c.identify.samples, c.seed), (50, 7));
         assert_eq!(c.correct.lambda, 2.0);
         assert_eq!(c.name.as_deref(), Some("x"));
-        // the text submit sends carries them
-        let text = JobConfig::text_with(&path, &sets).unwrap();
-        let back: JobConfig = toml::from_str(&text).unwrap();
+        // what submit sends carries them
+        let back = JobConfig::read_with(&path, &sets).unwrap();
         assert_eq!(back.identify.samples, 50);
         for (set, says) in [
             ("identify.samples", "expected KEY=VALUE"),
@@ -279,6 +346,40 @@ mod set_tests {
         assert!(
             e.contains("job.toml") && e.contains("--set identify.samples=many"),
             "{e}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_taken_from_the_job_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = dir.path().join("jobs");
+        std::fs::create_dir(&jobs).unwrap();
+        let path = jobs.join("job.toml");
+        std::fs::write(
+            &path,
+            "out = \"../runs/x\"\n[data]\npath = \"../data/mnist\"\n[models]\nclassifier = \"m/c.pt\"\nvae = \"s3://bucket/vae.safetensors\"\n[label]\nfile = \"/abs/labels.json\"\n",
+        )
+        .unwrap();
+        let c = JobConfig::load(&path).unwrap();
+        assert_eq!(c.data.path, dir.path().join("data/mnist"));
+        assert_eq!(c.out.as_deref(), Some(dir.path().join("runs/x").as_path()));
+        assert_eq!(c.models.classifier, Some(jobs.join("m/c.pt")));
+        assert_eq!(c.models.vae, Some("s3://bucket/vae.safetensors".into()));
+        assert_eq!(c.label.file, Some("/abs/labels.json".into()));
+        // a job file named from its own folder keeps relative paths relative
+        assert_eq!(
+            joined(Path::new("examples"), Path::new("../data/mnist")),
+            Path::new("data/mnist")
+        );
+        assert_eq!(joined(Path::new(""), Path::new("data")), Path::new("data"));
+        assert_eq!(
+            joined(Path::new(".."), Path::new("../d")),
+            Path::new("../../d")
         );
     }
 }

@@ -313,14 +313,13 @@ pub fn identify(
     mut progress: impl FnMut(usize) -> bool,
 ) -> Result<(Failures, IdentifyStats)> {
     o.validate()?;
-    if range.end > split.len() || range.start > range.end {
+    let held = split.window();
+    if range.start < held.start || range.end > held.end || range.start > range.end {
         return Err(Error::invalid(
             "identify range",
             format!(
-                "{}..{} is outside the {which} split of {} images",
-                range.start,
-                range.end,
-                split.len()
+                "{}..{} is outside the {which} split's images {}..{}",
+                range.start, range.end, held.start, held.end
             ),
         ));
     }
@@ -401,7 +400,7 @@ pub fn identify(
             let mut rows = Vec::new();
             let mut part = Failures::empty(d);
             for (j, &i) in picked.iter().enumerate() {
-                let label = split.labels[start + i];
+                let label = split.label(start + i);
                 let mut fails: Vec<usize> =
                     (j * q..(j + 1) * q).filter(|&r| pred[r] != label).collect();
                 if fails.is_empty() {

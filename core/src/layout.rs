@@ -2,10 +2,12 @@
 //! the pages read, in one place, and the JSON helpers they share.
 //!
 //! ```text
-//! <out>/job.toml, classes.json, labels.json
+//! <out>/job.toml, classes.json, labels.json, .defuse-folder.json (in a bucket)
+//!       inputs/        copies of the job's models and labels in buckets, inputs.json
 //!       models/        classifier.*, vae.*, done.json
 //!       identify/      failures.safetensors, shard-*.safetensors, done.json
-//!       distill/       scenarios.json, gmm.json, assignments.json, scenario-<id>.png
+//!       distill/       scenarios.json, gmm.json, assignments.json, failures.parquet,
+//!                      scenario-<id>.png
 //!       pictures/      nearest-<id>.png, projection.svg
 //!       correct/       classifier.*, evaluation.json, rounds-final.*, rounds-done.json
 //!       report/        summary.json, index.html
@@ -23,11 +25,18 @@ pub const FAILURES: &str = "identify/failures.safetensors";
 pub const SCENARIOS: &str = "distill/scenarios.json";
 pub const GMM: &str = "distill/gmm.json";
 pub const ASSIGNMENTS: &str = "distill/assignments.json";
+/// The failures as one flat table with their scenarios (`table.rs`).
+pub const FAILURES_TABLE: &str = "distill/failures.parquet";
 pub const EVALUATION: &str = "correct/evaluation.json";
 /// Written by the coordinator after the last fine-tune round.
 pub const ROUNDS_DONE: &str = "correct/rounds-done.json";
 pub const SUMMARY: &str = "report/summary.json";
 pub const REPORT: &str = "report/index.html";
+/// Copies of the job's inputs that are in buckets (`sources.rs`), and their record.
+pub const INPUTS: &str = "inputs";
+pub const INPUTS_RECORD: &str = "inputs/inputs.json";
+/// What a folder's copy in a bucket holds (`folder_copy.rs`), beside its files.
+pub const FOLDER_MANIFEST: &str = ".defuse-folder.json";
 
 /// The sample grid of scenario `id`.
 pub fn scenario_grid(id: usize) -> String {
@@ -49,9 +58,13 @@ pub fn done(step: &str) -> String {
     format!("{step}/done.json")
 }
 
+/// The embedded run's artifact store, inside its job folder.
+pub const EMBEDDED_ARTIFACTS: &str = "artifacts";
+
 /// Scratch folders of a coordinator (downloads of objects that are in the artifact
-/// store already): never part of a job folder's durable copy.
-pub const SCRATCH: &[&str] = &["identify/accepted/", "correct/rounds/"];
+/// store already) and the embedded run's artifact store: never part of a job folder's
+/// copy in a store.
+pub const SCRATCH: &[&str] = &["identify/accepted/", "correct/rounds/", "artifacts/"];
 
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");

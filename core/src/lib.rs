@@ -7,6 +7,7 @@ pub mod correct;
 pub mod data;
 pub mod dpgmm;
 pub mod error;
+pub mod folder_copy;
 pub mod identify;
 pub mod images;
 pub mod layout;
@@ -19,6 +20,8 @@ pub mod progress;
 pub mod report;
 pub mod scenarios;
 pub mod seeds;
+pub mod sources;
+pub mod table;
 pub mod tensor_io;
 pub mod train;
 

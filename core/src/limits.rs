@@ -25,6 +25,9 @@ pub const MAX_LOCAL_STEPS: usize = 1_000_000;
 /// `correct.epochs`.
 pub const MAX_EPOCHS: usize = 10_000;
 
+/// A file a client uploads with a job (`defuse submit`): bytes.
+pub const MAX_UPLOAD_BYTES: u64 = 16 << 30;
+
 /// `field = v` is refused above `max`.
 pub fn at_most(field: &str, v: usize, max: usize) -> Result<()> {
     if v > max {

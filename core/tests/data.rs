@@ -3,6 +3,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use defuse_core::data::idx::write_idx;
+use defuse_core::data::SplitName::{Test, Train};
 use defuse_core::data::{DataFormat, DataSpec};
 use defuse_core::Error;
 
@@ -267,6 +268,18 @@ fn image_folder_mixed_sizes_is_an_error() {
         e.contains("b/0.png") && e.contains("9x8") && e.contains("one size"),
         "{e}"
     );
+    // with data.resize they are scaled and centre-cropped to one size
+    let mut spec = DataSpec::from_path(d.path());
+    spec.resize = Some([6, 7]);
+    let ds = spec.load().unwrap();
+    assert_eq!(ds.image_shape(), [1, 6, 7]);
+    // and IDX has no resize
+    let idx = tempfile::tempdir().unwrap();
+    tiny_idx(idx.path());
+    let mut spec = DataSpec::from_path(idx.path());
+    spec.resize = Some([6, 7]);
+    let e = spec.load().unwrap_err().to_string();
+    assert!(e.contains("data.resize") && e.contains("IDX"), "{e}");
 
     let d = tempfile::tempdir().unwrap();
     for i in 0..4 {
@@ -275,4 +288,305 @@ fn image_folder_mixed_sizes_is_an_error() {
     std::fs::write(d.path().join("a/4.png"), b"not a png").unwrap();
     let e = load_err(d.path());
     assert!(e.contains("a/4.png") && e.contains("cannot decode"), "{e}");
+}
+
+/// The py-client-env folder deploy/setup-test.sh fills (pyarrow among it).
+fn python_with_pyarrow() -> std::process::Command {
+    let home = std::env::var("HOME").unwrap();
+    let cache = std::env::var("DEFUSE_CACHE").unwrap_or(format!("{home}/.cache/defuse"));
+    let mut c = std::process::Command::new("python3");
+    c.env("PYTHONPATH", format!("{cache}/py-client-env"));
+    c
+}
+
+/// The first `n_train` and `n_test` MNIST images as PNG files (`<split>/<i>_<label>.png`)
+/// and as IDX files, so that every format holds the same images.
+fn mnist_slice(n_train: usize, n_test: usize, png_dir: &Path, idx_dir: &Path) {
+    let ds = DataSpec::from_path(repo().join("data/mnist"))
+        .load()
+        .unwrap();
+    for (split, name, n) in [(&ds.train, "train", n_train), (&ds.test, "t10k", n_test)] {
+        let bytes = &split.images[..n * 784];
+        let labels: Vec<u8> = split.labels[..n].iter().map(|&l| l as u8).collect();
+        write_idx(
+            &idx_dir.join(format!("{name}-images-idx3-ubyte")),
+            &[n, 28, 28],
+            bytes,
+        )
+        .unwrap();
+        write_idx(
+            &idx_dir.join(format!("{name}-labels-idx1-ubyte")),
+            &[n],
+            &labels,
+        )
+        .unwrap();
+        let folder = png_dir.join(if name == "t10k" { "test" } else { "train" });
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..n {
+            image::GrayImage::from_raw(28, 28, bytes[i * 784..(i + 1) * 784].to_vec())
+                .unwrap()
+                .save(folder.join(format!("{i}_{}.png", labels[i])))
+                .unwrap();
+        }
+    }
+}
+
+/// WebDataset shards (Python's tarfile) and a Hugging Face Parquet export (pyarrow)
+/// of the same MNIST images read as the IDX copy does: same bytes, same labels, so
+/// every later step (identify's failures among them) is the same.
+#[test]
+fn webdataset_and_parquet_read_the_same_images_as_idx() {
+    let d = tempfile::tempdir().unwrap();
+    let (pngs, idx, made) = (
+        d.path().join("png"),
+        d.path().join("idx"),
+        d.path().join("made"),
+    );
+    std::fs::create_dir_all(&idx).unwrap();
+    mnist_slice(40, 20, &pngs, &idx);
+    let script = repo().join("core/tests/fixtures/make_formats.py");
+    let out = python_with_pyarrow()
+        .arg(&script)
+        .arg(&pngs)
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed (pyarrow is installed by deploy/setup-test.sh): {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = DataSpec::from_path(&idx).load().unwrap();
+    for (dir, format, names) in [
+        (made.join("wds"), DataFormat::Webdataset, "classes.txt"),
+        (
+            made.join("hf"),
+            DataFormat::Parquet,
+            "the huggingface metadata",
+        ),
+    ] {
+        // found by `auto` as well as named
+        for spec_format in [DataFormat::Auto, format] {
+            let mut spec = DataSpec::from_path(&dir);
+            spec.format = spec_format;
+            let got = spec
+                .load()
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            assert_eq!(got.image_shape(), [1, 28, 28], "{format:?}");
+            assert_eq!((got.train.len(), got.test.len()), (40, 20), "{format:?}");
+            assert_eq!(got.train.labels, want.train.labels, "{format:?}");
+            assert_eq!(got.test.labels, want.test.labels, "{format:?}");
+            assert!(
+                got.train.images == want.train.images,
+                "{format:?}: train pixels differ"
+            );
+            assert!(
+                got.test.images == want.test.images,
+                "{format:?}: test pixels differ"
+            );
+            assert_eq!(
+                got.class_names[3], "three",
+                "{format:?}: names from {names}"
+            );
+        }
+    }
+    // a window read alone (what a worker reads for its shard) is the same slice: across
+    // shard and row-group boundaries (16 samples a tar, 8 rows a row group)
+    for (dir, format) in [
+        (idx.clone(), DataFormat::Idx),
+        (made.join("wds"), DataFormat::Webdataset),
+        (made.join("hf"), DataFormat::Parquet),
+    ] {
+        let spec = DataSpec::from_path(&dir);
+        let full = spec.load().unwrap();
+        let layout = full.layout.clone().expect("a layout");
+        assert_eq!(layout.format, format);
+        for (which, range) in [
+            (Test, 0..7),
+            (Test, 5..19),
+            (Train, 15..33),
+            (Train, 39..40),
+            (Test, 0..20),
+        ] {
+            let w = spec.read_window(&layout, which, range.clone()).unwrap();
+            let (part, whole) = (w.split(which), want.split(which));
+            assert_eq!(part.window(), range, "{format:?}");
+            assert!(
+                part.images == whole.images[range.start * 784..range.end * 784],
+                "{format:?} {which} {range:?}"
+            );
+            assert_eq!(part.labels, whole.labels[range.clone()], "{format:?}");
+            let x = part.images(range.clone(), tch::Device::Cpu);
+            assert!(x.equal(&whole.images(range.clone(), tch::Device::Cpu)));
+        }
+        let e = spec
+            .read_window(&layout, Test, 10..21)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside the test split of 20"), "{e}");
+    }
+}
+
+fn tar_with(path: &Path, members: &[(&str, &[u8])]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in members {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.finish().unwrap();
+}
+
+fn png_bytes(w: u32, h: u32, v: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::GrayImage::from_pixel(w, h, image::Luma([v]))
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+#[test]
+fn bad_webdataset_shards_are_named_errors() {
+    let img = png_bytes(4, 4, 9);
+    let wide = png_bytes(6, 4, 9);
+    let good_test = |d: &Path| {
+        tar_with(
+            &d.join("test-000000.tar"),
+            &[("a.png", &img), ("a.cls", b"0")],
+        )
+    };
+    // (what, the train shard's members, what the error must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a [u8])>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "no label",
+            vec![("k1.png", &img), ("k2.png", &img), ("k2.cls", b"1")],
+            vec!["train-000000.tar", "'k1'", "no label"],
+        ),
+        ("no image", vec![("k1.cls", b"1")], vec!["'k1'", "no image"]),
+        (
+            "bad cls",
+            vec![("k1.png", &img), ("k1.cls", b"seven")],
+            vec!["k1.cls", "seven", "class id"],
+        ),
+        (
+            "bad json",
+            vec![("k1.png", &img), ("k1.json", b"{\"label\": \"x\"}")],
+            vec!["k1.json", "'label'", "integer"],
+        ),
+        (
+            "json without label",
+            vec![("k1.png", &img), ("k1.json", b"{}")],
+            vec!["k1.json", "no integer"],
+        ),
+        (
+            "not an image",
+            vec![("k1.png", b"nope"), ("k1.cls", b"1")],
+            vec!["k1.png", "cannot decode"],
+        ),
+        (
+            "two sizes",
+            vec![
+                ("k1.png", &img),
+                ("k1.cls", b"0"),
+                ("k2.png", &wide),
+                ("k2.cls", b"0"),
+            ],
+            vec!["'k2'", "6x4", "data.resize"],
+        ),
+    ];
+    for (what, members, needles) in cases {
+        let d = tempfile::tempdir().unwrap();
+        tar_with(&d.path().join("train-000000.tar"), &members);
+        good_test(d.path());
+        let e = load_err(d.path());
+        for n in needles {
+            assert!(e.contains(n), "{what}: '{n}' not in: {e}");
+        }
+    }
+    // a label beyond the classes names the shard
+    let d = tempfile::tempdir().unwrap();
+    tar_with(
+        &d.path().join("train-000000.tar"),
+        &[("k.png", &img), ("k.cls", b"5")],
+    );
+    good_test(d.path());
+    std::fs::write(d.path().join("classes.txt"), "a\nb\n").unwrap();
+    let e = load_err(d.path());
+    assert!(
+        e.contains("train-000000.tar") && e.contains("label 5"),
+        "{e}"
+    );
+    // a truncated shard, and no test shards
+    let d = tempfile::tempdir().unwrap();
+    tar_with(
+        &d.path().join("train-000000.tar"),
+        &[("k.png", &img), ("k.cls", b"0")],
+    );
+    let bytes = std::fs::read(d.path().join("train-000000.tar")).unwrap();
+    std::fs::write(d.path().join("test-000000.tar"), &bytes[..700]).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("test-000000.tar"), "{e}");
+    std::fs::remove_file(d.path().join("test-000000.tar")).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("1 train and 0 test tar files"), "{e}");
+}
+
+#[test]
+fn bad_parquet_files_are_named_errors() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("train.parquet"), b"PAR1 not really").unwrap();
+    std::fs::write(d.path().join("test.parquet"), b"PAR1 not really").unwrap();
+    let e = load_err(d.path());
+    assert!(
+        e.contains("train.parquet") && e.contains("not a readable Parquet file"),
+        "{e}"
+    );
+
+    // columns that are not what datasets writes, made by pyarrow
+    let d = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+d = sys.argv[1]
+png = open(sys.argv[2], "rb").read()
+for split in ["train", "test"]:
+    t = pa.table({"picture": pa.array([png]), "y": pa.array([1]), "name": pa.array(["one"])})
+    pq.write_table(t, d + "/" + split + ".parquet")
+"#;
+    let png = d.path().join("x.png");
+    std::fs::write(&png, png_bytes(4, 4, 1)).unwrap();
+    let out = python_with_pyarrow()
+        .arg("-c")
+        .arg(script)
+        .arg(d.path())
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&png).unwrap();
+    let e = load_err(d.path());
+    assert!(
+        e.contains("no image column") && e.contains("picture"),
+        "{e}"
+    );
+    let mut spec = DataSpec::from_path(d.path());
+    spec.image_column = Some("picture".into());
+    let e = spec.load().unwrap_err().to_string();
+    assert!(e.contains("no label column") && e.contains("\"y\""), "{e}");
+    spec.label_column = Some("y".into());
+    let ds = spec.load().unwrap();
+    assert_eq!((ds.train.len(), ds.test.labels.clone()), (1, vec![1]));
+    spec.label_column = Some("name".into());
+    let e = spec.load().unwrap_err().to_string();
+    assert!(
+        e.contains("row 0") && e.contains("expected an integer class id"),
+        "{e}"
+    );
 }

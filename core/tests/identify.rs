@@ -245,7 +245,8 @@ fn failures_round_trip_through_safetensors() {
     )
     .unwrap_err();
     assert!(
-        e.to_string().contains("outside the test split of 40"),
+        e.to_string()
+            .contains("outside the test split's images 0..40"),
         "{e}"
     );
 }

@@ -39,15 +39,42 @@ class JobFailed(DefuseError):
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any]]
 
 
+# the fields of a job file that are paths (`s3://` URLs and absolute paths stay)
+_PATH_FIELDS = [("data", "path"), ("models", "classifier"), ("models", "vae"),
+                ("models", "vae_decoder"), ("label", "file"), (None, "out")]
+
+
+def _job_file_text(path: Path) -> str:
+    """A job file as TOML text with its relative paths taken from the file's folder, as
+    `defuse run` and `defuse submit` read them (still relative when the folder is given
+    relative: the coordinator reads them from its working directory). Python < 3.11 has
+    no TOML reader: there the file is sent as it is."""
+    text = path.read_text()
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover
+        return text
+    cfg = tomllib.loads(text)
+    base = path.parent
+    for table, key in _PATH_FIELDS:
+        at = cfg if table is None else cfg.get(table)
+        if isinstance(at, dict) and isinstance(at.get(key), str):
+            p = at[key]
+            if not p.startswith("s3://") and not os.path.isabs(p):
+                at[key] = os.path.normpath(os.path.join(base, p))
+    return _toml.dumps(cfg)
+
+
 def _config_text(config: ConfigLike) -> str:
-    """A job config as TOML text: a dict, a path to a TOML file, or TOML text itself."""
+    """A job config as TOML text: a dict, a path to a TOML file (its relative paths taken
+    from its folder), or TOML text itself."""
     if isinstance(config, Mapping):
         return _toml.dumps(config)
     if isinstance(config, os.PathLike):
-        return Path(config).read_text()
+        return _job_file_text(Path(config))
     text = str(config)
     if "\n" not in text and text.endswith(".toml"):
-        return Path(text).read_text()
+        return _job_file_text(Path(text))
     return text
 
 
@@ -95,7 +122,8 @@ class Client:
 
     def submit(self, config: ConfigLike, job_id: Optional[str] = None) -> "Job":
         """Submits a job: a dict (written as TOML), a path to a job file, or its TOML
-        text. Paths in it are the coordinator's."""
+        text. Paths in it are the coordinator's (a job file's relative ones are taken
+        from its folder first)."""
         body: Dict[str, Any] = {"config": _config_text(config)}
         if job_id:
             body["job_id"] = job_id

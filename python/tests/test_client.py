@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import defuse
@@ -159,6 +160,15 @@ def test_submit_wait_label_download_and_load(cluster, models, tmp_path):
         assert counted.get(s["id"], 0) == s["size"], s
         # the majority prediction of its failures is the scenario's
         assert f[f["scenario"] == s["id"]]["predicted"].mode()[0] == s["predicted"]
+    # the flat table, as pandas reads it (pyarrow): the same failures, with class names
+    table = pd.read_parquet(out / "distill" / "failures.parquet")
+    assert len(table) == len(f)
+    for c in ["source_index", "true_label", "predicted", "confidence", "eps_norm", "scenario"]:
+        assert table[c].astype(f[c].dtype).equals(f[c]), c
+    classes = json.loads((out / "classes.json").read_text())
+    assert (table["true_class"] == [classes[i] for i in f["true_label"]]).all()
+    assert (table["predicted_class"] == [classes[i] for i in f["predicted"]]).all()
+    assert table["scenario"].isna().sum() == f["scenario"].isna().sum()
     assert res.labels == {str(k): v for k, v in labels.items()}
     assert res.stats["n_failures"] == summary["n_failures"]
     # straight from the job, too
@@ -255,3 +265,20 @@ def test_job_dicts_are_written_as_toml_the_coordinator_reads():
                                  "flag": True, "list": [1, 2]}}
     with pytest.raises(TypeError):
         _toml.dumps({"x": object()})
+
+
+def test_job_files_send_paths_from_their_folder(tmp_path):
+    from defuse.client import _config_text
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    f = jobs / "job.toml"
+    f.write_text('out = "../runs/x"\n[data]\npath = "../data/mnist"\n'
+                 '[models]\nvae = "s3://bucket/vae.safetensors"\nclassifier = "/abs/c.pt"\n')
+    back = tomllib.loads(_config_text(f))
+    assert back["data"]["path"] == str(tmp_path / "data/mnist")
+    assert back["out"] == str(tmp_path / "runs/x")
+    assert back["models"] == {"vae": "s3://bucket/vae.safetensors", "classifier": "/abs/c.pt"}
+    # a job file named from its own folder keeps relative paths relative
+    rel = os.path.relpath(f)
+    assert tomllib.loads(_config_text(rel))["data"]["path"] == os.path.normpath(
+        os.path.join(os.path.dirname(rel), "../data/mnist"))

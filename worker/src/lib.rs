@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use defuse_core::artifacts::{self, ArtifactStore};
 use defuse_core::config::JobConfig;
+use defuse_core::data::manifest::DataManifest;
 use defuse_core::data::Dataset;
 use defuse_core::identify::identify;
 use defuse_core::models::{self, Classifier};
@@ -118,7 +119,7 @@ pub async fn run(
         reregister.clone(),
         Duration::from_millis(reg.heartbeat_ms.max(50)),
     ));
-    let datasets: Arc<Mutex<HashMap<String, Arc<Dataset>>>> = Default::default();
+    let datasets: Arc<Mutex<DataCache>> = Default::default();
     // since when the coordinator has said it has no unfinished job
     let mut idle_since: Option<tokio::time::Instant> = None;
 
@@ -355,10 +356,30 @@ async fn fetch(
 }
 
 /// The data a task's job was planned with: its manifest's digest, and the manifest
-/// (downloaded) to name what differs.
+/// (downloaded) to name what differs and to find the files of a shard.
 struct PlannedData {
     digest: String,
     manifest: PathBuf,
+}
+
+impl PlannedData {
+    fn read(&self) -> Option<DataManifest> {
+        std::fs::read(&self.manifest)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DataManifest>(&b).ok())
+    }
+}
+
+/// What a worker keeps of the data its tasks read.
+#[derive(Default)]
+struct DataCache {
+    /// whole data sets by config and digest (the fine-tune's parts read the training
+    /// split at random)
+    full: HashMap<String, Arc<Dataset>>,
+    /// the digests this worker's data was checked against, and found equal
+    checked: std::collections::HashSet<String>,
+    /// plans' data manifests by digest, parsed once (every shard reads its layout)
+    manifests: HashMap<String, Arc<DataManifest>>,
 }
 
 /// Downloads the manifest a task names (none: the job's plan has no digest).
@@ -377,44 +398,92 @@ async fn planned_data(
     }))
 }
 
-/// The dataset of a job config, loaded once per worker and data digest. With the
-/// digest the job was planned with, the files at `data.path` are checked first: a
-/// worker that sees other data refuses (not retryable: no attempt here will see the
-/// right data), naming the first file that differs.
+/// Checks, once per digest, that the files at `data.path` are the ones the job was
+/// planned with: a worker that sees other data refuses (not retryable: no attempt here
+/// will see the right data), naming the first file that differs.
+fn check_data(
+    datasets: &Mutex<DataCache>,
+    job_cfg: &JobConfig,
+    planned: &PlannedData,
+) -> defuse_core::Result<()> {
+    let key = format!("{}|{}", job_cfg.data.path.display(), planned.digest);
+    if datasets.lock().unwrap().checked.contains(&key) {
+        return Ok(());
+    }
+    let seen = DataManifest::of(&job_cfg.data.path)?;
+    if seen.digest() != planned.digest {
+        let why = planned
+            .read()
+            .and_then(|m| m.difference(&seen))
+            .unwrap_or_else(|| "its files differ".into());
+        return Err(defuse_core::Error::invalid(
+            "data.path",
+            format!(
+                "{}: this worker's data is not the data the job was planned with: {why}",
+                job_cfg.data.path.display()
+            ),
+        ));
+    }
+    datasets.lock().unwrap().checked.insert(key);
+    Ok(())
+}
+
+/// The dataset of a job config, loaded once per worker and data digest (checked first).
 fn dataset(
-    datasets: &Mutex<HashMap<String, Arc<Dataset>>>,
+    datasets: &Mutex<DataCache>,
     job_cfg: &JobConfig,
     planned: Option<&PlannedData>,
 ) -> defuse_core::Result<Arc<Dataset>> {
-    use defuse_core::data::manifest::DataManifest;
     let key = format!(
         "{}|{}",
         serde_json::to_string(&job_cfg.data).unwrap_or_default(),
         planned.map_or("", |p| p.digest.as_str())
     );
-    if let Some(d) = datasets.lock().unwrap().get(&key).cloned() {
+    if let Some(d) = datasets.lock().unwrap().full.get(&key).cloned() {
         return Ok(d);
     }
     if let Some(p) = planned {
-        let seen = DataManifest::of(&job_cfg.data.path)?;
-        if seen.digest() != p.digest {
-            let why = std::fs::read(&p.manifest)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<DataManifest>(&b).ok())
-                .and_then(|m| m.difference(&seen))
-                .unwrap_or_else(|| "its files differ".into());
-            return Err(defuse_core::Error::invalid(
-                "data.path",
-                format!(
-                    "{}: this worker's data is not the data the job was planned with: {why}",
-                    job_cfg.data.path.display()
-                ),
-            ));
-        }
+        check_data(datasets, job_cfg, p)?;
     }
     let d = Arc::new(job_cfg.data.load()?);
-    datasets.lock().unwrap().insert(key, d.clone());
+    datasets.lock().unwrap().full.insert(key, d.clone());
     Ok(d)
+}
+
+/// The images of one identify shard: read alone from the files that hold them when the
+/// plan says where they are (memory and reads follow the shard, not the data set), else
+/// from the whole data set (a plan without a layout: SVHN's MAT files).
+fn shard_data(
+    datasets: &Mutex<DataCache>,
+    job_cfg: &JobConfig,
+    planned: Option<&PlannedData>,
+    range: std::ops::Range<usize>,
+) -> defuse_core::Result<Arc<Dataset>> {
+    let manifest = planned.and_then(|p| {
+        let cached = datasets.lock().unwrap().manifests.get(&p.digest).cloned();
+        cached.or_else(|| {
+            let m = Arc::new(p.read()?);
+            let mut cache = datasets.lock().unwrap();
+            // a worker's jobs come and go: keep the last few plans' manifests
+            if cache.manifests.len() >= 8 {
+                cache.manifests.clear();
+            }
+            cache.manifests.insert(p.digest.clone(), m.clone());
+            Some(m)
+        })
+    });
+    match (planned, manifest.as_ref().and_then(|m| m.layout.as_ref())) {
+        (Some(p), Some(layout)) => {
+            check_data(datasets, job_cfg, p)?;
+            let files = manifest.as_ref().map(|m| m.files.as_slice());
+            let ds =
+                job_cfg
+                    .data
+                    .read_window_planned(layout, job_cfg.identify.split, range, files)?;
+            Ok(Arc::new(ds))
+        }
+        _ => dataset(datasets, job_cfg, planned),
+    }
 }
 
 /// One part of one fine-tune round: `local_steps` steps from the round's checkpoint
@@ -427,7 +496,7 @@ async fn finetune(
     store: &Arc<dyn ArtifactStore>,
     cfg: &WorkerConfig,
     device: tch::Device,
-    datasets: &Arc<Mutex<HashMap<String, Arc<Dataset>>>>,
+    datasets: &Arc<Mutex<DataCache>>,
     job_cfg: JobConfig,
 ) -> Outcome {
     let cache = cfg.cache_dir.join("artifacts");
@@ -562,7 +631,7 @@ async fn execute(
     store: &Arc<dyn ArtifactStore>,
     cfg: &WorkerConfig,
     device: tch::Device,
-    datasets: &Arc<Mutex<HashMap<String, Arc<Dataset>>>>,
+    datasets: &Arc<Mutex<DataCache>>,
     abandon: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) -> Outcome {
@@ -631,7 +700,7 @@ async fn execute(
                 Ended::Failed(task_error(FailureKind::Execution, retryable, e.to_string()))
             }
         };
-        let ds = dataset(&datasets, &job_cfg, planned.as_ref()).map_err(exec)?;
+        let ds = shard_data(&datasets, &job_cfg, planned.as_ref(), start..end).map_err(exec)?;
         let shape = ds.image_shape();
         let clf =
             Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;

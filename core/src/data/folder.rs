@@ -1,15 +1,21 @@
 //! The image-folder layout: `root/<class>/*.png|jpg|jpeg`, or the same under
 //! `root/train/` and `root/test/`. Classes are the sorted folder names. All images must
-//! have one size; colour is kept when any image of the first class has colour.
+//! have one size unless `data.resize` is set (`pixels.rs`); colour is kept when the
+//! first image has colour.
 use std::path::{Path, PathBuf};
 
-use super::RawDataset;
+use super::pixels::Pixels;
+use super::{Part, RawDataset};
 use crate::error::{Error, Result};
 
 /// Image files with their class index.
 type Labelled = Vec<(PathBuf, i64)>;
 
-pub(crate) fn load(root: &Path, test_fraction: f64) -> Result<RawDataset> {
+pub(crate) fn load(
+    root: &Path,
+    test_fraction: f64,
+    resize: Option<[u32; 2]>,
+) -> Result<RawDataset> {
     let (train_dir, test_dir) = (root.join("train"), root.join("test"));
     let (classes, train_files, test_files) = if train_dir.is_dir() && test_dir.is_dir() {
         let (classes, train) = list(&train_dir)?;
@@ -65,49 +71,40 @@ pub(crate) fn load(root: &Path, test_fraction: f64) -> Result<RawDataset> {
             ),
         ));
     }
-    let first = decode(&train_files[0].0)?;
-    let channels = if first.color().has_color() { 3 } else { 1 };
-    let size = (first.width(), first.height());
-    let read = |files: Vec<(PathBuf, i64)>| -> Result<(Vec<u8>, Vec<i64>)> {
+    let mut pixels = Pixels::new(resize);
+    let mut read = |files: Vec<(PathBuf, i64)>| -> Result<(Vec<u8>, Vec<i64>)> {
         let mut bytes = Vec::new();
         let mut labels = Vec::with_capacity(files.len());
         for (path, class) in files {
-            let img = decode(&path)?;
-            if (img.width(), img.height()) != size {
-                return Err(Error::format(
-                    &path,
-                    format!(
-                        "image is {}x{} but {} is {}x{}: all images must have one size",
-                        img.width(),
-                        img.height(),
-                        train_files[0].0.display(),
-                        size.0,
-                        size.1
-                    ),
-                ));
-            }
-            if channels == 1 {
-                bytes.extend_from_slice(img.to_luma8().as_raw())
-            } else {
-                bytes.extend_from_slice(img.to_rgb8().as_raw())
-            }
+            pixels.add(&mut bytes, decode(&path)?, &path, "")?;
             labels.push(class);
         }
         Ok((bytes, labels))
     };
-    let train = read(train_files.clone())?;
+    let parts = |files: &Labelled| -> Vec<Part> {
+        files
+            .iter()
+            .map(|(p, c)| Part {
+                label: Some(*c),
+                ..Part::of(p, 1)
+            })
+            .collect()
+    };
+    let parts = Some([parts(&train_files), parts(&test_files)]);
+    let train = read(train_files)?;
     let test = read(test_files)?;
     Ok(RawDataset {
-        shape: [size.1 as usize, size.0 as usize, channels],
+        shape: pixels.shape().expect("both splits have images"),
         train,
         test,
         class_names: Some(classes),
+        parts,
         train_labels_file: root.to_path_buf(),
         test_labels_file: root.to_path_buf(),
     })
 }
 
-fn decode(path: &Path) -> Result<image::DynamicImage> {
+pub(crate) fn decode(path: &Path) -> Result<image::DynamicImage> {
     image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()

@@ -29,6 +29,54 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
     parse_idx(&bytes).map_err(|msg| Error::format(path, msg))
 }
 
+/// Items `start..start + count` of an IDX file, each `item` bytes (an image, or 1 for a
+/// label), read as a stream: the items before are skipped, those after never read, so
+/// memory holds the window only. The header must say the file has the items.
+pub fn read_window(path: &Path, start: usize, count: usize, item: usize) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = std::io::BufReader::new(f);
+    let magic = std::io::BufRead::fill_buf(&mut f).map_err(|e| Error::io(path, e))?;
+    let mut r: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
+    let bad = |what: &str| Error::format(path, what.to_string());
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head)
+        .map_err(|_| bad("not an IDX file: shorter than its magic"))?;
+    if head[..3] != [0, 0, 8] || !(1..=4).contains(&head[3]) {
+        return Err(bad("not an IDX file of unsigned bytes"));
+    }
+    let mut dims = vec![0u8; 4 * head[3] as usize];
+    r.read_exact(&mut dims)
+        .map_err(|_| bad("truncated header"))?;
+    let n = u32::from_be_bytes([dims[0], dims[1], dims[2], dims[3]]) as usize;
+    let per: usize = dims[4..]
+        .chunks(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .product();
+    if per != item || start.saturating_add(count) > n {
+        return Err(Error::format(
+            path,
+            format!(
+                "items {start}..{} of {item} bytes asked, the file has {n} of {per} bytes",
+                start + count
+            ),
+        ));
+    }
+    let skip = (start * item) as u64;
+    let skipped = std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink())
+        .map_err(|e| Error::io(path, e))?;
+    let mut out = vec![0u8; count * item];
+    if skipped != skip || r.read_exact(&mut out).is_err() {
+        return Err(bad(
+            "truncated: the file ends before the items its header counts",
+        ));
+    }
+    Ok(out)
+}
+
 /// Parses IDX bytes; the error is a message without the file name.
 pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
     if bytes.len() < 4 {

@@ -11,9 +11,14 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// Files of a data folder, sorted by name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DataManifest {
     pub files: Vec<DataFile>,
+    /// Where each image is, by file, once the data was read (the plan adds it): what
+    /// lets a worker read only its shard. Not part of the digest (it follows from the
+    /// files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<super::DataLayout>,
 }
 
 /// One file of a data folder.
@@ -22,8 +27,12 @@ pub struct DataFile {
     /// Path below the data folder, `/`-separated.
     pub name: String,
     pub size: u64,
-    /// SHA-256 of the content, hex.
+    /// SHA-256 of the content, hex (a local file; empty for an object in a bucket).
     pub sha256: String,
+    /// The object's ETag (data in a bucket; empty for a local file): a bucket's data
+    /// is identified by its listing, without reading it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub etag: String,
 }
 
 impl DataManifest {
@@ -37,6 +46,9 @@ impl DataManifest {
     /// the folders a coordinator lets jobs read. A folder reached twice (a link
     /// cycle) is walked once.
     pub fn of_within(dir: &Path, allowed: &dyn Fn(&Path) -> bool) -> Result<DataManifest> {
+        if let Some(bucket) = super::remote::S3Data::parse(dir)? {
+            return bucket.manifest();
+        }
         let bad = |p: &Path, e: std::io::Error| {
             Error::invalid("data.path", format!("{}: {e}", p.display()))
         };
@@ -88,19 +100,29 @@ impl DataManifest {
                         name: rel,
                         size: meta.len(),
                         sha256,
+                        etag: String::new(),
                     });
                 }
             }
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(DataManifest { files })
+        Ok(DataManifest {
+            files,
+            layout: None,
+        })
     }
 
     /// One SHA-256 (hex) over every file's name, size and hash.
     pub fn digest(&self) -> String {
         let mut h = Sha256::new();
         for f in &self.files {
-            h.update(format!("{}\t{}\t{}\n", f.name, f.size, f.sha256).as_bytes());
+            if f.etag.is_empty() {
+                h.update(format!("{}\t{}\t{}\n", f.name, f.size, f.sha256).as_bytes());
+            } else {
+                h.update(
+                    format!("{}\t{}\t{}\tetag:{}\n", f.name, f.size, f.sha256, f.etag).as_bytes(),
+                );
+            }
         }
         format!("{:x}", h.finalize())
     }
@@ -125,6 +147,12 @@ impl DataManifest {
                     return Some(format!(
                         "{name} differs (SHA-256 {} here, {} in the job's data)",
                         h.sha256, p.sha256
+                    ))
+                }
+                Some(h) if h.etag != p.etag => {
+                    return Some(format!(
+                        "{name} was replaced (ETag {} here, {} in the job's data)",
+                        h.etag, p.etag
                     ))
                 }
                 Some(_) => {}

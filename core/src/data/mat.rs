@@ -44,6 +44,8 @@ pub(crate) fn load(dir: &Path) -> Result<RawDataset> {
         class_names: Some((0..10).map(|d| d.to_string()).collect()),
         train_labels_file: train_file,
         test_labels_file: test_file,
+        // one MAT file per split, column-major: no window of it can be read alone
+        parts: None,
     })
 }
 

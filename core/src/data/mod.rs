@@ -1,10 +1,17 @@
 //! Datasets: labelled images with a train and a test split, read from IDX files
-//! (MNIST, Fashion-MNIST, the 32x32 GTSRB copy) or from an image-folder layout.
+//! (MNIST, Fashion-MNIST, the 32x32 GTSRB copy), SVHN's MAT files, an image-folder
+//! layout, WebDataset tar shards or Parquet files as Hugging Face `datasets` exports
+//! them.
 //! Pixels are kept as bytes (HWC) and become float32 NCHW in [0,1] one batch at a time.
 mod folder;
 pub mod idx;
 pub mod manifest;
 pub mod mat;
+mod parquet;
+mod pixels;
+pub mod remote;
+mod webdataset;
+mod window;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -32,7 +39,9 @@ impl std::fmt::Display for SplitName {
     }
 }
 
-/// One split: `len` images of the dataset's shape, stored HWC as bytes.
+/// One split, or a window of it: `len` images of the dataset's shape, stored HWC as
+/// bytes. Indices are the whole split's: a window (`DataSpec::read_window`, what a
+/// worker reads for its shard) holds images `offset..offset + len` only.
 #[derive(Debug, Clone)]
 pub struct Split {
     pub images: Vec<u8>,
@@ -40,10 +49,16 @@ pub struct Split {
     /// bytes per image (H * W * C)
     stride: usize,
     shape: [usize; 3],
+    /// the index of the first image held (0 for a whole split)
+    offset: usize,
 }
 
 impl Split {
     fn new(images: Vec<u8>, labels: Vec<i64>, shape: [usize; 3]) -> Self {
+        Self::window_of(images, labels, shape, 0)
+    }
+
+    fn window_of(images: Vec<u8>, labels: Vec<i64>, shape: [usize; 3], offset: usize) -> Self {
         let stride = shape.iter().product();
         debug_assert_eq!(images.len(), stride * labels.len());
         Split {
@@ -51,11 +66,23 @@ impl Split {
             labels,
             stride,
             shape,
+            offset,
         }
     }
 
+    /// The number of images held.
     pub fn len(&self) -> usize {
         self.labels.len()
+    }
+
+    /// The label of image `i` (an index of the whole split, inside `window`).
+    pub fn label(&self, i: usize) -> i64 {
+        self.labels[i - self.offset]
+    }
+
+    /// The indices of the images held: `0..len` for a whole split.
+    pub fn window(&self) -> Range<usize> {
+        self.offset..self.offset + self.labels.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -64,7 +91,8 @@ impl Split {
 
     /// Images `range` as float32 NCHW in [0,1] on `device`.
     pub fn images(&self, range: Range<usize>, device: Device) -> Tensor {
-        let bytes = &self.images[range.start * self.stride..range.end * self.stride];
+        let (a, b) = (range.start - self.offset, range.end - self.offset);
+        let bytes = &self.images[a * self.stride..b * self.stride];
         self.to_tensor(bytes, range.len(), device)
     }
 
@@ -72,17 +100,22 @@ impl Split {
     pub fn gather(&self, indices: &[usize], device: Device) -> Tensor {
         let mut bytes = Vec::with_capacity(indices.len() * self.stride);
         for &i in indices {
+            let i = i - self.offset;
             bytes.extend_from_slice(&self.images[i * self.stride..(i + 1) * self.stride]);
         }
         self.to_tensor(&bytes, indices.len(), device)
     }
 
     pub fn labels(&self, range: Range<usize>, device: Device) -> Tensor {
-        Tensor::from_slice(&self.labels[range]).to_device(device)
+        Tensor::from_slice(&self.labels[range.start - self.offset..range.end - self.offset])
+            .to_device(device)
     }
 
     pub fn gather_labels(&self, indices: &[usize], device: Device) -> Tensor {
-        let v: Vec<i64> = indices.iter().map(|&i| self.labels[i]).collect();
+        let v: Vec<i64> = indices
+            .iter()
+            .map(|&i| self.labels[i - self.offset])
+            .collect();
         Tensor::from_slice(&v).to_device(device)
     }
 
@@ -115,6 +148,8 @@ pub struct Dataset {
     pub width: usize,
     pub train: Split,
     pub test: Split,
+    /// Where its images are, by file (`None` for SVHN's MAT files).
+    pub layout: Option<DataLayout>,
 }
 
 impl Dataset {
@@ -157,13 +192,29 @@ impl Dataset {
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     /// A folder of IDX files (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
-    /// `t10k-...` or `test-...`) or an image folder (`<class>/*.png`, optionally under
-    /// `train/` and `test/`).
+    /// `t10k-...` or `test-...`), SVHN's MAT files, WebDataset shards (`train-*.tar`,
+    /// `test-*.tar`), Parquet files (`train-*.parquet`, ...) or an image folder
+    /// (`<class>/*.png`, optionally under `train/` and `test/`).
     pub path: PathBuf,
-    /// `idx`, `svhn` (`train_32x32.mat` + `test_32x32.mat`), `folder`, or `auto`
-    /// (default: IDX when the folder holds IDX files, else SVHN's MAT files, else folders).
+    /// `idx`, `svhn` (`train_32x32.mat` + `test_32x32.mat`), `webdataset`, `parquet`,
+    /// `folder`, or `auto` (default: IDX when the folder holds IDX files, else SVHN's
+    /// MAT files, else WebDataset when it holds `.tar` files, else Parquet when it holds
+    /// `.parquet` files, else folders).
     #[serde(default)]
     pub format: DataFormat,
+    /// `[height, width]`: scale every image to cover this size and crop the centre
+    /// (image folders, WebDataset and Parquet; their images may then differ in size).
+    /// Default: none, and all images must have one size.
+    #[serde(default)]
+    pub resize: Option<[u32; 2]>,
+    /// Parquet: the image column (default: `image`, `img`, or the first struct column
+    /// with `bytes`).
+    #[serde(default)]
+    pub image_column: Option<String>,
+    /// Parquet: the label column (default: `label`, `labels`, `fine_label`, `cls` or
+    /// `class`).
+    #[serde(default)]
+    pub label_column: Option<String>,
     /// Name shown in reports; default: the folder's name.
     #[serde(default)]
     pub name: Option<String>,
@@ -195,6 +246,8 @@ pub enum DataFormat {
     Auto,
     Idx,
     Svhn,
+    Webdataset,
+    Parquet,
     Folder,
 }
 
@@ -203,6 +256,9 @@ impl DataSpec {
         DataSpec {
             path: path.into(),
             format: DataFormat::Auto,
+            resize: None,
+            image_column: None,
+            label_column: None,
             name: None,
             class_names: None,
             num_classes: None,
@@ -212,7 +268,28 @@ impl DataSpec {
         }
     }
 
+    /// Whether `path` names data in a bucket (`s3://...`).
+    pub fn in_bucket(&self) -> bool {
+        self.path.to_str().is_some_and(|p| p.starts_with("s3://"))
+    }
+
     pub fn load(&self) -> Result<Dataset> {
+        if let Some(bucket) = remote::S3Data::parse(&self.path)? {
+            let local = DataSpec {
+                path: bucket.mirror()?,
+                name: Some(self.name.clone().unwrap_or_else(|| {
+                    bucket
+                        .prefix
+                        .rsplit('/')
+                        .next()
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or(&bucket.bucket)
+                        .to_string()
+                })),
+                ..self.clone()
+            };
+            return local.load();
+        }
         if !self.path.is_dir() {
             return Err(Error::invalid(
                 "data.path",
@@ -227,15 +304,40 @@ impl DataSpec {
                 DataFormat::Idx
             }
             DataFormat::Auto if mat::is_svhn_dir(&self.path) => DataFormat::Svhn,
+            DataFormat::Auto if has_files(&self.path, ".tar", 1) => DataFormat::Webdataset,
+            DataFormat::Auto if has_files(&self.path, ".parquet", 3) => DataFormat::Parquet,
             DataFormat::Auto => DataFormat::Folder,
             f => f,
         };
+        if self.resize.is_some() && matches!(format, DataFormat::Idx | DataFormat::Svhn) {
+            return Err(Error::invalid(
+                "data.resize",
+                "applies to image folders, WebDataset and Parquet; IDX and SVHN images are stored at one size",
+            ));
+        }
+        if let Some([h, w]) = self.resize {
+            if h == 0 || w == 0 || h > 4096 || w > 4096 {
+                return Err(Error::invalid(
+                    "data.resize",
+                    format!("[{h}, {w}]: height and width must be 1 to 4096"),
+                ));
+            }
+        }
         let raw = match format {
             DataFormat::Idx => load_idx_dir(&self.path)?,
             DataFormat::Svhn => mat::load(&self.path)?,
-            _ => folder::load(&self.path, self.test_fraction)?,
+            DataFormat::Webdataset => webdataset::load(&self.path, self.resize)?,
+            DataFormat::Parquet => parquet::load(
+                &self.path,
+                self.resize,
+                &parquet::Columns {
+                    image: self.image_column.clone(),
+                    label: self.label_column.clone(),
+                },
+            )?,
+            _ => folder::load(&self.path, self.test_fraction, self.resize)?,
         };
-        let mut ds = self.finish(raw)?;
+        let mut ds = self.finish(raw, format)?;
         if self.limit_train > 0 {
             ds.train.truncate(self.limit_train);
         }
@@ -245,7 +347,7 @@ impl DataSpec {
         Ok(ds)
     }
 
-    fn finish(&self, raw: RawDataset) -> Result<Dataset> {
+    fn finish(&self, raw: RawDataset, format: DataFormat) -> Result<Dataset> {
         let name = self.name.clone().unwrap_or_else(|| {
             self.path
                 .canonicalize()
@@ -306,6 +408,34 @@ impl DataSpec {
             }
         }
         let [h, w, c] = raw.shape;
+        let rel = |p: &Path| -> String {
+            p.strip_prefix(&self.path)
+                .unwrap_or(p)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let layout = raw.parts.map(|[train, test]| {
+            let parts = |v: Vec<Part>| -> Vec<DataPart> {
+                v.into_iter()
+                    .map(|p| DataPart {
+                        file: rel(&p.file),
+                        labels: p.labels.as_deref().map(rel),
+                        label: p.label,
+                        count: p.count,
+                    })
+                    .collect()
+            };
+            DataLayout {
+                format,
+                shape: raw.shape,
+                class_names: class_names.clone(),
+                name: name.clone(),
+                train: parts(train),
+                test: parts(test),
+            }
+        });
         Ok(Dataset {
             name,
             class_names,
@@ -314,6 +444,7 @@ impl DataSpec {
             width: w,
             train: Split::new(raw.train.0, raw.train.1, raw.shape),
             test: Split::new(raw.test.0, raw.test.1, raw.shape),
+            layout,
         })
     }
 }
@@ -327,6 +458,79 @@ pub(crate) struct RawDataset {
     pub class_names: Option<Vec<String>>,
     pub train_labels_file: PathBuf,
     pub test_labels_file: PathBuf,
+    /// The files each split's images came from, in order (`None`: a reader that cannot
+    /// read a window of its files, SVHN's MAT).
+    pub parts: Option<[Vec<Part>; 2]>,
+}
+
+/// A file's share of a split, as a reader saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct Part {
+    pub file: PathBuf,
+    /// IDX: the labels file beside the images file
+    pub labels: Option<PathBuf>,
+    /// image folders: the class of the file's one image
+    pub label: Option<i64>,
+    pub count: usize,
+}
+
+impl Part {
+    pub fn of(file: &Path, count: usize) -> Part {
+        Part {
+            file: file.to_path_buf(),
+            labels: None,
+            label: None,
+            count,
+        }
+    }
+}
+
+/// Where each image of a data set is, by file, with what a window of it needs to be
+/// read alone (its shape and classes). Made by the full read at plan time and carried
+/// in the plan's data manifest: a worker reads only the files of the shard it leased.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataLayout {
+    /// the format the files were read as (never `auto`)
+    pub format: DataFormat,
+    /// `[h, w, c]`
+    pub shape: [usize; 3],
+    pub class_names: Vec<String>,
+    pub name: String,
+    pub train: Vec<DataPart>,
+    pub test: Vec<DataPart>,
+}
+
+/// One file's images of a split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataPart {
+    /// `/`-separated below the data folder (the key below a bucket's prefix)
+    pub file: String,
+    /// IDX: the labels file
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<String>,
+    /// image folders: the image's class
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<i64>,
+    pub count: usize,
+}
+
+/// Whether a file whose name ends with `suffix` is in `dir` or in its folders down to
+/// `depth` levels below it.
+fn has_files(dir: &Path, suffix: &str, depth: usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_lowercase();
+        if name.starts_with('.') {
+            false
+        } else if p.is_dir() {
+            depth > 0 && has_files(&p, suffix, depth - 1)
+        } else {
+            name.ends_with(suffix)
+        }
+    })
 }
 
 fn find_idx(dir: &Path, prefixes: &[&str]) -> Option<PathBuf> {
@@ -380,11 +584,22 @@ fn load_idx_dir(dir: &Path) -> Result<RawDataset> {
         test_x.len() / shape.iter().product::<usize>(),
         &test_images,
     )?;
+    let (n_train, n_test) = (train_y.len(), test_y.len());
     Ok(RawDataset {
         shape,
         train: (train_x, train_y),
         test: (test_x, test_y),
         class_names: None,
+        parts: Some([
+            vec![Part {
+                labels: Some(train_labels.clone()),
+                ..Part::of(&train_images, n_train)
+            }],
+            vec![Part {
+                labels: Some(test_labels.clone()),
+                ..Part::of(&test_images, n_test)
+            }],
+        ]),
         train_labels_file: train_labels,
         test_labels_file: test_labels,
     })

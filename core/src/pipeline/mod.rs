@@ -139,6 +139,33 @@ impl Job<'_> {
         Ok(())
     }
 
+    /// A path as a step's hash covers it: a file in the job folder (a copy of an input
+    /// in a bucket) relative to the folder, so that the same job resumed in another
+    /// copy of its folder (an `out` in a bucket, on another machine) finds its steps done.
+    fn path_id(&self, p: &Option<PathBuf>) -> Option<PathBuf> {
+        p.as_ref().map(|p| {
+            p.strip_prefix(&self.out)
+                .map_or_else(|_| p.clone(), PathBuf::from)
+        })
+    }
+
+    /// `[models]` as the models step's hash covers it.
+    fn models_id(&self) -> crate::models::ModelFiles {
+        let m = &self.cfg.models;
+        crate::models::ModelFiles {
+            classifier: self.path_id(&m.classifier),
+            vae: self.path_id(&m.vae),
+            vae_decoder: self.path_id(&m.vae_decoder),
+        }
+    }
+
+    /// `[label]` as the label step's hash covers it.
+    fn label_id(&self) -> crate::config::LabelSection {
+        let mut l = self.cfg.label.clone();
+        l.file = self.path_id(&l.file);
+        l
+    }
+
     fn reuse(&mut self, step: &str) {
         tracing::info!(step, "step already done, reusing its outputs");
         let p = self.out.join(layout::done(step));
@@ -183,7 +210,7 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
     .map_err(|e| Error::io(&toml_path, e))?;
     tracing::info!(dataset = %ds.name, train = ds.train.len(), test = ds.test.len(), classes = ds.num_classes(), "dataset loaded");
 
-    let h_models = hash_of(&[&cfg.data, &cfg.models, &cfg.train, &cfg.seed]);
+    let h_models = hash_of(&[&cfg.data, &job.models_id(), &cfg.train, &cfg.seed]);
     let started = Instant::now();
     let was_done = job.done("models", &h_models);
     let (clf, vae) = step_models::load_or_train(&job, &ds, device, was_done)?;
@@ -226,6 +253,11 @@ impl Prepared<'_> {
             .clone()
             .unwrap_or_else(|| self.job.out.join("models/vae.safetensors"));
         (clf, vae, cfg.models.vae_decoder.clone())
+    }
+
+    /// Where the data's images are, by file (`None`: SVHN's MAT files).
+    pub fn data_layout(&self) -> Option<crate::data::DataLayout> {
+        self.ds.layout.clone()
     }
 
     /// The identify shards: index ranges of the searched split.
@@ -292,7 +324,7 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         images_with_failure = istats.n_images_with_failure,
         "identify"
     );
-    let (scenarios, h_distill) = step_distill::run(job, &h_identify, &failures, vae, clf)?;
+    let (scenarios, h_distill) = step_distill::run(job, &h_identify, &failures, vae, clf, ds)?;
     step_pictures::run(job, &h_distill, vae, ds, &scenarios, &failures)?;
     let Some((labels, h_label)) = step_label::run(job, &h_distill, &scenarios, ds)? else {
         return Ok(RunOutcome::AwaitingLabels {

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use super::{hash_of, Job};
+use crate::data::Dataset;
 use crate::error::Result;
 use crate::identify::Failures;
 use crate::layout::{self, read_json, write_json};
@@ -16,6 +17,7 @@ pub(super) fn run(
     failures: &Failures,
     vae: &Vae,
     clf: &Classifier,
+    ds: &Dataset,
 ) -> Result<(Vec<Scenario>, String)> {
     let cfg = job.cfg;
     let h_distill = hash_of(&[&h_identify, &cfg.distill]);
@@ -37,6 +39,13 @@ pub(super) fn run(
         }
         write_json(&job.out.join(layout::GMM), &gmm)?;
         write_json(&job.out.join(layout::ASSIGNMENTS), &assign)?;
+        crate::table::write_failures(
+            &job.out.join(layout::FAILURES_TABLE),
+            failures,
+            &assign,
+            &scenarios,
+            &|c| ds.class_name(c),
+        )?;
         write_json(&scen_path, &scenarios)?;
         job.mark("distill", &h_distill, started)?;
         scenarios

@@ -24,7 +24,7 @@ pub(super) fn run(
         LabelMode::Manual => std::fs::read_to_string(&labels_path).unwrap_or_default(),
         LabelMode::SourceMajority => String::new(),
     };
-    let h_label = hash_of(&[&h_distill, &cfg.label, &label_input]);
+    let h_label = hash_of(&[&h_distill, &job.label_id(), &label_input]);
     let started = Instant::now();
     let labels: Labels = match cfg.label.mode {
         LabelMode::SourceMajority => scenarios::source_majority_labels(
