@@ -201,6 +201,27 @@ def main():
                 eff = f"efficiency {one / (w * s['identify_seconds']):.0%} vs 1x1" if one and w > 1 else ""
                 rows.append(("scaling", f"{w} worker process(es) x {th} thread(s), Redis", f"{s['identify_seconds']:.1f} s", eff))
 
+    if "data" not in skip:
+        # identify from WebDataset shards in a local folder (page-cached: the RAM case)
+        # and in a bucket (s3s-fs), on 20,000 and 200,000 images; 20,000 searched each
+        R["data"] = []
+        lim = 2000 if a.quick else 20000
+        for n in ((2000, 20000) if a.quick else (20000, 200000)):
+            wds = out / f"wds-{n}"
+            if not (wds / "test-000000.tar").exists():
+                sh([bench, "make-webdataset", "--mnist", data, "--n", str(n), "--out", str(wds)], env=env)
+            for bucket in (False, True):
+                r = jline([bench, "data-source", "--defuse", defuse, "--mnist", data,
+                           "--webdataset", str(wds), "--limit", str(lim), "--samples", "32",
+                           "--work", str(out / "data-source")] + (["--bucket"] if bucket else []), env)
+                r["images"] = n
+                R["data"].append(r)
+                rows.append(("data", f"identify {lim:,} of {n:,} WebDataset images, {r['source']}, "
+                             f"2 workers x 1 thread, Q = 32",
+                             f"{r['images_per_s']:,.0f} images/s",
+                             f"worker peak RSS {'/'.join(str(x) for x in r['worker_peak_rss_mib'])} MiB; "
+                             f"coordinator peak RSS {r['coordinator_peak_rss_mib']} MiB"))
+
     (out / "results.json").write_text(json.dumps(R, indent=1))
     m = R["machine"]
     print(f"\nDefuse benchmarks, {m['date']}, {m['cpu']}, {m['cores']} cores, {T} threads\n")

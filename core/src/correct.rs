@@ -334,13 +334,32 @@ pub fn round_steps(
     (tb, sb)
 }
 
+/// The training images part `part` of round `round` reads (ascending, each once): a
+/// worker reads only these (`DataSpec::read_rows`), not the whole training split.
+pub fn part_rows(
+    n_train: usize,
+    n_scn: usize,
+    o: &CorrectOptions,
+    seed: u64,
+    round: usize,
+    part: usize,
+) -> Vec<usize> {
+    let (tb, _) = round_steps(n_train, n_scn, o, seed, round, part);
+    let mut rows: Vec<usize> = tb.into_iter().flatten().collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
 #[allow(clippy::too_many_arguments)]
 /// One part of one round on a worker: `H` SGD steps from the round's checkpoint (a
-/// fresh optimiser: momentum restarts each round). Returns the summed loss terms and
-/// the number of train rows seen.
+/// fresh optimiser: momentum restarts each round), on `train`, which holds at least the
+/// part's rows ([`part_rows`]) of a training split of `n_train` images. Returns the
+/// summed loss terms and the number of train rows seen.
 pub fn train_part(
     clf: &mut Classifier,
     train: &Split,
+    n_train: usize,
     scn_x: &Tensor,
     scn_y: &Tensor,
     o: &CorrectOptions,
@@ -350,7 +369,7 @@ pub fn train_part(
 ) -> Result<(f64, f64, usize)> {
     o.validate()?;
     let n_scn = scn_x.size()[0] as usize;
-    let (tb, sb) = round_steps(train.len(), n_scn, o, seed, round, part);
+    let (tb, sb) = round_steps(n_train, n_scn, o, seed, round, part);
     if tb.is_empty() {
         return Ok((0.0, 0.0, 0));
     }

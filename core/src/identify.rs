@@ -314,7 +314,7 @@ pub fn identify(
 ) -> Result<(Failures, IdentifyStats)> {
     o.validate()?;
     let held = split.window();
-    if range.start < held.start || range.end > held.end || range.start > range.end {
+    if range.start > range.end || !split.holds(range.clone()) {
         return Err(Error::invalid(
             "identify range",
             format!(

@@ -1,6 +1,6 @@
 //! The report's pictures beyond the scenario grids: for each scenario, the real
 //! training images whose codes lie nearest its mean (which real inputs the scenario
-//! resembles), and a 2-D projection (PCA) of all failure codes coloured by scenario.
+//! resembles; among at most 20,480 images spread over the split), and a 2-D projection (PCA) of all failure codes coloured by scenario.
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -13,8 +13,32 @@ use crate::scenarios::Scenario;
 /// Most points drawn in the projection (an even subsample beyond): the SVG stays small.
 const MAX_PROJECTED: usize = 20_000;
 
+/// Most training images searched for the nearest ones: a bounded sample (runs of
+/// `CHUNK` images spread evenly over the split) beyond, so the step's time does not grow
+/// with the training split.
+const MAX_SEARCHED: usize = 20 * CHUNK;
+const CHUNK: usize = 1024;
+
+/// The runs of training images searched: all of a split of `n` up to `MAX_SEARCHED`,
+/// else `MAX_SEARCHED / CHUNK` runs of `CHUNK` spread evenly (first at 0).
+fn searched(n: usize) -> Vec<std::ops::Range<usize>> {
+    if n <= MAX_SEARCHED {
+        return (0..n)
+            .step_by(CHUNK)
+            .map(|a| a..(a + CHUNK).min(n))
+            .collect();
+    }
+    let runs = MAX_SEARCHED / CHUNK;
+    (0..runs)
+        .map(|r| {
+            let a = r * (n - CHUNK) / (runs - 1);
+            a..a + CHUNK
+        })
+        .collect()
+}
+
 /// Indices of the `k` training images whose posterior means are nearest (Euclidean)
-/// each scenario's mean, nearest first.
+/// each scenario's mean, nearest first, among the images [`searched`].
 pub fn nearest_training_images(
     vae: &Vae,
     ds: &Dataset,
@@ -33,10 +57,8 @@ pub fn nearest_training_images(
     let means = Tensor::from_slice(&means).view([scenarios.len() as i64, d]);
     // best (distance, index) so far per scenario, merged chunk by chunk
     let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::new(); scenarios.len()];
-    let chunk = 1024;
     tch::no_grad(|| -> Result<()> {
-        for start in (0..n).step_by(chunk) {
-            let end = (start + chunk).min(n);
+        for std::ops::Range { start, end } in searched(n) {
             let x = ds.train.images(start..end, vae.device());
             let (mu, _) = vae.encode(&x)?;
             let dist = Tensor::cdist(
@@ -112,4 +134,22 @@ pub fn write(
         &group,
         &names,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_searched_runs_cover_small_splits_and_spread_over_large_ones() {
+        assert_eq!(searched(0), vec![]);
+        assert_eq!(searched(1500), vec![0..1024, 1024..1500]);
+        assert_eq!(searched(MAX_SEARCHED).len(), 20);
+        let big = searched(1_000_000);
+        assert_eq!(big.len(), 20);
+        assert_eq!(big[0], 0..CHUNK);
+        assert_eq!(big[19], 1_000_000 - CHUNK..1_000_000);
+        assert!(big.windows(2).all(|w| w[0].end <= w[1].start));
+        assert_eq!(big.iter().map(|r| r.len()).sum::<usize>(), MAX_SEARCHED);
+    }
 }

@@ -425,6 +425,32 @@ fn webdataset_and_parquet_read_the_same_images_as_idx() {
             .unwrap_err()
             .to_string();
         assert!(e.contains("outside the test split of 20"), "{e}");
+        // rows spread over the split (what a fine-tune part reads): each once, the same
+        // pixels and labels as the whole read, across files and row groups
+        let rows = [33usize, 2, 17, 2, 16, 39, 0, 31, 8];
+        let r = spec.read_rows(&layout, Train, &rows, None).unwrap();
+        let (held, whole) = (&r.train, &want.train);
+        assert_eq!(held.len(), 8, "{format:?}: a repeated row is held once");
+        assert!(r.test.is_empty());
+        let x = held.gather(&rows, tch::Device::Cpu);
+        assert!(
+            x.equal(&whole.gather(&rows, tch::Device::Cpu)),
+            "{format:?}: rows' pixels differ"
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(held.gather_labels(&rows, tch::Device::Cpu)).unwrap(),
+            rows.iter().map(|&i| whole.labels[i]).collect::<Vec<_>>(),
+            "{format:?}"
+        );
+        assert!(held.holds(16..18) && !held.holds(16..19) && !held.holds(1..2));
+        let e = spec
+            .read_rows(&layout, Train, &[3, 40], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("image 40 is outside the train split of 40"),
+            "{e}"
+        );
     }
 }
 

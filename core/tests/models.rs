@@ -289,6 +289,50 @@ fn builtin_vae_training_lowers_the_loss_and_reloads() {
     );
 }
 
+/// A fine-tune part trained on only its rows, read alone from the IDX files (what a
+/// worker does), ends with the same weights as one trained on the whole split.
+#[test]
+fn a_part_on_its_rows_alone_trains_as_on_the_whole_split() {
+    let spec = DataSpec::from_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"));
+    let full = spec
+        .load()
+        .expect("deploy/setup.sh puts MNIST in data/mnist");
+    let layout = full.layout.clone().expect("IDX has a layout");
+    let o = defuse_core::correct::CorrectOptions {
+        parts: 3,
+        local_steps: 3,
+        batch_size: 16,
+        scenario_batch_size: 4,
+        lr: 0.05,
+        ..Default::default()
+    };
+    let n = full.train.len();
+    let scn_x = full.test.images(0..12, Device::Cpu);
+    let scn_y = full.test.labels(0..12, Device::Cpu);
+    let (round, part) = (5, 1);
+    let rows = defuse_core::correct::part_rows(n, 12, &o, 7, round, part);
+    assert_eq!(rows.len(), 48, "3 steps of 16 distinct rows");
+    let alone = spec
+        .read_rows(&layout, defuse_core::data::SplitName::Train, &rows, None)
+        .unwrap();
+    assert_eq!(alone.train.len(), 48, "only the part's rows are read");
+    let mut trained = Vec::new();
+    for train in [&full.train, &alone.train] {
+        let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+        let r =
+            defuse_core::correct::train_part(&mut c, train, n, &scn_x, &scn_y, &o, 7, round, part)
+                .unwrap();
+        assert_eq!(r.2, 48);
+        trained.push((c, r));
+    }
+    let ((a, ra), (b, rb)) = (&trained[0], &trained[1]);
+    assert_eq!(ra, rb, "the same losses");
+    let (va, vb) = (a.var_store().variables(), b.var_store().variables());
+    for (name, t) in &va {
+        assert!(t.equal(&vb[name]), "{name} differs");
+    }
+}
+
 #[test]
 fn averaged_torchscript_parts_are_the_mean_and_save_as_torchscript() {
     let ds = mnist_subset(256, 64);
@@ -306,9 +350,18 @@ fn averaged_torchscript_parts_are_the_mean_and_save_as_torchscript() {
     let mut parts = Vec::new();
     for part in 0..2 {
         let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
-        let (_, _, n) =
-            defuse_core::correct::train_part(&mut c, &ds.train, &scn_x, &scn_y, &o, 7, 0, part)
-                .unwrap();
+        let (_, _, n) = defuse_core::correct::train_part(
+            &mut c,
+            &ds.train,
+            ds.train.len(),
+            &scn_x,
+            &scn_y,
+            &o,
+            7,
+            0,
+            part,
+        )
+        .unwrap();
         assert_eq!(n, 64, "2 steps of 32 rows");
         parts.push(c);
     }
@@ -410,7 +463,18 @@ fn merging_by_sum_applies_every_part_update() {
     let mut parts = Vec::new();
     for part in 0..2 {
         let mut c = load();
-        defuse_core::correct::train_part(&mut c, &ds.train, &sx, &sy, &o, 3, 0, part).unwrap();
+        defuse_core::correct::train_part(
+            &mut c,
+            &ds.train,
+            ds.train.len(),
+            &sx,
+            &sy,
+            &o,
+            3,
+            0,
+            part,
+        )
+        .unwrap();
         parts.push(c);
     }
     let mut merged = load();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use defuse_core::artifacts::{self, ArtifactStore};
 use defuse_core::config::JobConfig;
 use defuse_core::data::manifest::DataManifest;
-use defuse_core::data::Dataset;
+use defuse_core::data::{Dataset, SplitName};
 use defuse_core::identify::identify;
 use defuse_core::models::{self, Classifier};
 use defuse_proto::worker_service_client::WorkerServiceClient;
@@ -459,19 +459,7 @@ fn shard_data(
     planned: Option<&PlannedData>,
     range: std::ops::Range<usize>,
 ) -> defuse_core::Result<Arc<Dataset>> {
-    let manifest = planned.and_then(|p| {
-        let cached = datasets.lock().unwrap().manifests.get(&p.digest).cloned();
-        cached.or_else(|| {
-            let m = Arc::new(p.read()?);
-            let mut cache = datasets.lock().unwrap();
-            // a worker's jobs come and go: keep the last few plans' manifests
-            if cache.manifests.len() >= 8 {
-                cache.manifests.clear();
-            }
-            cache.manifests.insert(p.digest.clone(), m.clone());
-            Some(m)
-        })
-    });
+    let manifest = planned_manifest(datasets, planned);
     match (planned, manifest.as_ref().and_then(|m| m.layout.as_ref())) {
         (Some(p), Some(layout)) => {
             check_data(datasets, job_cfg, p)?;
@@ -483,6 +471,65 @@ fn shard_data(
             Ok(Arc::new(ds))
         }
         _ => dataset(datasets, job_cfg, planned),
+    }
+}
+
+/// The plan's data manifest, parsed once per digest.
+fn planned_manifest(
+    datasets: &Mutex<DataCache>,
+    planned: Option<&PlannedData>,
+) -> Option<Arc<DataManifest>> {
+    planned.and_then(|p| {
+        let cached = datasets.lock().unwrap().manifests.get(&p.digest).cloned();
+        cached.or_else(|| {
+            let m = Arc::new(p.read()?);
+            let mut cache = datasets.lock().unwrap();
+            // a worker's jobs come and go: keep the last few plans' manifests
+            if cache.manifests.len() >= 8 {
+                cache.manifests.clear();
+            }
+            cache.manifests.insert(p.digest.clone(), m.clone());
+            Some(m)
+        })
+    })
+}
+
+/// The training images of one fine-tune part, and the size of the training split: only
+/// the part's rows ([`defuse_core::correct::part_rows`]), read from the files that hold
+/// them, when the plan says where they are (memory follows the part, not the data
+/// set), else the whole data set (a plan without a layout: SVHN's MAT files).
+fn part_data(
+    datasets: &Mutex<DataCache>,
+    job_cfg: &JobConfig,
+    planned: Option<&PlannedData>,
+    n_scenario: usize,
+    round: usize,
+    part: usize,
+) -> defuse_core::Result<(Arc<Dataset>, usize)> {
+    let manifest = planned_manifest(datasets, planned);
+    match (planned, manifest.as_ref().and_then(|m| m.layout.as_ref())) {
+        (Some(p), Some(layout)) => {
+            check_data(datasets, job_cfg, p)?;
+            let n_train = layout.train.iter().map(|p| p.count).sum();
+            let rows = defuse_core::correct::part_rows(
+                n_train,
+                n_scenario,
+                &job_cfg.correct,
+                job_cfg.seed,
+                round,
+                part,
+            );
+            let files = manifest.as_ref().map(|m| m.files.as_slice());
+            let ds = job_cfg
+                .data
+                .read_rows(layout, SplitName::Train, &rows, files)?;
+            Ok((Arc::new(ds), n_train))
+        }
+        _ => {
+            let ds = dataset(datasets, job_cfg, planned)?;
+            let n = ds.train.len();
+            Ok((ds, n))
+        }
     }
 }
 
@@ -570,14 +617,6 @@ async fn finetune(
             let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
             task_error(FailureKind::Execution, retryable, e.to_string())
         };
-        let ds = dataset(&datasets, &job_cfg, planned.as_ref()).map_err(exec)?;
-        let mut clf = Classifier::load(
-            &ckpt_local,
-            ds.image_shape(),
-            ds.num_classes() as i64,
-            device,
-        )
-        .map_err(exec)?;
         let (tensors, _) = defuse_core::tensor_io::read(&scn).map_err(exec)?;
         let get = |k: &str| {
             tensors.get(k).map(|t| t.shallow_clone()).ok_or_else(|| {
@@ -589,9 +628,27 @@ async fn finetune(
             })
         };
         let (x, y) = (get("train_x")?, get("train_y")?);
+        let n_scenario = x.size().first().copied().unwrap_or(0).max(0) as usize;
+        let (ds, n_train) = part_data(
+            &datasets,
+            &job_cfg,
+            planned.as_ref(),
+            n_scenario,
+            round,
+            part,
+        )
+        .map_err(exec)?;
+        let mut clf = Classifier::load(
+            &ckpt_local,
+            ds.image_shape(),
+            ds.num_classes() as i64,
+            device,
+        )
+        .map_err(exec)?;
         let (ce_t, ce_s, n) = defuse_core::correct::train_part(
             &mut clf,
             &ds.train,
+            n_train,
             &x,
             &y,
             &job_cfg.correct,

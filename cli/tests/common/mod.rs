@@ -11,9 +11,13 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A `defuse` process, run with one libtorch thread: results are byte-for-byte equal
+/// across processes at the same thread count per process, and on some CPUs (AVX-512)
+/// libtorch's kernels round differently with 1 and 2 threads, so every process a test
+/// compares (the embedded run, the coordinator, the workers) runs with one.
 pub fn defuse() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_defuse"));
-    c.env("RUST_LOG", "info");
+    c.env("RUST_LOG", "info").env("OMP_NUM_THREADS", "1");
     c
 }
 

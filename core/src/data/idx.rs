@@ -33,6 +33,59 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
 /// label), read as a stream: the items before are skipped, those after never read, so
 /// memory holds the window only. The header must say the file has the items.
 pub fn read_window(path: &Path, start: usize, count: usize, item: usize) -> Result<Vec<u8>> {
+    let (mut r, n) = open_items(path, item)?;
+    if start.saturating_add(count) > n {
+        return Err(Error::format(
+            path,
+            format!("items {start}..{} asked, the file has {n}", start + count),
+        ));
+    }
+    let mut out = vec![0u8; count * item];
+    skip_items(&mut r, path, start * item)?;
+    r.read_exact(&mut out).map_err(|_| truncated(path))?;
+    Ok(out)
+}
+
+/// Items `rows` (ascending, distinct) of an IDX file, each `item` bytes, in one pass:
+/// memory holds those items only.
+pub fn read_rows(path: &Path, rows: &[usize], item: usize) -> Result<Vec<u8>> {
+    let (mut r, n) = open_items(path, item)?;
+    if let Some(&last) = rows.last().filter(|&&l| l >= n) {
+        return Err(Error::format(
+            path,
+            format!("item {last} asked, the file has {n}"),
+        ));
+    }
+    let mut out = vec![0u8; rows.len() * item];
+    let mut at = 0usize;
+    for (k, &i) in rows.iter().enumerate() {
+        skip_items(&mut r, path, (i - at) * item)?;
+        r.read_exact(&mut out[k * item..(k + 1) * item])
+            .map_err(|_| truncated(path))?;
+        at = i + 1;
+    }
+    Ok(out)
+}
+
+fn truncated(path: &Path) -> Error {
+    Error::format(
+        path,
+        "truncated: the file ends before the items its header counts",
+    )
+}
+
+fn skip_items(r: &mut dyn Read, path: &Path, bytes: usize) -> Result<()> {
+    let skipped = std::io::copy(&mut r.take(bytes as u64), &mut std::io::sink())
+        .map_err(|e| Error::io(path, e))?;
+    if skipped != bytes as u64 {
+        return Err(truncated(path));
+    }
+    Ok(())
+}
+
+/// An IDX file opened (gzip or not) past its header, whose items must be `item` bytes:
+/// the reader at the first item, and the number of items.
+fn open_items(path: &Path, item: usize) -> Result<(Box<dyn Read>, usize)> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut f = std::io::BufReader::new(f);
     let magic = std::io::BufRead::fill_buf(&mut f).map_err(|e| Error::io(path, e))?;
@@ -56,25 +109,13 @@ pub fn read_window(path: &Path, start: usize, count: usize, item: usize) -> Resu
         .chunks(4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .product();
-    if per != item || start.saturating_add(count) > n {
+    if per != item {
         return Err(Error::format(
             path,
-            format!(
-                "items {start}..{} of {item} bytes asked, the file has {n} of {per} bytes",
-                start + count
-            ),
+            format!("items of {item} bytes asked, the file has items of {per} bytes"),
         ));
     }
-    let skip = (start * item) as u64;
-    let skipped = std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink())
-        .map_err(|e| Error::io(path, e))?;
-    let mut out = vec![0u8; count * item];
-    if skipped != skip || r.read_exact(&mut out).is_err() {
-        return Err(bad(
-            "truncated: the file ends before the items its header counts",
-        ));
-    }
-    Ok(out)
+    Ok((r, n))
 }
 
 /// Parses IDX bytes; the error is a message without the file name.

@@ -51,6 +51,9 @@ pub struct Split {
     shape: [usize; 3],
     /// the index of the first image held (0 for a whole split)
     offset: usize,
+    /// a sparse split (`DataSpec::read_rows`, what a fine-tune part reads): the
+    /// indices of the images held, ascending; `None`: `offset..offset + len`
+    rows: Option<Vec<usize>>,
 }
 
 impl Split {
@@ -67,6 +70,47 @@ impl Split {
             stride,
             shape,
             offset,
+            rows: None,
+        }
+    }
+
+    /// The images at `rows` (ascending, distinct indices of the whole split).
+    pub(crate) fn rows_of(
+        images: Vec<u8>,
+        labels: Vec<i64>,
+        shape: [usize; 3],
+        rows: Vec<usize>,
+    ) -> Self {
+        debug_assert_eq!(rows.len(), labels.len());
+        debug_assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        Split {
+            rows: Some(rows),
+            ..Self::window_of(images, labels, shape, 0)
+        }
+    }
+
+    /// Where image `i` (an index of the whole split) is held. Asking for an image not
+    /// held is a bug of the caller (every reader of a window or rows asks only for
+    /// what it read).
+    fn at(&self, i: usize) -> usize {
+        match &self.rows {
+            None => i - self.offset,
+            Some(rows) => rows
+                .binary_search(&i)
+                .unwrap_or_else(|_| panic!("image {i} is not among the rows held")),
+        }
+    }
+
+    /// Whether every image of `range` is held.
+    pub fn holds(&self, range: Range<usize>) -> bool {
+        match &self.rows {
+            None => range.start >= self.offset && range.end <= self.offset + self.len(),
+            Some(rows) => {
+                range.is_empty()
+                    || rows
+                        .binary_search(&range.start)
+                        .is_ok_and(|a| rows.get(a + range.len() - 1) == Some(&(range.end - 1)))
+            }
         }
     }
 
@@ -77,12 +121,16 @@ impl Split {
 
     /// The label of image `i` (an index of the whole split, inside `window`).
     pub fn label(&self, i: usize) -> i64 {
-        self.labels[i - self.offset]
+        self.labels[self.at(i)]
     }
 
-    /// The indices of the images held: `0..len` for a whole split.
+    /// The indices of the images held: `0..len` for a whole split (for rows: from the
+    /// first to past the last, not all of them held).
     pub fn window(&self) -> Range<usize> {
-        self.offset..self.offset + self.labels.len()
+        match &self.rows {
+            None => self.offset..self.offset + self.labels.len(),
+            Some(r) => r.first().map_or(0..0, |&a| a..r[r.len() - 1] + 1),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,6 +139,9 @@ impl Split {
 
     /// Images `range` as float32 NCHW in [0,1] on `device`.
     pub fn images(&self, range: Range<usize>, device: Device) -> Tensor {
+        if self.rows.is_some() {
+            return self.gather(&range.collect::<Vec<_>>(), device);
+        }
         let (a, b) = (range.start - self.offset, range.end - self.offset);
         let bytes = &self.images[a * self.stride..b * self.stride];
         self.to_tensor(bytes, range.len(), device)
@@ -100,22 +151,22 @@ impl Split {
     pub fn gather(&self, indices: &[usize], device: Device) -> Tensor {
         let mut bytes = Vec::with_capacity(indices.len() * self.stride);
         for &i in indices {
-            let i = i - self.offset;
+            let i = self.at(i);
             bytes.extend_from_slice(&self.images[i * self.stride..(i + 1) * self.stride]);
         }
         self.to_tensor(&bytes, indices.len(), device)
     }
 
     pub fn labels(&self, range: Range<usize>, device: Device) -> Tensor {
+        if self.rows.is_some() {
+            return self.gather_labels(&range.collect::<Vec<_>>(), device);
+        }
         Tensor::from_slice(&self.labels[range.start - self.offset..range.end - self.offset])
             .to_device(device)
     }
 
     pub fn gather_labels(&self, indices: &[usize], device: Device) -> Tensor {
-        let v: Vec<i64> = indices
-            .iter()
-            .map(|&i| self.labels[i - self.offset])
-            .collect();
+        let v: Vec<i64> = indices.iter().map(|&i| self.labels[self.at(i)]).collect();
         Tensor::from_slice(&v).to_device(device)
     }
 
@@ -134,6 +185,9 @@ impl Split {
         let n = n.min(self.len());
         self.labels.truncate(n);
         self.images.truncate(n * self.stride);
+        if let Some(r) = &mut self.rows {
+            r.truncate(n);
+        }
     }
 }
 

@@ -163,13 +163,14 @@ fn hf_class_names(
     names.iter().map(|n| n.as_str().map(String::from)).collect()
 }
 
-/// Visits the rows `skip..skip + take` of `path` in order, each as (decoded image,
-/// label, where); reads only the row groups that hold them.
+/// Visits the rows `skip..skip + take` of `path` that `keep` wants, in order, each as
+/// (decoded image, label, where); reads only the row groups that hold them.
 pub(crate) fn read_file(
     path: &Path,
     cols: &Columns,
     skip: usize,
     take: usize,
+    keep: &dyn Fn(usize) -> bool,
     visit: &mut dyn FnMut(image::DynamicImage, i64, &str) -> Result<()>,
 ) -> Result<Option<Vec<String>>> {
     let reader = open(path)?;
@@ -183,7 +184,7 @@ pub(crate) fn read_file(
         let n = reader.metadata().row_group(g).num_rows().max(0) as usize;
         let range = first..first + n;
         first += n;
-        if range.end <= skip || range.start >= end {
+        if range.end <= skip || range.start >= end || !range.clone().any(keep) {
             continue;
         }
         let group = reader.get_row_group(g).map_err(bad)?;
@@ -194,6 +195,9 @@ pub(crate) fn read_file(
             }
             if index >= end {
                 break;
+            }
+            if !keep(index) {
+                continue;
             }
             let row = row.map_err(bad)?;
             let what = format!(" (row {index})");
@@ -275,7 +279,7 @@ pub(crate) fn load(root: &Path, resize: Option<[u32; 2]>, cols: &Columns) -> Res
         let (mut bytes, mut labels, mut parts) = (Vec::new(), Vec::new(), Vec::new());
         for file in files {
             let before = labels.len();
-            let n = read_file(file, cols, 0, usize::MAX, &mut |img, y, what| {
+            let n = read_file(file, cols, 0, usize::MAX, &|_| true, &mut |img, y, what| {
                 labels.push(y);
                 pixels.add(&mut bytes, img, file, what)
             })?;

@@ -70,13 +70,15 @@ struct Sample {
     json: Option<Vec<u8>>,
 }
 
-/// Visits the samples `skip..skip + take` of the shard `path` in order (`take` =
-/// `usize::MAX`: to the end), each as (decoded image, label); returns how many samples
-/// the shard has up to where it stopped reading.
+/// Visits the samples `skip..skip + take` of the shard `path` that `keep` (asked with
+/// the sample's index in the shard) wants, in order (`take` = `usize::MAX`: to the
+/// end), each as (decoded image, label); returns how many samples the shard has up to
+/// where it stopped reading. The members of samples not kept are not read.
 pub(crate) fn read_shard(
     path: &Path,
     skip: usize,
     take: usize,
+    keep: &dyn Fn(usize) -> bool,
     visit: &mut dyn FnMut(image::DynamicImage, i64, &str) -> Result<()>,
 ) -> Result<usize> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -92,6 +94,9 @@ pub(crate) fn read_shard(
         }
         if index - skip >= take {
             return Ok(false);
+        }
+        if !keep(index) {
+            return Ok(index + 1 - skip < take);
         }
         let what = format!(" (sample '{}')", s.key);
         let (member, bytes) = s.image.ok_or_else(|| {
@@ -136,7 +141,7 @@ pub(crate) fn read_shard(
             "png" | "jpg" | "jpeg" | "webp" | "cls" | "json"
         );
         // members past the range are not read: only their headers are
-        if !wanted || seen < skip {
+        if !wanted || seen < skip || !keep(seen) {
             continue;
         }
         let mut bytes = Vec::with_capacity(entry.size() as usize);
@@ -218,7 +223,7 @@ pub(crate) fn load(root: &Path, resize: Option<[u32; 2]>) -> Result<RawDataset> 
     let mut read = |shards: &[PathBuf]| -> Result<(Vec<u8>, Vec<i64>, Vec<Part>)> {
         let (mut bytes, mut labels, mut parts) = (Vec::new(), Vec::new(), Vec::new());
         for shard in shards {
-            let n = read_shard(shard, 0, usize::MAX, &mut |img, label, what| {
+            let n = read_shard(shard, 0, usize::MAX, &|_| true, &mut |img, label, what| {
                 labels.push(label);
                 pixels.add(&mut bytes, img, shard, what)
             })?;

@@ -47,10 +47,7 @@ impl DataSpec {
         range: Range<usize>,
         planned: Option<&[super::manifest::DataFile]>,
     ) -> Result<Dataset> {
-        let parts = match which {
-            SplitName::Train => &layout.train,
-            SplitName::Test => &layout.test,
-        };
+        let parts = split_parts(layout, which);
         let total: usize = parts.iter().map(|p| p.count).sum();
         if range.start > range.end || range.end > total {
             return Err(Error::invalid(
@@ -62,106 +59,232 @@ impl DataSpec {
             ));
         }
         let wanted = overlapping(parts, &range);
-        let root: PathBuf = match super::remote::S3Data::parse(&self.path)? {
-            Some(bucket) => {
-                let mut names: Vec<String> = Vec::new();
-                for (p, _, _) in &wanted {
-                    names.push(p.file.clone());
-                    names.extend(p.labels.clone());
-                }
-                match planned {
-                    Some(files) => {
-                        let mut pinned = Vec::new();
-                        for n in &names {
-                            pinned.push(files.iter().find(|f| &f.name == n).cloned().ok_or_else(
-                                || {
-                                    Error::invalid(
-                                        "data.path",
-                                        format!("{}: {n} is not in the job's plan", bucket.url()),
-                                    )
-                                },
-                            )?);
-                        }
-                        bucket.mirror_planned(&pinned)?
-                    }
-                    None => bucket.mirror_only(Some(&names))?,
-                }
-            }
-            None => self.path.clone(),
-        };
+        let root = self.local_root(&wanted, planned)?;
         let mut pixels = Pixels::fixed(layout.shape, self.resize);
         let (mut bytes, mut labels) = (Vec::new(), Vec::new());
-        let cols = parquet::Columns {
-            image: self.image_column.clone(),
-            label: self.label_column.clone(),
-        };
         for (part, skip, take) in wanted {
-            let file = root.join(&part.file);
-            let before = labels.len();
-            let mut visit = |img: image::DynamicImage, y: i64, what: &str| -> Result<()> {
-                labels.push(y);
-                pixels.add(&mut bytes, img, &file, what)
-            };
-            match layout.format {
-                DataFormat::Idx => {
-                    let stride: usize = layout.shape.iter().product();
-                    bytes.extend(idx::read_window(&file, skip, take, stride)?);
-                    let lf = part.labels.as_ref().map(|l| root.join(l)).ok_or_else(|| {
-                        Error::invalid("data layout", format!("{}: no labels file", part.file))
-                    })?;
-                    labels.extend(
-                        idx::read_window(&lf, skip, take, 1)?
-                            .into_iter()
-                            .map(i64::from),
-                    );
-                }
-                DataFormat::Folder => {
-                    let y = part.label.ok_or_else(|| {
-                        Error::invalid("data layout", format!("{}: no class", part.file))
-                    })?;
-                    visit(folder::decode(&file)?, y, "")?;
-                }
-                DataFormat::Webdataset => {
-                    webdataset::read_shard(&file, skip, take, &mut visit)?;
-                }
-                DataFormat::Parquet => {
-                    parquet::read_file(&file, &cols, skip, take, &mut visit)?;
-                }
-                DataFormat::Svhn | DataFormat::Auto => {
-                    return Err(Error::invalid(
-                        "data layout",
-                        format!("{:?} files are read whole, not by window", layout.format),
-                    ))
-                }
-            }
-            if labels.len() - before != take {
-                return Err(Error::format(
-                    &file,
-                    format!(
-                        "{} images where the plan counted {take} from image {skip}: the file changed since the job was planned",
-                        labels.len() - before
-                    ),
-                ));
-            }
+            let all: Vec<usize> = (skip..skip + take).collect();
+            self.read_part(
+                layout,
+                &root,
+                &part,
+                &all,
+                &mut pixels,
+                &mut bytes,
+                &mut labels,
+            )?;
         }
-        check_labels(&labels, layout, which, range.start, parts)?;
+        check_labels(&labels, layout, which, |i| range.start + i, parts)?;
         let shape = layout.shape;
         let window = Split::window_of(bytes, labels, shape, range.start);
-        let empty = Split::window_of(Vec::new(), Vec::new(), shape, 0);
-        let (train, test) = match which {
-            SplitName::Train => (window, empty),
-            SplitName::Test => (empty, window),
+        Ok(dataset_of(layout, which, window))
+    }
+
+    /// The images `rows` of split `which` (any order, repeats allowed), as a dataset
+    /// whose split `which` holds each once (a sparse split) and whose other split is
+    /// empty: what a fine-tune part reads (its rows are spread over the split), reading
+    /// only the files that hold them and decoding only those images.
+    pub fn read_rows(
+        &self,
+        layout: &DataLayout,
+        which: SplitName,
+        rows: &[usize],
+        planned: Option<&[super::manifest::DataFile]>,
+    ) -> Result<Dataset> {
+        let parts = split_parts(layout, which);
+        let total: usize = parts.iter().map(|p| p.count).sum();
+        let mut rows = rows.to_vec();
+        rows.sort_unstable();
+        rows.dedup();
+        if let Some(&last) = rows.last().filter(|&&l| l >= total) {
+            return Err(Error::invalid(
+                "data rows",
+                format!("image {last} is outside the {which} split of {total} images"),
+            ));
+        }
+        // per part: the part and the indices within it wanted
+        let mut wanted: Vec<(DataPart, Vec<usize>)> = Vec::new();
+        let (mut first, mut k) = (0usize, 0usize);
+        for p in parts {
+            let end = first + p.count;
+            let mine: Vec<usize> = rows[k..]
+                .iter()
+                .take_while(|&&i| i < end)
+                .map(|&i| i - first)
+                .collect();
+            k += mine.len();
+            if !mine.is_empty() {
+                wanted.push((p.clone(), mine));
+            }
+            first = end;
+        }
+        let spans: Vec<(DataPart, usize, usize)> = wanted
+            .iter()
+            .map(|(p, m)| (p.clone(), m[0], m[m.len() - 1] + 1 - m[0]))
+            .collect();
+        let root = self.local_root(&spans, planned)?;
+        let mut pixels = Pixels::fixed(layout.shape, self.resize);
+        let (mut bytes, mut labels) = (Vec::new(), Vec::new());
+        for (part, mine) in &wanted {
+            self.read_part(
+                layout,
+                &root,
+                part,
+                mine,
+                &mut pixels,
+                &mut bytes,
+                &mut labels,
+            )?;
+        }
+        check_labels(&labels, layout, which, |i| rows[i], parts)?;
+        let held = Split::rows_of(bytes, labels, layout.shape, rows);
+        Ok(dataset_of(layout, which, held))
+    }
+
+    /// The local folder the wanted files are in: this spec's folder, or for data in a
+    /// bucket the local copy of those objects (by the planned ETags when given).
+    fn local_root(
+        &self,
+        wanted: &[(DataPart, usize, usize)],
+        planned: Option<&[super::manifest::DataFile]>,
+    ) -> Result<PathBuf> {
+        let Some(bucket) = super::remote::S3Data::parse(&self.path)? else {
+            return Ok(self.path.clone());
         };
-        Ok(Dataset {
-            name: layout.name.clone(),
-            class_names: layout.class_names.clone(),
-            channels: shape[2],
-            height: shape[0],
-            width: shape[1],
-            train,
-            test,
-            layout: Some(layout.clone()),
-        })
+        let mut names: Vec<String> = Vec::new();
+        for (p, _, _) in wanted {
+            names.push(p.file.clone());
+            names.extend(p.labels.clone());
+        }
+        match planned {
+            Some(files) => {
+                let mut pinned = Vec::new();
+                for n in &names {
+                    pinned.push(
+                        files
+                            .iter()
+                            .find(|f| &f.name == n)
+                            .cloned()
+                            .ok_or_else(|| {
+                                Error::invalid(
+                                    "data.path",
+                                    format!("{}: {n} is not in the job's plan", bucket.url()),
+                                )
+                            })?,
+                    );
+                }
+                bucket.mirror_planned(&pinned)
+            }
+            None => bucket.mirror_only(Some(&names)),
+        }
+    }
+
+    /// Appends the images `mine` (ascending indices within the file) of one file of the
+    /// layout to `bytes` and their labels to `labels`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_part(
+        &self,
+        layout: &DataLayout,
+        root: &Path,
+        part: &DataPart,
+        mine: &[usize],
+        pixels: &mut Pixels,
+        bytes: &mut Vec<u8>,
+        labels: &mut Vec<i64>,
+    ) -> Result<()> {
+        let (Some(&skip), Some(&last)) = (mine.first(), mine.last()) else {
+            return Ok(());
+        };
+        let take = last + 1 - skip;
+        let contiguous = mine.len() == take;
+        let keep = |i: usize| contiguous || mine.binary_search(&i).is_ok();
+        let file = root.join(&part.file);
+        let before = labels.len();
+        let mut visit = |img: image::DynamicImage, y: i64, what: &str| -> Result<()> {
+            labels.push(y);
+            pixels.add(bytes, img, &file, what)
+        };
+        match layout.format {
+            DataFormat::Idx => {
+                let stride: usize = layout.shape.iter().product();
+                let lf = part.labels.as_ref().map(|l| root.join(l)).ok_or_else(|| {
+                    Error::invalid("data layout", format!("{}: no labels file", part.file))
+                })?;
+                let (x, y) = if contiguous {
+                    (
+                        idx::read_window(&file, skip, take, stride)?,
+                        idx::read_window(&lf, skip, take, 1)?,
+                    )
+                } else {
+                    (
+                        idx::read_rows(&file, mine, stride)?,
+                        idx::read_rows(&lf, mine, 1)?,
+                    )
+                };
+                bytes.extend(x);
+                labels.extend(y.into_iter().map(i64::from));
+            }
+            DataFormat::Folder => {
+                let y = part.label.ok_or_else(|| {
+                    Error::invalid("data layout", format!("{}: no class", part.file))
+                })?;
+                visit(folder::decode(&file)?, y, "")?;
+            }
+            DataFormat::Webdataset => {
+                webdataset::read_shard(&file, skip, take, &keep, &mut visit)?;
+            }
+            DataFormat::Parquet => {
+                let cols = parquet::Columns {
+                    image: self.image_column.clone(),
+                    label: self.label_column.clone(),
+                };
+                parquet::read_file(&file, &cols, skip, take, &keep, &mut visit)?;
+            }
+            DataFormat::Svhn | DataFormat::Auto => {
+                return Err(Error::invalid(
+                    "data layout",
+                    format!("{:?} files are read whole, not by window", layout.format),
+                ))
+            }
+        }
+        if labels.len() - before != mine.len() {
+            return Err(Error::format(
+                &file,
+                format!(
+                    "{} images where the plan counted {} from image {skip}: the file changed since the job was planned",
+                    labels.len() - before,
+                    mine.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn split_parts(layout: &DataLayout, which: SplitName) -> &[DataPart] {
+    match which {
+        SplitName::Train => &layout.train,
+        SplitName::Test => &layout.test,
+    }
+}
+
+/// A dataset whose split `which` is `held` and whose other split is empty.
+fn dataset_of(layout: &DataLayout, which: SplitName, held: Split) -> Dataset {
+    let shape = layout.shape;
+    let empty = Split::window_of(Vec::new(), Vec::new(), shape, 0);
+    let (train, test) = match which {
+        SplitName::Train => (held, empty),
+        SplitName::Test => (empty, held),
+    };
+    Dataset {
+        name: layout.name.clone(),
+        class_names: layout.class_names.clone(),
+        channels: shape[2],
+        height: shape[0],
+        width: shape[1],
+        train,
+        test,
+        layout: Some(layout.clone()),
     }
 }
 
@@ -170,14 +293,14 @@ fn check_labels(
     labels: &[i64],
     layout: &DataLayout,
     which: SplitName,
-    start: usize,
+    index_of: impl Fn(usize) -> usize,
     parts: &[DataPart],
 ) -> Result<()> {
     let n = layout.class_names.len() as i64;
     let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l >= n) else {
         return Ok(());
     };
-    let index = start + i;
+    let index = index_of(i);
     let file = overlapping(parts, &(index..index + 1))
         .first()
         .map(|(p, _, _)| p.labels.clone().unwrap_or(p.file.clone()))
