@@ -59,7 +59,7 @@ pub fn nearest_training_images(
     let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::new(); scenarios.len()];
     tch::no_grad(|| -> Result<()> {
         for std::ops::Range { start, end } in searched(n) {
-            let x = ds.train.images(start..end, vae.device());
+            let x = ds.train.read(start..end)?.images(start..end, vae.device());
             let (mu, _) = vae.encode(&x)?;
             let dist = Tensor::cdist(
                 &means,
@@ -101,7 +101,7 @@ pub fn write(
         if idx.is_empty() {
             continue;
         }
-        let imgs = ds.train.gather(idx, Device::Cpu);
+        let imgs = ds.train.read_rows(idx)?.gather(idx, Device::Cpu);
         crate::images::write_grid(&dir.join(format!("nearest-{}.png", s.id)), &[imgs], 3)?;
     }
     // the projection: every code, coloured by its scenario

@@ -144,13 +144,16 @@ pub fn accuracy(clf: &Classifier, split: &Split, device: Device) -> Result<f64> 
         return Ok(f64::NAN);
     }
     let mut correct = 0i64;
-    for start in (0..split.len()).step_by(1000) {
-        let end = (start + 1000).min(split.len());
-        let x = split.images(start..end, device);
-        let y = split.labels(start..end, device);
-        let (pred, _) = clf.predict(&x, 1000)?;
-        correct += i64::try_from(pred.eq_tensor(&y).sum(Kind::Int64))?;
-    }
+    split.for_windows(0..split.len(), |w, range| {
+        for start in range.clone().step_by(1000) {
+            let end = (start + 1000).min(range.end);
+            let x = w.images(start..end, device);
+            let y = w.labels(start..end, device);
+            let (pred, _) = clf.predict(&x, 1000)?;
+            correct += i64::try_from(pred.eq_tensor(&y).sum(Kind::Int64))?;
+        }
+        Ok(())
+    })?;
     Ok(correct as f64 / split.len() as f64)
 }
 
@@ -208,16 +211,18 @@ pub fn vae_test_loss(vae: &Vae, split: &Split) -> Result<(f64, f64)> {
     let device = vae.device();
     let (mut rec, mut kl) = (0.0, 0.0);
     tch::no_grad(|| {
-        for start in (0..split.len()).step_by(1000) {
-            let end = (start + 1000).min(split.len());
-            let x = split.images(start..end, device);
-            let (mu, logvar) = vae.encode(&x)?;
-            let recon = vae.decode(&mu)?;
-            let (r, k) = vae_loss_terms(&x, &recon, &mu, &logvar);
-            rec += f64::try_from(r)? * (end - start) as f64;
-            kl += f64::try_from(k)? * (end - start) as f64;
-        }
-        Ok::<_, Error>(())
+        split.for_windows(0..split.len(), |w, range| {
+            for start in range.clone().step_by(1000) {
+                let end = (start + 1000).min(range.end);
+                let x = w.images(start..end, device);
+                let (mu, logvar) = vae.encode(&x)?;
+                let recon = vae.decode(&mu)?;
+                let (r, k) = vae_loss_terms(&x, &recon, &mu, &logvar);
+                rec += f64::try_from(r)? * (end - start) as f64;
+                kl += f64::try_from(k)? * (end - start) as f64;
+            }
+            Ok(())
+        })
     })?;
     let n = split.len().max(1) as f64;
     Ok((rec / n, kl / n))

@@ -451,7 +451,71 @@ fn webdataset_and_parquet_read_the_same_images_as_idx() {
             e.contains("image 40 is outside the train split of 40"),
             "{e}"
         );
+
+        // opened (what the central steps use): the layout without decoding, the same
+        // images read by window, by rows, or whole; limits cut the splits
+        let opened = spec.open().unwrap();
+        assert_eq!(opened.layout, full.layout, "{format:?}");
+        assert_eq!(opened.class_names, full.class_names, "{format:?}");
+        assert_eq!(opened.image_shape(), [1, 28, 28]);
+        assert!(
+            !opened.train.is_held() && !opened.test.is_held(),
+            "{format:?}"
+        );
+        assert_eq!((opened.train.len(), opened.test.len()), (40, 20));
+        let w = opened.test.read(5..19).unwrap();
+        assert!(w
+            .images(5..19, tch::Device::Cpu)
+            .equal(&want.test.images(5..19, tch::Device::Cpu)));
+        let r = opened.train.read_rows(&rows).unwrap();
+        assert!(r
+            .gather(&rows, tch::Device::Cpu)
+            .equal(&want.train.gather(&rows, tch::Device::Cpu)));
+        let held = opened.held().unwrap();
+        assert!(held.train.images == want.train.images && held.train.labels == want.train.labels);
+        assert!(held.test.images == want.test.images && held.test.labels == want.test.labels);
+        let mut seen = Vec::new();
+        opened
+            .test
+            .for_windows(3..20, |w, range| {
+                seen.extend(range.clone());
+                assert!(w.holds(range));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, (3..20).collect::<Vec<_>>());
+        let e = opened.test.read(10..21).unwrap_err().to_string();
+        assert!(e.contains("outside the test split of 20"), "{e}");
+        let mut limited = spec.clone();
+        limited.limit_test = 7;
+        assert_eq!(limited.open().unwrap().test.len(), 7);
     }
+    // an image folder opens from its listing and its first image
+    let classes = d.path().join("classes");
+    for split in ["train", "test"] {
+        for e in std::fs::read_dir(pngs.join(split)).unwrap() {
+            let p = e.unwrap().path();
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let (i, label) = stem.split_once('_').unwrap();
+            let dir = classes.join(split).join(label);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(&p, dir.join(format!("{i:0>3}.png"))).unwrap();
+        }
+    }
+    let folder = DataSpec::from_path(&classes);
+    let (opened, full) = (folder.open().unwrap(), folder.load().unwrap());
+    assert!(!opened.train.is_held());
+    assert_eq!(opened.layout, full.layout);
+    assert!(opened.held().unwrap().test.images == full.test.images);
+    // WebDataset shards whose classes neither a classes.txt nor the config names are read
+    // whole: the number of classes comes from every label
+    std::fs::remove_file(made.join("wds/classes.txt")).unwrap();
+    let unnamed = DataSpec::from_path(made.join("wds")).open().unwrap();
+    assert!(unnamed.train.is_held());
+    assert_eq!(unnamed.num_classes(), want.num_classes());
+    let mut named = DataSpec::from_path(made.join("wds"));
+    named.num_classes = Some(10);
+    assert!(!named.open().unwrap().train.is_held());
 }
 
 fn tar_with(path: &Path, members: &[(&str, &[u8])]) {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::pixels::Pixels;
-use super::{Part, RawDataset};
+use super::{Part, RawDataset, Scanned};
 use crate::error::{Error, Result};
 
 /// Image files with their class index.
@@ -16,6 +16,58 @@ pub(crate) fn load(
     test_fraction: f64,
     resize: Option<[u32; 2]>,
 ) -> Result<RawDataset> {
+    let (classes, train_files, test_files) = split_files(root, test_fraction)?;
+    let mut pixels = Pixels::new(resize);
+    let mut read = |files: Vec<(PathBuf, i64)>| -> Result<(Vec<u8>, Vec<i64>)> {
+        let mut bytes = Vec::new();
+        let mut labels = Vec::with_capacity(files.len());
+        for (path, class) in files {
+            pixels.add(&mut bytes, decode(&path)?, &path, "")?;
+            labels.push(class);
+        }
+        Ok((bytes, labels))
+    };
+    let parts = Some([parts(&train_files), parts(&test_files)]);
+    let train = read(train_files)?;
+    let test = read(test_files)?;
+    Ok(RawDataset {
+        shape: pixels.shape().expect("both splits have images"),
+        train,
+        test,
+        class_names: Some(classes),
+        parts,
+        train_labels_file: root.to_path_buf(),
+        test_labels_file: root.to_path_buf(),
+    })
+}
+
+/// The folder's layout from its listing and its first image alone (no other image is
+/// decoded: one of another size is found when a window holding it is read).
+pub(crate) fn scan(root: &Path, test_fraction: f64, resize: Option<[u32; 2]>) -> Result<Scanned> {
+    let (classes, train_files, test_files) = split_files(root, test_fraction)?;
+    let mut pixels = Pixels::new(resize);
+    let (first, _) = &train_files[0];
+    pixels.add(&mut Vec::new(), decode(first)?, first, "")?;
+    Ok(Scanned {
+        shape: pixels.shape().expect("one image added"),
+        class_names: Some(classes),
+        max_label: None,
+        parts: [parts(&train_files), parts(&test_files)],
+    })
+}
+
+fn parts(files: &Labelled) -> Vec<Part> {
+    files
+        .iter()
+        .map(|(p, c)| Part {
+            label: Some(*c),
+            ..Part::of(p, 1)
+        })
+        .collect()
+}
+
+/// The class names and the train and test image files (neither empty).
+fn split_files(root: &Path, test_fraction: f64) -> Result<(Vec<String>, Labelled, Labelled)> {
     let (train_dir, test_dir) = (root.join("train"), root.join("test"));
     let (classes, train_files, test_files) = if train_dir.is_dir() && test_dir.is_dir() {
         let (classes, train) = list(&train_dir)?;
@@ -71,37 +123,7 @@ pub(crate) fn load(
             ),
         ));
     }
-    let mut pixels = Pixels::new(resize);
-    let mut read = |files: Vec<(PathBuf, i64)>| -> Result<(Vec<u8>, Vec<i64>)> {
-        let mut bytes = Vec::new();
-        let mut labels = Vec::with_capacity(files.len());
-        for (path, class) in files {
-            pixels.add(&mut bytes, decode(&path)?, &path, "")?;
-            labels.push(class);
-        }
-        Ok((bytes, labels))
-    };
-    let parts = |files: &Labelled| -> Vec<Part> {
-        files
-            .iter()
-            .map(|(p, c)| Part {
-                label: Some(*c),
-                ..Part::of(p, 1)
-            })
-            .collect()
-    };
-    let parts = Some([parts(&train_files), parts(&test_files)]);
-    let train = read(train_files)?;
-    let test = read(test_files)?;
-    Ok(RawDataset {
-        shape: pixels.shape().expect("both splits have images"),
-        train,
-        test,
-        class_names: Some(classes),
-        parts,
-        train_labels_file: root.to_path_buf(),
-        test_labels_file: root.to_path_buf(),
-    })
+    Ok((classes, train_files, test_files))
 }
 
 pub(crate) fn decode(path: &Path) -> Result<image::DynamicImage> {

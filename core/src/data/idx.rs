@@ -83,9 +83,29 @@ fn skip_items(r: &mut dyn Read, path: &Path, bytes: usize) -> Result<()> {
     Ok(())
 }
 
+/// The dimensions an IDX file of unsigned bytes declares (the first: the number of
+/// items), read from its header alone.
+pub fn header(path: &Path) -> Result<Vec<usize>> {
+    let (_, dims) = open_header(path)?;
+    Ok(dims)
+}
+
 /// An IDX file opened (gzip or not) past its header, whose items must be `item` bytes:
 /// the reader at the first item, and the number of items.
 fn open_items(path: &Path, item: usize) -> Result<(Box<dyn Read>, usize)> {
+    let (r, dims) = open_header(path)?;
+    let per: usize = dims[1..].iter().product();
+    if per != item {
+        return Err(Error::format(
+            path,
+            format!("items of {item} bytes asked, the file has items of {per} bytes"),
+        ));
+    }
+    Ok((r, dims[0]))
+}
+
+/// An IDX file of unsigned bytes opened past its header, and its dimensions.
+fn open_header(path: &Path) -> Result<(Box<dyn Read>, Vec<usize>)> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut f = std::io::BufReader::new(f);
     let magic = std::io::BufRead::fill_buf(&mut f).map_err(|e| Error::io(path, e))?;
@@ -104,18 +124,11 @@ fn open_items(path: &Path, item: usize) -> Result<(Box<dyn Read>, usize)> {
     let mut dims = vec![0u8; 4 * head[3] as usize];
     r.read_exact(&mut dims)
         .map_err(|_| bad("truncated header"))?;
-    let n = u32::from_be_bytes([dims[0], dims[1], dims[2], dims[3]]) as usize;
-    let per: usize = dims[4..]
+    let dims = dims
         .chunks(4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .product();
-    if per != item {
-        return Err(Error::format(
-            path,
-            format!("items of {item} bytes asked, the file has items of {per} bytes"),
-        ));
-    }
-    Ok((r, n))
+        .collect();
+    Ok((r, dims))
 }
 
 /// Parses IDX bytes; the error is a message without the file name.

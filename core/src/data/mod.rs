@@ -13,8 +13,10 @@ pub mod remote;
 mod webdataset;
 mod window;
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -54,7 +56,23 @@ pub struct Split {
     /// a sparse split (`DataSpec::read_rows`, what a fine-tune part reads): the
     /// indices of the images held, ascending; `None`: `offset..offset + len`
     rows: Option<Vec<usize>>,
+    /// a split whose images stay in their files (`DataSpec::open`): none held, each
+    /// read by window (`read`, `for_windows`)
+    source: Option<Arc<SplitSource>>,
 }
+
+/// Where a split left in its files is read from.
+#[derive(Debug, Clone)]
+struct SplitSource {
+    spec: DataSpec,
+    layout: DataLayout,
+    which: SplitName,
+    /// images of the split (after `limit_train` / `limit_test`)
+    len: usize,
+}
+
+/// Pixels read at once by [`Split::for_windows`] from a split left in its files.
+const WINDOW_BYTES: usize = 64 << 20;
 
 impl Split {
     fn new(images: Vec<u8>, labels: Vec<i64>, shape: [usize; 3]) -> Self {
@@ -71,7 +89,92 @@ impl Split {
             shape,
             offset,
             rows: None,
+            source: None,
         }
+    }
+
+    fn on_files(source: SplitSource) -> Self {
+        Split {
+            source: Some(Arc::new(source)),
+            ..Self::window_of(Vec::new(), Vec::new(), [0, 0, 0], 0)
+        }
+    }
+
+    /// Whether the images are in memory; else they are read by window ([`Split::read`]).
+    pub fn is_held(&self) -> bool {
+        self.source.is_none()
+    }
+
+    /// A split holding images `range`: this one when it holds them, else a window read
+    /// from the files.
+    pub fn read(&self, range: Range<usize>) -> Result<Cow<'_, Split>> {
+        match &self.source {
+            None => Ok(Cow::Borrowed(self)),
+            Some(s) => {
+                if range.end > s.len {
+                    return Err(Error::invalid(
+                        "data window",
+                        format!(
+                            "{}..{} is outside the {} split of {} images",
+                            range.start, range.end, s.which, s.len
+                        ),
+                    ));
+                }
+                let ds = s.spec.read_window(&s.layout, s.which, range)?;
+                Ok(Cow::Owned(ds.into_split(s.which)))
+            }
+        }
+    }
+
+    /// A split holding the images `rows`: this one when it holds every image, else
+    /// those rows read from the files.
+    pub fn read_rows(&self, rows: &[usize]) -> Result<Cow<'_, Split>> {
+        match &self.source {
+            None => Ok(Cow::Borrowed(self)),
+            Some(s) => {
+                if let Some(&i) = rows.iter().find(|&&i| i >= s.len) {
+                    return Err(Error::invalid(
+                        "data rows",
+                        format!(
+                            "image {i} is outside the {} split of {} images",
+                            s.which, s.len
+                        ),
+                    ));
+                }
+                let ds = s.spec.read_rows(&s.layout, s.which, rows, None)?;
+                Ok(Cow::Owned(ds.into_split(s.which)))
+            }
+        }
+    }
+
+    /// The whole split in memory (read from the files when it is left there): for the
+    /// steps that draw batches from all of it (training the built-in models, the
+    /// single-process fine-tune).
+    pub fn whole(&self) -> Result<Cow<'_, Split>> {
+        self.read(0..self.len())
+    }
+
+    /// Calls `f` with windows that together hold the images `range`, in order, each
+    /// with the part of `range` it holds: this split once when it is in memory, else
+    /// windows of at most 64 MiB of pixels read one after the other.
+    pub fn for_windows(
+        &self,
+        range: Range<usize>,
+        mut f: impl FnMut(&Split, Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(s) = &self.source else {
+            return f(self, range);
+        };
+        let stride: usize = s.layout.shape.iter().product();
+        let step = (WINDOW_BYTES / stride.max(1)).max(1);
+        let mut a = range.start;
+        while a < range.end {
+            let b = (a + step).min(range.end);
+            let w = self.read(a..b)?;
+            f(&w, a..b)?;
+            a = b;
+        }
+        Ok(())
     }
 
     /// The images at `rows` (ascending, distinct indices of the whole split).
@@ -93,6 +196,10 @@ impl Split {
     /// held is a bug of the caller (every reader of a window or rows asks only for
     /// what it read).
     fn at(&self, i: usize) -> usize {
+        assert!(
+            self.source.is_none(),
+            "image {i} asked of a split left in its files: read a window first"
+        );
         match &self.rows {
             None => i - self.offset,
             Some(rows) => rows
@@ -114,9 +221,12 @@ impl Split {
         }
     }
 
-    /// The number of images held.
+    /// The number of images held (of a split left in its files: its images).
     pub fn len(&self) -> usize {
-        self.labels.len()
+        match &self.source {
+            Some(s) => s.len,
+            None => self.labels.len(),
+        }
     }
 
     /// The label of image `i` (an index of the whole split, inside `window`).
@@ -127,6 +237,9 @@ impl Split {
     /// The indices of the images held: `0..len` for a whole split (for rows: from the
     /// first to past the last, not all of them held).
     pub fn window(&self) -> Range<usize> {
+        if self.source.is_some() {
+            return 0..0;
+        }
         match &self.rows {
             None => self.offset..self.offset + self.labels.len(),
             Some(r) => r.first().map_or(0..0, |&a| a..r[r.len() - 1] + 1),
@@ -134,12 +247,12 @@ impl Split {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
     }
 
     /// Images `range` as float32 NCHW in [0,1] on `device`.
     pub fn images(&self, range: Range<usize>, device: Device) -> Tensor {
-        if self.rows.is_some() {
+        if self.rows.is_some() || self.source.is_some() {
             return self.gather(&range.collect::<Vec<_>>(), device);
         }
         let (a, b) = (range.start - self.offset, range.end - self.offset);
@@ -158,7 +271,7 @@ impl Split {
     }
 
     pub fn labels(&self, range: Range<usize>, device: Device) -> Tensor {
-        if self.rows.is_some() {
+        if self.rows.is_some() || self.source.is_some() {
             return self.gather_labels(&range.collect::<Vec<_>>(), device);
         }
         Tensor::from_slice(&self.labels[range.start - self.offset..range.end - self.offset])
@@ -183,6 +296,10 @@ impl Split {
     /// Keeps the first `n` images (for quick runs and tests).
     pub fn truncate(&mut self, n: usize) {
         let n = n.min(self.len());
+        if let Some(s) = &mut self.source {
+            Arc::make_mut(s).len = n;
+            return;
+        }
         self.labels.truncate(n);
         self.images.truncate(n * self.stride);
         if let Some(r) = &mut self.rows {
@@ -229,6 +346,27 @@ impl Dataset {
             .ok()
             .and_then(|c| self.class_names.get(c).cloned())
             .unwrap_or_else(|| class.to_string())
+    }
+
+    /// Split `which`, taken out.
+    pub fn into_split(self, which: SplitName) -> Split {
+        match which {
+            SplitName::Train => self.train,
+            SplitName::Test => self.test,
+        }
+    }
+
+    /// This data set with both splits in memory (read from the files where they were
+    /// left there): what training the built-in models needs.
+    pub fn held(&self) -> Result<Cow<'_, Dataset>> {
+        if self.train.is_held() && self.test.is_held() {
+            return Ok(Cow::Borrowed(self));
+        }
+        Ok(Cow::Owned(Dataset {
+            train: self.train.whole()?.into_owned(),
+            test: self.test.whole()?.into_owned(),
+            ..self.clone()
+        }))
     }
 
     /// Index ranges of at most `shard_size` images covering `split`: what a shard is.
@@ -327,23 +465,91 @@ impl DataSpec {
         self.path.to_str().is_some_and(|p| p.starts_with("s3://"))
     }
 
+    /// Reads the whole data set into memory (every image decoded, every label checked).
     pub fn load(&self) -> Result<Dataset> {
-        if let Some(bucket) = remote::S3Data::parse(&self.path)? {
-            let local = DataSpec {
-                path: bucket.mirror()?,
-                name: Some(self.name.clone().unwrap_or_else(|| {
-                    bucket
-                        .prefix
-                        .rsplit('/')
-                        .next()
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or(&bucket.bucket)
-                        .to_string()
-                })),
-                ..self.clone()
+        let local = self.local()?;
+        let format = local.resolved_format()?;
+        local.load_local(format)
+    }
+
+    /// The data set with its images left in their files: the layout read without
+    /// decoding them (IDX headers and labels, tar members' headers, Parquet footers, a
+    /// folder's listing; one image for the shape), each split read by window when a
+    /// step asks for images (`Split::read`, `Split::for_windows`). What the central
+    /// steps use: their memory follows the window, not the data set. A label out of
+    /// range or an image of another size is then found by the read that meets it, and
+    /// named. SVHN's MAT files, and WebDataset or Parquet data whose classes neither
+    /// the files (`classes.txt`, the Hugging Face metadata) nor the config name, are
+    /// read whole ([`DataSpec::load`]).
+    pub fn open(&self) -> Result<Dataset> {
+        let local = self.local()?;
+        let format = local.resolved_format()?;
+        let cols = parquet::Columns {
+            image: local.image_column.clone(),
+            label: local.label_column.clone(),
+        };
+        let scanned = match format {
+            DataFormat::Idx => scan_idx_dir(&local.path)?,
+            DataFormat::Webdataset => webdataset::scan(&local.path, local.resize)?,
+            DataFormat::Parquet => parquet::scan(&local.path, local.resize, &cols)?,
+            DataFormat::Folder => folder::scan(&local.path, local.test_fraction, local.resize)?,
+            DataFormat::Svhn | DataFormat::Auto => return local.load_local(format),
+        };
+        let Some(class_names) = local.class_names_of(scanned.class_names, scanned.max_label)?
+        else {
+            return local.load_local(format);
+        };
+        let name = local.dataset_name();
+        let layout = local.layout_of(format, scanned.shape, &class_names, &name, scanned.parts);
+        let [h, w, c] = scanned.shape;
+        let on_files = |which: SplitName, limit: usize| {
+            let parts = match which {
+                SplitName::Train => &layout.train,
+                SplitName::Test => &layout.test,
             };
-            return local.load();
-        }
+            let n: usize = parts.iter().map(|p| p.count).sum();
+            Split::on_files(SplitSource {
+                spec: local.clone(),
+                layout: layout.clone(),
+                which,
+                len: if limit > 0 { n.min(limit) } else { n },
+            })
+        };
+        Ok(Dataset {
+            name,
+            class_names,
+            channels: c,
+            height: h,
+            width: w,
+            train: on_files(SplitName::Train, local.limit_train),
+            test: on_files(SplitName::Test, local.limit_test),
+            layout: Some(layout),
+        })
+    }
+
+    /// This spec, or for data in a bucket a spec of the process's local copy of it
+    /// (named after the prefix).
+    fn local(&self) -> Result<DataSpec> {
+        let Some(bucket) = remote::S3Data::parse(&self.path)? else {
+            return Ok(self.clone());
+        };
+        Ok(DataSpec {
+            path: bucket.mirror()?,
+            name: Some(self.name.clone().unwrap_or_else(|| {
+                bucket
+                    .prefix
+                    .rsplit('/')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(&bucket.bucket)
+                    .to_string()
+            })),
+            ..self.clone()
+        })
+    }
+
+    /// The format of the local folder `path` (`auto` resolved), with `resize` checked.
+    fn resolved_format(&self) -> Result<DataFormat> {
         if !self.path.is_dir() {
             return Err(Error::invalid(
                 "data.path",
@@ -377,6 +583,10 @@ impl DataSpec {
                 ));
             }
         }
+        Ok(format)
+    }
+
+    fn load_local(&self, format: DataFormat) -> Result<Dataset> {
         let raw = match format {
             DataFormat::Idx => load_idx_dir(&self.path)?,
             DataFormat::Svhn => mat::load(&self.path)?,
@@ -401,24 +611,25 @@ impl DataSpec {
         Ok(ds)
     }
 
-    fn finish(&self, raw: RawDataset, format: DataFormat) -> Result<Dataset> {
-        let name = self.name.clone().unwrap_or_else(|| {
+    fn dataset_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
             self.path
                 .canonicalize()
                 .unwrap_or_else(|_| self.path.clone())
                 .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "data".into())
-        });
-        let max_label = raw
-            .train
-            .1
-            .iter()
-            .chain(&raw.test.1)
-            .copied()
-            .max()
-            .unwrap_or(0);
-        let class_names = match (&self.class_names, self.num_classes, raw.class_names) {
+        })
+    }
+
+    /// The class names: the config's, else the files', else `0..=max_label` (`None`
+    /// where the labels were not read).
+    fn class_names_of(
+        &self,
+        from_files: Option<Vec<String>>,
+        max_label: Option<i64>,
+    ) -> Result<Option<Vec<String>>> {
+        let names = match (&self.class_names, self.num_classes, from_files) {
             (Some(names), Some(n), _) if names.len() != n => {
                 return Err(Error::invalid(
                     "data.class_names",
@@ -438,14 +649,70 @@ impl DataSpec {
             }
             (None, _, Some(names)) => names,
             (None, Some(n), None) => (0..n).map(|i| i.to_string()).collect(),
-            (None, None, None) => (0..=max_label).map(|i| i.to_string()).collect(),
+            (None, None, None) => match max_label {
+                Some(m) => (0..=m.max(0)).map(|i| i.to_string()).collect(),
+                None => return Ok(None),
+            },
         };
-        if class_names.is_empty() {
+        if names.is_empty() {
             return Err(Error::invalid(
                 "data.num_classes",
                 "a dataset needs at least one class",
             ));
         }
+        Ok(Some(names))
+    }
+
+    /// The layout of the files a reader saw, with paths relative to the data folder.
+    fn layout_of(
+        &self,
+        format: DataFormat,
+        shape: [usize; 3],
+        class_names: &[String],
+        name: &str,
+        [train, test]: [Vec<Part>; 2],
+    ) -> DataLayout {
+        let rel = |p: &Path| -> String {
+            p.strip_prefix(&self.path)
+                .unwrap_or(p)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let parts = |v: Vec<Part>| -> Vec<DataPart> {
+            v.into_iter()
+                .map(|p| DataPart {
+                    file: rel(&p.file),
+                    labels: p.labels.as_deref().map(rel),
+                    label: p.label,
+                    count: p.count,
+                })
+                .collect()
+        };
+        DataLayout {
+            format,
+            shape,
+            class_names: class_names.to_vec(),
+            name: name.to_string(),
+            train: parts(train),
+            test: parts(test),
+        }
+    }
+
+    fn finish(&self, raw: RawDataset, format: DataFormat) -> Result<Dataset> {
+        let name = self.dataset_name();
+        let max_label = raw
+            .train
+            .1
+            .iter()
+            .chain(&raw.test.1)
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let class_names = self
+            .class_names_of(raw.class_names, Some(max_label))?
+            .expect("labels read");
         for (which, (file, labels)) in [
             ("train", (&raw.train_labels_file, &raw.train.1)),
             ("test", (&raw.test_labels_file, &raw.test.1)),
@@ -462,34 +729,9 @@ impl DataSpec {
             }
         }
         let [h, w, c] = raw.shape;
-        let rel = |p: &Path| -> String {
-            p.strip_prefix(&self.path)
-                .unwrap_or(p)
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join("/")
-        };
-        let layout = raw.parts.map(|[train, test]| {
-            let parts = |v: Vec<Part>| -> Vec<DataPart> {
-                v.into_iter()
-                    .map(|p| DataPart {
-                        file: rel(&p.file),
-                        labels: p.labels.as_deref().map(rel),
-                        label: p.label,
-                        count: p.count,
-                    })
-                    .collect()
-            };
-            DataLayout {
-                format,
-                shape: raw.shape,
-                class_names: class_names.clone(),
-                name: name.clone(),
-                train: parts(train),
-                test: parts(test),
-            }
-        });
+        let layout = raw
+            .parts
+            .map(|parts| self.layout_of(format, raw.shape, &class_names, &name, parts));
         Ok(Dataset {
             name,
             class_names,
@@ -501,6 +743,48 @@ impl DataSpec {
             layout,
         })
     }
+}
+
+/// What a scan learns of a data set without decoding its images (`DataSpec::open`).
+pub(crate) struct Scanned {
+    pub shape: [usize; 3],
+    /// the classes the files name (folders, `classes.txt`, Hugging Face metadata)
+    pub class_names: Option<Vec<String>>,
+    /// the largest label, where the scan read the labels (IDX)
+    pub max_label: Option<i64>,
+    pub parts: [Vec<Part>; 2],
+}
+
+/// IDX files' layout from their headers, and their labels (one byte an image, checked
+/// here: only the images are left in the files).
+fn scan_idx_dir(dir: &Path) -> Result<Scanned> {
+    let [train_images, train_labels, test_images, test_labels] = idx_files(dir)?;
+    let shape = image_shape(&train_images, &idx::header(&train_images)?)?;
+    let test_shape = image_shape(&test_images, &idx::header(&test_images)?)?;
+    if shape != test_shape {
+        return Err(Error::format(
+            &test_images,
+            format!("test images are {test_shape:?} (HWC) but train images are {shape:?}"),
+        ));
+    }
+    let mut max_label = 0i64;
+    let mut parts = Vec::new();
+    for (images, labels) in [(&train_images, &train_labels), (&test_images, &test_labels)] {
+        let n = idx::header(images)?[0];
+        let y = read_labels(labels, n, images)?;
+        max_label = y.iter().copied().max().unwrap_or(0).max(max_label);
+        parts.push(vec![Part {
+            labels: Some(labels.clone()),
+            ..Part::of(images, n)
+        }]);
+    }
+    let [train, test]: [Vec<Part>; 2] = parts.try_into().expect("two splits");
+    Ok(Scanned {
+        shape,
+        class_names: None,
+        max_label: Some(max_label),
+        parts: [train, test],
+    })
 }
 
 /// What a reader produces: bytes and labels per split, the HWC shape, and the files
@@ -604,7 +888,8 @@ fn find_idx(dir: &Path, prefixes: &[&str]) -> Option<PathBuf> {
     hits.into_iter().next()
 }
 
-fn load_idx_dir(dir: &Path) -> Result<RawDataset> {
+/// The four IDX files of a folder: train images and labels, test images and labels.
+fn idx_files(dir: &Path) -> Result<[PathBuf; 4]> {
     let need = |prefixes: &[&str], what: &str| {
         find_idx(dir, prefixes).ok_or_else(|| {
             Error::format(
@@ -616,10 +901,16 @@ fn load_idx_dir(dir: &Path) -> Result<RawDataset> {
             )
         })
     };
-    let train_images = need(&["train-images"], "train images")?;
-    let train_labels = need(&["train-labels"], "train labels")?;
-    let test_images = need(&["t10k-images", "test-images"], "test images")?;
-    let test_labels = need(&["t10k-labels", "test-labels"], "test labels")?;
+    Ok([
+        need(&["train-images"], "train images")?,
+        need(&["train-labels"], "train labels")?,
+        need(&["t10k-images", "test-images"], "test images")?,
+        need(&["t10k-labels", "test-labels"], "test labels")?,
+    ])
+}
+
+fn load_idx_dir(dir: &Path) -> Result<RawDataset> {
+    let [train_images, train_labels, test_images, test_labels] = idx_files(dir)?;
     let (shape, train_x) = read_images(&train_images)?;
     let (test_shape, test_x) = read_images(&test_images)?;
     if shape != test_shape {
@@ -661,7 +952,12 @@ fn load_idx_dir(dir: &Path) -> Result<RawDataset> {
 
 fn read_images(path: &Path) -> Result<([usize; 3], Vec<u8>)> {
     let a = idx::read_idx(path)?;
-    let shape = match a.dims[..] {
+    Ok((image_shape(path, &a.dims)?, a.data))
+}
+
+/// `[h, w, c]` of the images of an IDX file with dimensions `dims`.
+fn image_shape(path: &Path, dims: &[usize]) -> Result<[usize; 3]> {
+    let shape = match dims[..] {
         [_, h, w] => [h, w, 1],
         [_, h, w, c] if c == 1 || c == 3 => [h, w, c],
         [_, _, _, c] => {
@@ -673,10 +969,7 @@ fn read_images(path: &Path) -> Result<([usize; 3], Vec<u8>)> {
         _ => {
             return Err(Error::format(
                 path,
-                format!(
-                    "images need 3 (N,H,W) or 4 (N,H,W,C) dimensions, the file has {:?}",
-                    a.dims
-                ),
+                format!("images need 3 (N,H,W) or 4 (N,H,W,C) dimensions, the file has {dims:?}"),
             ))
         }
     };
@@ -686,7 +979,7 @@ fn read_images(path: &Path) -> Result<([usize; 3], Vec<u8>)> {
             format!("empty image size {}x{}", shape[0], shape[1]),
         ));
     }
-    Ok((shape, a.data))
+    Ok(shape)
 }
 
 fn read_labels(path: &Path, n_images: usize, images: &Path) -> Result<Vec<i64>> {

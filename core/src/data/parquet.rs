@@ -14,7 +14,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 
 use super::pixels::{decode, Pixels};
-use super::{Part, RawDataset};
+use super::{Part, RawDataset, Scanned};
 use crate::error::{Error, Result};
 
 /// Which columns hold the image and the label.
@@ -269,6 +269,51 @@ fn row_values(
             format!("row{what} lacks its image or label"),
         )),
     }
+}
+
+/// The files' layout without decoding them: rows per file from the footers, the
+/// columns checked against each schema, the class names of the Hugging Face metadata,
+/// the shape of the first row's image.
+pub(crate) fn scan(root: &Path, resize: Option<[u32; 2]>, cols: &Columns) -> Result<Scanned> {
+    let (train_files, test_files) = files(root)?;
+    let mut pixels = Pixels::new(resize);
+    let mut names = None;
+    let mut count = |files: &[PathBuf]| -> Result<Vec<Part>> {
+        let mut parts = Vec::new();
+        for file in files {
+            let reader = open(file)?;
+            let (_, label) = columns(&reader, file, cols)?;
+            if names.is_none() {
+                names = hf_class_names(&reader, &label);
+            }
+            let n: i64 = reader.metadata().file_metadata().num_rows();
+            let n = usize::try_from(n)
+                .map_err(|_| Error::format(file, format!("{n} rows in the footer")))?;
+            if pixels.shape().is_none() && n > 0 {
+                read_file(file, cols, 0, 1, &|_| true, &mut |img, _, what| {
+                    pixels.add(&mut Vec::new(), img, file, what)
+                })?;
+            }
+            parts.push(Part::of(file, n));
+        }
+        Ok(parts)
+    };
+    let parts = [count(&train_files)?, count(&test_files)?];
+    let shape = pixels
+        .shape()
+        .ok_or_else(|| Error::format(root, "the Parquet files hold no rows"))?;
+    if parts.iter().any(|p| p.iter().all(|p| p.count == 0)) {
+        return Err(Error::format(
+            root,
+            "the train and test files both need rows",
+        ));
+    }
+    Ok(Scanned {
+        shape,
+        class_names: names,
+        max_label: None,
+        parts,
+    })
 }
 
 pub(crate) fn load(root: &Path, resize: Option<[u32; 2]>, cols: &Columns) -> Result<RawDataset> {

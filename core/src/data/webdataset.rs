@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::pixels::{decode, Pixels};
-use super::{Part, RawDataset};
+use super::{Part, RawDataset, Scanned};
 use crate::error::{Error, Result};
 
 /// The shards of each split, in order: (train, test).
@@ -215,6 +215,44 @@ pub(crate) fn class_names(root: &Path) -> Result<Option<Vec<String>>> {
             .filter(|l| !l.is_empty())
             .collect(),
     ))
+}
+
+/// The shards' layout without decoding them: each shard's samples counted from its
+/// members' headers (no member is read), the shape of the first sample, the class
+/// names of `classes.txt`.
+pub(crate) fn scan(root: &Path, resize: Option<[u32; 2]>) -> Result<Scanned> {
+    let (train_shards, test_shards) = shards(root)?;
+    let mut pixels = Pixels::new(resize);
+    let mut count = |shards: &[PathBuf]| -> Result<Vec<Part>> {
+        let mut parts = Vec::new();
+        for shard in shards {
+            let n = if pixels.shape().is_none() {
+                read_shard(shard, 0, usize::MAX, &|i| i == 0, &mut |img, _, what| {
+                    pixels.add(&mut Vec::new(), img, shard, what)
+                })?
+            } else {
+                read_shard(shard, 0, usize::MAX, &|_| false, &mut |_, _, _| Ok(()))?
+            };
+            parts.push(Part::of(shard, n));
+        }
+        Ok(parts)
+    };
+    let parts = [count(&train_shards)?, count(&test_shards)?];
+    let shape = pixels
+        .shape()
+        .ok_or_else(|| Error::format(root, "the train shards hold no samples"))?;
+    if parts.iter().any(|p| p.iter().all(|p| p.count == 0)) {
+        return Err(Error::format(
+            root,
+            "the train and test shards both need samples",
+        ));
+    }
+    Ok(Scanned {
+        shape,
+        class_names: class_names(root)?,
+        max_label: None,
+        parts,
+    })
 }
 
 pub(crate) fn load(root: &Path, resize: Option<[u32; 2]>) -> Result<RawDataset> {

@@ -200,7 +200,7 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
         timings: vec![],
     };
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
-    let ds = cfg.data.load()?;
+    let ds = cfg.data.open()?;
     write_json(&job.out.join(layout::CLASSES), &ds.class_names)?;
     let toml_path = job.out.join(layout::JOB_TOML);
     std::fs::write(

@@ -48,8 +48,9 @@ pub(super) fn run(
                 r
             }
             _ => {
+                let window = split.read(range.clone())?;
                 let r = identify::identify(
-                    split,
+                    &window,
                     o.split,
                     range.clone(),
                     clf,

@@ -16,6 +16,9 @@ pub(super) fn load_or_train(
 ) -> Result<(Classifier, Vae)> {
     let cfg = job.cfg;
     let shape = ds.image_shape();
+    // training draws batches from the whole training split: read into memory once,
+    // and only when a model is trained
+    let mut held: Option<std::borrow::Cow<'_, Dataset>> = None;
     let nc = ds.num_classes() as i64;
     let t = &cfg.train;
     let clf = match &cfg.models.classifier {
@@ -46,7 +49,11 @@ pub(super) fn load_or_train(
                     max_batches: 0,
                     lr_decay: t.classifier_lr_decay,
                 };
-                train::train_classifier(ds, &mut m, &o)?;
+                if held.is_none() {
+                    held = Some(ds.held()?);
+                }
+                let data = held.as_deref().expect("read above");
+                train::train_classifier(data, &mut m, &o)?;
                 job.dir("models")?;
                 m.save(&p)?;
                 m
@@ -81,10 +88,14 @@ pub(super) fn load_or_train(
                     max_batches: 0,
                     lr_decay: t.vae_lr_decay,
                 };
-                train::train_vae(ds, &mut m, &o)?;
+                if held.is_none() {
+                    held = Some(ds.held()?);
+                }
+                let data = held.as_deref().expect("read above");
+                train::train_vae(data, &mut m, &o)?;
                 job.dir("models")?;
                 m.save(&p)?;
-                let x = ds.test.images(0..16.min(ds.test.len()), device);
+                let x = data.test.images(0..16.min(data.test.len()), device);
                 crate::images::write_grid(
                     &job.out.join("models/vae.recon.png"),
                     &[x.shallow_clone(), train::reconstruct(&m, &x)?],
