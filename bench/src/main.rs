@@ -335,6 +335,7 @@ seed = 1
 [data]
 path = "{data}"
 format = "webdataset"
+num_classes = 10
 limit_train = 4000
 [models]
 classifier = "{clf}"

@@ -561,6 +561,18 @@ impl S3Store {
             .send()
             .await
             .map_err(|x| self.sdk_err(key, x))?;
+        // a server that ignores If-Match (s3s-fs does) still says which version it sent
+        let sent = r.e_tag().map(|t| t.trim_matches('"'));
+        if sent.is_some_and(|t| t != etag.trim_matches('"')) {
+            return Err(ArtifactError::Refused {
+                store: self.url(),
+                key: key.to_string(),
+                msg: format!(
+                    "ETag {} where {etag} was asked for (If-Match)",
+                    sent.unwrap_or_default()
+                ),
+            });
+        }
         let io = |e: std::io::Error| self.err(key, format!("{}: {e}", path.display()));
         if let Some(d) = path.parent() {
             tokio::fs::create_dir_all(d).await.map_err(io)?;
