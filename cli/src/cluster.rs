@@ -668,6 +668,18 @@ pub enum Embedded {
 }
 
 pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
+    // identify in `workers` in-process workers sharing libtorch's threads (0: one worker
+    // a thread, the split that measured fastest), the central steps with all of them
+    let cores = defuse_core::threads::default_count();
+    let workers = if workers == 0 { cores } else { workers };
+    let per_worker = (cores / workers).max(1);
+    defuse_core::threads::set_central(cores);
+    tracing::info!(
+        workers,
+        threads_per_worker = per_worker,
+        central_threads = cores,
+        "embedded run"
+    );
     let out = cfg.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let toml_text = toml::to_string(cfg)?;
@@ -722,6 +734,7 @@ pub fn embedded(cfg: &JobConfig, workers: usize) -> anyhow::Result<Embedded> {
         for i in 0..workers.max(1) {
             let mut w = defuse_worker::WorkerConfig::new(url.clone());
             w.device = cfg.device.clone();
+            w.threads = per_worker;
             w.cache_dir = out.join(format!("worker-{i}"));
             w.token = Some(worker_token.clone());
             handles.push(tokio::spawn(defuse_worker::run(w, wait(stop_rx.clone()))));

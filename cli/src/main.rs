@@ -48,8 +48,10 @@ enum Command {
         /// Output folder (default: the config's `out`, else runs/<name>).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Workers in this process.
-        #[arg(long, default_value_t = 1)]
+        /// Identify workers in this process; libtorch's threads (OMP_NUM_THREADS, else
+        /// the cores) are shared among them, and the central steps use them all. 0: one
+        /// worker per thread, each with one thread (the fastest split measured).
+        #[arg(long, default_value_t = 0)]
         workers: usize,
         /// Override a setting of the job file: KEY=VALUE, e.g. identify.samples=50
         /// (the value in TOML syntax, a bare word else a string: quote a string that

@@ -533,6 +533,7 @@ async fn blocking<T: Send + 'static, E: Into<StepError> + Send + 'static>(
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let _in = span.enter();
+        defuse_core::threads::enter_central();
         f()
     })
     .await

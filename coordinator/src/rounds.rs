@@ -197,6 +197,7 @@ pub(crate) async fn average(
         .map_err(|e| StepError::fatal(format!("job config of {job}: {e}")))?;
     let (plan2, next2) = (plan.clone(), next.clone());
     tokio::task::spawn_blocking(move || -> Result<(), String> {
+        defuse_core::threads::enter_central();
         let load = |p: &std::path::Path| {
             Classifier::load(p, plan2.image_shape, plan2.num_classes, tch::Device::Cpu)
                 .map_err(|e| e.to_string())

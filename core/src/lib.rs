@@ -23,6 +23,7 @@ pub mod seeds;
 pub mod sources;
 pub mod table;
 pub mod tensor_io;
+pub mod threads;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -78,9 +78,8 @@ pub async fn run(
     let id = defuse_core::fresh_process_id();
     let device =
         models::parse_device(&cfg.device).map_err(|e| WorkerError::Other(e.to_string()))?;
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
+    // the task threads set theirs (`threads::enter`); this one's is for anything else
+    defuse_core::threads::enter(cfg.threads);
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -612,7 +611,9 @@ async fn finetune(
     let datasets = datasets.clone();
     let out2 = out_path.clone();
     let (round, part) = (part.round as usize, part.part as usize);
+    let threads = cfg.threads;
     let r = tokio::task::spawn_blocking(move || -> Result<String, TaskError> {
+        defuse_core::threads::enter(threads);
         let exec = |e: defuse_core::Error| {
             let retryable = !matches!(e, defuse_core::Error::Invalid { .. });
             task_error(FailureKind::Execution, retryable, e.to_string())
@@ -749,7 +750,9 @@ async fn execute(
     let (start, end) = (spec.start as usize, spec.end as usize);
     let out2 = out_path.clone();
     let flags = (abandon.clone(), stop.clone());
+    let threads = cfg.threads;
     let r = tokio::task::spawn_blocking(move || -> Result<String, Ended> {
+        defuse_core::threads::enter(threads);
         let exec = |e: defuse_core::Error| match e {
             defuse_core::Error::Cancelled => Ended::Cancelled,
             e => {
