@@ -128,6 +128,18 @@ fn small_run_is_complete_deterministic_and_resumable() {
     }
     assert_eq!(s["dataset"], "mnist");
     assert!(s["n_failures"].as_u64().unwrap() > 0);
+    // coverage per class adds up to the split's counts
+    let cov = s["coverage"].as_array().unwrap();
+    assert_eq!(cov.len(), 10, "every digit is in the searched images");
+    for (key, total) in [
+        ("images", "n_images_in_split"),
+        ("searched", "n_images_searched"),
+        ("wrong", "n_images_wrong"),
+        ("reconstruction_wrong", "n_reconstructions_wrong"),
+    ] {
+        let sum: u64 = cov.iter().map(|c| c[key].as_u64().unwrap()).sum();
+        assert_eq!(sum, s[total].as_u64().unwrap(), "{key}");
+    }
     assert!(s["n_scenarios"].as_u64().unwrap() >= 1);
     for key in [
         "test_accuracy_before",

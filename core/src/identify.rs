@@ -177,9 +177,44 @@ pub struct IdentifyStats {
     pub n_perturbations: usize,
     pub n_failures: usize,
     pub n_images_with_failure: usize,
+    /// The same counts per true class (indexed by the label): which classes the search
+    /// covered and which it mostly skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_class: Vec<ClassCounts>,
+}
+
+/// Identify's counts for the images of one class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassCounts {
+    pub images: usize,
+    /// misclassified as they are
+    pub wrong: usize,
+    /// whose plain VAE reconstruction is misclassified
+    pub recon_wrong: usize,
+    pub searched: usize,
+    pub with_failure: usize,
+}
+
+impl ClassCounts {
+    fn add(&mut self, o: &ClassCounts) {
+        self.images += o.images;
+        self.wrong += o.wrong;
+        self.recon_wrong += o.recon_wrong;
+        self.searched += o.searched;
+        self.with_failure += o.with_failure;
+    }
 }
 
 impl IdentifyStats {
+    /// The counts of class `c`, grown to hold it.
+    fn class(&mut self, c: i64) -> &mut ClassCounts {
+        let c = usize::try_from(c).unwrap_or(0);
+        if self.by_class.len() <= c {
+            self.by_class.resize(c + 1, ClassCounts::default());
+        }
+        &mut self.by_class[c]
+    }
+
     /// Adds the counts of the next range (ranges in order).
     pub fn absorb(&mut self, s: &IdentifyStats) {
         if self.n_images == 0 {
@@ -194,6 +229,9 @@ impl IdentifyStats {
         self.n_perturbations += s.n_perturbations;
         self.n_failures += s.n_failures;
         self.n_images_with_failure += s.n_images_with_failure;
+        for (c, k) in s.by_class.iter().enumerate() {
+            self.class(c as i64).add(k);
+        }
     }
 }
 
@@ -343,15 +381,28 @@ pub fn identify(
             let ok = if o.only_correct {
                 let (p, _) = clf.predict(&x, o.chunk as i64)?;
                 let (pr, _) = clf.predict(&vae.decode(&mu)?, o.chunk as i64)?;
-                let right = p.eq_tensor(&y);
-                let recon_right = pr.eq_tensor(&y);
-                stats.n_wrong += i64::try_from(right.logical_not().sum(Kind::Int64))? as usize;
-                stats.n_recon_wrong +=
-                    i64::try_from(recon_right.logical_not().sum(Kind::Int64))? as usize;
-                Vec::<bool>::try_from(right.logical_and(&recon_right).to_device(Device::Cpu))?
+                let right = Vec::<bool>::try_from(p.eq_tensor(&y).to_device(Device::Cpu))?;
+                let recon_right = Vec::<bool>::try_from(pr.eq_tensor(&y).to_device(Device::Cpu))?;
+                for i in 0..end - start {
+                    let k = stats.class(split.label(start + i));
+                    k.wrong += usize::from(!right[i]);
+                    k.recon_wrong += usize::from(!recon_right[i]);
+                }
+                stats.n_wrong += right.iter().filter(|r| !**r).count();
+                stats.n_recon_wrong += recon_right.iter().filter(|r| !**r).count();
+                right
+                    .iter()
+                    .zip(&recon_right)
+                    .map(|(a, b)| *a && *b)
+                    .collect()
             } else {
                 vec![true; end - start]
             };
+            for (i, &searched) in ok.iter().enumerate() {
+                let k = stats.class(split.label(start + i));
+                k.images += 1;
+                k.searched += usize::from(searched);
+            }
             let picked: Vec<usize> = (0..end - start).filter(|&i| ok[i]).collect();
             if !progress(end - start) {
                 return Err(Error::Cancelled);
@@ -407,6 +458,7 @@ pub fn identify(
                     continue;
                 }
                 stats.n_images_with_failure += 1;
+                stats.class(label).with_failure += 1;
                 // smallest ||eps|| first; ties broken by draw order, so the result is exact
                 fails.sort_by(|&a, &b| norms[a].total_cmp(&norms[b]).then(a.cmp(&b)));
                 for &r in fails.iter().take(keep) {

@@ -46,6 +46,28 @@ pub struct ScenarioSummary {
     pub sample_predictions: Vec<i64>,
 }
 
+/// Identify's coverage of one class of the searched split: how many of its images were
+/// searched, and why the others were not.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassCoverage {
+    pub class: i64,
+    pub name: String,
+    pub images: usize,
+    /// misclassified as they are (skipped: not a hidden failure)
+    pub wrong: usize,
+    /// whose plain VAE reconstruction is misclassified (skipped: any perturbation of
+    /// their code would count the VAE's error as the classifier's)
+    pub reconstruction_wrong: usize,
+    pub searched: usize,
+    pub with_failure: usize,
+    /// fewer than half of the class's images were searched: its failures are largely
+    /// unexplored (a better VAE for this class is the fix)
+    pub mostly_skipped: bool,
+}
+
+/// Below this share of a class's images searched, the class is flagged.
+pub const MOSTLY_SKIPPED_BELOW: f64 = 0.5;
+
 /// `report/summary.json`. Accuracies are fractions in [0,1].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
@@ -72,10 +94,33 @@ pub struct Summary {
     pub scenario_test_samples: usize,
     pub model: PathBuf,
     pub scenarios: Vec<ScenarioSummary>,
+    /// identify's coverage per class of the searched split
+    #[serde(default)]
+    pub coverage: Vec<ClassCoverage>,
     /// Seconds per step (the report's own is 0).
     pub step_seconds: Vec<(String, f64)>,
     #[serde(skip)]
     class_names: Vec<String>,
+}
+
+/// The per-class counts of a search, as the summary shows them.
+fn coverage(istats: &IdentifyStats, ds: &Dataset) -> Vec<ClassCoverage> {
+    istats
+        .by_class
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.images > 0)
+        .map(|(c, k)| ClassCoverage {
+            class: c as i64,
+            name: ds.class_name(c as i64),
+            images: k.images,
+            wrong: k.wrong,
+            reconstruction_wrong: k.recon_wrong,
+            searched: k.searched,
+            with_failure: k.with_failure,
+            mostly_skipped: (k.searched as f64) < MOSTLY_SKIPPED_BELOW * k.images as f64,
+        })
+        .collect()
 }
 
 impl Summary {
@@ -142,6 +187,7 @@ impl Summary {
             scenario_test_samples: ev.scenario_test_samples,
             model: ev.model.clone(),
             scenarios: scen,
+            coverage: coverage(istats, ds),
             step_seconds,
             class_names: ds.class_names.clone(),
         }
@@ -226,6 +272,28 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                     }
                 }
                 p.small { "Fine-tuned model: " (s.model.display()) ". Step times: " (steps.join(", ")) "." }
+                @if !s.coverage.is_empty() {
+                    h2 { "Coverage by class" }
+                    p.small {
+                        "Identify searches the images the classifier gets right both as they are and as the VAE reconstructs them; "
+                        "the others are skipped. A class with fewer than half of its images searched is flagged: its failures are "
+                        "largely unexplored, and a VAE that reconstructs it better is the fix."
+                    }
+                    table {
+                        tr { th { "class" } th { "images" } th { "misclassified" } th { "reconstruction misclassified" } th { "searched" } th { "with a failure" } th {} }
+                        @for c in &s.coverage {
+                            tr {
+                                td { (c.name) }
+                                td { (c.images) }
+                                td { (c.wrong) }
+                                td { (c.reconstruction_wrong) }
+                                td { (c.searched) " (" (format!("{:.0}", 100.0 * c.searched as f64 / c.images.max(1) as f64)) "%)" }
+                                td { (c.with_failure) }
+                                td { @if c.mostly_skipped { b { "mostly skipped: not searched" } } }
+                            }
+                        }
+                    }
+                }
                 h2 { "All failures" }
                 p.small { "Every failure code projected on its first two principal components, coloured by scenario." }
                 (embedded_img(&pictures.join("projection.svg"), "image/svg+xml", "failure codes by scenario"))
@@ -295,6 +363,16 @@ mod tests {
             scenario_accuracy_before: 0.1,
             scenario_accuracy_after: 0.8,
             scenario_test_samples: 50,
+            coverage: vec![ClassCoverage {
+                class: 0,
+                name: evil.into(),
+                images: 10,
+                wrong: 1,
+                reconstruction_wrong: 6,
+                searched: 3,
+                with_failure: 2,
+                mostly_skipped: true,
+            }],
             model: PathBuf::from(evil),
             scenarios: vec![ScenarioSummary {
                 id: 0,
@@ -319,6 +397,8 @@ mod tests {
             "{html}"
         );
         assert!(html.contains("<em>discarded</em>"), "{html}");
+        assert!(html.contains("mostly skipped: not searched"), "{html}");
+        assert!(html.contains("3 (30%)"), "{html}");
         assert!(html.contains("accuracy 10.0% → <b>–</b>"), "{html}");
         // the grid found is embedded; the missing projection and nearest images are left out
         assert_eq!(html.matches("data:image/png;base64,").count(), 1, "{html}");

@@ -17,6 +17,11 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 /// 40 constant 4x4 images: pixel value v_i, label 1 when v_i > 0.5.
 fn planted() -> (tempfile::TempDir, Dataset, Vec<f64>) {
+    planted_with(0)
+}
+
+/// [`planted`] with the `mislabelled` darkest images (class 0) labelled 1.
+fn planted_with(mislabelled: usize) -> (tempfile::TempDir, Dataset, Vec<f64>) {
     let d = tempfile::tempdir().unwrap();
     let values: Vec<u8> = (0..40).map(|i| (i * 255 / 39) as u8).collect();
     let imgs: Vec<u8> = values
@@ -25,7 +30,8 @@ fn planted() -> (tempfile::TempDir, Dataset, Vec<f64>) {
         .collect();
     let labels: Vec<u8> = values
         .iter()
-        .map(|&v| (v as f64 / 255.0 > 0.5) as u8)
+        .enumerate()
+        .map(|(i, &v)| (i < mislabelled || v as f64 / 255.0 > 0.5) as u8)
         .collect();
     for split in ["train", "t10k"] {
         write_idx(
@@ -249,4 +255,37 @@ fn failures_round_trip_through_safetensors() {
             .contains("outside the test split's images 0..40"),
         "{e}"
     );
+}
+
+/// Identify's counts per class: the mislabelled images are misclassified and skipped,
+/// in their (given) class; the counts add up to the totals, and shards add up to one
+/// range.
+#[test]
+fn coverage_per_class_says_what_was_skipped_and_why() {
+    let (_d, ds, values) = planted_with(6);
+    let (clf, vae) = models();
+    let o = opts(2);
+    let (_, stats) = identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 4, |_| {
+        true
+    })
+    .unwrap();
+    let k = &stats.by_class;
+    assert_eq!(k.len(), 2, "{stats:?}");
+    let ones = values.iter().filter(|&&v| v > 0.5).count();
+    assert_eq!((k[0].images, k[1].images), (40 - ones - 6, ones + 6));
+    // the six dark images labelled 1 are classified 0, as are their reconstructions
+    assert!(k[1].wrong >= 6 && k[1].recon_wrong >= 6, "{k:?}");
+    assert!(k[1].searched <= ones, "{k:?}");
+    let sum = |f: fn(&defuse_core::identify::ClassCounts) -> usize| k.iter().map(f).sum::<usize>();
+    assert_eq!(sum(|c| c.images), stats.n_images);
+    assert_eq!(sum(|c| c.searched), stats.n_searched);
+    assert_eq!(sum(|c| c.wrong), stats.n_wrong);
+    assert_eq!(sum(|c| c.recon_wrong), stats.n_recon_wrong);
+    assert_eq!(sum(|c| c.with_failure), stats.n_images_with_failure);
+    let mut shards = defuse_core::identify::IdentifyStats::default();
+    for r in [0..9, 9..23, 23..40] {
+        let (_, s) = identify(&ds.test, SplitName::Test, r, &clf, &vae, &o, 4, |_| true).unwrap();
+        shards.absorb(&s);
+    }
+    assert_eq!(shards.by_class, stats.by_class);
 }
