@@ -224,13 +224,28 @@ pub fn fine_tune_steps(
     Ok((ce_t, ce_s, n))
 }
 
-/// Fine-tunes `clf` in place (single process).
+/// Fine-tunes `clf` in place (single process). A training split left in its files is
+/// read a group of steps at a time, at most 64 MiB of pixels each.
 pub fn fine_tune(
     clf: &mut Classifier,
     train: &Split,
     data: &ScenarioData,
     o: &CorrectOptions,
     seed: u64,
+) -> Result<Vec<CorrectEpoch>> {
+    let rows_per_group = (crate::data::WINDOW_BYTES / train.bytes_per_image().max(1)).max(1);
+    fine_tune_in_groups(clf, train, data, o, seed, rows_per_group)
+}
+
+/// [`fine_tune`], reading the rows of at most `rows_per_group` / `batch_size` steps at a
+/// time (the same steps, in the same order, whatever the group size).
+pub fn fine_tune_in_groups(
+    clf: &mut Classifier,
+    train: &Split,
+    data: &ScenarioData,
+    o: &CorrectOptions,
+    seed: u64,
+    rows_per_group: usize,
 ) -> Result<Vec<CorrectEpoch>> {
     o.validate()?;
     let mut opt = nn::Sgd {
@@ -247,17 +262,27 @@ pub fn fine_tune(
             batches.len() as u64,
             &format!("correct epoch {epoch}/{}", o.epochs),
         );
-        let (ct, cs, n) = fine_tune_steps(
-            clf,
-            &mut opt,
-            train,
-            &batches,
-            &data.train_x,
-            &data.train_y,
-            &scn_batches,
-            o.lambda,
-            || bar.inc(1),
-        )?;
+        // the steps in groups whose rows fit a window: a split left in its files is
+        // read group by group (`read_rows`), one in memory is used as it is
+        let steps_per_group = (rows_per_group / o.batch_size).max(1);
+        let (mut ct, mut cs, mut n) = (0.0, 0.0, 0usize);
+        for (g, group) in batches.chunks(steps_per_group).enumerate() {
+            let first = g * steps_per_group;
+            let rows: Vec<usize> = group.iter().flat_map(|b| b.iter().copied()).collect();
+            let held = train.read_rows(&rows)?;
+            let (t, s, k) = fine_tune_steps(
+                clf,
+                &mut opt,
+                &held,
+                group,
+                &data.train_x,
+                &data.train_y,
+                &scn_batches[first..first + group.len()],
+                o.lambda,
+                || bar.inc(1),
+            )?;
+            (ct, cs, n) = (ct + t, cs + s, n + k);
+        }
         bar.finish_and_clear();
         let e = CorrectEpoch {
             epoch,

@@ -333,6 +333,52 @@ fn a_part_on_its_rows_alone_trains_as_on_the_whole_split() {
     }
 }
 
+/// The single-process fine-tune on a training split left in its files, read a group of
+/// steps at a time, ends with the weights of the same fine-tune on the split in memory.
+#[test]
+fn fine_tune_on_a_split_in_its_files_read_by_groups_equals_one_in_memory() {
+    let mut spec = DataSpec::from_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist"));
+    spec.limit_train = 1000;
+    let (opened, loaded) = (spec.open().unwrap(), spec.load().unwrap());
+    assert!(!opened.train.is_held() && loaded.train.is_held());
+    assert_eq!(opened.train.len(), 1000);
+    let o = defuse_core::correct::CorrectOptions {
+        epochs: 2,
+        batch_size: 32,
+        scenario_batch_size: 8,
+        lr: 0.05,
+        ..Default::default()
+    };
+    let data = defuse_core::correct::ScenarioData {
+        train_x: loaded.test.images(0..24, Device::Cpu),
+        train_y: loaded.test.labels(0..24, Device::Cpu),
+        test_x: loaded.test.images(24..30, Device::Cpu),
+        test_y: loaded.test.labels(24..30, Device::Cpu),
+        test_scenario: vec![0; 6],
+    };
+    let tune = |train: &defuse_core::data::Split, rows_per_group: usize| {
+        let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+        tch::manual_seed(3);
+        let h =
+            defuse_core::correct::fine_tune_in_groups(&mut c, train, &data, &o, 9, rows_per_group)
+                .unwrap();
+        (c, h)
+    };
+    // 32 steps an epoch; groups of 3 steps (100 rows) read from the files
+    let (a, ha) = tune(&loaded.train, usize::MAX);
+    let (b, hb) = tune(&opened.train, 100);
+    assert_eq!(ha.len(), 2);
+    for (x, y) in ha.iter().zip(&hb) {
+        assert!(
+            (x.ce_train - y.ce_train).abs() < 1e-9 && (x.ce_scenario - y.ce_scenario).abs() < 1e-9
+        );
+    }
+    let (va, vb) = (a.var_store().variables(), b.var_store().variables());
+    for (name, t) in &va {
+        assert!(t.equal(&vb[name]), "{name} differs");
+    }
+}
+
 #[test]
 fn averaged_torchscript_parts_are_the_mean_and_save_as_torchscript() {
     let ds = mnist_subset(256, 64);

@@ -71,8 +71,9 @@ struct SplitSource {
     len: usize,
 }
 
-/// Pixels read at once by [`Split::for_windows`] from a split left in its files.
-const WINDOW_BYTES: usize = 64 << 20;
+/// Pixels read at once from a split left in its files ([`Split::for_windows`], the
+/// single-process fine-tune's groups of steps).
+pub const WINDOW_BYTES: usize = 64 << 20;
 
 impl Split {
     fn new(images: Vec<u8>, labels: Vec<i64>, shape: [usize; 3]) -> Self {
@@ -97,6 +98,14 @@ impl Split {
         Split {
             source: Some(Arc::new(source)),
             ..Self::window_of(Vec::new(), Vec::new(), [0, 0, 0], 0)
+        }
+    }
+
+    /// Bytes of one image's pixels (`h * w * c`).
+    pub fn bytes_per_image(&self) -> usize {
+        match &self.source {
+            Some(s) => s.layout.shape.iter().product(),
+            None => self.stride,
         }
     }
 
@@ -162,11 +171,10 @@ impl Split {
         range: Range<usize>,
         mut f: impl FnMut(&Split, Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        let Some(s) = &self.source else {
+        if self.source.is_none() {
             return f(self, range);
-        };
-        let stride: usize = s.layout.shape.iter().product();
-        let step = (WINDOW_BYTES / stride.max(1)).max(1);
+        }
+        let step = (WINDOW_BYTES / self.bytes_per_image().max(1)).max(1);
         let mut a = range.start;
         while a < range.end {
             let b = (a + step).min(range.end);

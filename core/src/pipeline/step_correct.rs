@@ -143,9 +143,7 @@ pub(super) fn correct_and_evaluate(
     let data = correct::scenario_data(vae, scenarios, labels, cfg.distill.tau, o, cfg.seed)?;
     let mut tuned = step_models::load_classifier_again(job, ds, device)?;
     tch::manual_seed(cfg.seed as i64);
-    // the single-process fine-tune draws batches from the whole training split
-    let train = ds.train.whole()?;
-    let history = correct::fine_tune(&mut tuned, &train, &data, o, cfg.seed)?;
+    let history = correct::fine_tune(&mut tuned, &ds.train, &data, o, cfg.seed)?;
     tuned.save(tuned_path)?;
     evaluate(ds, clf, &tuned, &data, history, tuned_path)
 }
