@@ -233,8 +233,7 @@ pub fn fine_tune(
     o: &CorrectOptions,
     seed: u64,
 ) -> Result<Vec<CorrectEpoch>> {
-    let rows_per_group = (crate::data::WINDOW_BYTES / train.bytes_per_image().max(1)).max(1);
-    fine_tune_in_groups(clf, train, data, o, seed, rows_per_group)
+    fine_tune_in_groups(clf, train, data, o, seed, train.rows_per_window())
 }
 
 /// [`fine_tune`], reading the rows of at most `rows_per_group` / `batch_size` steps at a

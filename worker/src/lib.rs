@@ -509,7 +509,7 @@ fn part_data(
     match (planned, manifest.as_ref().and_then(|m| m.layout.as_ref())) {
         (Some(p), Some(layout)) => {
             check_data(datasets, job_cfg, p)?;
-            let n_train = layout.train.iter().map(|p| p.count).sum();
+            let n_train = layout.images(SplitName::Train);
             let rows = defuse_core::correct::part_rows(
                 n_train,
                 n_scenario,

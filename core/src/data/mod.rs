@@ -73,7 +73,7 @@ struct SplitSource {
 
 /// Pixels read at once from a split left in its files ([`Split::for_windows`], the
 /// single-process fine-tune's groups of steps).
-pub const WINDOW_BYTES: usize = 64 << 20;
+const WINDOW_BYTES: usize = 64 << 20;
 
 impl Split {
     fn new(images: Vec<u8>, labels: Vec<i64>, shape: [usize; 3]) -> Self {
@@ -107,6 +107,12 @@ impl Split {
             Some(s) => s.layout.shape.iter().product(),
             None => self.stride,
         }
+    }
+
+    /// Images of at most 64 MiB of pixels: how many a read from the files takes at
+    /// once.
+    pub fn rows_per_window(&self) -> usize {
+        (WINDOW_BYTES / self.bytes_per_image().max(1)).max(1)
     }
 
     /// Whether the images are in memory; else they are read by window ([`Split::read`]).
@@ -174,7 +180,7 @@ impl Split {
         if self.source.is_none() {
             return f(self, range);
         }
-        let step = (WINDOW_BYTES / self.bytes_per_image().max(1)).max(1);
+        let step = self.rows_per_window();
         let mut a = range.start;
         while a < range.end {
             let b = (a + step).min(range.end);
@@ -511,11 +517,7 @@ impl DataSpec {
         let layout = local.layout_of(format, scanned.shape, &class_names, &name, scanned.parts);
         let [h, w, c] = scanned.shape;
         let on_files = |which: SplitName, limit: usize| {
-            let parts = match which {
-                SplitName::Train => &layout.train,
-                SplitName::Test => &layout.test,
-            };
-            let n: usize = parts.iter().map(|p| p.count).sum();
+            let n = layout.images(which);
             Split::on_files(SplitSource {
                 spec: local.clone(),
                 layout: layout.clone(),
@@ -844,6 +846,21 @@ pub struct DataLayout {
     pub name: String,
     pub train: Vec<DataPart>,
     pub test: Vec<DataPart>,
+}
+
+impl DataLayout {
+    /// The files of split `which`, in order.
+    pub fn parts(&self, which: SplitName) -> &[DataPart] {
+        match which {
+            SplitName::Train => &self.train,
+            SplitName::Test => &self.test,
+        }
+    }
+
+    /// The images of split `which`.
+    pub fn images(&self, which: SplitName) -> usize {
+        self.parts(which).iter().map(|p| p.count).sum()
+    }
 }
 
 /// One file's images of a split.

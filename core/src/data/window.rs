@@ -47,8 +47,7 @@ impl DataSpec {
         range: Range<usize>,
         planned: Option<&[super::manifest::DataFile]>,
     ) -> Result<Dataset> {
-        let parts = split_parts(layout, which);
-        let total: usize = parts.iter().map(|p| p.count).sum();
+        let (parts, total) = (layout.parts(which), layout.images(which));
         if range.start > range.end || range.end > total {
             return Err(Error::invalid(
                 "data window",
@@ -91,8 +90,7 @@ impl DataSpec {
         rows: &[usize],
         planned: Option<&[super::manifest::DataFile]>,
     ) -> Result<Dataset> {
-        let parts = split_parts(layout, which);
-        let total: usize = parts.iter().map(|p| p.count).sum();
+        let (parts, total) = (layout.parts(which), layout.images(which));
         let mut rows = rows.to_vec();
         rows.sort_unstable();
         rows.dedup();
@@ -258,13 +256,6 @@ impl DataSpec {
             ));
         }
         Ok(())
-    }
-}
-
-fn split_parts(layout: &DataLayout, which: SplitName) -> &[DataPart] {
-    match which {
-        SplitName::Train => &layout.train,
-        SplitName::Test => &layout.test,
     }
 }
 
