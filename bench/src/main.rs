@@ -148,6 +148,27 @@ enum Cmd {
         #[arg(long)]
         work: PathBuf,
     },
+    /// The planted-bug benchmark: a copy of MNIST whose thin 1s (the third of the
+    /// training 1s with the least ink) are labelled 7 in the training split only; `defuse
+    /// run` trains on it, searches, distills, labels with the automatic oracle and
+    /// corrects. Prints whether a scenario of 1s read as 7 was found and labelled, and
+    /// the classifiers' accuracy on the real thin 1s of the test split (true label 1)
+    /// and on the rest, before and after correction.
+    Planted {
+        #[arg(long)]
+        defuse: PathBuf,
+        #[arg(long)]
+        mnist: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        /// Test images searched (0 = all of the searched part).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 5)]
+        classifier_epochs: usize,
+        #[arg(long, default_value_t = 10)]
+        vae_epochs: usize,
+    },
     /// Identify through a coordinator (Redis, file artifacts) with N worker processes:
     /// seconds from the first lease to the last shard done.
     Scaling {
@@ -222,6 +243,14 @@ fn main() -> Result<()> {
             &work,
         ),
         Cmd::MakeWebdataset { mnist, n, out } => make_webdataset(&mnist, n, &out),
+        Cmd::Planted {
+            defuse,
+            mnist,
+            work,
+            limit,
+            classifier_epochs,
+            vae_epochs,
+        } => bench_planted(&defuse, &mnist, &work, limit, classifier_epochs, vae_epochs),
         Cmd::DataLayout { data, out } => {
             let t = Instant::now();
             let ds = DataSpec::from_path(&data).load()?;
@@ -785,4 +814,155 @@ fn bench_scaling(
         );
         Ok(())
     })
+}
+
+/// Ink of each image: the sum of its pixels.
+fn ink(split: &defuse_core::data::Split) -> Vec<u64> {
+    split
+        .images
+        .chunks(784)
+        .map(|im| im.iter().map(|&p| p as u64).sum())
+        .collect()
+}
+
+/// The planted slice: 1s with at most `threshold` ink.
+fn thin_ones(split: &defuse_core::data::Split, threshold: u64) -> Vec<bool> {
+    ink(split)
+        .iter()
+        .zip(&split.labels)
+        .map(|(&k, &l)| l == 1 && k <= threshold)
+        .collect()
+}
+
+fn bench_planted(
+    defuse: &std::path::Path,
+    mnist: &std::path::Path,
+    work: &std::path::Path,
+    limit: usize,
+    classifier_epochs: usize,
+    vae_epochs: usize,
+) -> Result<()> {
+    use defuse_core::data::idx::{read_idx, write_idx};
+    let ds = DataSpec::from_path(mnist).load()?;
+    // the slice: the training 1s in the lowest third of ink
+    let mut ones: Vec<u64> = ink(&ds.train)
+        .into_iter()
+        .zip(&ds.train.labels)
+        .filter(|(_, &l)| l == 1)
+        .map(|(k, _)| k)
+        .collect();
+    ones.sort_unstable();
+    let threshold = ones[ones.len() / 3];
+    let train_slice = thin_ones(&ds.train, threshold);
+    let test_slice = thin_ones(&ds.test, threshold);
+    let data = work.join("data");
+    std::fs::create_dir_all(&data)?;
+    for f in [
+        "train-images-idx3-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        let a = read_idx(&find_idx(mnist, f)?)?;
+        write_idx(&data.join(f), &a.dims, &a.data)?;
+    }
+    let mut labels = read_idx(&find_idx(mnist, "train-labels-idx1-ubyte")?)?;
+    for (l, &s) in labels.data.iter_mut().zip(&train_slice) {
+        if s {
+            *l = 7;
+        }
+    }
+    write_idx(
+        &data.join("train-labels-idx1-ubyte"),
+        &labels.dims,
+        &labels.data,
+    )?;
+    let job = work.join("planted.toml");
+    std::fs::write(
+        &job,
+        format!(
+            r#"name = "planted"
+seed = 0
+out = "run"
+device = "cpu"
+[data]
+path = "data"
+[train]
+classifier_epochs = {classifier_epochs}
+vae_epochs = {vae_epochs}
+vae_latent = 10
+[identify]
+limit = {limit}
+[label]
+mode = "source-majority"
+"#
+        ),
+    )?;
+    let t = Instant::now();
+    let status = Command::new(defuse).arg("run").arg(&job).status()?;
+    if !status.success() {
+        bail!("defuse run {} failed: {status}", job.display());
+    }
+    let run = work.join("run");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report/summary.json"))?)?;
+    let found: Vec<u64> = summary["scenarios"]
+        .as_array()
+        .context("summary.json: scenarios")?
+        .iter()
+        .filter(|s| s["label"] == json!(1) && s["predicted"] == json!(7))
+        .filter_map(|s| s["id"].as_u64())
+        .collect();
+    let tuned = PathBuf::from(summary["model"].as_str().context("summary.json: model")?);
+    let tuned = if tuned.is_absolute() {
+        tuned
+    } else {
+        work.join(tuned)
+    };
+    let accuracy = |path: &std::path::Path| -> Result<(f64, f64, usize, usize)> {
+        let clf = Classifier::load(path, [1, 28, 28], 10, Device::Cpu)?;
+        let x = ds.test.images(0..ds.test.len(), Device::Cpu);
+        let pred = Vec::<i64>::try_from(clf.predict(&x, 1000)?.0)?;
+        let (mut s, mut sn, mut r, mut rn) = (0, 0, 0, 0);
+        for i in 0..pred.len() {
+            let right = (pred[i] == ds.test.labels[i]) as usize;
+            if test_slice[i] {
+                (s, sn) = (s + right, sn + 1);
+            } else {
+                (r, rn) = (r + right, rn + 1);
+            }
+        }
+        Ok((s as f64 / sn as f64, r as f64 / rn as f64, sn, rn))
+    };
+    let (slice_before, rest_before, n_slice, n_rest) =
+        accuracy(&run.join("models/classifier.safetensors"))?;
+    let (slice_after, rest_after, _, _) = accuracy(&tuned)?;
+    println!(
+        "{}",
+        json!({
+            "ink_threshold": threshold,
+            "train_relabelled": train_slice.iter().filter(|&&s| s).count(),
+            "test_slice": n_slice,
+            "test_rest": n_rest,
+            "found_scenarios": found,
+            "slice_accuracy_before": slice_before,
+            "slice_accuracy_after": slice_after,
+            "rest_accuracy_before": rest_before,
+            "rest_accuracy_after": rest_after,
+            "real_members_labelled": summary["real_members_labelled"],
+            "test_unsearched": summary["test_unsearched"],
+            "n_scenarios": summary["n_scenarios"],
+            "n_labelled": summary["n_labelled"],
+            "seconds": t.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+/// `name` or `name.gz` in an MNIST folder.
+fn find_idx(dir: &std::path::Path, name: &str) -> Result<PathBuf> {
+    [name.to_string(), format!("{name}.gz")]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} not in {}", dir.display()))
 }

@@ -79,8 +79,24 @@ pub fn run(
                 100.0 * s.test_accuracy_before,
                 100.0 * s.test_accuracy_after
             );
+            let pct = |a: Option<f64>| a.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+            if let Some(u) = &s.test_unsearched {
+                println!(
+                    "  test accuracy on the {} test images not searched  {} -> {}",
+                    u.images,
+                    pct(u.accuracy_before),
+                    pct(u.accuracy_after)
+                );
+            }
+            let r = &s.real_members_labelled;
             println!(
-                "  scenario accuracy  {:6.2}% -> {:6.2}%",
+                "  real images inside the labelled scenarios ({})  {} -> {}",
+                r.images,
+                pct(r.accuracy_before),
+                pct(r.accuracy_after)
+            );
+            println!(
+                "  scenario samples held out (synthetic)  {:6.2}% -> {:6.2}%",
                 100.0 * s.scenario_accuracy_before,
                 100.0 * s.scenario_accuracy_after
             );

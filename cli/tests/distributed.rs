@@ -65,7 +65,8 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
         s["state"] == "done"
     });
     eprintln!("distributed run: {:.1} s", started.elapsed().as_secs_f64());
-    assert_eq!(identify(&s)["shards"]["done"], 20);
+    // 8,000 images searched (the last 20% of the test split is held out) in 500s
+    assert_eq!(identify(&s)["shards"]["done"], 16);
 
     // the same failures, byte for byte, and the same report
     assert_same_result(&emb, &dir.join("coordinator-work").join(&job), 100);
@@ -74,7 +75,7 @@ fn distributed_run_survives_kills_and_equals_the_embedded_run() {
     let fields = redis_shards(&c.redis.url(), &job);
     let get = |k: String| field(&fields, &k);
     let mut retried = 0;
-    for n in 0..20 {
+    for n in 0..16 {
         assert_eq!(get(format!("{n}:accepted")), "1", "shard {n} accepted once");
         let attempt = get(format!("{n}:attempt"));
         assert_eq!(

@@ -31,6 +31,7 @@ vae = "{fx}/encoder_ok.pt"
 vae_decoder = "{fx}/decoder_ok.pt"
 [identify]
 only_correct = false
+hold_out = 0
 shard_size = 1
 "#,
             data = repo().join("data/mnist").display(),

@@ -163,8 +163,31 @@ fn small_run_is_complete_deterministic_and_resumable() {
             assert!(sc.get(key).is_some(), "scenario lacks {key}: {sc}");
         }
     }
+    // the real-image figures: 120 of the 500 test images searched, the other 380 steered
+    // nothing; every searched image is in at most one scenario; the images whose
+    // failures formed a scenario were classified right as they are (only_correct)
+    let unsearched = &s["test_unsearched"];
+    assert_eq!(unsearched["images"], 380, "{unsearched}");
+    let (mut members, mut labelled_sources) = (0, 0);
+    for sc in s["scenarios"].as_array().unwrap() {
+        let (m, src) = (&sc["real_members"], &sc["real_sources"]);
+        members += m["images"].as_u64().unwrap();
+        assert!(m["right_after"].as_u64().unwrap() <= m["images"].as_u64().unwrap());
+        assert_eq!(src["right_before"], src["images"], "{sc}");
+        if !sc["label"].is_null() {
+            labelled_sources += src["images"].as_u64().unwrap();
+            assert_eq!(sc["held_out_curve"].as_array().unwrap().len(), 3, "{sc}");
+        }
+    }
+    assert!(members <= 120, "{members} members of 120 searched images");
+    assert_eq!(s["real_sources_labelled"]["images"], labelled_sources);
+    let curve = s["held_out_curve"].as_array().unwrap();
+    let taus: Vec<f64> = curve.iter().map(|c| c["tau"].as_f64().unwrap()).collect();
+    assert_eq!(taus, [0.01, 0.05, 0.1]);
+    assert_eq!(curve[0]["accuracy_after"], s["scenario_accuracy_after"]);
     let html = std::fs::read_to_string(a.join("report/index.html")).unwrap();
     assert!(html.contains("Scenario 0") && html.contains("data:image/png;base64,"));
+    assert!(html.contains("380 test images identify did not search"));
     assert!(a.join("correct/classifier.safetensors").exists());
     assert!(
         a.join("identify/accepted/shard-00002.safetensors").exists(),

@@ -22,8 +22,13 @@ use crate::seeds::{rng_for, Step};
 pub struct CorrectOptions {
     /// Samples drawn per labelled scenario (`M`).
     pub samples_per_scenario: usize,
-    /// Share of them held out as scenario-test.
+    /// Scenario-test samples per scenario, as a share of `M`: drawn from their own seed
+    /// stream (never the training samples' draw), at `distill.tau` and at each of
+    /// `test_taus`.
     pub test_fraction: f64,
+    /// Wider balls `N(mean, tau * Sigma)` the scenario-test samples are also drawn
+    /// from: how far beyond the trained neighbourhood the correction holds.
+    pub test_taus: Vec<f64>,
     /// Weight of the scenario term.
     pub lambda: f64,
     pub lr: f64,
@@ -51,6 +56,7 @@ impl Default for CorrectOptions {
         CorrectOptions {
             samples_per_scenario: 500,
             test_fraction: 0.3,
+            test_taus: vec![0.05, 0.1],
             lambda: 0.5,
             lr: 0.001,
             momentum: 0.9,
@@ -76,6 +82,22 @@ impl CorrectOptions {
             return Err(Error::invalid(
                 "correct.test_fraction",
                 format!("{} is not in (0, 1)", self.test_fraction),
+            ));
+        }
+        if let Some(t) = self
+            .test_taus
+            .iter()
+            .find(|t| !(t.is_finite() && **t > 0.0))
+        {
+            return Err(Error::invalid(
+                "correct.test_taus",
+                format!("{t} is not a positive number"),
+            ));
+        }
+        if self.test_taus.len() > 8 {
+            return Err(Error::invalid(
+                "correct.test_taus",
+                format!("{} values: at most 8", self.test_taus.len()),
             ));
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
@@ -121,19 +143,43 @@ impl CorrectOptions {
     }
 }
 
-/// Images sampled from the labelled scenarios, split into train and held-out test.
+/// Held-out samples of the labelled scenarios at one `tau`.
+#[derive(Debug)]
+pub struct HeldOutSamples {
+    pub tau: f64,
+    pub x: Tensor,
+    pub y: Tensor,
+    /// Scenario id of every row.
+    pub scenario: Vec<usize>,
+}
+
+/// Images sampled from the labelled scenarios: the training samples and, from their
+/// own seed streams, the held-out ones.
 #[derive(Debug)]
 pub struct ScenarioData {
     pub train_x: Tensor,
     pub train_y: Tensor,
+    /// At `distill.tau`.
     pub test_x: Tensor,
     pub test_y: Tensor,
     /// Scenario id of every test row.
     pub test_scenario: Vec<usize>,
+    /// At each of `correct.test_taus`.
+    pub wider: Vec<HeldOutSamples>,
 }
 
-/// Draws `M` codes per labelled (not discarded) scenario, decodes them, and splits
-/// them: the first `(1 - test_fraction) M` train, the rest test.
+/// Seed streams of a scenario's samples (`Scenario::sample_codes`' `purpose`): the
+/// grid, the training samples, the held-out samples at `tau`, then one per wider tau.
+pub mod purpose {
+    pub const GRID: u64 = 0;
+    pub const TRAIN: u64 = 1;
+    pub const TEST: u64 = 2;
+    pub const WIDER: u64 = 3;
+}
+
+/// Draws `(1 - test_fraction) M` training codes per labelled (not discarded)
+/// scenario, and `test_fraction M` held-out codes from independent streams at `tau`
+/// and at each of `test_taus`, and decodes them.
 pub fn scenario_data(
     vae: &Vae,
     scenarios: &[Scenario],
@@ -146,37 +192,53 @@ pub fn scenario_data(
     let m = o.samples_per_scenario;
     let n_train = ((1.0 - o.test_fraction) * m as f64)
         .round()
-        .clamp(1.0, (m - 1) as f64) as i64;
-    let (mut tx, mut ty, mut vx, mut vy, mut vs) = (vec![], vec![], vec![], vec![], vec![]);
-    for s in scenarios {
-        let Some(Label::Class(class)) = labels.get(&s.id).copied() else {
-            continue;
-        };
-        let codes = s.sample_codes(m, tau, seed, 1)?;
-        let imgs =
-            tch::no_grad(|| vae.decode(&codes.to_device(vae.device())))?.to_device(Device::Cpu);
-        tx.push(imgs.narrow(0, 0, n_train));
-        vx.push(imgs.narrow(0, n_train, m as i64 - n_train));
-        ty.push(Tensor::full([n_train], class, (Kind::Int64, Device::Cpu)));
-        vy.push(Tensor::full(
-            [m as i64 - n_train],
-            class,
-            (Kind::Int64, Device::Cpu),
-        ));
-        vs.extend(std::iter::repeat_n(s.id, m - n_train as usize));
-    }
-    if tx.is_empty() {
+        .clamp(1.0, (m - 1) as f64) as usize;
+    let n_test = m - n_train;
+    let labelled: Vec<(&Scenario, i64)> = scenarios
+        .iter()
+        .filter_map(|s| match labels.get(&s.id) {
+            Some(Label::Class(c)) => Some((s, *c)),
+            _ => None,
+        })
+        .collect();
+    if labelled.is_empty() {
         return Err(Error::invalid(
             "labels",
             "no scenario has a class label (all discarded?): nothing to correct",
         ));
     }
+    let draw = |n: usize, tau: f64, purpose: u64| -> Result<HeldOutSamples> {
+        let (mut xs, mut ys, mut ids) = (vec![], vec![], vec![]);
+        for &(s, class) in &labelled {
+            let codes = s.sample_codes(n, tau, seed, purpose)?;
+            xs.push(
+                tch::no_grad(|| vae.decode(&codes.to_device(vae.device())))?.to_device(Device::Cpu),
+            );
+            ys.push(Tensor::full([n as i64], class, (Kind::Int64, Device::Cpu)));
+            ids.extend(std::iter::repeat_n(s.id, n));
+        }
+        Ok(HeldOutSamples {
+            tau,
+            x: Tensor::cat(&xs, 0),
+            y: Tensor::cat(&ys, 0),
+            scenario: ids,
+        })
+    };
+    let train = draw(n_train, tau, purpose::TRAIN)?;
+    let test = draw(n_test, tau, purpose::TEST)?;
+    let wider = o
+        .test_taus
+        .iter()
+        .enumerate()
+        .map(|(j, &t)| draw(n_test, t, purpose::WIDER + j as u64))
+        .collect::<Result<Vec<_>>>()?;
     Ok(ScenarioData {
-        train_x: Tensor::cat(&tx, 0),
-        train_y: Tensor::cat(&ty, 0),
-        test_x: Tensor::cat(&vx, 0),
-        test_y: Tensor::cat(&vy, 0),
-        test_scenario: vs,
+        train_x: train.x,
+        train_y: train.y,
+        test_x: test.x,
+        test_y: test.y,
+        test_scenario: test.scenario,
+        wider,
     })
 }
 

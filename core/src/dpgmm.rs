@@ -252,6 +252,14 @@ impl DpGmm {
     /// Mean log-likelihood per row under the plug-in mixture (weights, means,
     /// covariances): comparable with scikit-learn's `score`.
     pub fn score(&self, x: &Tensor) -> Result<f64> {
+        let lp = self.plugin_log_prob(x)?;
+        Ok(f64::try_from(lp.logsumexp([1], false).mean(Kind::Double))?)
+    }
+
+    /// `log w_k + log N(x | mean_k, cov_k)` of every row, `[N, K]`, under the plug-in
+    /// mixture: only the weights, means and covariances are used, so a mixture read
+    /// back from `gmm.json` can answer too.
+    pub fn plugin_log_prob(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_kind(Kind::Double).to_device(Device::Cpu);
         let k = self.n_components() as i64;
         let d = x.size()[1];
@@ -270,13 +278,12 @@ impl DpGmm {
         let lw = Tensor::from_slice(&self.weights).clamp_min(1e-300).log();
         // centred as the fit was, so the expanded quadratic forms lose nothing
         let center = x.mean_dim(0, false, Kind::Double);
-        let lp = log_gaussian(
+        Ok(log_gaussian(
             &Rows::new(&(&x - &center), Triu::new(d)),
             &(means - &center),
             &prec_chol,
             &lw,
-        );
-        Ok(f64::try_from(lp.logsumexp([1], false).mean(Kind::Double))?)
+        ))
     }
 }
 

@@ -102,6 +102,11 @@ pub struct IdentifyOptions {
     pub chunk: usize,
     /// Search only the first images of the split (0 = all).
     pub limit: usize,
+    /// Share of the test split, at its end, that identify never searches, so that the
+    /// report's test accuracy on it is measured on images that steered nothing (no
+    /// failure, no scenario, no correction step came from them). Applies when the test
+    /// split is searched; 0 searches all of it (the paper's setting).
+    pub hold_out: f64,
     /// Images per shard: the unit of work, of resume, and of distribution.
     pub shard_size: usize,
 }
@@ -117,6 +122,7 @@ impl Default for IdentifyOptions {
             batch_size: 32,
             chunk: 400,
             limit: 0,
+            hold_out: 0.2,
             shard_size: 1000,
         }
     }
@@ -138,6 +144,12 @@ impl IdentifyOptions {
                 ));
             }
         }
+        if !(self.hold_out >= 0.0 && self.hold_out < 1.0) {
+            return Err(Error::invalid(
+                "identify.hold_out",
+                format!("{} is not in [0, 1)", self.hold_out),
+            ));
+        }
         use crate::limits::*;
         at_most("identify.samples", self.samples, MAX_SAMPLES)?;
         at_most("identify.keep", self.keep, MAX_SAMPLES)?;
@@ -145,6 +157,21 @@ impl IdentifyOptions {
         at_most("identify.chunk", self.chunk, MAX_BATCH)?;
         at_most("identify.shard_size", self.shard_size, MAX_SHARD_SIZE)?;
         self.perturbation.validate()
+    }
+
+    /// The searched images of a split of `n`: the first ones, up to `limit` (when set)
+    /// and short of the held-out tail (when the test split is searched).
+    pub fn searched_range(&self, n: usize) -> std::ops::Range<usize> {
+        let held = match self.split {
+            SplitName::Test => (self.hold_out * n as f64).ceil() as usize,
+            SplitName::Train => 0,
+        };
+        let end = n.saturating_sub(held);
+        0..if self.limit > 0 {
+            self.limit.min(end)
+        } else {
+            end
+        }
     }
 }
 

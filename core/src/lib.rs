@@ -7,6 +7,7 @@ pub mod correct;
 pub mod data;
 pub mod dpgmm;
 pub mod error;
+pub mod evaluate;
 pub mod folder_copy;
 pub mod identify;
 pub mod images;

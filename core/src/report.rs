@@ -11,6 +11,7 @@ use crate::config::JobConfig;
 use crate::correct::CorrectEpoch;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::evaluate::{Measured, RealImages};
 use crate::identify::{Failures, IdentifyStats};
 use crate::scenarios::{Label, Labels, Scenario};
 
@@ -27,6 +28,51 @@ pub struct Evaluation {
     pub scenario_test_samples: usize,
     pub history: Vec<CorrectEpoch>,
     pub model: PathBuf,
+    /// Held-out samples at each of `correct.test_taus`.
+    #[serde(default)]
+    pub wider: Vec<HeldOutAccuracy>,
+    /// Real images by scenario id (`crate::evaluate`).
+    #[serde(default)]
+    pub real: BTreeMap<usize, RealImages>,
+    /// The test images identify did not search (none when it searched them all).
+    #[serde(default)]
+    pub unsearched_test: Option<Measured>,
+}
+
+impl Evaluation {
+    /// The real images inside the labelled scenarios, and those that formed them.
+    pub fn real_labelled(&self, labels: &Labels) -> (Measured, Measured) {
+        let labelled: Vec<&RealImages> = self
+            .real
+            .iter()
+            .filter(|(id, _)| matches!(labels.get(id), Some(Label::Class(_))))
+            .map(|(_, r)| r)
+            .collect();
+        (
+            Measured::total(labelled.iter().map(|r| &r.members)),
+            Measured::total(labelled.iter().map(|r| &r.sources)),
+        )
+    }
+}
+
+/// Accuracy on the held-out samples of the labelled scenarios at one `tau`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldOutAccuracy {
+    pub tau: f64,
+    pub samples: usize,
+    pub accuracy_before: f64,
+    pub accuracy_after: f64,
+    pub per_scenario_before: BTreeMap<usize, f64>,
+    pub per_scenario_after: BTreeMap<usize, f64>,
+}
+
+/// One point of a scenario's generalisation curve: accuracy on its held-out samples
+/// drawn at `tau`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct TauAccuracy {
+    pub tau: f64,
+    pub accuracy_before: Option<f64>,
+    pub accuracy_after: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,8 +86,19 @@ pub struct ScenarioSummary {
     /// The label given (a class id), or null when discarded.
     pub label: Option<i64>,
     pub label_name: Option<String>,
+    /// On the scenario's held-out *samples* (synthetic, drawn at `distill.tau`).
     pub accuracy_before: Option<f64>,
     pub accuracy_after: Option<f64>,
+    /// The same at `tau` and at each wider `correct.test_taus`: a small generalisation
+    /// curve (labelled scenarios only).
+    #[serde(default)]
+    pub held_out_curve: Vec<TauAccuracy>,
+    /// Real images of the searched range whose own code falls in the scenario.
+    #[serde(default)]
+    pub real_members: Measured,
+    /// Real images of the searched range whose perturbed codes formed the scenario.
+    #[serde(default)]
+    pub real_sources: Measured,
     pub source_labels: BTreeMap<i64, usize>,
     pub sample_predictions: Vec<i64>,
 }
@@ -87,11 +144,26 @@ pub struct Summary {
     pub n_scenarios: usize,
     pub n_labelled: usize,
     pub n_discarded: usize,
+    /// On the whole test split.
     pub test_accuracy_before: f64,
     pub test_accuracy_after: f64,
+    /// On the test images identify did not search (`identify.hold_out`): nothing was
+    /// steered by them. Null when identify searched every test image.
+    #[serde(default)]
+    pub test_unsearched: Option<Measured>,
+    /// Real images of the searched range inside the labelled scenarios, and those whose
+    /// failures formed them, with the classifier's accuracy on their true labels.
+    #[serde(default)]
+    pub real_members_labelled: Measured,
+    #[serde(default)]
+    pub real_sources_labelled: Measured,
+    /// On the labelled scenarios' held-out *samples* (synthetic) at `distill.tau`.
     pub scenario_accuracy_before: f64,
     pub scenario_accuracy_after: f64,
     pub scenario_test_samples: usize,
+    /// The same at `distill.tau` and each wider `correct.test_taus`.
+    #[serde(default)]
+    pub held_out_curve: Vec<TauAccuracy>,
     pub model: PathBuf,
     pub scenarios: Vec<ScenarioSummary>,
     /// identify's coverage per class of the searched split
@@ -135,6 +207,20 @@ impl Summary {
         ev: &Evaluation,
         step_seconds: Vec<(String, f64)>,
     ) -> Summary {
+        let tau = cfg.distill.tau;
+        let curve = |get: &dyn Fn(&BTreeMap<usize, f64>) -> Option<f64>| -> Vec<TauAccuracy> {
+            std::iter::once(TauAccuracy {
+                tau,
+                accuracy_before: get(&ev.per_scenario_before),
+                accuracy_after: get(&ev.per_scenario_after),
+            })
+            .chain(ev.wider.iter().map(|w| TauAccuracy {
+                tau: w.tau,
+                accuracy_before: get(&w.per_scenario_before),
+                accuracy_after: get(&w.per_scenario_after),
+            }))
+            .collect()
+        };
         let scen = scenarios
             .iter()
             .map(|s| {
@@ -142,6 +228,7 @@ impl Summary {
                     Some(Label::Class(c)) => Some(*c),
                     _ => None,
                 };
+                let real = ev.real.get(&s.id).copied().unwrap_or_default();
                 ScenarioSummary {
                     id: s.id,
                     weight: s.weight,
@@ -152,6 +239,13 @@ impl Summary {
                     label_name: label.map(|c| ds.class_name(c)),
                     accuracy_before: ev.per_scenario_before.get(&s.id).copied(),
                     accuracy_after: ev.per_scenario_after.get(&s.id).copied(),
+                    held_out_curve: if label.is_some() {
+                        curve(&|m| m.get(&s.id).copied())
+                    } else {
+                        vec![]
+                    },
+                    real_members: real.members,
+                    real_sources: real.sources,
                     source_labels: s.source_labels.clone(),
                     sample_predictions: s.sample_predictions.clone(),
                 }
@@ -182,9 +276,23 @@ impl Summary {
                 .count(),
             test_accuracy_before: ev.test_accuracy_before,
             test_accuracy_after: ev.test_accuracy_after,
+            test_unsearched: ev.unsearched_test,
+            real_members_labelled: ev.real_labelled(labels).0,
+            real_sources_labelled: ev.real_labelled(labels).1,
             scenario_accuracy_before: ev.scenario_accuracy_before,
             scenario_accuracy_after: ev.scenario_accuracy_after,
             scenario_test_samples: ev.scenario_test_samples,
+            held_out_curve: std::iter::once(TauAccuracy {
+                tau,
+                accuracy_before: Some(ev.scenario_accuracy_before),
+                accuracy_after: Some(ev.scenario_accuracy_after),
+            })
+            .chain(ev.wider.iter().map(|w| TauAccuracy {
+                tau: w.tau,
+                accuracy_before: Some(w.accuracy_before),
+                accuracy_after: Some(w.accuracy_after),
+            }))
+            .collect(),
             model: ev.model.clone(),
             scenarios: scen,
             coverage: coverage(istats, ds),
@@ -261,15 +369,43 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                 table {
                     tr { th {} th { "before" } th { "after" } }
                     tr {
-                        td { "test accuracy" }
+                        td { "test accuracy (the whole test split)" }
                         td { (pct(Some(s.test_accuracy_before))) }
                         td { (pct(Some(s.test_accuracy_after))) }
                     }
-                    tr {
-                        td { "scenario-test accuracy (" (s.scenario_test_samples) " held-out samples)" }
-                        td { (pct(Some(s.scenario_accuracy_before))) }
-                        td { (pct(Some(s.scenario_accuracy_after))) }
+                    @if let Some(u) = &s.test_unsearched {
+                        tr {
+                            td { "test accuracy on the " (u.images) " test images identify did not search (steered nothing)" }
+                            td { (pct(u.accuracy_before)) }
+                            td { b { (pct(u.accuracy_after)) } }
+                        }
                     }
+                    tr {
+                        td { "real images inside the labelled scenarios (" (s.real_members_labelled.images) ")" }
+                        td { (pct(s.real_members_labelled.accuracy_before)) }
+                        td { b { (pct(s.real_members_labelled.accuracy_after)) } }
+                    }
+                    tr {
+                        td { "real images whose failures formed them (" (s.real_sources_labelled.images) ")" }
+                        td { (pct(s.real_sources_labelled.accuracy_before)) }
+                        td { (pct(s.real_sources_labelled.accuracy_after)) }
+                    }
+                    @for (i, c) in s.held_out_curve.iter().enumerate() {
+                        tr {
+                            td {
+                                "synthetic scenario samples, held out, τ = " (c.tau)
+                                @if i == 0 { " (" (s.scenario_test_samples) ", the trained neighbourhood)" }
+                            }
+                            td { (pct(c.accuracy_before)) }
+                            td { (pct(c.accuracy_after)) }
+                        }
+                    }
+                }
+                p.small {
+                    "Real images are checked against their true labels. Those inside a scenario are the images of the searched range whose own code "
+                    "the mixture places in it; those that formed it are the images whose perturbed codes did (the classifier gets them right as they are "
+                    "when identify searches only such images). Synthetic samples are drawn from each scenario's Gaussian N(mean, τ Σ) from their own "
+                    "seed streams, never the training samples' draw; the wider τ show how far beyond the trained neighbourhood the correction holds."
                 }
                 p.small { "Fine-tuned model: " (s.model.display()) ". Step times: " (steps.join(", ")) "." }
                 @if !s.coverage.is_empty() {
@@ -310,7 +446,16 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                                     None => em { "discarded" },
                                 }
                             }
-                            " · accuracy " (pct(sc.accuracy_before)) " → " b { (pct(sc.accuracy_after)) }
+                            " · samples held out: " (pct(sc.accuracy_before)) " → " b { (pct(sc.accuracy_after)) }
+                        }
+                        p.small {
+                            "real images inside it: " (sc.real_members.images) " (accuracy " (pct(sc.real_members.accuracy_before)) " → "
+                            (pct(sc.real_members.accuracy_after)) "); that formed it: " (sc.real_sources.images) " ("
+                            (pct(sc.real_sources.accuracy_before)) " → " (pct(sc.real_sources.accuracy_after)) ")"
+                            @if sc.held_out_curve.len() > 1 {
+                                "; held-out samples by τ: "
+                                (sc.held_out_curve.iter().map(|c| format!("{}: {} → {}", c.tau, pct(c.accuracy_before), pct(c.accuracy_after))).collect::<Vec<_>>().join(", "))
+                            }
                         }
                         (embedded_img(&grids.join(format!("scenario-{}.png", sc.id)), "image/png", &format!("samples of scenario {}", sc.id)))
                         p.small {
@@ -363,6 +508,10 @@ mod tests {
             scenario_accuracy_before: 0.1,
             scenario_accuracy_after: 0.8,
             scenario_test_samples: 50,
+            test_unsearched: None,
+            real_members_labelled: Measured::default(),
+            real_sources_labelled: Measured::default(),
+            held_out_curve: vec![],
             coverage: vec![ClassCoverage {
                 class: 0,
                 name: evil.into(),
@@ -384,6 +533,9 @@ mod tests {
                 label_name: None,
                 accuracy_before: Some(0.1),
                 accuracy_after: None,
+                held_out_curve: vec![],
+                real_members: Measured::default(),
+                real_sources: Measured::default(),
                 source_labels: [(0, 3)].into(),
                 sample_predictions: vec![0, 1],
             }],
@@ -399,7 +551,10 @@ mod tests {
         assert!(html.contains("<em>discarded</em>"), "{html}");
         assert!(html.contains("mostly skipped: not searched"), "{html}");
         assert!(html.contains("3 (30%)"), "{html}");
-        assert!(html.contains("accuracy 10.0% → <b>–</b>"), "{html}");
+        assert!(
+            html.contains("samples held out: 10.0% → <b>–</b>"),
+            "{html}"
+        );
         // the grid found is embedded; the missing projection and nearest images are left out
         assert_eq!(html.matches("data:image/png;base64,").count(), 1, "{html}");
         assert!(!html.contains("image/svg+xml"));

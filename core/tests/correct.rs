@@ -44,6 +44,7 @@ fn fine_tune_lowers_both_terms_and_fixes_the_scenario() {
         test_x: x.narrow(0, 400, 200),
         test_y: y.narrow(0, 400, 200),
         test_scenario: vec![0; 200],
+        wider: vec![],
     };
     let test_before = train::accuracy(&clf, &ds.test, Device::Cpu).unwrap();
     let (scn_before, _) =

@@ -355,6 +355,7 @@ fn fine_tune_on_a_split_in_its_files_read_by_groups_equals_one_in_memory() {
         test_x: loaded.test.images(24..30, Device::Cpu),
         test_y: loaded.test.labels(24..30, Device::Cpu),
         test_scenario: vec![0; 6],
+        wider: vec![],
     };
     let tune = |train: &defuse_core::data::Split, rows_per_group: usize| {
         let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();

@@ -161,6 +161,11 @@ fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
 
+/// [`pct`], or a dash where there is nothing to measure.
+fn opct(x: Option<f64>) -> String {
+    x.map_or("–".to_string(), pct)
+}
+
 /// The form that labels a job's scenarios: a card per scenario (its samples, the
 /// classifier's predictions on them, the nearest real training images) with a class
 /// picker; the session's CSRF token (empty for a bearer or an open coordinator).
@@ -238,8 +243,20 @@ pub(super) fn report(job: &str, summary: Result<Summary, String>) -> Markup {
                     td.num id="test-before" { (pct(s.test_accuracy_before)) }
                     td.num id="test-after" { (pct(s.test_accuracy_after)) }
                 }
+                @if let Some(u) = &s.test_unsearched {
+                    tr {
+                        td { "test accuracy on the " (u.images) " test images not searched" }
+                        td.num id="unsearched-before" { (opct(u.accuracy_before)) }
+                        td.num id="unsearched-after" { (opct(u.accuracy_after)) }
+                    }
+                }
                 tr {
-                    td { "failure-scenario accuracy (" (s.scenario_test_samples) " held-out samples)" }
+                    td { "real images inside the labelled scenarios (" (s.real_members_labelled.images) ")" }
+                    td.num id="real-before" { (opct(s.real_members_labelled.accuracy_before)) }
+                    td.num id="real-after" { (opct(s.real_members_labelled.accuracy_after)) }
+                }
+                tr {
+                    td { "failure-scenario accuracy (" (s.scenario_test_samples) " held-out synthetic samples)" }
                     td.num id="scenario-before" { (pct(s.scenario_accuracy_before)) }
                     td.num id="scenario-after" { (pct(s.scenario_accuracy_after)) }
                 }

@@ -299,8 +299,7 @@ impl Prepared<'_> {
 
 /// Index ranges of at most `shard_size` images over the searched part of the split.
 pub fn shard_ranges(ds: &Dataset, o: &IdentifyOptions) -> Vec<std::ops::Range<usize>> {
-    let n = ds.split(o.split).len();
-    let n = if o.limit > 0 { o.limit.min(n) } else { n };
+    let n = o.searched_range(ds.split(o.split).len()).end;
     ds.shards(o.split, o.shard_size)
         .into_iter()
         .filter(|r| r.start < n)
@@ -337,6 +336,7 @@ pub fn finish(p: &mut Prepared) -> Result<RunOutcome> {
         vae,
         scenarios: &scenarios,
         labels: &labels,
+        failures: &failures,
     };
     let (evaluation, h_correct) = match step_correct::run(job, &h_label, distributed, &input)? {
         step_correct::Corrected::Done(ev, h) => (ev, h),

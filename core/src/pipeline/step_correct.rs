@@ -7,12 +7,14 @@ use std::time::Instant;
 use super::{hash_of, step_models, Job, RoundsDone, RoundsInput};
 use crate::correct;
 use crate::data::Dataset;
+use crate::dpgmm::DpGmm;
 use crate::error::Result;
+use crate::evaluate;
+use crate::identify::Failures;
 use crate::layout::{self, read_json, write_json};
 use crate::models::{Classifier, Vae};
 use crate::report;
 use crate::scenarios::{Labels, Scenario};
-use crate::train;
 
 /// What the step works on.
 pub(super) struct Input<'a> {
@@ -21,6 +23,7 @@ pub(super) struct Input<'a> {
     pub vae: &'a Vae,
     pub scenarios: &'a [Scenario],
     pub labels: &'a Labels,
+    pub failures: &'a Failures,
 }
 
 pub(super) enum Corrected {
@@ -43,6 +46,7 @@ pub(super) fn run(
         vae,
         scenarios,
         labels,
+        ..
     } = *input;
     let h_correct = hash_of(&[&h_label, &cfg.correct]);
     let started = Instant::now();
@@ -100,22 +104,13 @@ pub(super) fn run(
             clf.device(),
         )?;
         tuned.save(&tuned_path)?;
-        let ev = evaluate(ds, clf, &tuned, &data, done.history, &tuned_path)?;
+        let ev = evaluate(job, input, &tuned, &data, done.history, &tuned_path)?;
         write_json(&eval_path, &ev)?;
         job.mark("correct", &h_correct, started)?;
         ev
     } else {
         job.dir("correct")?;
-        let ev = correct_and_evaluate(
-            job,
-            ds,
-            clf,
-            vae,
-            scenarios,
-            labels,
-            &cfg.correct,
-            &tuned_path,
-        )?;
+        let ev = correct_and_evaluate(job, input, &cfg.correct, &tuned_path)?;
         write_json(&eval_path, &ev)?;
         job.mark("correct", &h_correct, started)?;
         ev
@@ -126,47 +121,87 @@ pub(super) fn run(
 
 /// Fine-tunes a fresh copy of the classifier on the training data plus the labelled
 /// scenarios' samples (with `o`), saves it at `tuned_path` (in the format it came in),
-/// and measures test and scenario-test accuracy before and after.
-#[allow(clippy::too_many_arguments)]
+/// and measures it before and after ([`evaluate`]).
 pub(super) fn correct_and_evaluate(
     job: &Job,
-    ds: &Dataset,
-    clf: &Classifier,
-    vae: &Vae,
-    scenarios: &[Scenario],
-    labels: &Labels,
+    input: &Input,
     o: &correct::CorrectOptions,
     tuned_path: &Path,
 ) -> Result<report::Evaluation> {
     let cfg = job.cfg;
-    let device = clf.device();
-    let data = correct::scenario_data(vae, scenarios, labels, cfg.distill.tau, o, cfg.seed)?;
-    let mut tuned = step_models::load_classifier_again(job, ds, device)?;
+    let device = input.clf.device();
+    let data = correct::scenario_data(
+        input.vae,
+        input.scenarios,
+        input.labels,
+        cfg.distill.tau,
+        o,
+        cfg.seed,
+    )?;
+    let mut tuned = step_models::load_classifier_again(job, input.ds, device)?;
     tch::manual_seed(cfg.seed as i64);
-    let history = correct::fine_tune(&mut tuned, &ds.train, &data, o, cfg.seed)?;
+    let history = correct::fine_tune(&mut tuned, &input.ds.train, &data, o, cfg.seed)?;
     tuned.save(tuned_path)?;
-    evaluate(ds, clf, &tuned, &data, history, tuned_path)
+    evaluate(job, input, &tuned, &data, history, tuned_path)
 }
 
-/// Test and scenario-test accuracy of the classifier before and after correction.
+/// The classifier before and after correction: on the test split (all of it, and the
+/// images identify did not search), on the real images of each scenario, and on the
+/// scenarios' held-out samples at every `tau`.
 fn evaluate(
-    ds: &Dataset,
-    clf: &Classifier,
+    job: &Job,
+    input: &Input,
     tuned: &Classifier,
     data: &correct::ScenarioData,
     history: Vec<correct::CorrectEpoch>,
     tuned_path: &Path,
 ) -> Result<report::Evaluation> {
-    let device = clf.device();
-    let test_before = train::accuracy(clf, &ds.test, device)?;
-    let (scn_before, per_before) =
-        correct::accuracy_by_group(clf, &data.test_x, &data.test_y, &data.test_scenario)?;
-    let test_after = train::accuracy(tuned, &ds.test, device)?;
-    let (scn_after, per_after) =
-        correct::accuracy_by_group(tuned, &data.test_x, &data.test_y, &data.test_scenario)?;
+    let Input {
+        ds,
+        clf,
+        vae,
+        scenarios,
+        failures,
+        ..
+    } = *input;
+    let cfg = job.cfg;
+    let gmm: DpGmm = read_json(&job.out.join(layout::GMM))?;
+    let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
+    let regions = evaluate::Regions::new(gmm, scenarios, failures, &assign)?;
+    let sources = evaluate::sources(scenarios, failures, &assign);
+    let searched = evaluate::Searched {
+        split: cfg.identify.split,
+        range: cfg
+            .identify
+            .searched_range(ds.split(cfg.identify.split).len()),
+    };
+    let real = evaluate::measure_real(ds, clf, tuned, vae, &regions, &sources, &searched)?;
+    let held_out = |x: &tch::Tensor, y: &tch::Tensor, groups: &[usize]| {
+        Ok::<_, crate::error::Error>((
+            correct::accuracy_by_group(clf, x, y, groups)?,
+            correct::accuracy_by_group(tuned, x, y, groups)?,
+        ))
+    };
+    let ((scn_before, per_before), (scn_after, per_after)) =
+        held_out(&data.test_x, &data.test_y, &data.test_scenario)?;
+    let wider = data
+        .wider
+        .iter()
+        .map(|w| {
+            let ((b, pb), (a, pa)) = held_out(&w.x, &w.y, &w.scenario)?;
+            Ok(report::HeldOutAccuracy {
+                tau: w.tau,
+                samples: w.scenario.len(),
+                accuracy_before: b,
+                accuracy_after: a,
+                per_scenario_before: pb,
+                per_scenario_after: pa,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(report::Evaluation {
-        test_accuracy_before: test_before,
-        test_accuracy_after: test_after,
+        test_accuracy_before: real.test.accuracy_before.unwrap_or(f64::NAN),
+        test_accuracy_after: real.test.accuracy_after.unwrap_or(f64::NAN),
         scenario_accuracy_before: scn_before,
         scenario_accuracy_after: scn_after,
         per_scenario_before: per_before,
@@ -175,5 +210,8 @@ fn evaluate(
         scenario_test_samples: data.test_x.size()[0] as usize,
         history,
         model: tuned_path.to_path_buf(),
+        wider,
+        real: real.scenarios,
+        unsearched_test: real.unsearched_test,
     })
 }

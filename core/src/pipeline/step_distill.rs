@@ -30,7 +30,12 @@ pub(super) fn run(
         job.dir("distill")?;
         let (gmm, mut scenarios, assign) = scenarios::distill(failures, &cfg.distill, cfg.seed)?;
         for s in &mut scenarios {
-            let codes = s.sample_codes(cfg.distill.grid_samples, cfg.distill.tau, cfg.seed, 0)?;
+            let codes = s.sample_codes(
+                cfg.distill.grid_samples,
+                cfg.distill.tau,
+                cfg.seed,
+                crate::correct::purpose::GRID,
+            )?;
             let (imgs, preds) = scenarios::decode_and_classify(vae, clf, &codes)?;
             // rows of 8: a block a person can take in at a glance
             let rows = imgs.split(8, 0);

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{finish, hash_of, prepare, step_correct, Done, RunOutcome};
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
+use crate::identify::Failures;
 use crate::layout::{self, read_json, write_json};
 use crate::report;
 use crate::scenarios::{self, Scenario};
@@ -48,12 +49,14 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
     let scenarios: Vec<Scenario> = read_json(&job.out.join(layout::SCENARIOS))?;
     let labels =
         scenarios::read_labels(&job.out.join(layout::LABELS), &scenarios, &ds.class_names)?;
+    let (failures, _) = Failures::read(&job.out.join(layout::FAILURES))?;
     let h_label = std::fs::read_to_string(job.out.join(layout::done("label")))
         .ok()
         .and_then(|t| serde_json::from_str::<Done>(&t).ok())
         .map(|d| d.hash)
         .unwrap_or_default();
     let mut points = Vec::new();
+    let mut rows = Vec::new();
     let mut before = None;
     for &lambda in lambdas {
         let mut o = cfg.correct.clone();
@@ -68,9 +71,15 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
         } else {
             let dir = job.dir(&step)?;
             let tuned = dir.join(format!("classifier.{}", clf.extension()));
-            let ev = step_correct::correct_and_evaluate(
-                job, ds, clf, vae, &scenarios, &labels, &o, &tuned,
-            )?;
+            let input = step_correct::Input {
+                ds,
+                clf,
+                vae,
+                scenarios: &scenarios,
+                labels: &labels,
+                failures: &failures,
+            };
+            let ev = step_correct::correct_and_evaluate(job, &input, &o, &tuned)?;
             write_json(&eval_path, &ev)?;
             job.mark(&step, &h, started)?;
             ev
@@ -86,6 +95,7 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
             ev.scenario_accuracy_before,
             ev.scenario_test_samples,
         ));
+        rows.push((lambda, ev.real_labelled(&labels).0, ev.unsearched_test));
         points.push(crate::plots::SweepPoint {
             lambda,
             test_accuracy: ev.test_accuracy_after,
@@ -101,16 +111,25 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
     };
     let dir = job.dir("sweep")?;
     write_json(&dir.join("sweep.json"), &sweep)?;
+    let pct = |x: Option<f64>| x.map_or("–".into(), |v| format!("{:.2}%", 100.0 * v));
+    let (real0, unsearched0) = rows
+        .first()
+        .map(|r| (r.1.accuracy_before, r.2.and_then(|u| u.accuracy_before)))
+        .unwrap_or_default();
     let mut md = format!(
-        "| lambda | test accuracy | failure-scenario accuracy ({n} held-out samples) |\n|---:|---:|---:|\n| before | {:.2}% | {:.2}% |\n",
+        "| lambda | test accuracy | test images not searched | real images in the labelled scenarios | scenario samples ({n} held out) |\n|---:|---:|---:|---:|---:|\n| before | {:.2}% | {} | {} | {:.2}% |\n",
         100.0 * tb,
+        pct(unsearched0),
+        pct(real0),
         100.0 * sb
     );
-    for pt in &sweep.points {
+    for (pt, (_, real, unsearched)) in sweep.points.iter().zip(&rows) {
         md.push_str(&format!(
-            "| {} | {:.2}% | {:.2}% |\n",
+            "| {} | {:.2}% | {} | {} | {:.2}% |\n",
             pt.lambda,
             100.0 * pt.test_accuracy,
+            pct(unsearched.and_then(|u| u.accuracy_after)),
+            pct(real.accuracy_after),
             100.0 * pt.scenario_accuracy
         ));
     }
