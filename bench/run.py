@@ -225,7 +225,8 @@ def main():
     if "planted" not in skip:
         # the planted-bug benchmark: thin 1s labelled 7 in the training split only; the
         # scenario must be found by the automatic oracle and the real thin 1s fixed
-        r = jline([bench, "planted", "--defuse", defuse, "--mnist", data, "--work", str(out / "planted")]
+        r = jline([bench, "planted", "--defuse", defuse, "--mnist", data, "--work", str(out / "planted"),
+                   "--lambdas", "0,2,5,10"]
                   + (["--limit", "2000", "--classifier-epochs", "2", "--vae-epochs", "3"] if a.quick else []), env)
         R["planted"] = r
         pc = lambda x: f"{100 * x:.2f}%"
@@ -234,6 +235,16 @@ def main():
                      f"found: {'yes, scenarios ' + str(r['found_scenarios']) if r['found_scenarios'] else 'no'}",
                      f"slice {pc(r['slice_accuracy_before'])} -> {pc(r['slice_accuracy_after'])}; "
                      f"rest {pc(r['rest_accuracy_before'])} -> {pc(r['rest_accuracy_after'])}"))
+        for p in r["sweep"]:
+            rows.append(("planted bug", f"the same scenarios corrected with lambda = {p['lambda']}", "",
+                         f"slice {pc(r['slice_accuracy_before'])} -> {pc(p['slice_accuracy'])}; "
+                         f"rest {pc(r['rest_accuracy_before'])} -> {pc(p['rest_accuracy'])}"))
+        # why its scenarios were discarded (bench/yield.py)
+        y = jline([sys.executable, str(REPO / "bench/yield.py"), str(out / "planted/run/report/summary.json")], py)
+        R["planted_yield"] = y
+        rows.append(("yield", "scenarios of the planted run: labelled / impure / samples already right",
+                     " / ".join(str(y.get(k, {}).get("scenarios", 0)) for k in ("labelled", "impure", "samples already right")),
+                     "bench/yield.py"))
 
     (out / "results.json").write_text(json.dumps(R, indent=1))
     m = R["machine"]

@@ -168,6 +168,10 @@ enum Cmd {
         classifier_epochs: usize,
         #[arg(long, default_value_t = 10)]
         vae_epochs: usize,
+        /// Also correct with these lambdas (`defuse sweep`, reusing the run) and
+        /// measure the slice and the rest for each, e.g. `2,5`.
+        #[arg(long, value_delimiter = ',')]
+        lambdas: Vec<f64>,
     },
     /// Identify through a coordinator (Redis, file artifacts) with N worker processes:
     /// seconds from the first lease to the last shard done.
@@ -250,7 +254,15 @@ fn main() -> Result<()> {
             limit,
             classifier_epochs,
             vae_epochs,
-        } => bench_planted(&defuse, &mnist, &work, limit, classifier_epochs, vae_epochs),
+            lambdas,
+        } => bench_planted(
+            &defuse,
+            &mnist,
+            &work,
+            limit,
+            (classifier_epochs, vae_epochs),
+            &lambdas,
+        ),
         Cmd::DataLayout { data, out } => {
             let t = Instant::now();
             let ds = DataSpec::from_path(&data).load()?;
@@ -839,8 +851,8 @@ fn bench_planted(
     mnist: &std::path::Path,
     work: &std::path::Path,
     limit: usize,
-    classifier_epochs: usize,
-    vae_epochs: usize,
+    (classifier_epochs, vae_epochs): (usize, usize),
+    lambdas: &[f64],
 ) -> Result<()> {
     use defuse_core::data::idx::{read_idx, write_idx};
     let ds = DataSpec::from_path(mnist).load()?;
@@ -936,6 +948,26 @@ mode = "source-majority"
     let (slice_before, rest_before, n_slice, n_rest) =
         accuracy(&run.join("models/classifier.safetensors"))?;
     let (slice_after, rest_after, _, _) = accuracy(&tuned)?;
+    let mut sweep = Vec::new();
+    if !lambdas.is_empty() {
+        let list: Vec<String> = lambdas.iter().map(|l| l.to_string()).collect();
+        let status = Command::new(defuse)
+            .args(["sweep", &job.to_string_lossy(), "--lambdas", &list.join(",")])
+            .status()?;
+        if !status.success() {
+            bail!("defuse sweep {} failed: {status}", job.display());
+        }
+        for l in lambdas {
+            let (s, r, _, _) = accuracy(
+                &run.join(format!("sweep/lambda-{l}")).join(
+                    tuned
+                        .file_name()
+                        .context("the tuned model's file name")?,
+                ),
+            )?;
+            sweep.push(json!({"lambda": l, "slice_accuracy": s, "rest_accuracy": r}));
+        }
+    }
     println!(
         "{}",
         json!({
@@ -953,6 +985,7 @@ mode = "source-majority"
             "n_scenarios": summary["n_scenarios"],
             "n_labelled": summary["n_labelled"],
             "seconds": t.elapsed().as_secs_f64(),
+            "sweep": sweep,
         })
     );
     Ok(())
