@@ -952,18 +952,20 @@ mode = "source-majority"
     if !lambdas.is_empty() {
         let list: Vec<String> = lambdas.iter().map(|l| l.to_string()).collect();
         let status = Command::new(defuse)
-            .args(["sweep", &job.to_string_lossy(), "--lambdas", &list.join(",")])
+            .args([
+                "sweep",
+                &job.to_string_lossy(),
+                "--lambdas",
+                &list.join(","),
+            ])
             .status()?;
         if !status.success() {
             bail!("defuse sweep {} failed: {status}", job.display());
         }
         for l in lambdas {
             let (s, r, _, _) = accuracy(
-                &run.join(format!("sweep/lambda-{l}")).join(
-                    tuned
-                        .file_name()
-                        .context("the tuned model's file name")?,
-                ),
+                &run.join(format!("sweep/lambda-{l}"))
+                    .join(tuned.file_name().context("the tuned model's file name")?),
             )?;
             sweep.push(json!({"lambda": l, "slice_accuracy": s, "rest_accuracy": r}));
         }
