@@ -828,24 +828,6 @@ fn bench_scaling(
     })
 }
 
-/// Ink of each image: the sum of its pixels.
-fn ink(split: &defuse_core::data::Split) -> Vec<u64> {
-    split
-        .images
-        .chunks(784)
-        .map(|im| im.iter().map(|&p| p as u64).sum())
-        .collect()
-}
-
-/// The planted slice: 1s with at most `threshold` ink.
-fn thin_ones(split: &defuse_core::data::Split, threshold: u64) -> Vec<bool> {
-    ink(split)
-        .iter()
-        .zip(&split.labels)
-        .map(|(&k, &l)| l == 1 && k <= threshold)
-        .collect()
-}
-
 fn bench_planted(
     defuse: &std::path::Path,
     mnist: &std::path::Path,
@@ -854,60 +836,14 @@ fn bench_planted(
     (classifier_epochs, vae_epochs): (usize, usize),
     lambdas: &[f64],
 ) -> Result<()> {
-    use defuse_core::data::idx::{read_idx, write_idx};
+    use defuse_core::planted::{slice_accuracy, write_planted_mnist};
     let ds = DataSpec::from_path(mnist).load()?;
-    // the slice: the training 1s in the lowest third of ink
-    let mut ones: Vec<u64> = ink(&ds.train)
-        .into_iter()
-        .zip(&ds.train.labels)
-        .filter(|(_, &l)| l == 1)
-        .map(|(k, _)| k)
-        .collect();
-    ones.sort_unstable();
-    let threshold = ones[ones.len() / 3];
-    let train_slice = thin_ones(&ds.train, threshold);
-    let test_slice = thin_ones(&ds.test, threshold);
-    let data = work.join("data");
-    std::fs::create_dir_all(&data)?;
-    for f in [
-        "train-images-idx3-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ] {
-        let a = read_idx(&find_idx(mnist, f)?)?;
-        write_idx(&data.join(f), &a.dims, &a.data)?;
-    }
-    let mut labels = read_idx(&find_idx(mnist, "train-labels-idx1-ubyte")?)?;
-    for (l, &s) in labels.data.iter_mut().zip(&train_slice) {
-        if s {
-            *l = 7;
-        }
-    }
-    write_idx(
-        &data.join("train-labels-idx1-ubyte"),
-        &labels.dims,
-        &labels.data,
-    )?;
+    let planted = write_planted_mnist(mnist, &work.join("data"))?;
+    let threshold = planted.ink_threshold;
     let job = work.join("planted.toml");
     std::fs::write(
         &job,
-        format!(
-            r#"name = "planted"
-seed = 0
-out = "run"
-device = "cpu"
-[data]
-path = "data"
-[train]
-classifier_epochs = {classifier_epochs}
-vae_epochs = {vae_epochs}
-vae_latent = 10
-[identify]
-limit = {limit}
-[label]
-mode = "source-majority"
-"#
-        ),
+        defuse_core::planted::job_toml(classifier_epochs, vae_epochs, limit),
     )?;
     let t = Instant::now();
     let status = Command::new(defuse).arg("run").arg(&job).status()?;
@@ -931,19 +867,8 @@ mode = "source-majority"
         work.join(tuned)
     };
     let accuracy = |path: &std::path::Path| -> Result<(f64, f64, usize, usize)> {
-        let clf = Classifier::load(path, [1, 28, 28], 10, Device::Cpu)?;
-        let x = ds.test.images(0..ds.test.len(), Device::Cpu);
-        let pred = Vec::<i64>::try_from(clf.predict(&x, 1000)?.0)?;
-        let (mut s, mut sn, mut r, mut rn) = (0, 0, 0, 0);
-        for i in 0..pred.len() {
-            let right = (pred[i] == ds.test.labels[i]) as usize;
-            if test_slice[i] {
-                (s, sn) = (s + right, sn + 1);
-            } else {
-                (r, rn) = (r + right, rn + 1);
-            }
-        }
-        Ok((s as f64 / sn as f64, r as f64 / rn as f64, sn, rn))
+        let a = slice_accuracy(path, &ds.test, threshold)?;
+        Ok((a.slice, a.rest, a.slice_images, a.rest_images))
     };
     let (slice_before, rest_before, n_slice, n_rest) =
         accuracy(&run.join("models/classifier.safetensors"))?;
@@ -974,7 +899,7 @@ mode = "source-majority"
         "{}",
         json!({
             "ink_threshold": threshold,
-            "train_relabelled": train_slice.iter().filter(|&&s| s).count(),
+            "train_relabelled": planted.train_relabelled,
             "test_slice": n_slice,
             "test_rest": n_rest,
             "found_scenarios": found,
@@ -991,13 +916,4 @@ mode = "source-majority"
         })
     );
     Ok(())
-}
-
-/// `name` or `name.gz` in an MNIST folder.
-fn find_idx(dir: &std::path::Path, name: &str) -> Result<PathBuf> {
-    [name.to_string(), format!("{name}.gz")]
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.exists())
-        .with_context(|| format!("{name} not in {}", dir.display()))
 }

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod models;
 pub mod pictures;
 pub mod pipeline;
+pub mod planted;
 pub mod plots;
 pub mod progress;
 pub mod report;

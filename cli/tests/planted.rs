@@ -1,0 +1,65 @@
+//! The planted-bug benchmark, fast (`defuse-bench planted` is the full one): MNIST with
+//! its thin training 1s labelled 7 (`defuse_core::planted`), small models, the first
+//! 2,000 test images searched. Defuse must find a scenario of 1s read as 7 with the
+//! automatic oracle, and its correction must raise the accuracy on the real thin 1s of
+//! the test split while the rest stays within 0.5 points.
+use std::path::Path;
+use std::process::Command;
+
+use defuse_core::data::DataSpec;
+use defuse_core::planted::{job_toml, slice_accuracy, write_planted_mnist};
+
+#[test]
+fn finds_the_planted_thin_ones_and_corrects_real_ones() {
+    let mnist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let planted = write_planted_mnist(&mnist, &dir.path().join("data")).unwrap();
+    assert!(planted.train_relabelled > 2000, "{planted:?}");
+    let job = dir.path().join("planted.toml");
+    std::fs::write(&job, job_toml(1, 2, 2000)).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["run", job.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run = dir.path().join("run");
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report/summary.json")).unwrap()).unwrap();
+    // found: a labelled scenario of failures read as 7 that the oracle calls 1
+    let found: Vec<&serde_json::Value> = s["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|sc| sc["label"] == 1 && sc["predicted"] == 7)
+        .collect();
+    assert!(!found.is_empty(), "no scenario of 1s read as 7: {s}");
+    // its real members include images the classifier gets wrong
+    let m = &found[0]["real_members"];
+    assert!(
+        m["right_before"].as_u64().unwrap() < m["images"].as_u64().unwrap(),
+        "{m}"
+    );
+
+    let test = DataSpec::from_path(&mnist).load().unwrap().test;
+    let before = slice_accuracy(
+        &run.join("models/classifier.safetensors"),
+        &test,
+        planted.ink_threshold,
+    )
+    .unwrap();
+    let after = slice_accuracy(
+        Path::new(s["model"].as_str().unwrap()),
+        &test,
+        planted.ink_threshold,
+    )
+    .unwrap();
+    eprintln!("before {before:?}\nafter  {after:?}");
+    assert!(before.slice_images > 300, "{before:?}");
+    assert!(before.slice < 0.5, "the planted bug took: {before:?}");
+    assert!(after.slice > before.slice, "{before:?} -> {after:?}");
+    assert!(
+        (after.rest - before.rest).abs() <= 0.005,
+        "{before:?} -> {after:?}"
+    );
+}
