@@ -221,6 +221,7 @@ impl Summary {
             }))
             .collect()
         };
+        let (real_members_labelled, real_sources_labelled) = ev.real_labelled(labels);
         let scen = scenarios
             .iter()
             .map(|s| {
@@ -277,8 +278,8 @@ impl Summary {
             test_accuracy_before: ev.test_accuracy_before,
             test_accuracy_after: ev.test_accuracy_after,
             test_unsearched: ev.unsearched_test,
-            real_members_labelled: ev.real_labelled(labels).0,
-            real_sources_labelled: ev.real_labelled(labels).1,
+            real_members_labelled,
+            real_sources_labelled,
             scenario_accuracy_before: ev.scenario_accuracy_before,
             scenario_accuracy_after: ev.scenario_accuracy_after,
             scenario_test_samples: ev.scenario_test_samples,
