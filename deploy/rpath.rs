@@ -1,6 +1,6 @@
 //! Build script shared by every crate that links libtorch: it records libtorch's
 //! library folder as an rpath, so binaries and tests start without LD_LIBRARY_PATH.
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     if let Ok(dir) = std::env::var("LIBTORCH") {
         let lib = std::path::Path::new(&dir).join("lib");

@@ -6,13 +6,14 @@ use defuse_core::identify::Perturbation;
 use tch::{Device, Kind, Tensor};
 
 fn noise(c: &mut Criterion) {
-    // the per-image noise draw of identify: Q = 100, latent 10
+    // the noise draw of one identify batch: 32 images, Q = 100, latent 10
     let p = Perturbation::default();
     let mut i = 0usize;
-    c.bench_function("perturbation draw q=100 d=10", |b| {
+    c.bench_function("perturbation draw 32 images q=100 d=10", |b| {
         b.iter(|| {
-            i += 1;
-            p.draw(0, SplitName::Test, i, 100, 10)
+            i += 32;
+            let images: Vec<usize> = (i..i + 32).collect();
+            p.draw(0, SplitName::Test, &images, 100, 10, Device::Cpu)
         })
     });
 }

@@ -4,7 +4,7 @@
     identify_ref.py flops DIR             FLOPs of one perturbation (decoder + classifier)
     identify_ref.py matmul THREADS        this CPU's float32 matmul peak, FLOP/s
     identify_ref.py authors DIR MNIST THREADS Q N
-    identify_ref.py batched DIR MNIST THREADS Q N PROCS CHUNK
+    identify_ref.py batched DIR MNIST THREADS Q N PROCS CHUNK [freeze|optimize]
 
 The models have the architecture of Defuse's built-in MNIST CNN and VAE (width 32,
 hidden 256, latent 10) with a fixed random initialisation: throughput does not depend on
@@ -15,9 +15,10 @@ line on stdout.
 amazon-science/creating-and-correcting-novel-ml-model-errors): one image at a time,
 encode, Q Beta(50,50) draws added to mu, decode the Q codes, classify, move the
 predictions to the host and keep the failures with the smallest ||s||. `batched` is the
-best loop we could write in Python: frozen TorchScript, inference mode, many images per
-step, decoder + classifier in chunks of CHUNK rows, optionally PROCS processes with
-THREADS/PROCS intra-op threads each.
+best loop we could write in Python: TorchScript frozen (`torch.jit.freeze`) and, with
+`optimize` (the default), also `torch.jit.optimize_for_inference`, inference mode, many
+images per step, decoder + classifier in chunks of CHUNK rows, optionally PROCS
+processes with THREADS/PROCS intra-op threads each.
 """
 import json
 import multiprocessing as mp
@@ -147,10 +148,12 @@ def authors(d, data, threads, q, n):
 
 
 def _batched_worker(args):
-    d, data, threads, q, lo, hi, chunk = args
+    d, data, threads, q, lo, hi, chunk, jit = args
     torch.set_num_threads(threads)
     enc, dec, clf = load(d)
-    enc, dec, clf = (torch.jit.freeze(m) for m in (enc, dec, clf))
+    enc, dec, clf = (torch.jit.freeze(m.eval()) for m in (enc, dec, clf))
+    if jit == "optimize":
+        enc, dec, clf = (torch.jit.optimize_for_inference(m) for m in (enc, dec, clf))
     x = mnist_test(data)[lo:hi]
     g = torch.Generator().manual_seed(lo)
     kept = 0
@@ -170,10 +173,10 @@ def _batched_worker(args):
     return kept, time.perf_counter() - t
 
 
-def batched(d, data, threads, q, n, procs, chunk):
+def batched(d, data, threads, q, n, procs, chunk, jit="optimize"):
     per = threads // procs if procs > 1 else threads
     bounds = [(n * i // procs, n * (i + 1) // procs) for i in range(procs)]
-    jobs = [(d, data, max(per, 1), q, lo, hi, chunk) for lo, hi in bounds]
+    jobs = [(d, data, max(per, 1), q, lo, hi, chunk, jit) for lo, hi in bounds]
     # time the search loops only (after loading and freezing), the slowest process's
     if procs == 1:
         out = [_batched_worker(jobs[0])]
@@ -181,7 +184,7 @@ def batched(d, data, threads, q, n, procs, chunk):
         with mp.get_context("spawn").Pool(procs) as pool:
             out = pool.map(_batched_worker, jobs)
     kept, dt = sum(k for k, _ in out), max(t for _, t in out)
-    print(json.dumps({"loop": "batched", "procs": procs, "threads": threads, "chunk": chunk,
+    print(json.dumps({"loop": "batched", "jit": jit, "procs": procs, "threads": threads, "chunk": chunk,
                       "images": n, "q": q, "seconds": dt, "per_s": n * q / dt, "kept": kept}))
 
 
@@ -196,6 +199,7 @@ if __name__ == "__main__":
     elif cmd == "authors":
         authors(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
     elif cmd == "batched":
-        batched(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]), int(rest[6]))
+        batched(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]), int(rest[6]),
+                *rest[7:8])
     else:
         sys.exit(f"unknown command {cmd}")

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use defuse_core::data::{DataSpec, SplitName};
 use defuse_core::dpgmm::{DpGmm, DpGmmOptions};
 use defuse_core::identify::{identify, IdentifyOptions, Perturbation};
-use defuse_core::models::{load_vae, Classifier, CnnArch, Vae, VaeArch};
+use defuse_core::models::{load_vae, Classifier, CnnArch, Jit, Vae, VaeArch};
 use defuse_proto::auth::{AuthChannel, Bearer};
 use defuse_proto::job_service_client::JobServiceClient;
 use defuse_proto::{CancelRequest, StatusRequest, SubmitRequest};
@@ -38,6 +38,9 @@ enum Cmd {
         /// Searches run side by side, each with threads/workers intra-op threads.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// How TorchScript models are run: optimize (Defuse's default), freeze, as-loaded.
+        #[arg(long, default_value = "optimize")]
+        jit: String,
         #[arg(long, default_value_t = 100)]
         q: usize,
         #[arg(long, default_value_t = 2000)]
@@ -198,11 +201,17 @@ fn main() -> Result<()> {
             data,
             threads,
             workers,
+            jit,
             q,
             images,
             chunk,
             batch,
-        } => bench_identify(&models, &data, threads, workers, q, images, chunk, batch),
+        } => {
+            let jit: Jit = serde_json::from_value(json!(jit)).context("--jit")?;
+            bench_identify(
+                &models, &data, threads, workers, jit, q, images, chunk, batch,
+            )
+        }
         Cmd::Matmul { threads } => bench_matmul(threads),
         Cmd::Dpgmm {
             x,
@@ -467,6 +476,7 @@ fn bench_identify(
     data: &std::path::Path,
     threads: usize,
     workers: usize,
+    jit: Jit,
     q: usize,
     images: usize,
     chunk: usize,
@@ -519,17 +529,19 @@ fn bench_identify(
             )?;
             return Ok((clf, vae));
         }
-        let clf = Classifier::load(
+        let clf = Classifier::load_for_inference(
             &models.join("classifier.pt"),
             shape,
             ds.num_classes() as i64,
             Device::Cpu,
+            jit,
         )?;
         let vae = load_vae(
             &models.join("encoder.pt"),
             Some(&models.join("decoder.pt")),
             shape,
             Device::Cpu,
+            jit,
         )?;
         Ok((clf, vae))
     };
@@ -567,7 +579,7 @@ fn bench_identify(
     let dt = started.elapsed().as_secs_f64();
     println!(
         "{}",
-        json!({"impl": "defuse", "models": models.display().to_string(), "threads": threads, "workers": workers, "chunk": chunk,
+        json!({"impl": "defuse", "models": models.display().to_string(), "jit": jit, "threads": threads, "workers": workers, "chunk": chunk,
                "batch": batch, "images": n, "q": q, "seconds": dt,
                "per_s": (n * q) as f64 / dt, "kept": found})
     );

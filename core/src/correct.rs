@@ -265,6 +265,7 @@ pub fn fine_tune_steps(
     lambda: f64,
     mut on_step: impl FnMut(),
 ) -> Result<(f64, f64, usize)> {
+    clf.trainable()?;
     let device = clf.device();
     clf.set_train(true);
     let (mut ce_t, mut ce_s, mut n) = (0.0, 0.0, 0usize);

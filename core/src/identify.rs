@@ -9,14 +9,16 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use rand_distr::{Beta, Distribution, Normal};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Beta, Distribution};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Split, SplitName};
 use crate::error::{Error, Result};
 use crate::models::{Classifier, Vae};
-use crate::seeds::{rng_for, Step};
+use crate::seeds::{seed_for, Step};
 use crate::tensor_io;
 
 /// How latent codes are perturbed.
@@ -58,24 +60,38 @@ impl Perturbation {
         }
     }
 
-    /// `q * d` draws for one image, from its own seeded stream.
+    /// The perturbations `[images.len(), q, d]` of `images` (indices in `split`) on
+    /// `device`; image `i`'s depend on `(job seed, identify, split, i)` only. Gaussian
+    /// noise is drawn on the device by a counter-based generator
+    /// ([`crate::seeds::normal_by_counter`]): the same on the CPU and on a GPU. Beta
+    /// noise (the authors' setting) is drawn on the host from a seeded stream per
+    /// image and uploaded.
     pub fn draw(
         &self,
         job_seed: u64,
         split: SplitName,
-        image: usize,
+        images: &[usize],
         q: usize,
         d: usize,
-    ) -> Vec<f32> {
-        let mut rng = rng_for(job_seed, Step::Identify, &[split as u64, image as u64]);
+        device: Device,
+    ) -> Tensor {
+        let key = |i: usize| seed_for(job_seed, Step::Identify, &[split as u64, i as u64]);
         match *self {
             Perturbation::Gaussian { sigma } => {
-                let n = Normal::new(0.0, sigma).expect("validated sigma");
-                (0..q * d).map(|_| n.sample(&mut rng) as f32).collect()
+                let keys: Vec<u64> = images.iter().map(|&i| key(i)).collect();
+                crate::seeds::normal_by_counter(&keys, q as i64, d as i64, device) * sigma
             }
             Perturbation::Beta { a, b } => {
                 let n = Beta::new(a, b).expect("validated a, b");
-                (0..q * d).map(|_| n.sample(&mut rng) as f32).collect()
+                let mut v = Vec::with_capacity(images.len() * q * d);
+                for &i in images {
+                    let mut rng = ChaCha8Rng::seed_from_u64(key(i));
+                    v.extend((0..q * d).map(|_| n.sample(&mut rng) as f32));
+                }
+                crate::data::upload(
+                    Tensor::from_slice(&v).view([images.len() as i64, q as i64, d as i64]),
+                    device,
+                )
             }
         }
     }
@@ -443,16 +459,10 @@ pub fn identify(
             let idx = Tensor::from_slice(&picked.iter().map(|&i| i as i64).collect::<Vec<_>>())
                 .to_device(device);
             let mu = mu.index_select(0, &idx);
-            let mut noise = Vec::with_capacity(b * q * d as usize);
-            for &i in &picked {
-                noise.extend(
-                    o.perturbation
-                        .draw(job_seed, which, start + i, q, d as usize),
-                );
-            }
-            let eps = Tensor::from_slice(&noise)
-                .view([b as i64, q as i64, d])
-                .to_device(device);
+            let images: Vec<usize> = picked.iter().map(|&i| start + i).collect();
+            let eps = o
+                .perturbation
+                .draw(job_seed, which, &images, q, d as usize, device);
             let z = (mu.unsqueeze(1) + &eps).view([-1, d]);
             let mut preds = Vec::new();
             let mut confs = Vec::new();

@@ -9,6 +9,7 @@ pub mod dpgmm;
 pub mod error;
 pub mod evaluate;
 pub mod folder_copy;
+pub mod frozen;
 pub mod identify;
 pub mod images;
 pub mod layout;

@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
-use tch::{Device, IValue, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::frozen::FrozenModule;
+pub use crate::frozen::Jit;
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
@@ -34,11 +36,18 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     .and_then(|d| {
         if let Device::Cuda(n) = d {
+            let loaded = crate::frozen::load_cuda_backend();
             let have = tch::Cuda::device_count() as usize;
             if n >= have {
+                let why = match loaded {
+                    Err(e) => format!("; libtorch's CUDA backend did not load: {e}"),
+                    Ok(()) => String::new(),
+                };
                 return Err(Error::invalid(
                     "device",
-                    format!("'{s}': this machine has {have} CUDA device(s) visible to libtorch"),
+                    format!(
+                        "'{s}': this machine has {have} CUDA device(s) visible to libtorch{why}"
+                    ),
                 ));
             }
         }
@@ -204,7 +213,10 @@ pub struct Classifier {
 
 enum ClassifierNet {
     BuiltIn(CnnArch, Box<Cnn>),
+    /// TorchScript, trainable (the copy Defuse fine-tunes).
     Script(tch::TrainableCModule),
+    /// TorchScript prepared for inference only ([`Classifier::load_for_inference`]).
+    Inference(FrozenModule),
 }
 
 impl std::fmt::Debug for Classifier {
@@ -212,6 +224,7 @@ impl std::fmt::Debug for Classifier {
         let kind = match &self.net {
             ClassifierNet::BuiltIn(a, _) => format!("built-in cnn {a:?}"),
             ClassifierNet::Script(_) => "torchscript".to_string(),
+            ClassifierNet::Inference(_) => "torchscript, for inference".to_string(),
         };
         write!(f, "Classifier({kind}, {} classes)", self.num_classes)
     }
@@ -265,6 +278,41 @@ impl Classifier {
         Ok(this)
     }
 
+    /// Loads a classifier to run, never to train: a TorchScript one is prepared per
+    /// `jit` (frozen and optimised for inference by default, as a tuned Python loop
+    /// would); a built-in one loads as [`Classifier::load`] does.
+    pub fn load_for_inference(
+        path: &Path,
+        image_shape: [i64; 3],
+        num_classes: i64,
+        device: Device,
+        jit: Jit,
+    ) -> Result<Self> {
+        if is_safetensors(path) {
+            return Classifier::load(path, image_shape, num_classes, device);
+        }
+        let m = FrozenModule::load(path, device, jit)
+            .map_err(|e| crate::frozen::load_error(path, &e))?;
+        let this = Classifier {
+            vs: nn::VarStore::new(device),
+            net: ClassifierNet::Inference(m),
+            num_classes,
+        };
+        this.check(path, image_shape, num_classes)?;
+        Ok(this)
+    }
+
+    /// An error unless this classifier can be trained (not loaded for inference).
+    pub fn trainable(&self) -> Result<()> {
+        if let ClassifierNet::Inference(_) = self.net {
+            return Err(Error::invalid(
+                "classifier",
+                "this copy was loaded for inference (frozen) and cannot be trained; load it with Classifier::load",
+            ));
+        }
+        Ok(())
+    }
+
     fn check(&self, path: &Path, [c, h, w]: [i64; 3], num_classes: i64) -> Result<()> {
         if let ClassifierNet::BuiltIn(a, _) = &self.net {
             builtin_shape_matches(
@@ -302,17 +350,24 @@ impl Classifier {
         Ok(())
     }
 
-    fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor, tch::TchError> {
+    fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor, String> {
         match &self.net {
             ClassifierNet::BuiltIn(_, n) => Ok(n.forward_t(x, train)),
-            ClassifierNet::Script(m) => m.forward_ts(&[x]),
+            ClassifierNet::Script(m) => m.forward_ts(&[x]).map_err(|e| first_line(&e)),
+            ClassifierNet::Inference(m) => match m.forward(x)?.as_slice() {
+                [logits] => Ok(logits.shallow_clone()),
+                outs => Err(format!(
+                    "it returns {} tensors, expected one tensor of logits",
+                    outs.len()
+                )),
+            },
         }
     }
 
     /// Logits for a batch of images (float32 NCHW in [0,1]). `train` turns dropout on
     /// for built-in models; TorchScript models follow `set_train`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.try_forward(x, train)?)
+        self.try_forward(x, train).map_err(torch_error)
     }
 
     pub fn set_train(&mut self, train: bool) {
@@ -338,7 +393,10 @@ impl Classifier {
     }
 
     pub fn is_torchscript(&self) -> bool {
-        matches!(self.net, ClassifierNet::Script(_))
+        matches!(
+            self.net,
+            ClassifierNet::Script(_) | ClassifierNet::Inference(_)
+        )
     }
 
     /// The file extension of this classifier's format (`safetensors` or `pt`).
@@ -357,6 +415,10 @@ impl Classifier {
             ClassifierNet::Script(m) => m
                 .save(path)
                 .map_err(|e| Error::model(path, format!("cannot save: {e}"))),
+            ClassifierNet::Inference(_) => Err(Error::model(
+                path,
+                "a classifier loaded for inference is used as given; it is not saved again",
+            )),
         }
     }
 
@@ -415,8 +477,8 @@ pub struct Vae {
 enum VaeNet {
     BuiltIn(Box<(nn::VarStore, ConvVae)>),
     Script {
-        encoder: tch::CModule,
-        decoder: tch::CModule,
+        encoder: FrozenModule,
+        decoder: FrozenModule,
     },
 }
 
@@ -458,22 +520,17 @@ impl Vae {
         Ok(v)
     }
 
-    /// Loads a TorchScript VAE given as an encoder and a decoder file.
+    /// Loads a TorchScript VAE given as an encoder and a decoder file, prepared for
+    /// inference per `jit` (a TorchScript VAE is never trained here).
     pub fn load_torchscript(
         encoder: &Path,
         decoder: &Path,
         image_shape: [i64; 3],
         device: Device,
+        jit: Jit,
     ) -> Result<Self> {
         let load = |p: &Path| {
-            let mut m = tch::CModule::load_on_device(p, device).map_err(|e| {
-                Error::model(
-                    p,
-                    format!("not a loadable TorchScript module: {}", first_line(&e)),
-                )
-            })?;
-            m.set_eval();
-            Ok::<_, Error>(m)
+            FrozenModule::load(p, device, jit).map_err(|e| crate::frozen::load_error(p, &e))
         };
         let (enc, dec) = (load(encoder)?, load(decoder)?);
         let mut v = Vae {
@@ -545,44 +602,46 @@ impl Vae {
         Ok(())
     }
 
-    fn try_encode(&self, x: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
+    fn try_encode(&self, x: &Tensor) -> Result<(Tensor, Tensor), String> {
         match &self.net {
             VaeNet::BuiltIn(b) => Ok(b.1.encode(x)),
             VaeNet::Script { encoder, .. } => {
-                match encoder.forward_is(&[IValue::Tensor(x.shallow_clone())])? {
-                    IValue::Tuple(v) | IValue::GenericList(v) if v.len() == 2 => {
-                        let mut it = v.into_iter();
-                        match (it.next(), it.next()) {
-                            (Some(IValue::Tensor(m)), Some(IValue::Tensor(l))) => Ok((m, l)),
-                            _ => Err(tch::TchError::Kind(
-                                "encoder must return two tensors (mu, logvar)".into(),
-                            )),
-                        }
+                let mut out = encoder.forward(x)?;
+                match out.len() {
+                    2 => {
+                        let logvar = out.pop().expect("two");
+                        Ok((out.pop().expect("two"), logvar))
                     }
-                    IValue::Tensor(_) => Err(tch::TchError::Kind(
+                    1 => Err(
                         "encoder returns one tensor; it must return a tuple (mu, logvar)".into(),
-                    )),
-                    _ => Err(tch::TchError::Kind(
-                        "encoder must return a tuple (mu, logvar)".into(),
+                    ),
+                    n => Err(format!(
+                        "encoder returns {n} tensors; it must return a tuple (mu, logvar)"
                     )),
                 }
             }
         }
     }
 
-    fn try_decode(&self, z: &Tensor) -> Result<Tensor, tch::TchError> {
+    fn try_decode(&self, z: &Tensor) -> Result<Tensor, String> {
         match &self.net {
             VaeNet::BuiltIn(b) => Ok(b.1.decode(z)),
-            VaeNet::Script { decoder, .. } => decoder.forward_ts(&[z]),
+            VaeNet::Script { decoder, .. } => match decoder.forward(z)?.as_slice() {
+                [x] => Ok(x.shallow_clone()),
+                outs => Err(format!(
+                    "decoder returns {} tensors, expected one batch of images",
+                    outs.len()
+                )),
+            },
         }
     }
 
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok(self.try_encode(x)?)
+        self.try_encode(x).map_err(torch_error)
     }
 
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(self.try_decode(z)?)
+        self.try_decode(z).map_err(torch_error)
     }
 
     pub fn latent(&self) -> i64 {
@@ -666,6 +725,11 @@ fn is_safetensors(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some("safetensors")
 }
 
+/// A failure inside a model's forward, as libtorch reported it.
+fn torch_error(msg: String) -> Error {
+    Error::Torch(tch::TchError::Torch(msg))
+}
+
 fn first_line(e: &impl std::fmt::Display) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
@@ -730,6 +794,11 @@ pub struct ModelFiles {
     /// TorchScript decoder, when `vae` is a TorchScript encoder.
     #[serde(default)]
     pub vae_decoder: Option<PathBuf>,
+    /// How TorchScript models are run for search and evaluation: `optimize` (frozen
+    /// and optimised for inference, the default), `freeze`, or `as-loaded`. The copy
+    /// that is fine-tuned is never frozen.
+    #[serde(default)]
+    pub jit: Jit,
 }
 
 /// Loads a VAE given either as one built-in file or as a TorchScript encoder/decoder pair.
@@ -738,13 +807,14 @@ pub fn load_vae(
     decoder: Option<&Path>,
     image_shape: [i64; 3],
     device: Device,
+    jit: Jit,
 ) -> Result<Vae> {
     match decoder {
-        Some(dec) => Vae::load_torchscript(vae, dec, image_shape, device),
+        Some(dec) => Vae::load_torchscript(vae, dec, image_shape, device, jit),
         None if is_safetensors(vae) => Vae::load_builtin(vae, image_shape, device),
         None => Err(Error::model(
             vae,
-            "a TorchScript VAE needs its decoder too (vae_decoder / --vae-decoder); only built-in VAEs are one .safetensors file",
+            "a TorchScript VAE needs its decoder too (`vae_decoder` in the job's [models] table); only built-in VAEs are one .safetensors file",
         )),
     }
 }

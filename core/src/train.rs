@@ -89,6 +89,7 @@ pub fn train_classifier(
     o: &TrainOptions,
 ) -> Result<Vec<ClassifierEpoch>> {
     o.validate()?;
+    clf.trainable()?;
     let device = clf.device();
     let mut opt = nn::Adam::default().build(clf.var_store(), o.lr)?;
     let mut history = Vec::new();

@@ -18,7 +18,7 @@ use defuse_core::evaluate::{
     measure_real, sources, Measured, Regions, Searched, MIN_RESPONSIBILITY, REGION_QUANTILE,
 };
 use defuse_core::identify::{identify, IdentifyOptions, Perturbation};
-use defuse_core::models::{load_vae, Classifier, Vae};
+use defuse_core::models::{load_vae, Classifier, Jit, Vae};
 use defuse_core::scenarios::{distill, DistillOptions};
 use tch::Device;
 
@@ -79,6 +79,7 @@ fn models() -> (Classifier, Classifier, Vae) {
         Some(&fixture("planted_decoder.pt")),
         [1, 4, 4],
         Device::Cpu,
+        Jit::default(),
     )
     .unwrap();
     (

@@ -6,7 +6,7 @@ use std::path::Path;
 use defuse_core::data::idx::write_idx;
 use defuse_core::data::{DataSpec, Dataset, SplitName};
 use defuse_core::identify::{identify, Failures, IdentifyOptions, Perturbation};
-use defuse_core::models::{load_vae, Classifier, Vae};
+use defuse_core::models::{load_vae, Classifier, Jit, Vae};
 use tch::Device;
 
 fn fixture(name: &str) -> std::path::PathBuf {
@@ -59,6 +59,7 @@ fn models() -> (Classifier, Vae) {
         Some(&fixture("planted_decoder.pt")),
         [1, 4, 4],
         Device::Cpu,
+        Jit::default(),
     )
     .unwrap();
     (clf, vae)

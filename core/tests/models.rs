@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use defuse_core::data::DataSpec;
-use defuse_core::models::{load_vae, Classifier, CnnArch, Vae, VaeArch};
+use defuse_core::models::{load_vae, Classifier, CnnArch, Jit, Vae, VaeArch};
 use defuse_core::train::{self, TrainOptions};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
@@ -28,6 +28,103 @@ fn clf_err(name: &str, classes: i64) -> String {
     Classifier::load(&fixture(name), MNIST, classes, Device::Cpu)
         .unwrap_err()
         .to_string()
+}
+
+/// The inference copies (frozen, optimised) give what the modules as loaded give, a
+/// frozen classifier refuses to train, and a bad file is still named in the error.
+#[test]
+fn frozen_torchscript_models_match_the_modules_as_loaded() {
+    tch::manual_seed(7);
+    let x = Tensor::rand([5, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let plain = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
+    let want = plain.forward(&x, false).unwrap();
+    let vae = |jit| {
+        load_vae(
+            &fixture("encoder_ok.pt"),
+            Some(&fixture("decoder_ok.pt")),
+            MNIST,
+            Device::Cpu,
+            jit,
+        )
+        .unwrap()
+    };
+    let as_loaded = vae(Jit::AsLoaded);
+    let z = Tensor::randn([5, as_loaded.latent()], (Kind::Float, Device::Cpu));
+    let (mu0, lv0) = as_loaded.encode(&x).unwrap();
+    let dec0 = as_loaded.decode(&z).unwrap();
+    let close = |a: &Tensor, b: &Tensor| {
+        assert_eq!(a.size(), b.size());
+        let d = f64::try_from((a - b).abs().max()).unwrap();
+        assert!(d < 1e-4, "max difference {d}");
+    };
+    for jit in [Jit::AsLoaded, Jit::Freeze, Jit::Optimize] {
+        let c = Classifier::load_for_inference(
+            &fixture("classifier_ok.pt"),
+            MNIST,
+            10,
+            Device::Cpu,
+            jit,
+        )
+        .unwrap();
+        assert!(c.is_torchscript());
+        close(&c.forward(&x, false).unwrap(), &want);
+        let e = c.trainable().unwrap_err().to_string();
+        assert!(e.contains("cannot be trained"), "{e}");
+        let mut c = c;
+        let e = train::train_classifier(
+            &mnist_subset(64, 16),
+            &mut c,
+            &TrainOptions {
+                epochs: 1,
+                batch_size: 32,
+                lr: 1e-3,
+                seed: 1,
+                max_batches: 1,
+                lr_decay: 1.0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be trained"), "{e}");
+        let v = vae(jit);
+        let (mu, lv) = v.encode(&x).unwrap();
+        close(&mu, &mu0);
+        close(&lv, &lv0);
+        close(&v.decode(&z).unwrap(), &dec0);
+    }
+    // a forward that fails inside TorchScript code says why, not only where
+    let e = as_loaded
+        .decode(&Tensor::randn(
+            [5, as_loaded.latent() + 3],
+            (Kind::Float, Device::Cpu),
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shapes cannot be multiplied") || e.contains("size mismatch"),
+        "{e}"
+    );
+    // the frozen path explains bad files as the trainable one does
+    for (bad, want) in [
+        ("garbage.pt", "not a loadable TorchScript module"),
+        ("classifier_5_classes.pt", "returns 5 logits"),
+    ] {
+        let e =
+            Classifier::load_for_inference(&fixture(bad), MNIST, 10, Device::Cpu, Jit::Optimize)
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains(bad) && e.contains(want), "{bad}: {e}");
+    }
+    let e = load_vae(
+        &fixture("encoder_single_output.pt"),
+        Some(&fixture("decoder_ok.pt")),
+        MNIST,
+        Device::Cpu,
+        Jit::Optimize,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("(mu, logvar)"), "{e}");
 }
 
 #[test]
@@ -72,6 +169,7 @@ fn torchscript_vae_loads_and_mismatches_are_explained() {
         Some(&fixture("decoder_ok.pt")),
         MNIST,
         Device::Cpu,
+        Jit::default(),
     )
     .unwrap();
     assert_eq!(v.latent(), 4);
@@ -81,9 +179,15 @@ fn torchscript_vae_loads_and_mismatches_are_explained() {
     assert_eq!(v.decode(&mu).unwrap().size(), [5, 1, 28, 28]);
 
     let err = |enc: &str, dec: &str| {
-        load_vae(&fixture(enc), Some(&fixture(dec)), MNIST, Device::Cpu)
-            .unwrap_err()
-            .to_string()
+        load_vae(
+            &fixture(enc),
+            Some(&fixture(dec)),
+            MNIST,
+            Device::Cpu,
+            Jit::default(),
+        )
+        .unwrap_err()
+        .to_string()
     };
     let e = err("encoder_single_output.pt", "decoder_ok.pt");
     assert!(
@@ -102,9 +206,15 @@ fn torchscript_vae_loads_and_mismatches_are_explained() {
         e.contains("decoder_latent6.pt") && e.contains("[2, 4] batch of codes"),
         "{e}"
     );
-    let e = load_vae(&fixture("encoder_ok.pt"), None, MNIST, Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let e = load_vae(
+        &fixture("encoder_ok.pt"),
+        None,
+        MNIST,
+        Device::Cpu,
+        Jit::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("needs its decoder"), "{e}");
     // a classifier is not a VAE
     let e = err("classifier_ok.pt", "decoder_ok.pt");
@@ -270,7 +380,7 @@ fn builtin_vae_training_lowers_the_loss_and_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("vae.safetensors");
     v.save(&p).unwrap();
-    let back = load_vae(&p, None, MNIST, Device::Cpu).unwrap();
+    let back = load_vae(&p, None, MNIST, Device::Cpu, Jit::default()).unwrap();
     assert_eq!(back.latent(), 6);
     let (r1, _) = train::vae_test_loss(&back, &ds.test).unwrap();
     assert!(
@@ -278,7 +388,7 @@ fn builtin_vae_training_lowers_the_loss_and_reloads() {
         "{r1} vs {:?}",
         h[1]
     );
-    let e = load_vae(&p, None, [3, 32, 32], Device::Cpu)
+    let e = load_vae(&p, None, [3, 32, 32], Device::Cpu, Jit::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -568,6 +678,7 @@ fn nan_from_a_model_is_an_error_not_a_failure() {
         Some(&fixture("decoder_ok.pt")),
         MNIST,
         Device::Cpu,
+        Jit::default(),
     )
     .unwrap();
     let ds = mnist_subset(10, 64);

@@ -762,9 +762,12 @@ async fn execute(
         };
         let ds = shard_data(&datasets, &job_cfg, planned.as_ref(), start..end).map_err(exec)?;
         let shape = ds.image_shape();
+        let jit = job_cfg.models.jit;
         let clf =
-            Classifier::load(&clf_path, shape, ds.num_classes() as i64, device).map_err(exec)?;
-        let vae = models::load_vae(&vae_path, dec_path.as_deref(), shape, device).map_err(exec)?;
+            Classifier::load_for_inference(&clf_path, shape, ds.num_classes() as i64, device, jit)
+                .map_err(exec)?;
+        let vae =
+            models::load_vae(&vae_path, dec_path.as_deref(), shape, device, jit).map_err(exec)?;
         let o = &job_cfg.identify;
         let (f, s) = identify(
             ds.split(o.split),

@@ -299,11 +299,12 @@ impl Split {
 
     fn to_tensor(&self, bytes: &[u8], n: usize, device: Device) -> Tensor {
         let [h, w, c] = self.shape;
-        Tensor::from_slice(bytes)
-            .view([n as i64, h as i64, w as i64, c as i64])
-            .to_device(device)
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
+        upload(
+            Tensor::from_slice(bytes).view([n as i64, h as i64, w as i64, c as i64]),
+            device,
+        )
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
             / 255.0
     }
 
@@ -1026,4 +1027,16 @@ fn read_labels(path: &Path, n_images: usize, images: &Path) -> Result<Vec<i64>> 
         ));
     }
     Ok(a.data.into_iter().map(i64::from).collect())
+}
+
+/// A host tensor on `device`: through pinned memory and a non-blocking copy when the
+/// device is a GPU, so the copy overlaps the work queued before it.
+pub fn upload(t: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cpu => t,
+        _ => {
+            let kind = t.kind();
+            t.pin_memory(device).to_device_(device, kind, true, false)
+        }
+    }
 }

@@ -156,6 +156,7 @@ impl Job<'_> {
             classifier: self.path_id(&m.classifier),
             vae: self.path_id(&m.vae),
             vae_decoder: self.path_id(&m.vae_decoder),
+            jit: m.jit,
         }
     }
 

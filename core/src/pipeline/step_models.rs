@@ -22,7 +22,7 @@ pub(super) fn load_or_train(
     let nc = ds.num_classes() as i64;
     let t = &cfg.train;
     let clf = match &cfg.models.classifier {
-        Some(p) => Classifier::load(p, shape, nc, device)?,
+        Some(p) => Classifier::load_for_inference(p, shape, nc, device, cfg.models.jit)?,
         None => {
             let p = job.out.join("models/classifier.safetensors");
             if done && p.exists() {
@@ -61,11 +61,17 @@ pub(super) fn load_or_train(
         }
     };
     let vae = match &cfg.models.vae {
-        Some(p) => models::load_vae(p, cfg.models.vae_decoder.as_deref(), shape, device)?,
+        Some(p) => models::load_vae(
+            p,
+            cfg.models.vae_decoder.as_deref(),
+            shape,
+            device,
+            cfg.models.jit,
+        )?,
         None => {
             let p = job.out.join("models/vae.safetensors");
             if done && p.exists() {
-                models::load_vae(&p, None, shape, device)?
+                models::load_vae(&p, None, shape, device, cfg.models.jit)?
             } else {
                 tracing::info!("training the built-in VAE ([train] settings)");
                 tch::manual_seed(cfg.seed as i64 + 1);

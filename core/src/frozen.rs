@@ -1,0 +1,170 @@
+//! TorchScript modules frozen for inference (cxx/frozen.cpp does the libtorch calls).
+//!
+//! `torch.jit.freeze` turns a module's weights into constants and folds what that
+//! allows (conv + batch norm, constant sub-expressions); `optimize_for_inference` then
+//! fuses and, on the CPU, picks MKL-DNN layouts where they pay. It is what a user's own
+//! tuned Python loop does to its modules, and tch does not expose it. A frozen module
+//! cannot be trained: the classifier Defuse fine-tunes is always a separate, unfrozen
+//! copy ([`crate::models::Classifier::load`]).
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use crate::error::Error;
+
+/// How TorchScript models are prepared for inference (`models.jit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Jit {
+    /// Frozen and optimised for inference (the default).
+    #[default]
+    Optimize,
+    /// Frozen only.
+    Freeze,
+    /// Run as loaded, for modules that freezing breaks (ones that change their own
+    /// attributes in `forward`).
+    AsLoaded,
+}
+
+impl Jit {
+    fn level(self) -> c_int {
+        match self {
+            Jit::AsLoaded => 0,
+            Jit::Freeze => 1,
+            Jit::Optimize => 2,
+        }
+    }
+}
+
+extern "C" {
+    fn defuse_frozen_load(
+        path: *const c_char,
+        device: c_int,
+        level: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn defuse_frozen_forward(
+        module: *mut c_void,
+        input: *mut c_void,
+        out: *mut *mut c_void,
+        max_out: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn defuse_frozen_free(module: *mut c_void);
+    fn defuse_free_message(s: *mut c_char);
+}
+
+/// Takes the C++ side's message (and frees it).
+fn message(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown libtorch error".into();
+    }
+    // SAFETY: the shim wrote a NUL-terminated malloc'd string, freed right after.
+    let s = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { defuse_free_message(err) };
+    s
+}
+
+/// A TorchScript module loaded for inference, frozen per [`Jit`].
+pub struct FrozenModule {
+    ptr: *mut c_void,
+}
+
+// SAFETY: a torch::jit::Module is used from one thread at a time here (&mut is not
+// needed for forward, but Defuse never shares one module between threads at once:
+// every worker thread loads its own models), like tch's own CModule, which is Send.
+unsafe impl Send for FrozenModule {}
+
+impl Drop for FrozenModule {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from defuse_frozen_load and is freed once.
+        unsafe { defuse_frozen_free(self.ptr) }
+    }
+}
+
+impl FrozenModule {
+    /// Loads `path` on `device` and prepares it per `jit`. The error is libtorch's
+    /// first line; the caller names the file.
+    pub fn load(path: &Path, device: Device, jit: Jit) -> std::result::Result<Self, String> {
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| "the path holds a NUL byte".to_string())?;
+        let dev = match device {
+            Device::Cpu => -1,
+            Device::Cuda(k) => k as c_int,
+            other => return Err(format!("device {other:?} is not supported for TorchScript")),
+        };
+        let mut err = std::ptr::null_mut();
+        // SAFETY: valid C string, out-pointer for the message.
+        let ptr = unsafe { defuse_frozen_load(c_path.as_ptr(), dev, jit.level(), &mut err) };
+        if ptr.is_null() {
+            return Err(message(err));
+        }
+        Ok(FrozenModule { ptr })
+    }
+
+    /// `forward(x)`: the module's tensor, or the tensors of its tuple (at most 4).
+    pub fn forward(&self, x: &Tensor) -> std::result::Result<Vec<Tensor>, String> {
+        let mut out = [std::ptr::null_mut::<c_void>(); 4];
+        let mut err = std::ptr::null_mut();
+        // SAFETY: x's handle is a live torch::Tensor*, read (not consumed) by the shim;
+        // the outputs are fresh torch::Tensor* that tch's Tensor takes ownership of.
+        let n = unsafe {
+            defuse_frozen_forward(
+                self.ptr,
+                x.as_ptr() as *mut c_void,
+                out.as_mut_ptr(),
+                out.len() as c_int,
+                &mut err,
+            )
+        };
+        if n < 0 {
+            return Err(message(err));
+        }
+        Ok(out[..n as usize]
+            .iter()
+            .map(|&p| unsafe { Tensor::from_ptr(p as *mut _) })
+            .collect())
+    }
+}
+
+/// The message for a module that does not load, naming the file.
+pub fn load_error(path: &Path, e: &str) -> Error {
+    Error::model(path, format!("not a loadable TorchScript module: {e}"))
+}
+
+/// Loads libtorch's CUDA backend (`libtorch_cuda.so`, found like any library: the
+/// binary's rpath, then `LD_LIBRARY_PATH`) into the process, once. Nothing in a tch
+/// binary references it, so the linker leaves it out and CUDA stays unavailable;
+/// loading it registers the CUDA backend with libtorch. A CPU machine never calls
+/// this, so one binary serves both (`--features cuda` links it instead).
+pub fn load_cuda_backend() -> std::result::Result<(), String> {
+    static LOADED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            extern "C" {
+                fn dlopen(filename: *const c_char, flag: c_int) -> *mut c_void;
+                fn dlerror() -> *mut c_char;
+            }
+            const RTLD_NOW: c_int = 2;
+            const RTLD_GLOBAL: c_int = 0x100;
+            // SAFETY: a NUL-terminated name; dlerror's string is read before any
+            // other dl call.
+            unsafe {
+                if !dlopen(c"libtorch_cuda.so".as_ptr(), RTLD_NOW | RTLD_GLOBAL).is_null() {
+                    return Ok(());
+                }
+                let e = dlerror();
+                Err(if e.is_null() {
+                    "dlopen(libtorch_cuda.so) failed".into()
+                } else {
+                    CStr::from_ptr(e).to_string_lossy().into_owned()
+                })
+            }
+        })
+        .clone()
+}
