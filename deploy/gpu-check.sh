@@ -7,6 +7,8 @@
 #      (identify on the MNIST test split, distill, automatic labels, correct);
 #   2. runs identify again on the CPU with the same models and compares the failures:
 #      the images flagged, and the codes of the failures both found (float tolerance);
+#      Then identify once more on the device with bfloat16 autocast
+#      (identify.precision), to compare its speed and its failures with float32;
 #   3. runs the same job distributed (a coordinator and one GPU worker, state in
 #      memory, artifacts in a folder): identify shards and one fine-tune round per
 #      epoch on the worker's GPU; its failures must equal the embedded GPU run's;
@@ -138,6 +140,12 @@ log "2/3 identify on the CPU with the same models"
 rc=0
 "$bin" run "$work/cpu.toml" >"$out/run-cpu.log" 2>&1 || rc=$?
 [ "$rc" = 3 ] || { tail -20 "$out/run-cpu.log"; log "the CPU run exited $rc, expected 3 (waiting for labels)"; exit 1; }
+log "2/3 identify on $device in bfloat16 with the same models"
+{ job "$work/bf16" "$device" "$gpu_sizes
+precision = \"bfloat16\""; echo "$models"; } | sed 's/^mode = "source-majority"/mode = "manual"/' >"$work/bf16.toml"
+rc=0
+"$bin" run "$work/bf16.toml" >"$out/run-bf16.log" 2>&1 || rc=$?
+[ "$rc" = 3 ] || { tail -20 "$out/run-bf16.log"; log "the bfloat16 run exited $rc, expected 3"; exit 1; }
 
 # --- 3. distributed: a coordinator and one worker on the device -----------------------
 log "3/3 the same job on a coordinator and one $device worker"
@@ -202,8 +210,8 @@ def rows(f):
         out[(i, k)] = r
     return out
 
-dev, cpu, dist = failures("dev"), failures("cpu"), failures("dist")
-sd, sc, sdist = summary("dev"), summary("cpu"), summary("dist")
+dev, cpu, dist, bf = failures("dev"), failures("cpu"), failures("dist"), failures("bf16")
+sd, sc, sdist, sbf = summary("dev"), summary("cpu"), summary("dist"), summary("bf16")
 img_dev, img_cpu = set(dev["source_index"].tolist()), set(cpu["source_index"].tolist())
 rd, rc = rows(dev), rows(cpu)
 both = sorted(set(rd) & set(rc))
@@ -234,6 +242,9 @@ res = {
     "identify_seconds_device": step(sd, "identify"), "identify_seconds_cpu": step(sc, "identify"),
     "perturbations_per_s_device": rate(sd), "perturbations_per_s_cpu": rate(sc),
     "cpu_threads": torch.get_num_threads(),
+    "perturbations_per_s_device_bfloat16": rate(sbf),
+    "failures_bfloat16": len(rows(bf)),
+    "failures_bfloat16_also_float32": len(set(rows(bf)) & set(rd)),
     "failures_device": len(rd), "failures_cpu": len(rc),
     "images_flagged_device": len(img_dev), "images_flagged_cpu": len(img_cpu),
     "images_flagged_both": len(img_dev & img_cpu),

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use defuse_core::data::{DataSpec, SplitName};
 use defuse_core::dpgmm::{DpGmm, DpGmmOptions};
-use defuse_core::identify::{identify, IdentifyOptions, Perturbation};
+use defuse_core::identify::{identify, IdentifyOptions, Perturbation, Precision};
 use defuse_core::models::{load_vae, Classifier, CnnArch, Jit, Vae, VaeArch};
 use defuse_proto::auth::{AuthChannel, Bearer};
 use defuse_proto::job_service_client::JobServiceClient;
@@ -41,6 +41,9 @@ enum Cmd {
         /// How TorchScript models are run: optimize (Defuse's default), freeze, as-loaded.
         #[arg(long, default_value = "optimize")]
         jit: String,
+        /// float32, bfloat16 or float16 (autocast of the decoder and classifier).
+        #[arg(long, default_value = "float32")]
+        precision: String,
         #[arg(long, default_value_t = 100)]
         q: usize,
         #[arg(long, default_value_t = 2000)]
@@ -202,14 +205,28 @@ fn main() -> Result<()> {
             threads,
             workers,
             jit,
+            precision,
             q,
             images,
             chunk,
             batch,
         } => {
             let jit: Jit = serde_json::from_value(json!(jit)).context("--jit")?;
+            let precision: Precision =
+                serde_json::from_value(json!(precision)).context("--precision")?;
             bench_identify(
-                &models, &data, threads, workers, jit, q, images, chunk, batch,
+                &models,
+                &data,
+                IdentifyRun {
+                    threads,
+                    workers,
+                    jit,
+                    precision,
+                    q,
+                    images,
+                    chunk,
+                    batch,
+                },
             )
         }
         Cmd::Matmul { threads } => bench_matmul(threads),
@@ -470,20 +487,37 @@ fn make_webdataset(mnist: &std::path::Path, n: usize, out: &std::path::Path) -> 
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench_identify(
-    models: &std::path::Path,
-    data: &std::path::Path,
+/// The settings of one identify throughput run.
+struct IdentifyRun {
     threads: usize,
     workers: usize,
     jit: Jit,
+    precision: Precision,
     q: usize,
     images: usize,
     chunk: usize,
     batch: usize,
+}
+
+fn bench_identify(
+    models: &std::path::Path,
+    data: &std::path::Path,
+    run: IdentifyRun,
 ) -> Result<()> {
+    let IdentifyRun {
+        threads,
+        workers,
+        jit,
+        precision,
+        q,
+        images,
+        chunk,
+        batch,
+    } = run;
     let workers = workers.max(1);
-    tch::set_num_threads((threads / workers).max(1) as i32);
+    let per_worker = (threads / workers).max(1);
+    let jit = defuse_core::frozen::jit_for(jit, precision);
+    tch::set_num_threads(per_worker as i32);
     let mut spec = DataSpec::from_path(data);
     spec.limit_test = images;
     let ds = spec.load()?;
@@ -496,6 +530,7 @@ fn bench_identify(
         perturbation: Perturbation::default(),
         batch_size: batch,
         chunk,
+        precision,
         ..Default::default()
     };
     let shape = ds.image_shape();
@@ -565,6 +600,8 @@ fn bench_identify(
             .map(|w| {
                 let (o, load) = (&o, &load);
                 s.spawn(move || -> Result<usize> {
+                    // libtorch's thread count is per OS thread: say it on this one
+                    defuse_core::threads::enter(per_worker);
                     let (clf, vae) = load()?;
                     let r = n * w / workers..n * (w + 1) / workers;
                     let (f, _) = identify(split, SplitName::Test, r, &clf, &vae, o, 0, |_| true)?;
@@ -579,7 +616,7 @@ fn bench_identify(
     let dt = started.elapsed().as_secs_f64();
     println!(
         "{}",
-        json!({"impl": "defuse", "models": models.display().to_string(), "jit": jit, "threads": threads, "workers": workers, "chunk": chunk,
+        json!({"impl": "defuse", "models": models.display().to_string(), "jit": jit, "precision": precision, "threads": threads, "workers": workers, "chunk": chunk,
                "batch": batch, "images": n, "q": q, "seconds": dt,
                "per_s": (n * q) as f64 / dt, "kept": found})
     );

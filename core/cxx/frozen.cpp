@@ -3,6 +3,7 @@
 // Python's `torch.jit.freeze` / `torch.jit.optimize_for_inference` run), plus a
 // forward. Compiled by core/build.rs against the same libtorch headers tch uses;
 // tensors cross as tch's own `torch::Tensor*` handles. Rust side: core/src/frozen.rs.
+#include <ATen/autocast_mode.h>
 #include <torch/script.h>
 
 #include <cstdlib>
@@ -102,6 +103,25 @@ int defuse_frozen_forward(void* module, void* input, void** out, int max_out, ch
     *err = copy_message(message_of(e));
     return -1;
   }
+}
+
+// Autocast on this thread for `device` (0: the CPU, 1: CUDA): `dtype` 0 bfloat16,
+// 1 float16, -1 off. Returns the previous state (-1 off, else the dtype code) so the
+// caller can restore it.
+int defuse_autocast_set(int device, int dtype) {
+  const auto dev = device == 1 ? at::kCUDA : at::kCPU;
+  int before = -1;
+  if (at::autocast::is_autocast_enabled(dev)) {
+    before = at::autocast::get_autocast_dtype(dev) == at::kHalf ? 1 : 0;
+  }
+  if (dtype < 0) {
+    at::autocast::set_autocast_enabled(dev, false);
+    at::autocast::clear_cache();
+  } else {
+    at::autocast::set_autocast_dtype(dev, dtype == 1 ? at::kHalf : at::kBFloat16);
+    at::autocast::set_autocast_enabled(dev, true);
+  }
+  return before;
 }
 
 void defuse_frozen_free(void* module) { delete static_cast<torch::jit::Module*>(module); }

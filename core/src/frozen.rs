@@ -53,6 +53,7 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn defuse_frozen_free(module: *mut c_void);
+    fn defuse_autocast_set(device: c_int, dtype: c_int) -> c_int;
     fn defuse_free_message(s: *mut c_char);
 }
 
@@ -131,6 +132,56 @@ impl FrozenModule {
     }
 }
 
+/// The number format of identify's decoder and classifier (`identify.precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// float32 throughout (the default).
+    #[default]
+    Float32,
+    /// libtorch's autocast to bfloat16 (GPUs; CPUs with AVX-512 BF16 or AMX).
+    Bfloat16,
+    /// libtorch's autocast to float16 (GPUs).
+    Float16,
+}
+
+/// Runs `f` with libtorch's autocast set per `precision` for `device` on this thread
+/// (matrix products and convolutions in the lower precision, reductions in float32),
+/// and restores the previous setting after, also on a panic.
+pub fn autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) -> T {
+    let code = match precision {
+        Precision::Float32 => return f(),
+        Precision::Bfloat16 => 0,
+        Precision::Float16 => 1,
+    };
+    let dev = match device {
+        Device::Cuda(_) => 1,
+        _ => 0,
+    };
+    struct Restore(c_int, c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: plain thread-local libtorch state.
+            unsafe { defuse_autocast_set(self.0, self.1) };
+        }
+    }
+    // SAFETY: plain thread-local libtorch state.
+    let before = unsafe { defuse_autocast_set(dev, code) };
+    let _restore = Restore(dev, before);
+    f()
+}
+
+/// The [`Jit`] level models are loaded with for a search in `precision`: `optimize`
+/// bakes float32 layouts into the graph that autocast cannot lower (MKL-DNN weights on
+/// the CPU, where libtorch then refuses bfloat16 inputs; fused cuDNN ops on a GPU), so
+/// with a lower precision it runs as `freeze`.
+pub fn jit_for(jit: Jit, precision: Precision) -> Jit {
+    match (jit, precision) {
+        (Jit::Optimize, Precision::Bfloat16 | Precision::Float16) => Jit::Freeze,
+        _ => jit,
+    }
+}
+
 /// The message for a module that does not load, naming the file.
 pub fn load_error(path: &Path, e: &str) -> Error {
     Error::model(path, format!("not a loadable TorchScript module: {e}"))
@@ -167,4 +218,28 @@ pub fn load_cuda_backend() -> std::result::Result<(), String> {
             }
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn autocast_lowers_matrix_products_and_restores_the_setting() {
+        let a = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
+        let inside = autocast(Device::Cpu, Precision::Bfloat16, || a.matmul(&a));
+        assert_eq!(inside.kind(), Kind::BFloat16);
+        assert_eq!(a.matmul(&a).kind(), Kind::Float, "restored after");
+        let nested = autocast(Device::Cpu, Precision::Bfloat16, || {
+            autocast(Device::Cpu, Precision::Float32, || a.matmul(&a))
+        });
+        // float32 leaves the caller's setting alone
+        assert_eq!(nested.kind(), Kind::BFloat16);
+        let r = std::panic::catch_unwind(|| {
+            autocast(Device::Cpu, Precision::Bfloat16, || panic!("inside"))
+        });
+        assert!(r.is_err());
+        assert_eq!(a.matmul(&a).kind(), Kind::Float, "restored after a panic");
+    }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use defuse_core::data::idx::write_idx;
 use defuse_core::data::{DataSpec, Dataset, SplitName};
-use defuse_core::identify::{identify, Failures, IdentifyOptions, Perturbation};
+use defuse_core::identify::{identify, Failures, IdentifyOptions, Perturbation, Precision};
 use defuse_core::models::{load_vae, Classifier, Jit, Vae};
 use tch::Device;
 
@@ -161,6 +161,40 @@ fn finds_the_planted_failures_and_keeps_the_smallest() {
     assert_eq!(f1.len(), per_image.len());
     for i in 0..f1.len() {
         assert_eq!(f1.eps_norm[i], per_image[&f1.source_index[i]][0]);
+    }
+}
+
+/// bfloat16 autocast on the CPU: the same search, the same draws; only perturbations
+/// whose decoded value lands within bfloat16's rounding of the threshold may be judged
+/// differently, so nearly every failure of the float32 run is found again.
+#[test]
+fn bfloat16_autocast_finds_the_float32_failures() {
+    let (_d, ds, values) = planted();
+    let f32_run = run(&ds, 0..40, &opts(3), 11);
+    let o = IdentifyOptions {
+        precision: Precision::Bfloat16,
+        ..opts(3)
+    };
+    let bf = run(&ds, 0..40, &o, 11);
+    let key = |f: &Failures, i: usize| (f.source_index[i], f.eps_norm[i].to_bits());
+    let a: std::collections::BTreeSet<_> = (0..f32_run.len()).map(|i| key(&f32_run, i)).collect();
+    let b: std::collections::BTreeSet<_> = (0..bf.len()).map(|i| key(&bf, i)).collect();
+    let shared = a.intersection(&b).count();
+    assert!(!a.is_empty());
+    assert!(
+        shared as f64 >= 0.9 * a.len() as f64,
+        "{shared} of {} float32 failures found again in bfloat16 ({} there)",
+        a.len(),
+        b.len()
+    );
+    // and every bfloat16 failure is a real crossing, up to bfloat16's rounding
+    let codes = Vec::<f32>::try_from(bf.codes.view([-1])).unwrap();
+    for (i, &z) in codes.iter().enumerate() {
+        let v = values[bf.source_index[i] as usize];
+        assert!(
+            (z as f64 > 0.5) != (v > 0.5) || (z as f64 - 0.5).abs() < 0.01,
+            "row {i}: code {z} for image value {v}"
+        );
     }
 }
 

@@ -762,7 +762,7 @@ async fn execute(
         };
         let ds = shard_data(&datasets, &job_cfg, planned.as_ref(), start..end).map_err(exec)?;
         let shape = ds.image_shape();
-        let jit = job_cfg.models.jit;
+        let jit = defuse_core::frozen::jit_for(job_cfg.models.jit, job_cfg.identify.precision);
         let clf =
             Classifier::load_for_inference(&clf_path, shape, ds.num_classes() as i64, device, jit)
                 .map_err(exec)?;

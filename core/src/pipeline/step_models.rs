@@ -21,8 +21,9 @@ pub(super) fn load_or_train(
     let mut held: Option<std::borrow::Cow<'_, Dataset>> = None;
     let nc = ds.num_classes() as i64;
     let t = &cfg.train;
+    let jit = crate::frozen::jit_for(cfg.models.jit, cfg.identify.precision);
     let clf = match &cfg.models.classifier {
-        Some(p) => Classifier::load_for_inference(p, shape, nc, device, cfg.models.jit)?,
+        Some(p) => Classifier::load_for_inference(p, shape, nc, device, jit)?,
         None => {
             let p = job.out.join("models/classifier.safetensors");
             if done && p.exists() {
@@ -61,17 +62,11 @@ pub(super) fn load_or_train(
         }
     };
     let vae = match &cfg.models.vae {
-        Some(p) => models::load_vae(
-            p,
-            cfg.models.vae_decoder.as_deref(),
-            shape,
-            device,
-            cfg.models.jit,
-        )?,
+        Some(p) => models::load_vae(p, cfg.models.vae_decoder.as_deref(), shape, device, jit)?,
         None => {
             let p = job.out.join("models/vae.safetensors");
             if done && p.exists() {
-                models::load_vae(&p, None, shape, device, cfg.models.jit)?
+                models::load_vae(&p, None, shape, device, jit)?
             } else {
                 tracing::info!("training the built-in VAE ([train] settings)");
                 tch::manual_seed(cfg.seed as i64 + 1);
