@@ -38,6 +38,7 @@ done
 out=${OUT:-runs/gpu-check}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+rm -f "$out/marks.txt"
 work=$(mktemp -d /tmp/defuse-gpu-check.XXXXXX)
 pids=()
 cleanup() {
@@ -84,7 +85,8 @@ gpu_name=cpu
 if [ "$device" = cuda ]; then
   gpu_name=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)
   log "GPU: $gpu_name"
-  # utilisation sampled every 200 ms for the whole check; each step's window is cut out below
+  # utilisation sampled every 200 ms for the whole check; the identify-only runs'
+  # windows (marks.txt) are cut out by gpu-check-compare.py
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits \
     -lms 200 >"$out/gpu-util.csv" 2>/dev/null &
   pids+=($!)
@@ -128,7 +130,7 @@ stamp() { date +%s.%N; }
 job "$work/dev" "$device" "$gpu_sizes" >"$work/dev.toml"
 log "1/3 defuse run on $device (trains the models, then the whole job)"
 s1=$(stamp)
-"$bin" run "$work/dev.toml" >"$out/run-$device.log" 2>&1 || { tail -20 "$out/run-$device.log"; exit 1; }
+"$bin" run "$work/dev.toml" >"$out/run-device.log" 2>&1 || { tail -20 "$out/run-device.log"; exit 1; }
 e1=$(stamp)
 
 # --- 2. identify on the CPU with the same models (stops at labelling: exit 3) ---------
@@ -140,12 +142,18 @@ log "2/3 identify on the CPU with the same models"
 rc=0
 "$bin" run "$work/cpu.toml" >"$out/run-cpu.log" 2>&1 || rc=$?
 [ "$rc" = 3 ] || { tail -20 "$out/run-cpu.log"; log "the CPU run exited $rc, expected 3 (waiting for labels)"; exit 1; }
-log "2/3 identify on $device in bfloat16 with the same models"
-{ job "$work/bf16" "$device" "$gpu_sizes
-precision = \"bfloat16\""; echo "$models"; } | sed 's/^mode = "source-majority"/mode = "manual"/' >"$work/bf16.toml"
-rc=0
-"$bin" run "$work/bf16.toml" >"$out/run-bf16.log" 2>&1 || rc=$?
-[ "$rc" = 3 ] || { tail -20 "$out/run-bf16.log"; log "the bfloat16 run exited $rc, expected 3"; exit 1; }
+# identify alone on the device, in float32 and in bfloat16: clean rates, and the
+# GPU's utilisation during each (the start and end of each go to marks.txt)
+for prec in float32 bfloat16; do
+  log "2/3 identify alone on $device in $prec with the same models"
+  { job "$work/$prec" "$device" "$gpu_sizes
+precision = \"$prec\""; echo "$models"; } | sed 's/^mode = "source-majority"/mode = "manual"/' >"$work/$prec.toml"
+  echo "$prec start $(stamp)" >>"$out/marks.txt"
+  rc=0
+  "$bin" run "$work/$prec.toml" >"$out/run-$prec.log" 2>&1 || rc=$?
+  echo "$prec end $(stamp)" >>"$out/marks.txt"
+  [ "$rc" = 3 ] || { tail -20 "$out/run-$prec.log"; log "the $prec run exited $rc, expected 3"; exit 1; }
+done
 
 # --- 3. distributed: a coordinator and one worker on the device -----------------------
 log "3/3 the same job on a coordinator and one $device worker"
@@ -164,7 +172,7 @@ pids+=($!)
 { job "$work/dist-unused" "$device" "$gpu_sizes"; echo "$models"; } >"$work/dist.toml"
 for _ in $(seq 50); do "$bin" status >/dev/null 2>&1 && break; sleep 0.2; done
 s3=$(stamp)
-id=$("$bin" submit "$work/dist.toml" --id gpu-check)
+id=$("$bin" submit "$work/dist.toml" --job-id gpu-check)
 rc=0
 "$bin" status "$id" --watch >"$out/dist-status.log" 2>&1 || rc=$?
 e3=$(stamp)
@@ -172,97 +180,4 @@ e3=$(stamp)
 "$bin" results "$id" --out "$work/dist" >/dev/null
 
 # --- compare and report ----------------------------------------------------------------
-"$py" - "$work" "$out" "$device" "$gpu_name" "$s1" "$e1" "$s3" "$e3" "$t0" <<'EOF'
-import json, os, struct, sys, time
-import torch
-
-work, out, device, gpu_name = sys.argv[1:5]
-s1, e1, s3, e3, t0 = map(float, sys.argv[5:10])
-
-def tensors(path):
-    """A safetensors file's tensors (torch only: no safetensors package needed)."""
-    raw = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    head = json.loads(raw[8:8 + n])
-    kinds = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-    res = {}
-    for k, v in head.items():
-        if k == "__metadata__":
-            continue
-        a, b = v["data_offsets"]
-        buf = bytearray(raw[8 + n + a:8 + n + b])
-        t = torch.frombuffer(buf, dtype=kinds[v["dtype"]]) if b > a else torch.empty(0, dtype=kinds[v["dtype"]])
-        res[k] = t.reshape(v["shape"])
-    return res
-
-def failures(run):
-    return tensors(os.path.join(work, run, "identify/failures.safetensors"))
-
-def summary(run):
-    return json.load(open(os.path.join(work, run, "report/summary.json")))
-
-def rows(f):
-    """(image, rank within the image) -> row: the failures kept per image, in order."""
-    seen, out = {}, {}
-    for r, i in enumerate(f["source_index"].tolist()):
-        k = seen.get(i, 0)
-        seen[i] = k + 1
-        out[(i, k)] = r
-    return out
-
-dev, cpu, dist, bf = failures("dev"), failures("cpu"), failures("dist"), failures("bf16")
-sd, sc, sdist, sbf = summary("dev"), summary("cpu"), summary("dist"), summary("bf16")
-img_dev, img_cpu = set(dev["source_index"].tolist()), set(cpu["source_index"].tolist())
-rd, rc = rows(dev), rows(cpu)
-both = sorted(set(rd) & set(rc))
-same_pred = sum(int(dev["predicted"][rd[k]] == cpu["predicted"][rc[k]]) for k in both)
-dcode = max((float((dev["codes"][rd[k]] - cpu["codes"][rc[k]]).abs().max()) for k in both), default=0.0)
-def step(s, name):
-    return dict(s["step_seconds"]).get(name)
-
-def rate(s):
-    t = step(s, "identify")
-    return s["n_perturbations"] / t if t else None
-
-util = None
-path = os.path.join(out, "gpu-util.csv")
-if device == "cuda" and os.path.exists(path):
-    vals = []
-    for line in open(path):
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3 and parts[1].isdigit():
-            vals.append((int(parts[1]), int(parts[2])))
-    busy = [u for u, _ in vals]
-    util = {"samples": len(vals), "mean_util_pct": sum(busy) / len(busy) if busy else None,
-            "max_util_pct": max(busy, default=None), "max_mem_mib": max((m for _, m in vals), default=None)}
-
-res = {
-    "device": device, "gpu": gpu_name, "torch": torch.__version__,
-    "identify_images_searched": sd["n_images_searched"], "perturbations": sd["n_perturbations"],
-    "identify_seconds_device": step(sd, "identify"), "identify_seconds_cpu": step(sc, "identify"),
-    "perturbations_per_s_device": rate(sd), "perturbations_per_s_cpu": rate(sc),
-    "cpu_threads": torch.get_num_threads(),
-    "perturbations_per_s_device_bfloat16": rate(sbf),
-    "failures_bfloat16": len(rows(bf)),
-    "failures_bfloat16_also_float32": len(set(rows(bf)) & set(rd)),
-    "failures_device": len(rd), "failures_cpu": len(rc),
-    "images_flagged_device": len(img_dev), "images_flagged_cpu": len(img_cpu),
-    "images_flagged_both": len(img_dev & img_cpu),
-    "failures_in_both": len(both), "same_prediction_in_both": same_pred,
-    "max_code_difference": dcode,
-    "images_searched_device_vs_cpu": [sd["n_images_searched"], sc["n_images_searched"]],
-    "distributed_failures_equal_embedded": bool(dev["source_index"].equal(dist["source_index"])),
-    "distributed_max_code_difference": (float((dev["codes"] - dist["codes"]).abs().max())
-                                        if dev["codes"].shape == dist["codes"].shape and dev["codes"].numel() else None),
-    "test_accuracy_before_after_embedded": [sd["test_accuracy_before"], sd["test_accuracy_after"]],
-    "test_accuracy_before_after_distributed": [sdist["test_accuracy_before"], sdist["test_accuracy_after"]],
-    "correct_seconds_embedded": step(sd, "correct"), "distributed_job_seconds": e3 - s3,
-    "embedded_run_seconds": e1 - s1, "step_seconds_embedded": sd["step_seconds"],
-    "gpu_utilisation": util, "check_seconds": time.time() - t0,
-}
-json.dump(res, open(os.path.join(out, "gpu-check.json"), "w"), indent=2)
-for k, v in res.items():
-    print(f"{k:40} {v}")
-ok = res["distributed_failures_equal_embedded"] and len(both) > 0
-sys.exit(0 if ok else 1)
-EOF
+"$py" deploy/gpu-check-compare.py "$work" "$out" "$device" "$gpu_name" "$s1" "$e1" "$s3" "$e3" "$t0"

@@ -64,11 +64,11 @@ pub fn normal_by_counter(keys: &[u64], rows: i64, cols: i64, device: Device) -> 
     };
     // lowbias32 (Chris Wellons' integer hash), a full-avalanche 32-bit permutation
     let hash = |x: Tensor| -> Tensor {
-        let x = x.bitwise_xor_tensor(&(&x).bitwise_right_shift_tensor_scalar(16));
+        let x = x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16));
         let x = mul(&x, 0x7feb_352d);
-        let x = x.bitwise_xor_tensor(&(&x).bitwise_right_shift_tensor_scalar(15));
+        let x = x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(15));
         let x = mul(&x, 0x846c_a68b);
-        x.bitwise_xor_tensor(&(&x).bitwise_right_shift_tensor_scalar(16))
+        x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16))
     };
     let counter = Tensor::arange(rows * cols, (Kind::Int64, device)).view([1, rows, cols]);
     let draw = |stream: i64| -> Tensor {
