@@ -42,10 +42,11 @@ rm -f "$out/marks.txt"
 work=$(mktemp -d /tmp/defuse-gpu-check.XXXXXX)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in ${pids[@]+"${pids[@]}"}; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
 log() { echo "gpu-check: $*" >&2; }
 t0=$(date +%s)
 
@@ -67,10 +68,13 @@ if [ -z "$bin" ] && [ -x gpu-bundle/defuse ]; then bin=$root/gpu-bundle/defuse; 
 if [ -z "$bin" ]; then
   command -v cargo >/dev/null || { log "no gpu-bundle/defuse, no DEFUSE_BIN and no cargo: run deploy/gpu-bundle.sh on a development machine and carry gpu-bundle/"; exit 1; }
   log "building defuse (release) against $torch_dir"
-  features=()
-  [ "$device" = cuda ] && features=(--features cuda)
-  LIBTORCH=$torch_dir LIBTORCH_BYPASS_VERSION_CHECK=1 cargo build --release -q -p defuse "${features[@]}"
-  bin=$root/target/release/defuse
+  export LIBTORCH=$torch_dir LIBTORCH_BYPASS_VERSION_CHECK=1
+  if [ "$device" = cuda ]; then
+    cargo build --release -q -p defuse --features cuda
+  else
+    cargo build --release -q -p defuse
+  fi
+  bin=${CARGO_TARGET_DIR:-$root/target}/release/defuse
 fi
 "$bin" --version >/dev/null || { log "$bin does not start (libraries: ldd $bin)"; exit 1; }
 log "binary $bin"

@@ -69,6 +69,9 @@ void* defuse_frozen_load(const char* path, int device, int level, char** err) {
   } catch (const std::exception& e) {
     *err = copy_message(message_of(e));
     return nullptr;
+  } catch (...) {
+    *err = copy_message("unknown C++ exception");
+    return nullptr;
   }
 }
 
@@ -102,13 +105,17 @@ int defuse_frozen_forward(void* module, void* input, void** out, int max_out, ch
   } catch (const std::exception& e) {
     *err = copy_message(message_of(e));
     return -1;
+  } catch (...) {
+    *err = copy_message("unknown C++ exception");
+    return -1;
   }
 }
 
 // Autocast on this thread for `device` (0: the CPU, 1: CUDA): `dtype` 0 bfloat16,
 // 1 float16, -1 off. Returns the previous state (-1 off, else the dtype code) so the
 // caller can restore it.
-int defuse_autocast_set(int device, int dtype) {
+int defuse_autocast_set(int device, int dtype) noexcept {
+  // (these calls only set thread-local flags; noexcept: nothing crosses into Rust)
   const auto dev = device == 1 ? at::kCUDA : at::kCPU;
   int before = -1;
   if (at::autocast::is_autocast_enabled(dev)) {

@@ -29,6 +29,10 @@ pub enum Jit {
 }
 
 impl Jit {
+    pub fn is_default(&self) -> bool {
+        *self == Jit::default()
+    }
+
     fn level(self) -> c_int {
         match self {
             Jit::AsLoaded => 0,

@@ -215,8 +215,9 @@ enum ClassifierNet {
     BuiltIn(CnnArch, Box<Cnn>),
     /// TorchScript, trainable (the copy Defuse fine-tunes).
     Script(tch::TrainableCModule),
-    /// TorchScript prepared for inference only ([`Classifier::load_for_inference`]).
-    Inference(FrozenModule),
+    /// TorchScript prepared for inference only ([`Classifier::load_for_inference`]),
+    /// with the file it came from (saving it copies that file).
+    Inference(FrozenModule, PathBuf),
 }
 
 impl std::fmt::Debug for Classifier {
@@ -224,7 +225,7 @@ impl std::fmt::Debug for Classifier {
         let kind = match &self.net {
             ClassifierNet::BuiltIn(a, _) => format!("built-in cnn {a:?}"),
             ClassifierNet::Script(_) => "torchscript".to_string(),
-            ClassifierNet::Inference(_) => "torchscript, for inference".to_string(),
+            ClassifierNet::Inference(..) => "torchscript, for inference".to_string(),
         };
         write!(f, "Classifier({kind}, {} classes)", self.num_classes)
     }
@@ -295,7 +296,7 @@ impl Classifier {
             .map_err(|e| crate::frozen::load_error(path, &e))?;
         let this = Classifier {
             vs: nn::VarStore::new(device),
-            net: ClassifierNet::Inference(m),
+            net: ClassifierNet::Inference(m, path.to_path_buf()),
             num_classes,
         };
         this.check(path, image_shape, num_classes)?;
@@ -304,7 +305,7 @@ impl Classifier {
 
     /// An error unless this classifier can be trained (not loaded for inference).
     pub fn trainable(&self) -> Result<()> {
-        if let ClassifierNet::Inference(_) = self.net {
+        if let ClassifierNet::Inference(..) = self.net {
             return Err(Error::invalid(
                 "classifier",
                 "this copy was loaded for inference (frozen) and cannot be trained; load it with Classifier::load",
@@ -353,8 +354,8 @@ impl Classifier {
     fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor, String> {
         match &self.net {
             ClassifierNet::BuiltIn(_, n) => Ok(n.forward_t(x, train)),
-            ClassifierNet::Script(m) => m.forward_ts(&[x]).map_err(|e| first_line(&e)),
-            ClassifierNet::Inference(m) => match m.forward(x)?.as_slice() {
+            ClassifierNet::Script(m) => m.forward_ts(&[x]).map_err(|e| e.to_string()),
+            ClassifierNet::Inference(m, _) => match m.forward(x)?.as_slice() {
                 [logits] => Ok(logits.shallow_clone()),
                 outs => Err(format!(
                     "it returns {} tensors, expected one tensor of logits",
@@ -395,7 +396,7 @@ impl Classifier {
     pub fn is_torchscript(&self) -> bool {
         matches!(
             self.net,
-            ClassifierNet::Script(_) | ClassifierNet::Inference(_)
+            ClassifierNet::Script(_) | ClassifierNet::Inference(..)
         )
     }
 
@@ -415,10 +416,13 @@ impl Classifier {
             ClassifierNet::Script(m) => m
                 .save(path)
                 .map_err(|e| Error::model(path, format!("cannot save: {e}"))),
-            ClassifierNet::Inference(_) => Err(Error::model(
-                path,
-                "a classifier loaded for inference is used as given; it is not saved again",
-            )),
+            // the frozen graph is not the user's module: save the file it came from
+            ClassifierNet::Inference(_, source) => {
+                if source != path {
+                    std::fs::copy(source, path).map_err(|e| Error::io(path, e))?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -797,7 +801,9 @@ pub struct ModelFiles {
     /// How TorchScript models are run for search and evaluation: `optimize` (frozen
     /// and optimised for inference, the default), `freeze`, or `as-loaded`. The copy
     /// that is fine-tuned is never frozen.
-    #[serde(default)]
+    /// Left out of the serialised form at its default, so that the models step's hash
+    /// of a job is what it was before the field existed.
+    #[serde(default, skip_serializing_if = "Jit::is_default")]
     pub jit: Jit,
 }
 

@@ -68,6 +68,13 @@ fn frozen_torchscript_models_match_the_modules_as_loaded() {
         .unwrap();
         assert!(c.is_torchscript());
         close(&c.forward(&x, false).unwrap(), &want);
+        // saved, it is the user's file again, and loads trainable
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("original.pt");
+        c.save(&saved).unwrap();
+        let back = Classifier::load(&saved, MNIST, 10, Device::Cpu).unwrap();
+        back.trainable().unwrap();
+        close(&back.forward(&x, false).unwrap(), &want);
         let e = c.trainable().unwrap_err().to_string();
         assert!(e.contains("cannot be trained"), "{e}");
         let mut c = c;

@@ -156,7 +156,8 @@ impl Job<'_> {
             classifier: self.path_id(&m.classifier),
             vae: self.path_id(&m.vae),
             vae_decoder: self.path_id(&m.vae_decoder),
-            jit: m.jit,
+            // how TorchScript is run changes no model: identify's hash covers it
+            jit: crate::models::Jit::default(),
         }
     }
 
@@ -232,7 +233,11 @@ pub fn prepare(cfg: &JobConfig) -> Result<Prepared<'_>> {
 
 impl Prepared<'_> {
     fn identify_hash(&self) -> String {
-        hash_of(&[&self.h_models, &self.job.cfg.identify])
+        hash_of(&[
+            &self.h_models,
+            &self.job.cfg.identify,
+            &self.job.cfg.models.jit,
+        ])
     }
 
     /// Whether identify already finished for this configuration.
