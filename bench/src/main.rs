@@ -26,33 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Perturbations decoded and classified per second by `defuse_core::identify`.
-    Identify {
-        /// Folder with encoder.pt, decoder.pt, classifier.pt (TorchScript), or
-        /// `builtin`: Defuse's own CNN and VAE of the same architecture (random weights).
-        #[arg(long)]
-        models: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Searches run side by side, each with threads/workers intra-op threads.
-        #[arg(long, default_value_t = 1)]
-        workers: usize,
-        /// How TorchScript models are run: optimize (Defuse's default), freeze, as-loaded.
-        #[arg(long, default_value = "optimize")]
-        jit: String,
-        /// float32, bfloat16 or float16 (autocast of the decoder and classifier).
-        #[arg(long, default_value = "float32")]
-        precision: String,
-        #[arg(long, default_value_t = 100)]
-        q: usize,
-        #[arg(long, default_value_t = 2000)]
-        images: usize,
-        #[arg(long, default_value_t = 400)]
-        chunk: usize,
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-    },
+    Identify(IdentifyRun),
     /// This CPU's float32 matmul rate through libtorch, FLOP/s (best of 256..1024).
     Matmul {
         #[arg(long, default_value_t = 2)]
@@ -199,36 +173,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Identify {
-            models,
-            data,
-            threads,
-            workers,
-            jit,
-            precision,
-            q,
-            images,
-            chunk,
-            batch,
-        } => {
-            let jit: Jit = serde_json::from_value(json!(jit)).context("--jit")?;
-            let precision: Precision =
-                serde_json::from_value(json!(precision)).context("--precision")?;
-            bench_identify(
-                &models,
-                &data,
-                IdentifyRun {
-                    threads,
-                    workers,
-                    jit,
-                    precision,
-                    q,
-                    images,
-                    chunk,
-                    batch,
-                },
-            )
-        }
+        Cmd::Identify(run) => bench_identify(run),
         Cmd::Matmul { threads } => bench_matmul(threads),
         Cmd::Dpgmm {
             x,
@@ -488,23 +433,39 @@ fn make_webdataset(mnist: &std::path::Path, n: usize, out: &std::path::Path) -> 
 }
 
 /// The settings of one identify throughput run.
+#[derive(clap::Args)]
 struct IdentifyRun {
+    /// Folder with encoder.pt, decoder.pt, classifier.pt (TorchScript), or
+    /// `builtin`: Defuse's own CNN and VAE of the same architecture (random weights).
+    #[arg(long)]
+    models: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Searches run side by side, each with threads/workers intra-op threads.
+    #[arg(long, default_value_t = 1)]
     workers: usize,
-    jit: Jit,
-    precision: Precision,
+    /// How TorchScript models are run: optimize (Defuse's default), freeze, as-loaded.
+    #[arg(long, default_value = "optimize")]
+    jit: String,
+    /// float32, bfloat16 or float16 (autocast of the decoder and classifier).
+    #[arg(long, default_value = "float32")]
+    precision: String,
+    #[arg(long, default_value_t = 100)]
     q: usize,
+    #[arg(long, default_value_t = 2000)]
     images: usize,
+    #[arg(long, default_value_t = 400)]
     chunk: usize,
+    #[arg(long, default_value_t = 32)]
     batch: usize,
 }
 
-fn bench_identify(
-    models: &std::path::Path,
-    data: &std::path::Path,
-    run: IdentifyRun,
-) -> Result<()> {
+fn bench_identify(run: IdentifyRun) -> Result<()> {
     let IdentifyRun {
+        models,
+        data,
         threads,
         workers,
         jit,
@@ -514,6 +475,9 @@ fn bench_identify(
         chunk,
         batch,
     } = run;
+    let jit: Jit = serde_json::from_value(json!(jit)).context("--jit")?;
+    let precision: Precision = serde_json::from_value(json!(precision)).context("--precision")?;
+    let (models, data) = (models.as_path(), data.as_path());
     let workers = workers.max(1);
     let per_worker = (threads / workers).max(1);
     let jit = defuse_core::frozen::jit_for(jit, precision);

@@ -93,7 +93,7 @@ impl Drop for FrozenModule {
 
 impl FrozenModule {
     /// Loads `path` on `device` and prepares it per `jit`. The error is libtorch's
-    /// first line; the caller names the file.
+    /// useful line (cxx/frozen.cpp `summary`); the caller names the file.
     pub fn load(path: &Path, device: Device, jit: Jit) -> std::result::Result<Self, String> {
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| "the path holds a NUL byte".to_string())?;
@@ -133,6 +133,20 @@ impl FrozenModule {
             .iter()
             .map(|&p| unsafe { Tensor::from_ptr(p as *mut _) })
             .collect())
+    }
+}
+
+impl FrozenModule {
+    /// `forward(x)` of a module that must return one tensor (`what` it is, for the
+    /// error when it returns a tuple).
+    pub fn forward_one(&self, x: &Tensor, what: &str) -> std::result::Result<Tensor, String> {
+        let mut out = self.forward(x)?;
+        match out.len() {
+            1 => Ok(out.pop().expect("one")),
+            n => Err(format!(
+                "it returns {n} tensors, expected one tensor of {what}"
+            )),
+        }
     }
 }
 

@@ -262,12 +262,8 @@ impl Classifier {
             c
         } else {
             let vs = nn::VarStore::new(device);
-            let mut m = tch::TrainableCModule::load(path, vs.root()).map_err(|e| {
-                Error::model(
-                    path,
-                    format!("not a loadable TorchScript module: {}", first_line(&e)),
-                )
-            })?;
+            let mut m = tch::TrainableCModule::load(path, vs.root())
+                .map_err(|e| crate::frozen::load_error(path, &first_line(&e)))?;
             m.set_eval();
             Classifier {
                 vs,
@@ -355,13 +351,7 @@ impl Classifier {
         match &self.net {
             ClassifierNet::BuiltIn(_, n) => Ok(n.forward_t(x, train)),
             ClassifierNet::Script(m) => m.forward_ts(&[x]).map_err(|e| e.to_string()),
-            ClassifierNet::Inference(m, _) => match m.forward(x)?.as_slice() {
-                [logits] => Ok(logits.shallow_clone()),
-                outs => Err(format!(
-                    "it returns {} tensors, expected one tensor of logits",
-                    outs.len()
-                )),
-            },
+            ClassifierNet::Inference(m, _) => m.forward_one(x, "logits"),
         }
     }
 
@@ -630,13 +620,9 @@ impl Vae {
     fn try_decode(&self, z: &Tensor) -> Result<Tensor, String> {
         match &self.net {
             VaeNet::BuiltIn(b) => Ok(b.1.decode(z)),
-            VaeNet::Script { decoder, .. } => match decoder.forward(z)?.as_slice() {
-                [x] => Ok(x.shallow_clone()),
-                outs => Err(format!(
-                    "decoder returns {} tensors, expected one batch of images",
-                    outs.len()
-                )),
-            },
+            VaeNet::Script { decoder, .. } => decoder
+                .forward_one(z, "images")
+                .map_err(|e| format!("decoder: {e}")),
         }
     }
 
