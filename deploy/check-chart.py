@@ -12,8 +12,10 @@ installs both, pinned, into ~/.cache/defuse/chart-env (this script finds them th
 What it checks:
   1. `helm lint --strict` and a render (release "defuse", namespace "defuse") with each
      values file in helm/defuse/ci/; every document parses as YAML without duplicate
-     keys and validates strictly against Kubernetes KUBE_VERSIONS; and a few properties
-     the chart promises (GPU limits, security contexts, Secret references, ports, ...).
+     keys and validates strictly against Kubernetes KUBE_VERSIONS (the CRDs it renders,
+     ServiceMonitor, PodMonitor and HTTPRoute, against CRD_SCHEMAS here); and a few
+     properties the chart promises (GPU limits, security contexts, Secret references,
+     ports, routes, disruption budgets, ...).
   2. Each values file in helm/defuse/ci/broken/ is refused, with a message that
      contains its `# expect-error:` line.
   3. The validator can fail: a manifest with a misspelled field name, and one with a
@@ -168,6 +170,26 @@ _ENDPOINT = {"type": "object", "additionalProperties": False, "required": ["port
                                                   "credentials": _SECRET_KEY}}}}
 _METADATA = {"type": "object", "required": ["name"],
              "properties": {"name": {"type": "string"}, "labels": {"type": "object"}}}
+# Nor are the Gateway API's: the fields of an HTTPRoute the chart uses, from
+# gateway.networking.k8s.io/v1 (Gateway API 1.2), closed the same way.
+_DNS = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_PARENT_REF = {"type": "object", "additionalProperties": False, "required": ["name"],
+               "properties": {"group": {"type": "string"}, "kind": {"type": "string"},
+                              "namespace": {"type": "string"}, "sectionName": {"type": "string"},
+                              "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                              "port": _PORT}}
+# port is optional in the schema but required (a CEL rule) when the backend is a Service
+_BACKEND_REF = {"type": "object", "additionalProperties": False, "required": ["name", "port"],
+                "properties": {"group": {"type": "string"}, "kind": {"type": "string"},
+                               "namespace": {"type": "string"},
+                               "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                               "port": _PORT,
+                               "weight": {"type": "integer", "minimum": 0, "maximum": 1000000}}}
+_HTTP_MATCH = {"type": "object", "additionalProperties": False, "properties": {
+    "path": {"type": "object", "additionalProperties": False,
+             "properties": {"type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+                            "value": {"type": "string", "pattern": "^/", "maxLength": 1024}}}}}
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
         "type": "object", "additionalProperties": False,
@@ -185,6 +207,21 @@ CRD_SCHEMAS = {
             "properties": {"selector": _SELECTOR,
                            "podMetricsEndpoints": {"type": "array", "minItems": 1,
                                                    "items": _ENDPOINT}}}}},
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": _METADATA, "spec": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "parentRefs": {"type": "array", "maxItems": 32, "items": _PARENT_REF},
+                "hostnames": {"type": "array", "maxItems": 16,
+                              "items": {"type": "string", "pattern": r"^(\*\.)?" + _DNS[1:]}},
+                "rules": {"type": "array", "maxItems": 16, "items": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "matches": {"type": "array", "maxItems": 64, "items": _HTTP_MATCH},
+                        "backendRefs": {"type": "array", "maxItems": 16,
+                                        "items": _BACKEND_REF}}}}}}}},
 }
 
 
@@ -355,6 +392,16 @@ def chart_properties(docs, values):
             args = pod["containers"][0].get("args", [])
             res.append(("workers: the Job's workers exit when the coordinator is idle, so it completes",
                         f"--exit-when-idle={idle}" in args, f"args {args}"))
+            budget = w.get("maxUnavailable", 1)
+            want = max(0, w.get("replicas", 2) - budget) if budget else 0
+            pdbs = [d for d in by_kind.get("PodDisruptionBudget", [])
+                    if d["metadata"]["name"].endswith("-worker")]
+            got = pdbs[0]["spec"] if pdbs else None
+            res.append(("workers: the Job's PodDisruptionBudget is an integer minAvailable, replicas - "
+                        "maxUnavailable (none when that or maxUnavailable is 0)",
+                        (len(pdbs) == 1 and type(got.get("minAvailable")) is int
+                         and got["minAvailable"] == want and "maxUnavailable" not in got)
+                        if want else not pdbs, f"budget {got}, wanted minAvailable {want}"))
         if kind == "Deployment":
             budget = w.get("maxUnavailable", 1)
             pdbs = [d for d in by_kind.get("PodDisruptionBudget", [])
@@ -381,6 +428,72 @@ def chart_properties(docs, values):
         res.append(("ingress: the host routes to the coordinator's HTTP port", ok, why))
     else:
         res.append(("no Ingress unless ingress.enabled", not ingresses, f"found {len(ingresses)}"))
+
+    # the HTTPRoute: on the Gateways given, to the coordinator's client Service, HTTP port
+    hr = values.get("httpRoute", {})
+    routes = by_kind.get("HTTPRoute", [])
+    if hr.get("enabled"):
+        client = [s for s in by_kind.get("Service", []) if s["metadata"]["name"].endswith("-coordinator")
+                  and not s["spec"].get("publishNotReadyAddresses")]
+        ok, why = False, f"found {len(routes)} HTTPRoutes, {len(client)} client Services"
+        if len(routes) == 1 and len(client) == 1:
+            spec = routes[0]["spec"]
+            service = client[0]["metadata"]["name"]
+            http = {p["name"]: p["port"] for p in client[0]["spec"]["ports"]}.get("http")
+            backends = [b for r in spec.get("rules", []) for b in r.get("backendRefs", [])]
+            ok = (spec.get("parentRefs") == hr.get("parentRefs")
+                  and spec.get("hostnames", []) == hr.get("hostnames", [])
+                  and bool(backends) and http is not None
+                  and all(b.get("name") == service and b.get("port") == http
+                          and b.get("group", "") == "" and b.get("kind", "Service") == "Service"
+                          for b in backends))
+            why = (f"parentRefs {spec.get('parentRefs')}, hostnames {spec.get('hostnames')}, "
+                   f"backendRefs {backends}; Service {service} port http {http}")
+        res.append(("httpRoute: the hostnames route, on the Gateways given, to the coordinator "
+                    "Service's HTTP port", ok, why))
+    else:
+        res.append(("no HTTPRoute unless httpRoute.enabled", not routes, f"found {len(routes)}"))
+
+    # disruption budgets: each covers the pods of one workload, no pod has two (its
+    # eviction would fail), and the pods of a Job (no scale subresource) get an integer
+    # minAvailable (with maxUnavailable or a percentage every eviction is refused)
+    pdbs = by_kind.get("PodDisruptionBudget", [])
+    problems, covered = [], {}
+    for b in pdbs:
+        sel = b["spec"]["selector"]["matchLabels"]
+        hit = [d for d, _, labels in pods if sel and all(labels.get(k) == v for k, v in sel.items())]
+        if len(hit) != 1:
+            problems.append(f"{name_of(b)} selects the pods of {len(hit)} workloads: "
+                            f"{[name_of(d) for d in hit]}")
+        for d in hit:
+            covered.setdefault(name_of(d), []).append(name_of(b))
+            m = b["spec"].get("minAvailable")
+            if d["kind"] != "Deployment" and ("maxUnavailable" in b["spec"] or type(m) is not int):
+                problems.append(f"{name_of(b)} covers {name_of(d)} (no scale subresource) without an "
+                                f"integer minAvailable: {b['spec']}")
+    problems += [f"{w}: pods under {len(bs)} budgets ({', '.join(bs)})"
+                 for w, bs in covered.items() if len(bs) > 1]
+    res.append(("disruption budgets: each covers one workload's pods, none twice, a Job's pods "
+                "with an integer minAvailable", not problems, "\n".join(problems)))
+
+    budget = values.get("coordinator", {}).get("maxUnavailable", 1)
+    cpdbs = [b for b in pdbs if b["metadata"]["name"].endswith("-coordinator")]
+    if budget and len(coord) == 1:
+        ok, why = False, f"found {len(cpdbs)} coordinator PodDisruptionBudgets"
+        if len(cpdbs) == 1:
+            spec = cpdbs[0]["spec"]
+            want = coord[0]["spec"]["selector"]["matchLabels"]
+            sel = spec["selector"]["matchLabels"]
+            hit = [name_of(d) for d, _, labels in pods if all(labels.get(k) == v for k, v in sel.items())]
+            ok = (spec.get("maxUnavailable") == budget and "minAvailable" not in spec
+                  and sel == want and hit == [name_of(coord[0])])
+            why = f"maxUnavailable {spec.get('maxUnavailable')}, wanted {budget}; selector {sel}, " \
+                  f"the Deployment's {want}; selects the pods of {hit}"
+        res.append(("coordinator: a PodDisruptionBudget with maxUnavailable selects exactly the "
+                    "coordinator Deployment's pods", ok, why))
+    elif not budget:
+        res.append(("coordinator: no PodDisruptionBudget when maxUnavailable is 0", not cpdbs,
+                     f"found {len(cpdbs)}"))
 
     # the Prometheus Operator's monitors find the coordinator's Service and the worker
     # pods, on ports they name, with a token key the Secret has
@@ -546,6 +659,13 @@ def check_validator_fails(report, rendered):
     why = validate_strict(monitor, KUBE_VERSIONS[0])
     report.check(why is not None and "bearerTokenSecrett" in why,
                  f"a misspelled ServiceMonitor field fails validation: {why}", f"validator said: {why}")
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "r"},
+             "spec": {"parentRefs": [{"name": "g"}], "hostname": ["defuse.example.com"],
+                      "rules": [{"backendRefs": [{"name": "s", "port": 8080}]}]}}
+    why = validate_strict(route, KUBE_VERSIONS[0])
+    report.check(why is not None and "hostname" in why,
+                 f"a misspelled HTTPRoute field fails validation: {why}", f"validator said: {why}")
     typo = copy.deepcopy(svc)
     typo["spec"]["publishNotReadyAdresses"] = True
     why = validate_strict(typo, KUBE_VERSIONS[0])

@@ -172,6 +172,9 @@ by every template that needs them, so the message comes whichever file renders f
 {{- if and .Values.ingress.enabled (not .Values.ingress.host) }}
 {{- fail "ingress.host is required when ingress.enabled is true (the host name of the labelling page, e.g. defuse.example.com)" }}
 {{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "httpRoute.parentRefs is required when httpRoute.enabled is true: the Gateway the route attaches to, e.g. [{name: my-gateway, namespace: gateway-system}]" }}
+{{- end }}
 {{- if and (gt (int .Values.worker.gpu.count) 0) (eq .Values.worker.device "cpu") }}
 {{- fail "worker.gpu.count is above 0 but worker.device is cpu: set worker.device=cuda (and a CUDA worker image, worker.image.repository)" }}
 {{- end }}
