@@ -152,6 +152,12 @@ enum Cmd {
         /// measure the slice and the rest for each, e.g. `2,5`.
         #[arg(long, value_delimiter = ',')]
         lambdas: Vec<f64>,
+        /// Also correct with these `correct.conflicting_labels` settings (`defuse run
+        /// --set`, reusing every step before correct), e.g. `keep,drop`; for each, the
+        /// slice and the rest, and how many of the planted training labels the training
+        /// members flagged (recall) and how many flagged ones were planted (precision).
+        #[arg(long, value_delimiter = ',')]
+        conflicting_labels: Vec<String>,
     },
     /// Identify through a coordinator (Redis, file artifacts) with N worker processes:
     /// seconds from the first lease to the last shard done.
@@ -226,6 +232,7 @@ fn main() -> Result<()> {
             classifier_epochs,
             vae_epochs,
             lambdas,
+            conflicting_labels,
         } => bench_planted(
             &defuse,
             &mnist,
@@ -233,6 +240,7 @@ fn main() -> Result<()> {
             limit,
             (classifier_epochs, vae_epochs),
             &lambdas,
+            &conflicting_labels,
         ),
         Cmd::DataLayout { data, out } => {
             let t = Instant::now();
@@ -848,8 +856,9 @@ fn bench_planted(
     limit: usize,
     (classifier_epochs, vae_epochs): (usize, usize),
     lambdas: &[f64],
+    conflicting: &[String],
 ) -> Result<()> {
-    use defuse_core::planted::{slice_accuracy, write_planted_mnist};
+    use defuse_core::planted::{slice_accuracy, thin_ones, write_planted_mnist};
     let ds = DataSpec::from_path(mnist).load()?;
     let planted = write_planted_mnist(mnist, &work.join("data"))?;
     let threshold = planted.ink_threshold;
@@ -908,6 +917,52 @@ fn bench_planted(
             sweep.push(json!({"lambda": l, "slice_accuracy": s, "rest_accuracy": r}));
         }
     }
+    // the training members the default run flagged, against the planted labels
+    let planted_rows = thin_ones(&ds.train, threshold);
+    let flagged = |run: &std::path::Path| -> Result<serde_json::Value> {
+        let members: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(
+            run.join(defuse_core::layout::TRAIN_MEMBERS),
+        )?)?;
+        let conflicting: Vec<usize> = members
+            .iter()
+            .filter(|m| !m["scenario_label"].is_null() && m["scenario_label"] != m["label"])
+            .filter_map(|m| m["row"].as_u64().map(|r| r as usize))
+            .collect();
+        let hits = conflicting.iter().filter(|&&r| planted_rows[r]).count();
+        Ok(json!({
+            "train_members": members.len(),
+            "conflicting": conflicting.len(),
+            "conflicting_planted": hits,
+            "recall": hits as f64 / planted.train_relabelled.max(1) as f64,
+            "precision": hits as f64 / conflicting.len().max(1) as f64,
+        }))
+    };
+    let flagged_default = flagged(&run)?;
+    let mut modes = Vec::new();
+    for mode in conflicting {
+        let status = Command::new(defuse)
+            .arg("run")
+            .arg(&job)
+            .args(["--set", &format!("correct.conflicting_labels={mode}")])
+            .status()?;
+        if !status.success() {
+            bail!(
+                "defuse run {} with conflicting_labels {mode} failed: {status}",
+                job.display()
+            );
+        }
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("report/summary.json"))?)?;
+        let (slice, rest, _, _) = accuracy(&tuned)?;
+        modes.push(json!({
+            "conflicting_labels": mode,
+            "slice_accuracy": slice,
+            "rest_accuracy": rest,
+            "test_unsearched": s["test_unsearched"],
+            "real_members_labelled": s["real_members_labelled"],
+            "train_members_labelled": s["train_members_labelled"],
+        }));
+    }
     println!(
         "{}",
         json!({
@@ -924,8 +979,11 @@ fn bench_planted(
             "test_unsearched": summary["test_unsearched"],
             "n_scenarios": summary["n_scenarios"],
             "n_labelled": summary["n_labelled"],
+            "train_members_labelled": summary["train_members_labelled"],
+            "flagged": flagged_default,
             "seconds": t.elapsed().as_secs_f64(),
             "sweep": sweep,
+            "conflicting_labels": modes,
         })
     );
     Ok(())

@@ -55,8 +55,9 @@ enum Command {
         workers: usize,
         /// Override a setting of the job file: KEY=VALUE, e.g. identify.samples=50
         /// (the value in TOML syntax, a bare word else a string: quote a string that
-        /// reads as another value, name='"2024-01-01"'; repeatable; DEFUSE_SET holds
-        /// more, split by ';'). Order: defaults < job file < DEFUSE_SET < --set.
+        /// reads as another value, name='"2024-01-01"'; repeatable). From the
+        /// environment: DEFUSE__IDENTIFY__SAMPLES=50 (one key), DEFUSE_SET (several,
+        /// split by ';'). Order: defaults < job file < DEFUSE__* < DEFUSE_SET < --set.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// The device to run on (cpu, cuda, cuda:N): the same as --set device=...
@@ -474,17 +475,72 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// The job-file overrides: DEFUSE_SET's (split by ';'), then the command line's.
+/// The job-file overrides, lowest first: one per `DEFUSE__<KEY>` variable (the key path
+/// in upper case, `__` between its parts: `DEFUSE__IDENTIFY__SAMPLES=50` is
+/// `identify.samples=50`; in the order of their names), then DEFUSE_SET's (split by
+/// ';'), then the command line's.
 fn overrides(cli: Vec<String>) -> Vec<String> {
-    let mut sets: Vec<String> = std::env::var("DEFUSE_SET")
-        .unwrap_or_default()
-        .split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
+    overrides_from(std::env::vars_os(), cli)
+}
+
+fn overrides_from(
+    env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    cli: Vec<String>,
+) -> Vec<String> {
+    let mut keyed = std::collections::BTreeMap::new();
+    let mut set = String::new();
+    for (k, v) in env {
+        let (k, v) = (k.to_string_lossy(), v.to_string_lossy());
+        if k == "DEFUSE_SET" {
+            set = v.into_owned();
+        } else if let Some(path) = k.strip_prefix("DEFUSE__") {
+            let key = path
+                .split("__")
+                .collect::<Vec<_>>()
+                .join(".")
+                .to_lowercase();
+            keyed.insert(k.to_string(), format!("{key}={v}"));
+        }
+    }
+    let mut sets: Vec<String> = keyed.into_values().collect();
+    sets.extend(
+        set.split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from),
+    );
     sets.extend(cli);
     sets
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::overrides_from;
+
+    #[test]
+    fn keyed_variables_then_defuse_set_then_the_command_line() {
+        let env = [
+            ("DEFUSE__IDENTIFY__SAMPLES", "50"),
+            ("DEFUSE_SET", "seed=3; identify.samples=60"),
+            ("DEFUSE__CORRECT__CONFLICTING_LABELS", "drop"),
+            ("DEFUSE__SEED", "2"),
+            ("DEFUSE_TOKEN", "not a key"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let sets = overrides_from(env, vec!["identify.samples=70".into()]);
+        assert_eq!(
+            sets,
+            [
+                "correct.conflicting_labels=drop",
+                "identify.samples=50",
+                "seed=2",
+                "seed=3",
+                "identify.samples=60",
+                "identify.samples=70",
+            ]
+        );
+    }
 }
 
 /// The two roles' tokens, as given to this process.

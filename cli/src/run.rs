@@ -95,6 +95,13 @@ pub fn run(
                 pct(r.accuracy_before),
                 pct(r.accuracy_after)
             );
+            let t = &s.train_members_labelled;
+            if t.conflicting > 0 {
+                println!(
+                    "  training images labelled against their scenario  {} of {} inside the labelled scenarios ({} relabelled, {} left out; correct.conflicting_labels)",
+                    t.conflicting, t.images, t.relabelled, t.dropped
+                );
+            }
             println!(
                 "  scenario samples held out (synthetic)  {:6.2}% -> {:6.2}%",
                 100.0 * s.scenario_accuracy_before,

@@ -180,6 +180,49 @@ fn small_run_is_complete_deterministic_and_resumable() {
         }
     }
     assert!(members <= 120, "{members} members of 120 searched images");
+    // the confusions on the test split: every misclassified test image in one pair,
+    // before and after; the summary shows the most frequent ones, in order
+    let ev: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("correct/evaluation.json")).unwrap()).unwrap();
+    let pairs = ev["confusions"].as_array().unwrap();
+    for (key, acc) in [
+        ("before", "test_accuracy_before"),
+        ("after", "test_accuracy_after"),
+    ] {
+        let wrong: u64 = pairs.iter().map(|c| c[key].as_u64().unwrap()).sum();
+        let expected = ((1.0 - s[acc].as_f64().unwrap()) * 500.0).round() as u64;
+        assert_eq!(wrong, expected, "{key}");
+    }
+    assert!(pairs.iter().all(|c| c["true_class"] != c["predicted"]));
+    let top = s["confusions"].as_array().unwrap();
+    assert_eq!(top.len(), pairs.len().min(10));
+    for (t, p) in top.iter().zip(pairs) {
+        assert_eq!((&t["before"], &t["after"]), (&p["before"], &p["after"]));
+    }
+    assert!(top
+        .windows(2)
+        .all(|w| w[0]["before"].as_u64() >= w[1]["before"].as_u64()));
+    // the training images inside the scenarios: listed one by one, counted per scenario
+    // and for the labelled ones (kept as labelled: conflicting_labels defaults to keep)
+    let members: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(a.join("correct/train-members.json")).unwrap())
+            .unwrap();
+    let mut labelled_members = 0;
+    for sc in s["scenarios"].as_array().unwrap() {
+        let mine: Vec<&serde_json::Value> = members
+            .iter()
+            .filter(|m| m["scenario"] == sc["id"])
+            .collect();
+        let t = &sc["train_members"];
+        assert_eq!(t["images"], mine.len(), "{sc}");
+        if !sc["label"].is_null() {
+            labelled_members += mine.len();
+            let conflicting = mine.iter().filter(|m| m["label"] != sc["label"]).count();
+            assert_eq!(t["conflicting"], conflicting, "{sc}");
+            assert!(mine.iter().all(|m| m["trained_as"] == m["label"]), "{sc}");
+        }
+    }
+    assert_eq!(s["train_members_labelled"]["images"], labelled_members);
     assert_eq!(s["real_sources_labelled"]["images"], labelled_sources);
     let curve = s["held_out_curve"].as_array().unwrap();
     let taus: Vec<f64> = curve.iter().map(|c| c["tau"].as_f64().unwrap()).collect();

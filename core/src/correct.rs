@@ -49,6 +49,79 @@ pub struct CorrectOptions {
     /// How a round's parts are merged: `sum` of their updates (default) or `mean` of
     /// their weights.
     pub merge: Merge,
+    /// Training images that fall in a labelled scenario (its region in code space, the
+    /// rule of `crate::evaluate`) but carry another label than the one the scenario
+    /// was given: `keep` them as labelled (the paper), `drop` them from the training
+    /// loss, or `relabel` them with the scenario's label.
+    pub conflicting_labels: ConflictingLabels,
+}
+
+/// What the fine-tune does with training images whose label contradicts the label of
+/// the scenario they fall in ([`CorrectOptions::conflicting_labels`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictingLabels {
+    /// Train on them as labelled (the paper and the authors' code).
+    #[default]
+    Keep,
+    /// Leave them out of the training term (their rows still take their place in the
+    /// batches, so the step sequence is the same).
+    Drop,
+    /// Train on them with the scenario's label.
+    Relabel,
+}
+
+/// Labels the fine-tune uses instead of the training split's own, by row: a class, or
+/// [`IGNORED`] (the row adds nothing to the loss).
+pub type TrainLabels = std::collections::BTreeMap<usize, i64>;
+
+/// A target the loss skips (libtorch's default `ignore_index`).
+pub const IGNORED: i64 = -100;
+
+/// Names of the [`TrainLabels`] (rows, labels; int64) in the scenario-train samples
+/// file a distributed fine-tune's parts read.
+pub const TRAIN_LABEL_ROWS: &str = "train_label_rows";
+pub const TRAIN_LABEL_VALUES: &str = "train_label_values";
+
+/// [`TrainLabels`] from their two tensors.
+pub fn train_labels_from(rows: &Tensor, values: &Tensor) -> Result<TrainLabels> {
+    let rows = Vec::<i64>::try_from(rows)?;
+    let values = Vec::<i64>::try_from(values)?;
+    if rows.len() != values.len() || rows.iter().any(|&r| r < 0) {
+        return Err(Error::invalid(
+            TRAIN_LABEL_ROWS,
+            format!(
+                "{} rows and {} labels (expected as many, rows >= 0)",
+                rows.len(),
+                values.len()
+            ),
+        ));
+    }
+    Ok(rows.into_iter().map(|r| r as usize).zip(values).collect())
+}
+
+/// The [`TrainLabels`] for the training images inside labelled scenarios (`members`)
+/// whose label differs from the scenario's, as `how` says.
+pub fn train_labels(
+    members: &[crate::evaluate::TrainMember],
+    labels: &Labels,
+    how: ConflictingLabels,
+) -> TrainLabels {
+    members
+        .iter()
+        .filter_map(|m| match (labels.get(&m.scenario), how) {
+            (_, ConflictingLabels::Keep) => None,
+            (Some(Label::Class(c)), _) if *c != m.label => Some((
+                m.row,
+                if how == ConflictingLabels::Drop {
+                    IGNORED
+                } else {
+                    *c
+                },
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 impl Default for CorrectOptions {
@@ -66,6 +139,7 @@ impl Default for CorrectOptions {
             parts: 1,
             local_steps: 50,
             merge: Merge::Sum,
+            conflicting_labels: ConflictingLabels::default(),
         }
     }
 }
@@ -166,6 +240,9 @@ pub struct ScenarioData {
     pub test_scenario: Vec<usize>,
     /// At each of `correct.test_taus`.
     pub wider: Vec<HeldOutSamples>,
+    /// Training rows trained with another label than the split's ([`train_labels`]);
+    /// empty from [`scenario_data`].
+    pub train_labels: TrainLabels,
 }
 
 /// Seed streams of a scenario's samples (`Scenario::sample_codes`' `purpose`): the
@@ -239,6 +316,7 @@ pub fn scenario_data(
         test_y: test.y,
         test_scenario: test.scenario,
         wider,
+        train_labels: TrainLabels::new(),
     })
 }
 
@@ -262,6 +340,7 @@ pub fn fine_tune_steps(
     scn_x: &Tensor,
     scn_y: &Tensor,
     scn_batches: &[Vec<i64>],
+    train_labels: &TrainLabels,
     lambda: f64,
     mut on_step: impl FnMut(),
 ) -> Result<(f64, f64, usize)> {
@@ -271,11 +350,26 @@ pub fn fine_tune_steps(
     let (mut ce_t, mut ce_s, mut n) = (0.0, 0.0, 0usize);
     for (b, idx) in train_batches.iter().enumerate() {
         let x = train.gather(idx, device);
-        let y = train.gather_labels(idx, device);
+        let mut y = train.gather_labels(idx, Device::Cpu);
+        let mut kept = idx.len();
+        if idx.iter().any(|i| train_labels.contains_key(i)) {
+            let mut v = Vec::<i64>::try_from(&y)?;
+            for (l, i) in v.iter_mut().zip(idx.iter()) {
+                *l = *train_labels.get(i).unwrap_or(l);
+            }
+            kept = v.iter().filter(|&&l| l != IGNORED).count();
+            y = Tensor::from_slice(&v);
+        }
+        let y = y.to_device(device);
         let si = Tensor::from_slice(&scn_batches[b % scn_batches.len()]);
         let sx = scn_x.index_select(0, &si).to_device(device);
         let sy = scn_y.index_select(0, &si).to_device(device);
-        let lt = clf.forward(&x, true)?.cross_entropy_for_logits(&y);
+        // a batch whose every row is dropped has no training term (its mean would be NaN)
+        let lt = if kept == 0 {
+            Tensor::zeros([], (Kind::Float, device))
+        } else {
+            clf.forward(&x, true)?.cross_entropy_for_logits(&y)
+        };
         let ls = clf.forward(&sx, true)?.cross_entropy_for_logits(&sy);
         opt.backward_step(&(&lt + &ls * lambda));
         ce_t += f64::try_from(&lt)? * idx.len() as f64;
@@ -340,6 +434,7 @@ pub fn fine_tune_in_groups(
                 &data.train_x,
                 &data.train_y,
                 &scn_batches[first..first + group.len()],
+                &data.train_labels,
                 o.lambda,
                 || bar.inc(1),
             )?;
@@ -449,6 +544,7 @@ pub fn train_part(
     n_train: usize,
     scn_x: &Tensor,
     scn_y: &Tensor,
+    train_labels: &TrainLabels,
     o: &CorrectOptions,
     seed: u64,
     round: usize,
@@ -475,6 +571,7 @@ pub fn train_part(
         scn_x,
         scn_y,
         &sb,
+        train_labels,
         o.lambda,
         || {},
     )
@@ -578,4 +675,52 @@ pub fn accuracy_by_group(
             .map(|(g, (r, n))| (g, r as f64 / n as f64))
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evaluate::TrainMember;
+
+    #[test]
+    fn an_ignored_row_adds_nothing_to_the_training_loss() {
+        let logits = Tensor::from_slice(&[2.0f32, 0.0, 0.0, 1.0, 1.0, 0.5]).view([3, 2]);
+        let with = logits.cross_entropy_for_logits(&Tensor::from_slice(&[0i64, IGNORED, 1]));
+        let without = logits
+            .index_select(0, &Tensor::from_slice(&[0i64, 2]))
+            .cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 1]));
+        let (a, b) = (
+            f64::try_from(&with).unwrap(),
+            f64::try_from(&without).unwrap(),
+        );
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        let all = logits.cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 1, 1]));
+        assert!(
+            (f64::try_from(&all).unwrap() - a).abs() > 1e-3,
+            "the row counted"
+        );
+    }
+
+    #[test]
+    fn only_members_labelled_against_a_labelled_scenario_change() {
+        let m = |row, scenario, label| TrainMember {
+            row,
+            scenario,
+            label,
+        };
+        // scenario 0 labelled 1, scenario 1 discarded, scenario 2 not labelled at all
+        let members = [m(3, 0, 7), m(4, 0, 1), m(5, 1, 7), m(9, 2, 7), m(12, 0, 2)];
+        let labels: Labels = [(0, Label::Class(1)), (1, Label::Discard)].into();
+        assert!(train_labels(&members, &labels, ConflictingLabels::Keep).is_empty());
+        let relabel = train_labels(&members, &labels, ConflictingLabels::Relabel);
+        assert_eq!(relabel, [(3, 1), (12, 1)].into());
+        let drop = train_labels(&members, &labels, ConflictingLabels::Drop);
+        assert_eq!(drop, [(3, IGNORED), (12, IGNORED)].into());
+        // through the scenario-train file's two tensors and back
+        let rows = Tensor::from_slice(&[3i64, 12]);
+        let back = train_labels_from(&rows, &Tensor::from_slice(&[1i64, 1])).unwrap();
+        assert_eq!(back, relabel);
+        let e = train_labels_from(&rows, &Tensor::from_slice(&[1i64])).unwrap_err();
+        assert!(e.to_string().contains("2 rows and 1 labels"), "{e}");
+    }
 }

@@ -20,12 +20,12 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{Dataset, SplitName};
+use crate::data::{Dataset, Split, SplitName};
 use crate::dpgmm::DpGmm;
 use crate::error::{Error, Result};
 use crate::identify::Failures;
 use crate::models::{Classifier, Vae};
-use crate::scenarios::Scenario;
+use crate::scenarios::{Label, Labels, Scenario};
 
 /// A real image belongs to a scenario only when the scenario's component takes at least
 /// this share of it under the mixture.
@@ -83,6 +83,119 @@ pub struct RealImages {
     pub members: Measured,
     /// images of the searched range whose perturbed codes formed the scenario
     pub sources: Measured,
+    /// images of the training split whose own code falls in the scenario
+    #[serde(default)]
+    pub train_members: TrainMembers,
+}
+
+/// The training images inside one scenario (same rule as the searched range's
+/// members). Their labels are the data set's, which may be wrong: those that differ
+/// from the scenario's label are what `correct.conflicting_labels` acts on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainMembers {
+    pub images: usize,
+    /// labelled, in the training split, other than the scenario's label (labelled
+    /// scenarios only)
+    pub conflicting: usize,
+    /// what the fine-tune did with those: relabelled with the scenario's label, or
+    /// left out of the training loss
+    pub relabelled: usize,
+    pub dropped: usize,
+    /// read as the scenario's label by the classifier before and after correction
+    pub as_label_before: usize,
+    pub as_label_after: usize,
+}
+
+impl TrainMembers {
+    /// The sum of `parts`.
+    pub fn total<'a>(parts: impl IntoIterator<Item = &'a TrainMembers>) -> TrainMembers {
+        parts
+            .into_iter()
+            .fold(TrainMembers::default(), |a, p| TrainMembers {
+                images: a.images + p.images,
+                conflicting: a.conflicting + p.conflicting,
+                relabelled: a.relabelled + p.relabelled,
+                dropped: a.dropped + p.dropped,
+                as_label_before: a.as_label_before + p.as_label_before,
+                as_label_after: a.as_label_after + p.as_label_after,
+            })
+    }
+}
+
+/// A training image inside a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainMember {
+    pub row: usize,
+    pub scenario: usize,
+    /// its label in the training split
+    pub label: i64,
+}
+
+/// The training images whose own code falls in a scenario, in row order: the split is
+/// read a window at a time and encoded in chunks of 1,000.
+pub fn train_members(split: &Split, vae: &Vae, regions: &Regions) -> Result<Vec<TrainMember>> {
+    let mut out = Vec::new();
+    if regions.by_component.is_empty() || split.is_empty() {
+        return Ok(out);
+    }
+    split.for_windows(0..split.len(), |w, r| {
+        for start in r.clone().step_by(1000) {
+            let end = (start + 1000).min(r.end);
+            let x = w.images(start..end, vae.device());
+            let codes = tch::no_grad(|| vae.encode(&x))?.0;
+            let member = regions.scenario_of(&codes)?;
+            if member.iter().all(Option::is_none) {
+                continue;
+            }
+            let y = Vec::<i64>::try_from(w.labels(start..end, Device::Cpu))?;
+            for (j, id) in member.into_iter().enumerate() {
+                if let Some(scenario) = id {
+                    out.push(TrainMember {
+                        row: start + j,
+                        scenario,
+                        label: y[j],
+                    });
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The training members' counts per scenario, with what the classifiers `before` and
+/// `after` correction read them as, and what the fine-tune's `train_labels` did.
+pub fn measure_train_members(
+    split: &Split,
+    members: &[TrainMember],
+    labels: &Labels,
+    train_labels: &crate::correct::TrainLabels,
+    before: &Classifier,
+    after: &Classifier,
+) -> Result<BTreeMap<usize, TrainMembers>> {
+    let mut out: BTreeMap<usize, TrainMembers> = BTreeMap::new();
+    for chunk in members.chunks(1000) {
+        let rows: Vec<usize> = chunk.iter().map(|m| m.row).collect();
+        let held = split.read_rows(&rows)?;
+        let x = held.gather(&rows, before.device());
+        let pb = Vec::<i64>::try_from(before.predict(&x, 1000)?.0.to_device(Device::Cpu))?;
+        let pa = Vec::<i64>::try_from(after.predict(&x, 1000)?.0.to_device(Device::Cpu))?;
+        for (j, m) in chunk.iter().enumerate() {
+            let t = out.entry(m.scenario).or_default();
+            t.images += 1;
+            if let Some(Label::Class(c)) = labels.get(&m.scenario) {
+                t.conflicting += (m.label != *c) as usize;
+                t.as_label_before += (pb[j] == *c) as usize;
+                t.as_label_after += (pa[j] == *c) as usize;
+                match train_labels.get(&m.row) {
+                    Some(&crate::correct::IGNORED) => t.dropped += 1,
+                    Some(_) => t.relabelled += 1,
+                    None => {}
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Which scenario a code falls in.
@@ -195,11 +308,23 @@ pub fn sources(
     out
 }
 
+/// Test images of one class read as another, before and after correction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confusion {
+    pub true_class: i64,
+    pub predicted: i64,
+    pub before: usize,
+    pub after: usize,
+}
+
 /// What one pass over the real images measured.
 #[derive(Debug, Clone, Default)]
 pub struct RealMeasures {
     /// the whole test split
     pub test: Measured,
+    /// every pair of distinct classes confused on the test split, before or after,
+    /// most frequent before first
+    pub confusions: Vec<Confusion>,
     /// the test images identify did not search (none when it searched all of them)
     pub unsearched_test: Option<Measured>,
     /// by scenario id
@@ -232,6 +357,7 @@ pub fn measure_real(
         m.scenarios.insert(id, RealImages::default());
     }
     let device = before.device();
+    let mut confused: BTreeMap<(i64, i64), (usize, usize)> = BTreeMap::new();
     let mut pass = |which: SplitName, range: Range<usize>| -> Result<()> {
         let split = ds.split(which);
         if range.is_empty() {
@@ -250,6 +376,12 @@ pub fn measure_real(
                     for j in 0..y.len() {
                         let (b, a) = right(j);
                         m.test.add(b, a);
+                        if !b {
+                            confused.entry((y[j], pb[j])).or_default().0 += 1;
+                        }
+                        if !a {
+                            confused.entry((y[j], pa[j])).or_default().1 += 1;
+                        }
                         let i = start + j;
                         if !(is_searched && searched.range.contains(&i)) {
                             unsearched.add(b, a);
@@ -286,6 +418,17 @@ pub fn measure_real(
         pass(searched.split, searched.range.clone())?;
     }
     m.test = m.test.finished();
+    m.confusions = confused
+        .into_iter()
+        .map(|((t, p), (b, a))| Confusion {
+            true_class: t,
+            predicted: p,
+            before: b,
+            after: a,
+        })
+        .collect();
+    m.confusions
+        .sort_by_key(|c| (std::cmp::Reverse(c.before), std::cmp::Reverse(c.after)));
     m.unsearched_test = (unsearched.images > 0).then(|| unsearched.finished());
     for r in m.scenarios.values_mut() {
         r.members = r.members.finished();

@@ -9,7 +9,8 @@
 //!       distill/       scenarios.json, gmm.json, assignments.json, failures.parquet,
 //!                      scenario-<id>.png
 //!       pictures/      nearest-<id>.png, projection.svg
-//!       correct/       classifier.*, evaluation.json, rounds-final.*, rounds-done.json
+//!       correct/       classifier.*, evaluation.json, train-members.json, rounds-final.*,
+//!                      rounds-done.json
 //!       report/        summary.json, index.html
 //! ```
 use std::path::Path;
@@ -28,6 +29,8 @@ pub const ASSIGNMENTS: &str = "distill/assignments.json";
 /// The failures as one flat table with their scenarios (`table.rs`).
 pub const FAILURES_TABLE: &str = "distill/failures.parquet";
 pub const EVALUATION: &str = "correct/evaluation.json";
+/// The training images inside the scenarios, with what the fine-tune trained them as.
+pub const TRAIN_MEMBERS: &str = "correct/train-members.json";
 /// Written by the coordinator after the last fine-tune round.
 pub const ROUNDS_DONE: &str = "correct/rounds-done.json";
 pub const SUMMARY: &str = "report/summary.json";

@@ -11,7 +11,7 @@ use crate::config::JobConfig;
 use crate::correct::CorrectEpoch;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::evaluate::{Measured, RealImages};
+use crate::evaluate::{Confusion, Measured, RealImages, TrainMembers};
 use crate::identify::{Failures, IdentifyStats};
 use crate::scenarios::{Label, Labels, Scenario};
 
@@ -37,11 +37,15 @@ pub struct Evaluation {
     /// The test images identify did not search (none when it searched them all).
     #[serde(default)]
     pub unsearched_test: Option<Measured>,
+    /// Every pair of classes confused on the test split (`crate::evaluate`).
+    #[serde(default)]
+    pub confusions: Vec<Confusion>,
 }
 
 impl Evaluation {
-    /// The real images inside the labelled scenarios, and those that formed them.
-    pub fn real_labelled(&self, labels: &Labels) -> (Measured, Measured) {
+    /// The real images inside the labelled scenarios, those that formed them, and the
+    /// training images inside them.
+    pub fn real_labelled(&self, labels: &Labels) -> (Measured, Measured, TrainMembers) {
         let labelled: Vec<&RealImages> = self
             .real
             .iter()
@@ -51,6 +55,7 @@ impl Evaluation {
         (
             Measured::total(labelled.iter().map(|r| &r.members)),
             Measured::total(labelled.iter().map(|r| &r.sources)),
+            TrainMembers::total(labelled.iter().map(|r| &r.train_members)),
         )
     }
 }
@@ -99,6 +104,12 @@ pub struct ScenarioSummary {
     /// Real images of the searched range whose perturbed codes formed the scenario.
     #[serde(default)]
     pub real_sources: Measured,
+    /// Images of the training split whose own code falls in the scenario: how many
+    /// carry another label than the scenario's, what the fine-tune did with them
+    /// (`correct.conflicting_labels`), and how many the classifier reads as the
+    /// scenario's label before and after.
+    #[serde(default)]
+    pub train_members: TrainMembers,
     pub source_labels: BTreeMap<i64, usize>,
     pub sample_predictions: Vec<i64>,
 }
@@ -121,6 +132,20 @@ pub struct ClassCoverage {
     /// unexplored (a better VAE for this class is the fix)
     pub mostly_skipped: bool,
 }
+
+/// Test images of one class read as another (the most frequent pairs of the test
+/// split, [`TOP_CONFUSIONS`] of them; all of them in `correct/evaluation.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConfusionSummary {
+    pub true_class: i64,
+    pub true_name: String,
+    pub predicted: i64,
+    pub predicted_name: String,
+    pub before: usize,
+    pub after: usize,
+}
+
+pub const TOP_CONFUSIONS: usize = 10;
 
 /// Below this share of a class's images searched, the class is flagged.
 pub const MOSTLY_SKIPPED_BELOW: f64 = 0.5;
@@ -157,6 +182,9 @@ pub struct Summary {
     pub real_members_labelled: Measured,
     #[serde(default)]
     pub real_sources_labelled: Measured,
+    /// Training images inside the labelled scenarios (see `ScenarioSummary`).
+    #[serde(default)]
+    pub train_members_labelled: TrainMembers,
     /// On the labelled scenarios' held-out *samples* (synthetic) at `distill.tau`.
     pub scenario_accuracy_before: f64,
     pub scenario_accuracy_after: f64,
@@ -169,6 +197,10 @@ pub struct Summary {
     /// identify's coverage per class of the searched split
     #[serde(default)]
     pub coverage: Vec<ClassCoverage>,
+    /// The classifier's most frequent confusions on the real test images, before
+    /// (and the same pairs after) correction.
+    #[serde(default)]
+    pub confusions: Vec<ConfusionSummary>,
     /// Seconds per step (the report's own is 0).
     pub step_seconds: Vec<(String, f64)>,
     #[serde(skip)]
@@ -221,7 +253,8 @@ impl Summary {
             }))
             .collect()
         };
-        let (real_members_labelled, real_sources_labelled) = ev.real_labelled(labels);
+        let (real_members_labelled, real_sources_labelled, train_members_labelled) =
+            ev.real_labelled(labels);
         let scen = scenarios
             .iter()
             .map(|s| {
@@ -247,6 +280,7 @@ impl Summary {
                     },
                     real_members: real.members,
                     real_sources: real.sources,
+                    train_members: real.train_members,
                     source_labels: s.source_labels.clone(),
                     sample_predictions: s.sample_predictions.clone(),
                 }
@@ -280,6 +314,7 @@ impl Summary {
             test_unsearched: ev.unsearched_test,
             real_members_labelled,
             real_sources_labelled,
+            train_members_labelled,
             scenario_accuracy_before: ev.scenario_accuracy_before,
             scenario_accuracy_after: ev.scenario_accuracy_after,
             scenario_test_samples: ev.scenario_test_samples,
@@ -297,6 +332,19 @@ impl Summary {
             model: ev.model.clone(),
             scenarios: scen,
             coverage: coverage(istats, ds),
+            confusions: ev
+                .confusions
+                .iter()
+                .take(TOP_CONFUSIONS)
+                .map(|c| ConfusionSummary {
+                    true_class: c.true_class,
+                    true_name: ds.class_name(c.true_class),
+                    predicted: c.predicted,
+                    predicted_name: ds.class_name(c.predicted),
+                    before: c.before,
+                    after: c.after,
+                })
+                .collect(),
             step_seconds,
             class_names: ds.class_names.clone(),
         }
@@ -391,6 +439,18 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                         td { (pct(s.real_sources_labelled.accuracy_before)) }
                         td { (pct(s.real_sources_labelled.accuracy_after)) }
                     }
+                    @let t = &s.train_members_labelled;
+                    @if t.images > 0 {
+                        tr {
+                            td {
+                                "training images inside the labelled scenarios (" (t.images) "; " (t.conflicting)
+                                " labelled other than their scenario, " (t.relabelled) " relabelled, " (t.dropped)
+                                " left out), read as their scenario's label"
+                            }
+                            td { (pct(Some(t.as_label_before as f64 / t.images as f64))) }
+                            td { (pct(Some(t.as_label_after as f64 / t.images as f64))) }
+                        }
+                    }
                     @for (i, c) in s.held_out_curve.iter().enumerate() {
                         tr {
                             td {
@@ -431,6 +491,24 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                         }
                     }
                 }
+                @if !s.confusions.is_empty() {
+                    h2 { "Confusions on the real test images" }
+                    p.small {
+                        "The classifier's most frequent mistakes on the whole test split (true class read as another), "
+                        "before and after correction; every pair is in correct/evaluation.json."
+                    }
+                    table {
+                        tr { th { "true class" } th { "read as" } th { "before" } th { "after" } }
+                        @for c in &s.confusions {
+                            tr {
+                                td { (c.true_name) }
+                                td { (c.predicted_name) }
+                                td { (c.before) }
+                                td { (c.after) }
+                            }
+                        }
+                    }
+                }
                 h2 { "All failures" }
                 p.small { "Every failure code projected on its first two principal components, coloured by scenario." }
                 (embedded_img(&pictures.join("projection.svg"), "image/svg+xml", "failure codes by scenario"))
@@ -456,6 +534,19 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                             @if sc.held_out_curve.len() > 1 {
                                 "; held-out samples by τ: "
                                 (sc.held_out_curve.iter().map(|c| format!("{}: {} → {}", c.tau, pct(c.accuracy_before), pct(c.accuracy_after))).collect::<Vec<_>>().join(", "))
+                            }
+                        }
+                        @let t = &sc.train_members;
+                        @if t.images > 0 {
+                            p.small {
+                                "training images inside it: " (t.images)
+                                @if let Some(l) = sc.label {
+                                    " · labelled other than " (name(l)) " in the training data: " b { (t.conflicting) }
+                                    @if t.relabelled > 0 { " (relabelled " (name(l)) " for the fine-tune)" }
+                                    @if t.dropped > 0 { " (left out of the fine-tune)" }
+                                    @if t.conflicting > 0 && t.relabelled + t.dropped == 0 { " (trained on as labelled: correct.conflicting_labels = keep)" }
+                                    " · read as " (name(l)) ": " (t.as_label_before) " → " (t.as_label_after)
+                                }
                             }
                         }
                         (embedded_img(&grids.join(format!("scenario-{}.png", sc.id)), "image/png", &format!("samples of scenario {}", sc.id)))
@@ -512,6 +603,7 @@ mod tests {
             test_unsearched: None,
             real_members_labelled: Measured::default(),
             real_sources_labelled: Measured::default(),
+            train_members_labelled: TrainMembers::default(),
             held_out_curve: vec![],
             coverage: vec![ClassCoverage {
                 class: 0,
@@ -522,6 +614,14 @@ mod tests {
                 searched: 3,
                 with_failure: 2,
                 mostly_skipped: true,
+            }],
+            confusions: vec![ConfusionSummary {
+                true_class: 0,
+                true_name: evil.into(),
+                predicted: 1,
+                predicted_name: "one".into(),
+                before: 4,
+                after: 2,
             }],
             model: PathBuf::from(evil),
             scenarios: vec![ScenarioSummary {
@@ -537,6 +637,10 @@ mod tests {
                 held_out_curve: vec![],
                 real_members: Measured::default(),
                 real_sources: Measured::default(),
+                train_members: TrainMembers {
+                    images: 5,
+                    ..Default::default()
+                },
                 source_labels: [(0, 3)].into(),
                 sample_predictions: vec![0, 1],
             }],
@@ -552,6 +656,11 @@ mod tests {
         assert!(html.contains("<em>discarded</em>"), "{html}");
         assert!(html.contains("mostly skipped: not searched"), "{html}");
         assert!(html.contains("3 (30%)"), "{html}");
+        assert!(html.contains("training images inside it: 5"), "{html}");
+        assert!(
+            html.contains("<td>one</td><td>4</td><td>2</td>"),
+            "the confusion of class 0 as one: {html}"
+        );
         assert!(
             html.contains("samples held out: 10.0% → <b>–</b>"),
             "{html}"

@@ -45,6 +45,7 @@ fn fine_tune_lowers_both_terms_and_fixes_the_scenario() {
         test_y: y.narrow(0, 400, 200),
         test_scenario: vec![0; 200],
         wider: vec![],
+        train_labels: Default::default(),
     };
     let test_before = train::accuracy(&clf, &ds.test, Device::Cpu).unwrap();
     let (scn_before, _) =

@@ -436,9 +436,19 @@ fn a_part_on_its_rows_alone_trains_as_on_the_whole_split() {
     let mut trained = Vec::new();
     for train in [&full.train, &alone.train] {
         let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
-        let r =
-            defuse_core::correct::train_part(&mut c, train, n, &scn_x, &scn_y, &o, 7, round, part)
-                .unwrap();
+        let r = defuse_core::correct::train_part(
+            &mut c,
+            train,
+            n,
+            &scn_x,
+            &scn_y,
+            &Default::default(),
+            &o,
+            7,
+            round,
+            part,
+        )
+        .unwrap();
         assert_eq!(r.2, 48);
         trained.push((c, r));
     }
@@ -473,6 +483,8 @@ fn fine_tune_on_a_split_in_its_files_read_by_groups_equals_one_in_memory() {
         test_y: loaded.test.labels(24..30, Device::Cpu),
         test_scenario: vec![0; 6],
         wider: vec![],
+        // some rows relabelled and one left out: the same in every group size too
+        train_labels: [(0, 3), (1, 3), (2, 3), (5, defuse_core::correct::IGNORED)].into(),
     };
     let tune = |train: &defuse_core::data::Split, rows_per_group: usize| {
         let mut c = Classifier::load(&fixture("classifier_ok.pt"), MNIST, 10, Device::Cpu).unwrap();
@@ -520,6 +532,7 @@ fn averaged_torchscript_parts_are_the_mean_and_save_as_torchscript() {
             ds.train.len(),
             &scn_x,
             &scn_y,
+            &Default::default(),
             &o,
             7,
             0,
@@ -633,6 +646,7 @@ fn merging_by_sum_applies_every_part_update() {
             ds.train.len(),
             &sx,
             &sy,
+            &Default::default(),
             &o,
             3,
             0,

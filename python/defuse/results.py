@@ -68,17 +68,36 @@ class Results:
     stats: Dict[str, Any]
 
 
+def _job_of_url(url: str, token: Optional[str]) -> Any:
+    """The `Job` a job URL names."""
+    from urllib.parse import unquote, urlsplit
+
+    from .client import Client
+
+    u = urlsplit(url)
+    head, sep, job_id = u.path.rstrip("/").rpartition("/api/jobs/")
+    if u.scheme not in ("http", "https") or not sep or not job_id or "/" in job_id:
+        raise ValueError(
+            f"{url}: expected a job's URL at a coordinator, http(s)://host:port/api/jobs/<id>, "
+            "or an output folder"
+        )
+    return Client(f"{u.scheme}://{u.netloc}{head}", token=token).job(unquote(job_id))
+
+
 def _json(root: Path, rel: str) -> Optional[Any]:
     p = root / rel
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def load(source: Any) -> Results:
-    """Loads a job's results: from an output folder, or from a `Job` (its results are
-    downloaded to a temporary folder first)."""
+def load(source: Any, token: Optional[str] = None) -> Results:
+    """Loads a job's results: from an output folder, from a `Job`, or from a job's URL at
+    a coordinator, `http(s)://host:port/api/jobs/<id>` (with `token`, default
+    `DEFUSE_TOKEN`). A job's results are downloaded to a temporary folder first."""
     if hasattr(source, "download") and hasattr(source, "results"):
         with tempfile.TemporaryDirectory(prefix="defuse-") as d:
             return load(source.download(d))
+    if isinstance(source, str) and "://" in source:
+        return load(_job_of_url(source, token))
     root = Path(source)
     path = root / FAILURES
     if not path.exists():

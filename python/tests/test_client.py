@@ -171,9 +171,14 @@ def test_submit_wait_label_download_and_load(cluster, models, tmp_path):
     assert table["scenario"].isna().sum() == f["scenario"].isna().sum()
     assert res.labels == {str(k): v for k, v in labels.items()}
     assert res.stats["n_failures"] == summary["n_failures"]
-    # straight from the job, too
+    # straight from the job, too, and from its URL
     again = defuse.load(job)
     assert again.failures.equals(res.failures)
+    by_url = defuse.load(f"{url}/api/jobs/{job.id}", token=TOKEN)
+    assert by_url.failures.equals(res.failures) and by_url.summary == summary
+    for bad in ["s3://bucket/out", f"{url}/api/jobs/", f"{url}/jobs/{job.id}"]:
+        with pytest.raises(ValueError, match="expected a job's URL"):
+            defuse.load(bad)
 
 
 def test_refusals_cancel_and_delete(cluster, models):

@@ -629,6 +629,14 @@ async fn finetune(
             })
         };
         let (x, y) = (get("train_x")?, get("train_y")?);
+        // the training labels the job changes (absent in files from before them)
+        let train_labels = match (
+            tensors.get(defuse_core::correct::TRAIN_LABEL_ROWS),
+            tensors.get(defuse_core::correct::TRAIN_LABEL_VALUES),
+        ) {
+            (Some(r), Some(v)) => defuse_core::correct::train_labels_from(r, v).map_err(exec)?,
+            _ => Default::default(),
+        };
         let n_scenario = x.size().first().copied().unwrap_or(0).max(0) as usize;
         let (ds, n_train) = part_data(
             &datasets,
@@ -652,6 +660,7 @@ async fn finetune(
             n_train,
             &x,
             &y,
+            &train_labels,
             &job_cfg.correct,
             job_cfg.seed,
             round,

@@ -1,6 +1,7 @@
 //! Correct: fine-tune the classifier on its training data plus samples of the labelled
 //! scenarios, here or (on a coordinator, `correct.parts > 1`) as rounds on the
 //! workers, and measure it before and after.
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use crate::identify::Failures;
 use crate::layout::{self, read_json, write_json};
 use crate::models::{Classifier, Vae};
 use crate::report;
-use crate::scenarios::{Labels, Scenario};
+use crate::scenarios::{Label, Labels, Scenario};
 
 /// What the step works on.
 pub(super) struct Input<'a> {
@@ -40,14 +41,7 @@ pub(super) fn run(
     input: &Input,
 ) -> Result<Corrected> {
     let cfg = job.cfg;
-    let Input {
-        ds,
-        clf,
-        vae,
-        scenarios,
-        labels,
-        ..
-    } = *input;
+    let Input { ds, clf, .. } = *input;
     let h_correct = hash_of(&[&h_label, &cfg.correct]);
     let started = Instant::now();
     let tuned_path = job
@@ -63,21 +57,28 @@ pub(super) fn run(
         let done: Option<RoundsDone> = read_json(&job.out.join(layout::ROUNDS_DONE))
             .ok()
             .filter(|d: &RoundsDone| d.hash == h_correct);
-        let data = correct::scenario_data(
-            vae,
-            scenarios,
-            labels,
-            cfg.distill.tau,
-            &cfg.correct,
-            cfg.seed,
-        )?;
+        let placed = place(job, input)?;
+        let data = scenario_data(job, input, &placed, &cfg.correct)?;
         let Some(done) = done else {
             let scenario_train = dir.join("scenario-train.safetensors");
+            let (rows, values): (Vec<i64>, Vec<i64>) = data
+                .train_labels
+                .iter()
+                .map(|(&r, &l)| (r as i64, l))
+                .unzip();
             crate::tensor_io::write(
                 &scenario_train,
                 &[
                     ("train_x".into(), data.train_x.shallow_clone()),
                     ("train_y".into(), data.train_y.shallow_clone()),
+                    (
+                        correct::TRAIN_LABEL_ROWS.into(),
+                        tch::Tensor::from_slice(&rows),
+                    ),
+                    (
+                        correct::TRAIN_LABEL_VALUES.into(),
+                        tch::Tensor::from_slice(&values),
+                    ),
                 ],
                 Default::default(),
             )?;
@@ -104,7 +105,15 @@ pub(super) fn run(
             clf.device(),
         )?;
         tuned.save(&tuned_path)?;
-        let ev = evaluate(job, input, &tuned, &data, done.history, &tuned_path)?;
+        let ev = evaluate(
+            job,
+            input,
+            &placed,
+            &tuned,
+            &data,
+            done.history,
+            &tuned_path,
+        )?;
         write_json(&eval_path, &ev)?;
         job.mark("correct", &h_correct, started)?;
         ev
@@ -130,7 +139,50 @@ pub(super) fn correct_and_evaluate(
 ) -> Result<report::Evaluation> {
     let cfg = job.cfg;
     let device = input.clf.device();
-    let data = correct::scenario_data(
+    let placed = place(job, input)?;
+    let data = scenario_data(job, input, &placed, o)?;
+    let mut tuned = step_models::load_classifier_again(job, input.ds, device)?;
+    tch::manual_seed(cfg.seed as i64);
+    let history = correct::fine_tune(&mut tuned, &input.ds.train, &data, o, cfg.seed)?;
+    tuned.save(tuned_path)?;
+    evaluate(job, input, &placed, &tuned, &data, history, tuned_path)
+}
+
+/// Where the scenarios lie in code space (under the mixture distill fitted), the
+/// searched images that formed them, and the training images inside them.
+struct Placed {
+    regions: evaluate::Regions,
+    sources: HashMap<usize, usize>,
+    train_members: Vec<evaluate::TrainMember>,
+}
+
+fn place(job: &Job, input: &Input) -> Result<Placed> {
+    let gmm: DpGmm = read_json(&job.out.join(layout::GMM))?;
+    let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
+    let regions = evaluate::Regions::new(gmm, input.scenarios, input.failures, &assign)?;
+    let sources = evaluate::sources(input.scenarios, input.failures, &assign);
+    let train_members = evaluate::train_members(&input.ds.train, input.vae, &regions)?;
+    tracing::info!(
+        train_members = train_members.len(),
+        "training images inside the scenarios"
+    );
+    Ok(Placed {
+        regions,
+        sources,
+        train_members,
+    })
+}
+
+/// The labelled scenarios' samples, and the training labels `o.conflicting_labels`
+/// changes.
+fn scenario_data(
+    job: &Job,
+    input: &Input,
+    placed: &Placed,
+    o: &correct::CorrectOptions,
+) -> Result<correct::ScenarioData> {
+    let cfg = job.cfg;
+    let mut data = correct::scenario_data(
         input.vae,
         input.scenarios,
         input.labels,
@@ -138,11 +190,42 @@ pub(super) fn correct_and_evaluate(
         o,
         cfg.seed,
     )?;
-    let mut tuned = step_models::load_classifier_again(job, input.ds, device)?;
-    tch::manual_seed(cfg.seed as i64);
-    let history = correct::fine_tune(&mut tuned, &input.ds.train, &data, o, cfg.seed)?;
-    tuned.save(tuned_path)?;
-    evaluate(job, input, &tuned, &data, history, tuned_path)
+    data.train_labels =
+        correct::train_labels(&placed.train_members, input.labels, o.conflicting_labels);
+    let rows: Vec<TrainMemberRow> = placed
+        .train_members
+        .iter()
+        .map(|m| TrainMemberRow {
+            row: m.row,
+            scenario: m.scenario,
+            label: m.label,
+            scenario_label: match input.labels.get(&m.scenario) {
+                Some(Label::Class(c)) => Some(*c),
+                _ => None,
+            },
+            trained_as: match data.train_labels.get(&m.row) {
+                Some(&correct::IGNORED) => None,
+                Some(&l) => Some(l),
+                None => Some(m.label),
+            },
+        })
+        .collect();
+    write_json(&job.out.join(layout::TRAIN_MEMBERS), &rows)?;
+    Ok(data)
+}
+
+/// A line of [`layout::TRAIN_MEMBERS`]: a training image inside a scenario.
+#[derive(serde::Serialize)]
+struct TrainMemberRow {
+    /// its index in the training split
+    row: usize,
+    scenario: usize,
+    /// its label in the training data
+    label: i64,
+    /// the scenario's label (null: discarded or not labelled)
+    scenario_label: Option<i64>,
+    /// the label the fine-tune trained it with (null: left out)
+    trained_as: Option<i64>,
 }
 
 /// The classifier before and after correction: on the test split (all of it, and the
@@ -151,6 +234,7 @@ pub(super) fn correct_and_evaluate(
 fn evaluate(
     job: &Job,
     input: &Input,
+    placed: &Placed,
     tuned: &Classifier,
     data: &correct::ScenarioData,
     history: Vec<correct::CorrectEpoch>,
@@ -160,22 +244,36 @@ fn evaluate(
         ds,
         clf,
         vae,
-        scenarios,
-        failures,
+        labels,
         ..
     } = *input;
     let cfg = job.cfg;
-    let gmm: DpGmm = read_json(&job.out.join(layout::GMM))?;
-    let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
-    let regions = evaluate::Regions::new(gmm, scenarios, failures, &assign)?;
-    let sources = evaluate::sources(scenarios, failures, &assign);
     let searched = evaluate::Searched {
         split: cfg.identify.split,
         range: cfg
             .identify
             .searched_range(ds.split(cfg.identify.split).len()),
     };
-    let real = evaluate::measure_real(ds, clf, tuned, vae, &regions, &sources, &searched)?;
+    let mut real = evaluate::measure_real(
+        ds,
+        clf,
+        tuned,
+        vae,
+        &placed.regions,
+        &placed.sources,
+        &searched,
+    )?;
+    let train = evaluate::measure_train_members(
+        &ds.train,
+        &placed.train_members,
+        labels,
+        &data.train_labels,
+        clf,
+        tuned,
+    )?;
+    for (id, t) in train {
+        real.scenarios.entry(id).or_default().train_members = t;
+    }
     let held_out = |x: &tch::Tensor, y: &tch::Tensor, groups: &[usize]| {
         Ok::<_, crate::error::Error>((
             correct::accuracy_by_group(clf, x, y, groups)?,
@@ -213,5 +311,6 @@ fn evaluate(
         wider,
         real: real.scenarios,
         unsearched_test: real.unsearched_test,
+        confusions: real.confusions,
     })
 }
