@@ -1,13 +1,14 @@
 //! The planted-bug benchmark, fast (`defuse-bench planted` is the full one): MNIST with
 //! its thin training 1s labelled 7 (`defuse_core::planted`), small models, the first
 //! 2,000 test images searched. Defuse must find a scenario of 1s read as 7 with the
-//! automatic oracle, and its correction must raise the accuracy on the real thin 1s of
-//! the test split while the rest stays within 0.5 points.
+//! automatic oracle, flag the planted training labels inside it, and its correction must
+//! raise the accuracy on the real thin 1s of the test split by 15 points while the rest
+//! stays within 0.5 points.
 use std::path::Path;
 use std::process::Command;
 
 use defuse_core::data::DataSpec;
-use defuse_core::planted::{job_toml, slice_accuracy, write_planted_mnist};
+use defuse_core::planted::{job_toml, slice_accuracy, thin_ones, write_planted_mnist};
 
 #[test]
 fn finds_the_planted_thin_ones_and_corrects_real_ones() {
@@ -41,7 +42,31 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
         "{m}"
     );
 
-    let test = DataSpec::from_path(&mnist).load().unwrap().test;
+    // the planted training images inside it: labelled 7 against the scenario's 1, so
+    // the fine-tune trained them as 1s (correct.conflicting_labels = relabel); those it
+    // flagged are thin 1s of the planted slice, not real 7s
+    let t = &found[0]["train_members"];
+    assert!(t["conflicting"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["relabelled"], t["conflicting"], "{t}");
+    let original = DataSpec::from_path(&mnist).load().unwrap();
+    let planted_rows = thin_ones(&original.train, planted.ink_threshold);
+    let members: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(run.join("correct/train-members.json")).unwrap())
+            .unwrap();
+    let flagged: Vec<usize> = members
+        .iter()
+        .filter(|m| found.iter().any(|f| f["id"] == m["scenario"]) && m["label"] == 7)
+        .map(|m| m["row"].as_u64().unwrap() as usize)
+        .collect();
+    let planted_share =
+        flagged.iter().filter(|&&r| planted_rows[r]).count() as f64 / flagged.len() as f64;
+    eprintln!(
+        "flagged {} training images labelled 7 in the scenarios of 1s read as 7; planted: {planted_share:.3}",
+        flagged.len()
+    );
+    assert!(planted_share >= 0.9, "{planted_share}");
+
+    let test = original.test;
     let before = slice_accuracy(
         &run.join("models/classifier.safetensors"),
         &test,
@@ -57,7 +82,8 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     eprintln!("before {before:?}\nafter  {after:?}");
     assert!(before.slice_images > 300, "{before:?}");
     assert!(before.slice < 0.5, "the planted bug took: {before:?}");
-    assert!(after.slice > before.slice, "{before:?} -> {after:?}");
+    // measured: 14.4% -> 45.8% (relabelled), 11.2% -> 18.0% with keep (the paper's)
+    assert!(after.slice > before.slice + 0.15, "{before:?} -> {after:?}");
     assert!(
         (after.rest - before.rest).abs() <= 0.005,
         "{before:?} -> {after:?}"

@@ -51,8 +51,8 @@ pub struct CorrectOptions {
     pub merge: Merge,
     /// Training images that fall in a labelled scenario (its region in code space, the
     /// rule of `crate::evaluate`) but carry another label than the one the scenario
-    /// was given: `keep` them as labelled (the paper), `drop` them from the training
-    /// loss, or `relabel` them with the scenario's label.
+    /// was given: `relabel` them with the scenario's label (default), `drop` them from
+    /// the training loss, or `keep` them as labelled (the paper).
     pub conflicting_labels: ConflictingLabels,
 }
 
@@ -61,13 +61,16 @@ pub struct CorrectOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConflictingLabels {
-    /// Train on them as labelled (the paper and the authors' code).
-    #[default]
+    /// Train on them as labelled (the paper and the authors' code): the training data
+    /// keeps teaching the failure the scenario corrects.
     Keep,
     /// Leave them out of the training term (their rows still take their place in the
     /// batches, so the step sequence is the same).
     Drop,
-    /// Train on them with the scenario's label.
+    /// Train on them with the scenario's label: the person's label of the scenario
+    /// holds for the real images inside it too. The default: on the planted-bug
+    /// benchmark it fixed the most real images without costing test accuracy.
+    #[default]
     Relabel,
 }
 
