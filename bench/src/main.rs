@@ -938,6 +938,11 @@ fn bench_planted(
         }))
     };
     let flagged_default = flagged(&run)?;
+    // the default run's summary, kept for bench/yield.py (the runs below overwrite it)
+    std::fs::copy(
+        run.join("report/summary.json"),
+        work.join("summary-default.json"),
+    )?;
     let mut modes = Vec::new();
     for mode in conflicting {
         let status = Command::new(defuse)
