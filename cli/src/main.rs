@@ -513,36 +513,6 @@ fn overrides_from(
     sets
 }
 
-#[cfg(test)]
-mod override_tests {
-    use super::overrides_from;
-
-    #[test]
-    fn keyed_variables_then_defuse_set_then_the_command_line() {
-        let env = [
-            ("DEFUSE__IDENTIFY__SAMPLES", "50"),
-            ("DEFUSE_SET", "seed=3; identify.samples=60"),
-            ("DEFUSE__CORRECT__CONFLICTING_LABELS", "drop"),
-            ("DEFUSE__SEED", "2"),
-            ("DEFUSE_TOKEN", "not a key"),
-            ("PATH", "/bin"),
-        ]
-        .map(|(k, v)| (k.into(), v.into()));
-        let sets = overrides_from(env, vec!["identify.samples=70".into()]);
-        assert_eq!(
-            sets,
-            [
-                "correct.conflicting_labels=drop",
-                "identify.samples=50",
-                "seed=2",
-                "seed=3",
-                "identify.samples=60",
-                "identify.samples=70",
-            ]
-        );
-    }
-}
-
 /// The two roles' tokens, as given to this process.
 struct Tokens {
     /// The job API's (DEFUSE_TOKEN): clients send it.
@@ -859,4 +829,34 @@ fn create_parent(path: &std::path::Path) -> anyhow::Result<()> {
 fn write_json(path: &std::path::Path, v: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)?)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::overrides_from;
+
+    #[test]
+    fn keyed_variables_then_defuse_set_then_the_command_line() {
+        let env = [
+            ("DEFUSE__IDENTIFY__SAMPLES", "50"),
+            ("DEFUSE_SET", "seed=3; identify.samples=60"),
+            ("DEFUSE__CORRECT__CONFLICTING_LABELS", "drop"),
+            ("DEFUSE__SEED", "2"),
+            ("DEFUSE_TOKEN", "not a key"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let sets = overrides_from(env, vec!["identify.samples=70".into()]);
+        assert_eq!(
+            sets,
+            [
+                "correct.conflicting_labels=drop",
+                "identify.samples=50",
+                "seed=2",
+                "seed=3",
+                "identify.samples=60",
+                "identify.samples=70",
+            ]
+        );
+    }
 }
