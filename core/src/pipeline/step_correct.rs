@@ -59,6 +59,7 @@ pub(super) fn run(
             .filter(|d: &RoundsDone| d.hash == h_correct);
         let placed = place(job, input)?;
         let data = scenario_data(job, input, &placed, &cfg.correct)?;
+        write_train_members(job, input, &placed)?;
         let Some(done) = done else {
             let scenario_train = dir.join("scenario-train.safetensors");
             let (rows, values): (Vec<i64>, Vec<i64>) = data
@@ -119,7 +120,9 @@ pub(super) fn run(
         ev
     } else {
         job.dir("correct")?;
-        let ev = correct_and_evaluate(job, input, &cfg.correct, &tuned_path)?;
+        let placed = place(job, input)?;
+        write_train_members(job, input, &placed)?;
+        let ev = correct_and_evaluate(job, input, &placed, &cfg.correct, &tuned_path)?;
         write_json(&eval_path, &ev)?;
         job.mark("correct", &h_correct, started)?;
         ev
@@ -134,29 +137,29 @@ pub(super) fn run(
 pub(super) fn correct_and_evaluate(
     job: &Job,
     input: &Input,
+    placed: &Placed,
     o: &correct::CorrectOptions,
     tuned_path: &Path,
 ) -> Result<report::Evaluation> {
     let cfg = job.cfg;
     let device = input.clf.device();
-    let placed = place(job, input)?;
-    let data = scenario_data(job, input, &placed, o)?;
+    let data = scenario_data(job, input, placed, o)?;
     let mut tuned = step_models::load_classifier_again(job, input.ds, device)?;
     tch::manual_seed(cfg.seed as i64);
     let history = correct::fine_tune(&mut tuned, &input.ds.train, &data, o, cfg.seed)?;
     tuned.save(tuned_path)?;
-    evaluate(job, input, &placed, &tuned, &data, history, tuned_path)
+    evaluate(job, input, placed, &tuned, &data, history, tuned_path)
 }
 
 /// Where the scenarios lie in code space (under the mixture distill fitted), the
 /// searched images that formed them, and the training images inside them.
-struct Placed {
+pub(super) struct Placed {
     regions: evaluate::Regions,
     sources: HashMap<usize, usize>,
     train_members: Vec<evaluate::TrainMember>,
 }
 
-fn place(job: &Job, input: &Input) -> Result<Placed> {
+pub(super) fn place(job: &Job, input: &Input) -> Result<Placed> {
     let gmm: DpGmm = read_json(&job.out.join(layout::GMM))?;
     let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
     let regions = evaluate::Regions::new(gmm, input.scenarios, input.failures, &assign)?;
@@ -192,6 +195,17 @@ fn scenario_data(
     )?;
     data.train_labels =
         correct::train_labels(&placed.train_members, input.labels, o.conflicting_labels);
+    Ok(data)
+}
+
+/// Writes [`layout::TRAIN_MEMBERS`]: the training images inside the scenarios, with
+/// what the correct step's fine-tune trains them as (`correct.conflicting_labels`).
+fn write_train_members(job: &Job, input: &Input, placed: &Placed) -> Result<()> {
+    let train_labels = correct::train_labels(
+        &placed.train_members,
+        input.labels,
+        job.cfg.correct.conflicting_labels,
+    );
     let rows: Vec<TrainMemberRow> = placed
         .train_members
         .iter()
@@ -203,15 +217,14 @@ fn scenario_data(
                 Some(Label::Class(c)) => Some(*c),
                 _ => None,
             },
-            trained_as: match data.train_labels.get(&m.row) {
+            trained_as: match train_labels.get(&m.row) {
                 Some(&correct::IGNORED) => None,
                 Some(&l) => Some(l),
                 None => Some(m.label),
             },
         })
         .collect();
-    write_json(&job.out.join(layout::TRAIN_MEMBERS), &rows)?;
-    Ok(data)
+    write_json(&job.out.join(layout::TRAIN_MEMBERS), &rows)
 }
 
 /// A line of [`layout::TRAIN_MEMBERS`]: a training image inside a scenario.

@@ -58,6 +58,9 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
     let mut points = Vec::new();
     let mut rows = Vec::new();
     let mut before = None;
+    // where the scenarios lie and the training images inside them: the same for every
+    // point, found once (and only when a point is computed)
+    let mut placed = None;
     for &lambda in lambdas {
         let mut o = cfg.correct.clone();
         o.lambda = lambda;
@@ -79,7 +82,11 @@ pub fn sweep(cfg: &JobConfig, lambdas: &[f64]) -> Result<Sweep> {
                 labels: &labels,
                 failures: &failures,
             };
-            let ev = step_correct::correct_and_evaluate(job, &input, &o, &tuned)?;
+            if placed.is_none() {
+                placed = Some(step_correct::place(job, &input)?);
+            }
+            let p = placed.as_ref().expect("placed above");
+            let ev = step_correct::correct_and_evaluate(job, &input, p, &o, &tuned)?;
             write_json(&eval_path, &ev)?;
             job.mark(&step, &h, started)?;
             ev
