@@ -152,12 +152,25 @@ enum Cmd {
         /// measure the slice and the rest for each, e.g. `2,5`.
         #[arg(long, value_delimiter = ',')]
         lambdas: Vec<f64>,
-        /// Also correct with these `correct.conflicting_labels` settings (`defuse run
-        /// --set`, reusing every step before correct), e.g. `keep,drop`; for each, the
-        /// slice and the rest, and how many of the planted training labels the training
-        /// members flagged (recall) and how many flagged ones were planted (precision).
-        #[arg(long, value_delimiter = ',')]
-        conflicting_labels: Vec<String>,
+        /// Also correct with each of these settings (`defuse run --set KEY=VALUE`,
+        /// reusing every step before correct; repeat the flag), e.g.
+        /// `--variant correct.conflicting_labels=keep --variant correct.samples=failures`:
+        /// for each, the slice and the rest, the real members and the unsearched test
+        /// images. The default run also reports how many of the planted training labels
+        /// the training members flagged (recall) and how many flagged ones were planted
+        /// (precision).
+        #[arg(long = "variant")]
+        variants: Vec<String>,
+    },
+    /// The report's map of a finished run's failure codes: seconds for t-SNE, and how
+    /// well it and the PCA projection keep the scenarios apart (the share of each
+    /// code's 10 nearest neighbours on the map that the DP-GMM put in its component).
+    Map {
+        /// The run's output folder.
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Identify through a coordinator (Redis, file artifacts) with N worker processes:
     /// seconds from the first lease to the last shard done.
@@ -181,6 +194,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Identify(run) => bench_identify(run),
         Cmd::Matmul { threads } => bench_matmul(threads),
+        Cmd::Map { run, threads } => bench_map(&run, threads),
         Cmd::Dpgmm {
             x,
             k,
@@ -232,7 +246,7 @@ fn main() -> Result<()> {
             classifier_epochs,
             vae_epochs,
             lambdas,
-            conflicting_labels,
+            variants,
         } => bench_planted(
             &defuse,
             &mnist,
@@ -240,7 +254,7 @@ fn main() -> Result<()> {
             limit,
             (classifier_epochs, vae_epochs),
             &lambdas,
-            &conflicting_labels,
+            &variants,
         ),
         Cmd::DataLayout { data, out } => {
             let t = Instant::now();
@@ -647,6 +661,47 @@ fn bench_dpgmm(
     Ok(())
 }
 
+fn bench_map(run: &std::path::Path, threads: usize) -> Result<()> {
+    use defuse_core::identify::Failures;
+    use defuse_core::layout;
+    defuse_core::threads::set_central(threads);
+    defuse_core::threads::enter_central();
+    let (failures, _) = Failures::read(&run.join(layout::FAILURES))?;
+    let component: Vec<i64> = layout::read_json(&run.join(layout::ASSIGNMENTS))?;
+    let t = Instant::now();
+    let map = defuse_core::pictures::map(&failures.codes)?;
+    let seconds = t.elapsed().as_secs_f64();
+    let label: Vec<i64> = map.rows.iter().map(|&r| component[r as usize]).collect();
+    println!(
+        "{}",
+        json!({"codes": failures.len(), "mapped": map.rows.len(),
+               "latent": failures.codes.size().get(1), "seconds": seconds,
+               "perplexity": map.perplexity,
+               "neighbours_in_component_tsne": neighbours_agree(&map.xy, &label),
+               "neighbours_in_component_pca": neighbours_agree(&map.pca, &label)})
+    );
+    Ok(())
+}
+
+/// The share of each point's 10 nearest neighbours on a 2-D map that carry its label
+/// (`None`: no map).
+fn neighbours_agree(xy: &[(f64, f64)], label: &[i64]) -> Option<f64> {
+    let n = xy.len();
+    if n <= 10 {
+        return None;
+    }
+    let mut same = 0usize;
+    for i in 0..n {
+        let mut d: Vec<(f64, usize)> = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| ((xy[i].0 - xy[j].0).powi(2) + (xy[i].1 - xy[j].1).powi(2), j))
+            .collect();
+        d.select_nth_unstable_by(9, |a, b| a.0.total_cmp(&b.0));
+        same += d[..10].iter().filter(|e| label[e.1] == label[i]).count();
+    }
+    Some(same as f64 / (10 * n) as f64)
+}
+
 fn rt() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -856,7 +911,7 @@ fn bench_planted(
     limit: usize,
     (classifier_epochs, vae_epochs): (usize, usize),
     lambdas: &[f64],
-    conflicting: &[String],
+    variants: &[String],
 ) -> Result<()> {
     use defuse_core::planted::{slice_accuracy, thin_ones, write_planted_mnist};
     let ds = DataSpec::from_path(mnist).load()?;
@@ -943,24 +998,21 @@ fn bench_planted(
         run.join("report/summary.json"),
         work.join("summary-default.json"),
     )?;
-    let mut modes = Vec::new();
-    for mode in conflicting {
+    let mut corrected = Vec::new();
+    for set in variants {
         let status = Command::new(defuse)
             .arg("run")
             .arg(&job)
-            .args(["--set", &format!("correct.conflicting_labels={mode}")])
+            .args(["--set", set])
             .status()?;
         if !status.success() {
-            bail!(
-                "defuse run {} with conflicting_labels {mode} failed: {status}",
-                job.display()
-            );
+            bail!("defuse run {} --set {set} failed: {status}", job.display());
         }
         let s: serde_json::Value =
             serde_json::from_slice(&std::fs::read(run.join("report/summary.json"))?)?;
         let (slice, rest, _, _) = accuracy(&tuned)?;
-        modes.push(json!({
-            "conflicting_labels": mode,
+        corrected.push(json!({
+            "set": set,
             "slice_accuracy": slice,
             "rest_accuracy": rest,
             "test_unsearched": s["test_unsearched"],
@@ -988,7 +1040,7 @@ fn bench_planted(
             "flagged": flagged_default,
             "seconds": t.elapsed().as_secs_f64(),
             "sweep": sweep,
-            "conflicting_labels": modes,
+            "variants": corrected,
         })
     );
     Ok(())

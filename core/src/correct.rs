@@ -2,12 +2,14 @@
 //! `CE(train batch) + lambda * CE(scenario batch)`, where the scenario batch comes
 //! from images sampled from the labelled failure scenarios. Part of those samples is
 //! held out (scenario-test) and never trained on.
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::Split;
 use crate::error::{Error, Result};
+use crate::identify::Failures;
 use crate::models::{Classifier, Vae};
 use crate::progress;
 use crate::scenarios::{Label, Labels, Scenario};
@@ -54,6 +56,22 @@ pub struct CorrectOptions {
     /// was given: `drop` them from the training loss (default), `relabel` them with
     /// the scenario's label, or `keep` them as labelled (the paper).
     pub conflicting_labels: ConflictingLabels,
+    /// The labelled scenarios' training samples: `gaussian` decodes fresh codes from
+    /// the scenario's Gaussian `N(mean, tau Sigma)` (the paper, default), `failures`
+    /// decodes the scenario's own failures (the perturbed codes of real images of the
+    /// scenario's class that the classifier got wrong and the mixture put in its
+    /// component), drawn with replacement. The held-out samples are the Gaussian's
+    /// either way.
+    pub samples: Samples,
+}
+
+/// Where the scenarios' training samples come from ([`CorrectOptions::samples`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Samples {
+    #[default]
+    Gaussian,
+    Failures,
 }
 
 /// What the fine-tune does with training images whose label contradicts the label of
@@ -150,6 +168,7 @@ impl Default for CorrectOptions {
             local_steps: 50,
             merge: Merge::Sum,
             conflicting_labels: ConflictingLabels::default(),
+            samples: Samples::default(),
         }
     }
 }
@@ -264,13 +283,21 @@ pub mod purpose {
     pub const WIDER: u64 = 3;
 }
 
+/// The failures distill clustered: their codes and each one's component.
+pub struct AssignedFailures<'a> {
+    pub failures: &'a Failures,
+    pub component: &'a [i64],
+}
+
 /// Draws `(1 - test_fraction) M` training codes per labelled (not discarded)
-/// scenario, and `test_fraction M` held-out codes from independent streams at `tau`
+/// scenario (from its Gaussian, or from its own failures: `o.samples`), and
+/// `test_fraction M` held-out codes from independent streams of its Gaussian at `tau`
 /// and at each of `test_taus`, and decodes them.
 pub fn scenario_data(
     vae: &Vae,
     scenarios: &[Scenario],
     labels: &Labels,
+    failures: &AssignedFailures,
     tau: f64,
     o: &CorrectOptions,
     seed: u64,
@@ -294,30 +321,38 @@ pub fn scenario_data(
             "no scenario has a class label (all discarded?): nothing to correct",
         ));
     }
-    let draw = |n: usize, tau: f64, purpose: u64| -> Result<HeldOutSamples> {
+    let draw = |n: usize, tau: f64, codes_of: &dyn Fn(&Scenario, i64) -> Result<Tensor>| {
         let (mut xs, mut ys, mut ids) = (vec![], vec![], vec![]);
         for &(s, class) in &labelled {
-            let codes = s.sample_codes(n, tau, seed, purpose)?;
+            let codes = codes_of(s, class)?;
             xs.push(
                 tch::no_grad(|| vae.decode(&codes.to_device(vae.device())))?.to_device(Device::Cpu),
             );
             ys.push(Tensor::full([n as i64], class, (Kind::Int64, Device::Cpu)));
             ids.extend(std::iter::repeat_n(s.id, n));
         }
-        Ok(HeldOutSamples {
+        Ok::<_, Error>(HeldOutSamples {
             tau,
             x: Tensor::cat(&xs, 0),
             y: Tensor::cat(&ys, 0),
             scenario: ids,
         })
     };
-    let train = draw(n_train, tau, purpose::TRAIN)?;
-    let test = draw(n_test, tau, purpose::TEST)?;
+    let gaussian = |n: usize, tau: f64, purpose: u64| {
+        move |s: &Scenario, _: i64| s.sample_codes(n, tau, seed, purpose)
+    };
+    let train = match o.samples {
+        Samples::Gaussian => draw(n_train, tau, &gaussian(n_train, tau, purpose::TRAIN))?,
+        Samples::Failures => draw(n_train, tau, &|s: &Scenario, class: i64| {
+            own_failure_codes(failures, s, class, n_train, seed)
+        })?,
+    };
+    let test = draw(n_test, tau, &gaussian(n_test, tau, purpose::TEST))?;
     let wider = o
         .test_taus
         .iter()
         .enumerate()
-        .map(|(j, &t)| draw(n_test, t, purpose::WIDER + j as u64))
+        .map(|(j, &t)| draw(n_test, t, &gaussian(n_test, t, purpose::WIDER + j as u64)))
         .collect::<Result<Vec<_>>>()?;
     Ok(ScenarioData {
         train_x: train.x,
@@ -328,6 +363,56 @@ pub fn scenario_data(
         wider,
         train_labels: TrainLabels::new(),
     })
+}
+
+/// `n` codes drawn with replacement (the scenario's [`purpose::TRAIN`] stream) from
+/// scenario `s`'s own failures: those in its component whose real image is of `class`,
+/// the scenario's label (all of the component's when none is: a label a person gave
+/// against every source).
+pub fn own_failure_codes(
+    f: &AssignedFailures,
+    s: &Scenario,
+    class: i64,
+    n: usize,
+    seed: u64,
+) -> Result<Tensor> {
+    if f.component.len() != f.failures.len() {
+        return Err(Error::invalid(
+            "correct.samples",
+            format!(
+                "{} failures but {} assignments",
+                f.failures.len(),
+                f.component.len()
+            ),
+        ));
+    }
+    let in_component = |i: &usize| f.component[*i] == s.component as i64;
+    let mut rows: Vec<i64> = (0..f.component.len())
+        .filter(in_component)
+        .filter(|&i| f.failures.true_label[i] == class)
+        .map(|i| i as i64)
+        .collect();
+    if rows.is_empty() {
+        rows = (0..f.component.len())
+            .filter(in_component)
+            .map(|i| i as i64)
+            .collect();
+    }
+    if rows.is_empty() {
+        return Err(Error::invalid(
+            "correct.samples",
+            format!(
+                "scenario {} has no failures in its component {}: use \"gaussian\"",
+                s.id, s.component
+            ),
+        ));
+    }
+    let mut rng = rng_for(seed, Step::Scenario, &[s.id as u64, purpose::TRAIN]);
+    let pick: Vec<i64> = (0..n).map(|_| rows[rng.gen_range(0..rows.len())]).collect();
+    Ok(f.failures
+        .codes
+        .index_select(0, &Tensor::from_slice(&pick))
+        .to_kind(Kind::Float))
 }
 
 /// Loss terms of one fine-tune pass.
@@ -709,6 +794,52 @@ mod tests {
             (f64::try_from(&all).unwrap() - a).abs() > 1e-3,
             "the row counted"
         );
+    }
+
+    #[test]
+    fn own_failure_codes_come_from_the_component_and_the_scenario_class() {
+        // failure i has code (i, i); components and true labels by row
+        let component = [0i64, 1, 1, 1, 0, 1];
+        let true_label = vec![3i64, 3, 5, 3, 3, 5];
+        let failures = Failures {
+            codes: Tensor::from_slice(&[0f32, 0., 1., 1., 2., 2., 3., 3., 4., 4., 5., 5.])
+                .view([6, 2]),
+            source_index: vec![0; 6],
+            true_label,
+            predicted: vec![0; 6],
+            confidence: vec![0.0; 6],
+            eps_norm: vec![0.0; 6],
+        };
+        let f = AssignedFailures {
+            failures: &failures,
+            component: &component,
+        };
+        let s = Scenario {
+            id: 4,
+            component: 1,
+            weight: 0.5,
+            size: 4,
+            mean: vec![0.0; 2],
+            covariance: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
+            predicted: 7,
+            source_labels: Default::default(),
+            sample_predictions: vec![],
+        };
+        let rows = |t: Tensor| -> Vec<f32> { Vec::<f32>::try_from(t.select(1, 0)).unwrap() };
+        let picked = rows(own_failure_codes(&f, &s, 3, 50, 9).unwrap());
+        assert_eq!(picked.len(), 50);
+        assert!(picked.iter().all(|&r| r == 1.0 || r == 3.0), "{picked:?}");
+        assert!(picked.contains(&1.0) && picked.contains(&3.0));
+        assert_eq!(rows(own_failure_codes(&f, &s, 3, 50, 9).unwrap()), picked);
+        // a class no failure of the component has: the whole component
+        let any = rows(own_failure_codes(&f, &s, 8, 50, 9).unwrap());
+        assert!(
+            any.iter().all(|r| [1.0, 2.0, 3.0, 5.0].contains(r)),
+            "{any:?}"
+        );
+        // a component without failures is an error, not an empty batch
+        let none = Scenario { component: 2, ..s };
+        assert!(own_failure_codes(&f, &none, 3, 5, 9).is_err());
     }
 
     #[test]

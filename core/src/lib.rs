@@ -28,6 +28,7 @@ pub mod table;
 pub mod tensor_io;
 pub mod threads;
 pub mod train;
+pub mod tsne;
 
 pub use error::{Error, Result};
 

@@ -1,6 +1,8 @@
 //! The report's pictures beyond the scenario grids: for each scenario, the real
 //! training images whose codes lie nearest its mean (which real inputs the scenario
-//! resembles; among at most 20,480 images spread over the split), and a 2-D projection (PCA) of all failure codes coloured by scenario.
+//! resembles; among at most 20,480 images spread over the split), and a 2-D map of the
+//! failure codes coloured by scenario: t-SNE ([`crate::tsne`]), which keeps each code's
+//! neighbours together, where a PCA projection draws one round blob.
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -9,9 +11,11 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::models::Vae;
 use crate::scenarios::Scenario;
+use crate::tsne::{effective_perplexity, tsne_2d, TsneOptions};
 
-/// Most points drawn in the projection (an even subsample beyond): the SVG stays small.
-const MAX_PROJECTED: usize = 20_000;
+/// Most codes mapped (an even subsample beyond): t-SNE's time and the SVG's size stay
+/// bounded (about 5 s on 2 cores at 5,000).
+const MAX_MAPPED: usize = 5_000;
 
 /// Most training images searched for the nearest ones: a bounded sample (runs of
 /// `CHUNK` images spread evenly over the split) beyond, so the step's time does not grow
@@ -112,10 +116,26 @@ pub fn write(
             format!("{n} failure codes but {} assignments", components.len()),
         ));
     }
-    let step = n.div_ceil(MAX_PROJECTED).max(1);
-    let keep: Vec<i64> = (0..n).step_by(step).map(|i| i as i64).collect();
-    let xy = crate::plots::pca_2d(&codes.index_select(0, &Tensor::from_slice(&keep)))?;
-    let group: Vec<Option<usize>> = keep
+    let map = map(codes)?;
+    let drawn = if map.rows.len() < n {
+        format!("{} of {n}", map.rows.len())
+    } else {
+        n.to_string()
+    };
+    let (xy, title, axis) = match map.perplexity {
+        Some(p) => (
+            map.xy,
+            format!("{drawn} failure codes, t-SNE (perplexity {p:.0})"),
+            "t-SNE",
+        ),
+        None => (
+            map.pca,
+            format!("{drawn} failure codes, first two principal components"),
+            "principal component",
+        ),
+    };
+    let group: Vec<Option<usize>> = map
+        .rows
         .iter()
         .map(|&i| {
             scenarios
@@ -129,11 +149,55 @@ pub fn write(
         .collect();
     crate::plots::projection_svg(
         &dir.join("projection.svg"),
-        &format!("{} failure codes, first two principal components", n),
+        &title,
+        axis,
         &xy,
         &group,
         &names,
     )
+}
+
+/// The report's map of the failure codes.
+pub struct Map {
+    /// The rows of the codes mapped: all, or an even subsample of `MAX_MAPPED`.
+    pub rows: Vec<i64>,
+    /// Their first two principal components (t-SNE's start).
+    pub pca: Vec<(f64, f64)>,
+    /// Their t-SNE map; empty when there are too few rows for one.
+    pub xy: Vec<(f64, f64)>,
+    /// The perplexity of the t-SNE map (`None`: no map, too few rows).
+    pub perplexity: Option<f64>,
+}
+
+/// Maps the codes (N x D) to 2-D: the rows kept, their PCA and their t-SNE map, on the
+/// central steps' threads.
+pub fn map(codes: &Tensor) -> Result<Map> {
+    let n = codes.size()[0] as usize;
+    let step = n.div_ceil(MAX_MAPPED).max(1);
+    let rows: Vec<i64> = (0..n).step_by(step).map(|i| i as i64).collect();
+    let sub = codes
+        .index_select(0, &Tensor::from_slice(&rows))
+        .to_kind(Kind::Float)
+        .contiguous();
+    let pca = crate::plots::pca_2d(&sub)?;
+    let x = Vec::<f32>::try_from(sub.flatten(0, -1)).map_err(Error::Torch)?;
+    let o = TsneOptions {
+        threads: crate::threads::central_count(),
+        ..TsneOptions::default()
+    };
+    let d = if rows.is_empty() {
+        0
+    } else {
+        x.len() / rows.len()
+    };
+    let xy = tsne_2d(&x, rows.len(), d, &pca, &o).unwrap_or_default();
+    let perplexity = (!xy.is_empty()).then(|| effective_perplexity(rows.len(), o.perplexity));
+    Ok(Map {
+        rows,
+        pca,
+        xy,
+        perplexity,
+    })
 }
 
 #[cfg(test)]

@@ -149,10 +149,12 @@ pub fn pca_2d(codes: &Tensor) -> Result<Vec<(f64, f64)>> {
     Ok(flat.chunks(2).map(|c| (c[0], c[1])).collect())
 }
 
-/// Points coloured by group (`None`: in no scenario, drawn grey and first).
+/// Points coloured by group (`None`: in no scenario, drawn grey and first); the axes
+/// are `<axis> 1` and `<axis> 2`.
 pub fn projection_svg(
     path: &Path,
     title: &str,
+    axis: &str,
     xy: &[(f64, f64)],
     group: &[Option<usize>],
     names: &[String],
@@ -170,8 +172,8 @@ pub fn projection_svg(
         .map_err(|e| plot_err(path, e))?;
     chart
         .configure_mesh()
-        .x_desc("principal component 1")
-        .y_desc("principal component 2")
+        .x_desc(format!("{axis} 1"))
+        .y_desc(format!("{axis} 2"))
         .draw()
         .map_err(|e| plot_err(path, e))?;
     let others: Vec<(f64, f64)> = xy

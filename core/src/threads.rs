@@ -20,6 +20,14 @@ pub fn enter_central() {
     enter(CENTRAL.load(Ordering::Relaxed));
 }
 
+/// The central steps' thread count: the one set, else libtorch's default.
+pub fn central_count() -> usize {
+    match CENTRAL.load(Ordering::Relaxed) {
+        0 => default_count(),
+        n => n,
+    }
+}
+
 /// Gives this thread `n` intra-op threads (0: leaves it as it is).
 pub fn enter(n: usize) {
     if n > 0 {

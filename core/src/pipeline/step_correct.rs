@@ -157,6 +157,8 @@ pub(super) struct Placed {
     regions: evaluate::Regions,
     sources: HashMap<usize, usize>,
     train_members: Vec<evaluate::TrainMember>,
+    /// Each failure's component (distill's assignments).
+    assign: Vec<i64>,
 }
 
 pub(super) fn place(job: &Job, input: &Input) -> Result<Placed> {
@@ -173,6 +175,7 @@ pub(super) fn place(job: &Job, input: &Input) -> Result<Placed> {
         regions,
         sources,
         train_members,
+        assign,
     })
 }
 
@@ -189,6 +192,10 @@ fn scenario_data(
         input.vae,
         input.scenarios,
         input.labels,
+        &correct::AssignedFailures {
+            failures: input.failures,
+            component: &placed.assign,
+        },
         cfg.distill.tau,
         o,
         cfg.seed,

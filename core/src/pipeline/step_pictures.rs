@@ -1,5 +1,5 @@
-//! Pictures: the 8 real training images nearest each scenario's mean, and all failure
-//! codes on their first two principal components (`crate::pictures`).
+//! Pictures: the 8 real training images nearest each scenario's mean, and a t-SNE map
+//! of the failure codes (`crate::pictures`).
 use std::time::Instant;
 
 use super::{hash_of, Job};
