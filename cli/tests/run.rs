@@ -242,6 +242,10 @@ fn small_run_is_complete_deterministic_and_resumable() {
     let html = std::fs::read_to_string(a.join("report/index.html")).unwrap();
     assert!(html.contains("Scenario 0") && html.contains("data:image/png;base64,"));
     assert!(html.contains("380 test images identify did not search"));
+    // the map of the failure codes: t-SNE, every failure drawn (fewer than 5,000)
+    let map = std::fs::read_to_string(a.join("pictures/projection.svg")).unwrap();
+    let title = format!("{} failure codes, t-SNE (perplexity ", s["n_failures"]);
+    assert!(map.contains(&title), "no '{title}' in the map");
     assert!(a.join("correct/classifier.safetensors").exists());
     assert!(
         a.join("identify/accepted/shard-00002.safetensors").exists(),
