@@ -261,6 +261,13 @@ def main():
                      f"{f['conflicting']:,} flagged",
                      f"{f['conflicting_planted']:,} of them planted (precision {pc(f['precision'])}, "
                      f"recall {pc(f['recall'])} of {r['train_relabelled']:,})"))
+        # the report's map of the planted run's failure codes: t-SNE against the PCA
+        m = jline([bench, "map", "--run", str(out / "planted/run"), "--threads", str(T)], env)
+        R["map"] = m
+        rows.append(("map", f"t-SNE of {m['mapped']:,} of {m['codes']:,} failure codes (planted run)",
+                     f"{m['seconds']:.1f} s",
+                     f"10-NN in the same component: t-SNE {m['neighbours_in_component_tsne']:.2f}, "
+                     f"PCA {m['neighbours_in_component_pca']:.2f}"))
         # why its scenarios were discarded (bench/yield.py), on the default correction
         y = jline([sys.executable, str(REPO / "bench/yield.py"), str(out / "planted/summary-default.json")], py)
         R["planted_yield"] = y

@@ -14,7 +14,7 @@ use crate::scenarios::Scenario;
 use crate::tsne::{effective_perplexity, tsne_2d, TsneOptions};
 
 /// Most codes mapped (an even subsample beyond): t-SNE's time and the SVG's size stay
-/// bounded (about 5 s on 2 cores at 5,000).
+/// bounded (about 15 s on 2 cores at 5,000 codes of 10 dimensions).
 const MAX_MAPPED: usize = 5_000;
 
 /// Most training images searched for the nearest ones: a bounded sample (runs of
