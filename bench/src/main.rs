@@ -664,6 +664,7 @@ fn bench_dpgmm(
 fn bench_map(run: &std::path::Path, threads: usize) -> Result<()> {
     use defuse_core::identify::Failures;
     use defuse_core::layout;
+    use defuse_core::tsne::neighbours_agree;
     defuse_core::threads::set_central(threads);
     defuse_core::threads::enter_central();
     let (failures, _) = Failures::read(&run.join(layout::FAILURES))?;
@@ -681,25 +682,6 @@ fn bench_map(run: &std::path::Path, threads: usize) -> Result<()> {
                "neighbours_in_component_pca": neighbours_agree(&map.pca, &label)})
     );
     Ok(())
-}
-
-/// The share of each point's 10 nearest neighbours on a 2-D map that carry its label
-/// (`None`: no map).
-fn neighbours_agree(xy: &[(f64, f64)], label: &[i64]) -> Option<f64> {
-    let n = xy.len();
-    if n <= 10 {
-        return None;
-    }
-    let mut same = 0usize;
-    for i in 0..n {
-        let mut d: Vec<(f64, usize)> = (0..n)
-            .filter(|&j| j != i)
-            .map(|j| ((xy[i].0 - xy[j].0).powi(2) + (xy[i].1 - xy[j].1).powi(2), j))
-            .collect();
-        d.select_nth_unstable_by(9, |a, b| a.0.total_cmp(&b.0));
-        same += d[..10].iter().filter(|e| label[e.1] == label[i]).count();
-    }
-    Some(same as f64 / (10 * n) as f64)
 }
 
 fn rt() -> Result<tokio::runtime::Runtime> {

@@ -185,12 +185,7 @@ pub fn map(codes: &Tensor) -> Result<Map> {
         threads: crate::threads::central_count(),
         ..TsneOptions::default()
     };
-    let d = if rows.is_empty() {
-        0
-    } else {
-        x.len() / rows.len()
-    };
-    let xy = tsne_2d(&x, rows.len(), d, &pca, &o).unwrap_or_default();
+    let xy = tsne_2d(&x, rows.len(), sub.size()[1] as usize, &pca, &o).unwrap_or_default();
     let perplexity = (!xy.is_empty()).then(|| effective_perplexity(rows.len(), o.perplexity));
     Ok(Map {
         rows,

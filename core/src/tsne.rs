@@ -117,6 +117,25 @@ pub fn effective_perplexity(n: usize, asked: f64) -> f64 {
     asked.min(n.saturating_sub(1) as f64 / 3.0)
 }
 
+/// How well a 2-D map keeps groups together: the share of each point's 10 nearest
+/// neighbours on the map that carry its label (`None`: 10 points or fewer).
+pub fn neighbours_agree(xy: &[(f64, f64)], label: &[i64]) -> Option<f64> {
+    let n = xy.len();
+    if n <= 10 {
+        return None;
+    }
+    let mut same = 0usize;
+    for i in 0..n {
+        let mut d: Vec<(f64, usize)> = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| ((xy[i].0 - xy[j].0).powi(2) + (xy[i].1 - xy[j].1).powi(2), j))
+            .collect();
+        d.select_nth_unstable_by(9, |a, b| a.0.total_cmp(&b.0));
+        same += d[..10].iter().filter(|e| label[e.1] == label[i]).count();
+    }
+    Some(same as f64 / (10 * n) as f64)
+}
+
 /// The symmetric joint probabilities `P` over each row's nearest neighbours, as sparse
 /// rows (`P` sums to 1).
 struct Affinities {

@@ -1,14 +1,14 @@
 //! The report's map of the failure codes: t-SNE keeps clusters apart that a PCA
 //! projection draws on top of each other, and it is the same on any number of threads.
 use defuse_core::plots::pca_2d;
-use defuse_core::tsne::{tsne_2d, TsneOptions};
+use defuse_core::tsne::{neighbours_agree, tsne_2d, TsneOptions};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use tch::Tensor;
 
 /// `k` clusters of `per` points in `d = k` dimensions, cluster `c` around `4 e_c`:
 /// all equally far apart, so no two directions hold them all apart.
-fn clusters(k: usize, per: usize) -> (Vec<f32>, Vec<usize>) {
+fn clusters(k: usize, per: usize) -> (Vec<f32>, Vec<i64>) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let noise = Normal::new(0.0f32, 1.0).unwrap();
     let mut x = Vec::new();
@@ -18,25 +18,10 @@ fn clusters(k: usize, per: usize) -> (Vec<f32>, Vec<usize>) {
             for j in 0..k {
                 x.push(if j == c { 4.0 } else { 0.0 } + noise.sample(&mut rng));
             }
-            label.push(c);
+            label.push(c as i64);
         }
     }
     (x, label)
-}
-
-/// The share of each point's 10 nearest neighbours on the map that share its cluster.
-fn neighbours_agree(xy: &[(f64, f64)], label: &[usize]) -> f64 {
-    let n = xy.len();
-    let mut same = 0usize;
-    for i in 0..n {
-        let mut d: Vec<(f64, usize)> = (0..n)
-            .filter(|&j| j != i)
-            .map(|j| ((xy[i].0 - xy[j].0).powi(2) + (xy[i].1 - xy[j].1).powi(2), j))
-            .collect();
-        d.sort_by(|a, b| a.0.total_cmp(&b.0));
-        same += d[..10].iter().filter(|e| label[e.1] == label[i]).count();
-    }
-    same as f64 / (10 * n) as f64
 }
 
 #[test]
@@ -51,8 +36,8 @@ fn tsne_keeps_apart_the_clusters_pca_mixes_and_is_the_same_on_any_threads() {
     };
     let map = tsne_2d(&x, n, k, &pca, &one).expect("600 points are enough");
     let (by_pca, by_tsne) = (
-        neighbours_agree(&pca, &label),
-        neighbours_agree(&map, &label),
+        neighbours_agree(&pca, &label).expect("600 points"),
+        neighbours_agree(&map, &label).expect("600 points"),
     );
     eprintln!("10-NN agreement with the clusters: PCA {by_pca:.3}, t-SNE {by_tsne:.3}");
     assert!(by_pca < 0.7, "the case is not hard for PCA: {by_pca}");
