@@ -118,7 +118,7 @@ pub fn run(
         }
         RunOutcome::AwaitingLabels { scenarios } => {
             println!(
-                "defuse run: {scenarios} scenarios are waiting for labels (label.mode = \"manual\").\n  look at {}/distill/scenario-<id>.png, then\n  defuse label {} <id>=<class>|discard ...   (or --file labels.json)\n  and run `defuse run {}` again to correct.",
+                "defuse run: {scenarios} scenarios are waiting for labels (label.mode = \"manual\").\n  look at {}/distill/failures-<id>.png (its own failures) and scenario-<id>.png (samples), then\n  defuse label {} <id>=<class>|discard ...   (or --file labels.json)\n  and run `defuse run {}` again to correct.",
                 out_dir.display(),
                 out_dir.display(),
                 config.display()

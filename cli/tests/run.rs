@@ -341,6 +341,42 @@ fn manual_labels_wait_then_correct() {
         serde_json::from_str(&std::fs::read_to_string(out.join("distill/scenarios.json")).unwrap())
             .unwrap();
     assert!(!scenarios.is_empty());
+    // what a person is shown: some of each scenario's own failures, one per searched
+    // image, drawn as the images above and the failures below (28 px at scale 3, 2 px
+    // gaps), read otherwise than labelled; a component heavy enough to be a scenario
+    // may still have no failure assigned to it (the fit is on a subsample), and shows none
+    let (mut shown, mut wrong) = (0, 0);
+    for s in &scenarios {
+        let ex = s["examples"].as_array().unwrap();
+        let size = s["size"].as_u64().unwrap() as usize;
+        assert!(ex.len() <= size.min(8), "{s}");
+        assert_eq!(ex.is_empty(), size == 0, "{s}");
+        if ex.is_empty() {
+            assert!(!out
+                .join(format!("distill/failures-{}.png", s["id"]))
+                .exists());
+            continue;
+        }
+        let sources: std::collections::HashSet<u64> =
+            ex.iter().map(|e| e["source"].as_u64().unwrap()).collect();
+        assert_eq!(sources.len(), ex.len(), "one failure per image: {s}");
+        for e in ex {
+            let label = e["label"].to_string();
+            assert!(
+                s["source_labels"].get(&label).is_some(),
+                "{e} not a source of {s}"
+            );
+            wrong += (e["label"] != e["predicted"]) as usize;
+        }
+        shown += ex.len();
+        let png = std::fs::read(out.join(format!("distill/failures-{}.png", s["id"]))).unwrap();
+        let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+        assert_eq!((dim(16), dim(20)), (ex.len() * 86 + 2, 2 * 86 + 2), "{s}");
+    }
+    assert!(
+        2 * wrong > shown,
+        "{wrong} of {shown} shown failures are failures"
+    );
 
     // bad labels are refused and nothing is stored
     let job = out.to_str().unwrap();

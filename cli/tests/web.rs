@@ -216,6 +216,7 @@ samples_per_scenario = 40
         ("GET", "/api/jobs"),
         ("GET", "/metrics"),
         ("GET", "/jobs/web-1/scenarios/0/grid.png"),
+        ("GET", "/jobs/web-1/scenarios/0/failures.png"),
     ] {
         assert_eq!(http(web, method, path, &[], "").0, 401, "{path}");
         assert_eq!(

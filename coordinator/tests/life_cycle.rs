@@ -284,6 +284,7 @@ fn scenario(id: usize) -> defuse_core::scenarios::Scenario {
         predicted: 1,
         source_labels: BTreeMap::from([(7, 5)]),
         sample_predictions: vec![1; 8],
+        examples: vec![],
     }
 }
 

@@ -287,6 +287,8 @@ pub mod purpose {
     pub const TRAIN: u64 = 1;
     pub const TEST: u64 = 2;
     pub const WIDER: u64 = 3;
+    /// The failures shown per scenario (`scenarios::example_failures`).
+    pub const EXAMPLES: u64 = 4;
 }
 
 /// The failures distill clustered: their codes and each one's component.
@@ -830,6 +832,7 @@ mod tests {
             predicted: 7,
             source_labels: Default::default(),
             sample_predictions: vec![],
+            examples: vec![],
         };
         let rows = |t: Tensor| -> Vec<f32> { Vec::<f32>::try_from(t.select(1, 0)).unwrap() };
         let picked = rows(own_failure_codes(&f, &s, 3, 50, 9).unwrap());

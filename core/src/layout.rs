@@ -7,7 +7,7 @@
 //!       models/        classifier.*, vae.*, done.json
 //!       identify/      failures.safetensors, shard-*.safetensors, done.json
 //!       distill/       scenarios.json, gmm.json, assignments.json, failures.parquet,
-//!                      scenario-<id>.png
+//!                      scenario-<id>.png, failures-<id>.png
 //!       pictures/      nearest-<id>.png, projection.svg
 //!       correct/       classifier.*, evaluation.json, train-members.json, rounds-final.*,
 //!                      rounds-done.json
@@ -34,6 +34,8 @@ pub const TRAIN_MEMBERS: &str = "correct/train-members.json";
 /// Written by the coordinator after the last fine-tune round.
 pub const ROUNDS_DONE: &str = "correct/rounds-done.json";
 pub const SUMMARY: &str = "report/summary.json";
+/// The map of the failure codes (`pictures::map`).
+pub const PROJECTION: &str = "pictures/projection.svg";
 pub const REPORT: &str = "report/index.html";
 /// Copies of the job's inputs that are in buckets (`sources.rs`), and their record.
 pub const INPUTS: &str = "inputs";
@@ -44,6 +46,11 @@ pub const FOLDER_MANIFEST: &str = ".defuse-folder.json";
 /// The sample grid of scenario `id`.
 pub fn scenario_grid(id: usize) -> String {
     format!("distill/scenario-{id}.png")
+}
+
+/// Scenario `id`'s own failures: searched images above, their failures below.
+pub fn scenario_failures(id: usize) -> String {
+    format!("distill/failures-{id}.png")
 }
 
 /// The training images nearest scenario `id`.

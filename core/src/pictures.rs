@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::models::Vae;
 use crate::scenarios::Scenario;
 use crate::tsne::{effective_perplexity, tsne_2d, TsneOptions};
@@ -89,24 +90,23 @@ pub fn nearest_training_images(
         .collect())
 }
 
-/// Writes `nearest-<id>.png` (the nearest training images, in one row) per scenario
-/// and `projection.svg` into `dir`.
+/// Writes [`layout::nearest`] (the nearest training images, in one row) per scenario
+/// and [`layout::PROJECTION`] into the job folder `out` (its `pictures/` made).
 pub fn write(
-    dir: &Path,
+    out: &Path,
     vae: &Vae,
     ds: &Dataset,
     scenarios: &[Scenario],
     codes: &Tensor,
     components: &[i64],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let nearest = nearest_training_images(vae, ds, scenarios, 8)?;
     for (s, idx) in scenarios.iter().zip(&nearest) {
         if idx.is_empty() {
             continue;
         }
         let imgs = ds.train.read_rows(idx)?.gather(idx, Device::Cpu);
-        crate::images::write_grid(&dir.join(format!("nearest-{}.png", s.id)), &[imgs], 3)?;
+        crate::images::write_grid(&out.join(layout::nearest(s.id)), &[imgs], 3)?;
     }
     // the projection: every code, coloured by its scenario
     let n = codes.size()[0] as usize;
@@ -148,7 +148,7 @@ pub fn write(
         .map(|s| format!("scenario {} ({})", s.id, s.size))
         .collect();
     crate::plots::projection_svg(
-        &dir.join("projection.svg"),
+        &out.join(layout::PROJECTION),
         &title,
         axis,
         &xy,

@@ -13,7 +13,8 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::evaluate::{Confusion, Measured, RealImages, TrainMembers};
 use crate::identify::{Failures, IdentifyStats};
-use crate::scenarios::{Label, Labels, Scenario};
+use crate::layout;
+use crate::scenarios::{Example, Label, Labels, Scenario};
 
 /// What the correct step measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +113,9 @@ pub struct ScenarioSummary {
     pub train_members: TrainMembers,
     pub source_labels: BTreeMap<i64, usize>,
     pub sample_predictions: Vec<i64>,
+    /// The failures shown for it (`distill/failures-<id>.png`).
+    #[serde(default)]
+    pub examples: Vec<Example>,
 }
 
 /// Identify's coverage of one class of the searched split: how many of its images were
@@ -283,6 +287,7 @@ impl Summary {
                     train_members: real.train_members,
                     source_labels: s.source_labels.clone(),
                     sample_predictions: s.sample_predictions.clone(),
+                    examples: s.examples.clone(),
                 }
             })
             .collect();
@@ -351,15 +356,13 @@ impl Summary {
     }
 }
 
-/// Writes `summary.json` and `index.html` into `dir`; scenario grids are read from
-/// `grids` (`scenario-<id>.png`), the nearest training images and the projection from
-/// `pictures` (`nearest-<id>.png`, `projection.svg`), all embedded, so the page stands
-/// alone.
-pub fn write(dir: &Path, s: &Summary, grids: &Path, pictures: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::layout::write_json(&dir.join("summary.json"), s)?;
-    let html = render_html(s, grids, pictures);
-    let p = dir.join("index.html");
+/// Writes [`layout::SUMMARY`] and [`layout::REPORT`] into the job folder `out` (its
+/// `report/` made); the scenarios' pictures, the nearest training images and the map
+/// are read from the same folder and embedded, so the page stands alone.
+pub fn write(out: &Path, s: &Summary) -> Result<()> {
+    layout::write_json(&out.join(layout::SUMMARY), s)?;
+    let html = render_html(s, out);
+    let p = out.join(layout::REPORT);
     std::fs::write(&p, html).map_err(|e| Error::io(&p, e))
 }
 
@@ -384,7 +387,7 @@ th:first-child,td:first-child{text-align:left}.scn{margin:1.5rem 0;padding-top:.
 
 /// `report/index.html`, a maud template: every name from the data (job, dataset,
 /// classes, the model's path) is escaped by the engine.
-fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
+fn render_html(s: &Summary, out: &Path) -> String {
     let name = |c: i64| {
         s.class_names
             .get(c as usize)
@@ -511,7 +514,7 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                 }
                 h2 { "All failures" }
                 p.small { "Every failure code projected on its first two principal components, coloured by scenario." }
-                (embedded_img(&pictures.join("projection.svg"), "image/svg+xml", "failure codes by scenario"))
+                (embedded_img(&out.join(layout::PROJECTION), "image/svg+xml", "failure codes by scenario"))
                 h2 { "Failure scenarios" }
                 @for sc in &s.scenarios {
                     section.scn id={ "s" (sc.id) } {
@@ -549,13 +552,22 @@ fn render_html(s: &Summary, grids: &Path, pictures: &Path) -> String {
                                 }
                             }
                         }
-                        (embedded_img(&grids.join(format!("scenario-{}.png", sc.id)), "image/png", &format!("samples of scenario {}", sc.id)))
+                        @if !sc.examples.is_empty() {
+                            p.small { "some of its own failures: the searched images above, the perturbed ones the classifier got wrong below:" }
+                            (embedded_img(&out.join(layout::scenario_failures(sc.id)), "image/png", &format!("failures of scenario {}", sc.id)))
+                            p.small {
+                                "labelled → read as, column by column: "
+                                (sc.examples.iter().map(|e| format!("{} → {}", name(e.label), name(e.predicted))).collect::<Vec<_>>().join(", "))
+                            }
+                        }
+                        p.small { "samples of its Gaussian (the paper's picture):" }
+                        (embedded_img(&out.join(layout::scenario_grid(sc.id)), "image/png", &format!("samples of scenario {}", sc.id)))
                         p.small {
                             "predictions on the samples above, row by row: "
                             (sc.sample_predictions.iter().map(|&p| name(p)).collect::<Vec<_>>().join(" "))
                         }
                         p.small { "the real training images nearest the scenario's mean (in the VAE's code space):" }
-                        (embedded_img(&pictures.join(format!("nearest-{}.png", sc.id)), "image/png", &format!("training images nearest scenario {}", sc.id)))
+                        (embedded_img(&out.join(layout::nearest(sc.id)), "image/png", &format!("training images nearest scenario {}", sc.id)))
                         p.small {
                             "true labels of the source images: "
                             (sc.source_labels.iter().map(|(l, n)| format!("{}: {n}", name(*l))).collect::<Vec<_>>().join(", "))
@@ -578,7 +590,10 @@ mod tests {
     fn the_report_escapes_names_from_the_data_and_embeds_pictures() {
         let evil = r#"<img src=x onerror="alert(1)">"#;
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("scenario-0.png"), b"\x89PNG fake").unwrap();
+        std::fs::create_dir_all(dir.path().join("distill")).unwrap();
+        for f in [layout::scenario_grid(0), layout::scenario_failures(0)] {
+            std::fs::write(dir.path().join(f), b"\x89PNG fake").unwrap();
+        }
         let s = Summary {
             job: evil.into(),
             dataset: evil.into(),
@@ -643,11 +658,16 @@ mod tests {
                 },
                 source_labels: [(0, 3)].into(),
                 sample_predictions: vec![0, 1],
+                examples: vec![Example {
+                    source: 4,
+                    label: 0,
+                    predicted: 1,
+                }],
             }],
             step_seconds: vec![("identify".into(), 1.0)],
             class_names: vec![evil.into(), "one".into()],
         };
-        let html = render_html(&s, dir.path(), dir.path());
+        let html = render_html(&s, dir.path());
         assert!(!html.contains("<img src=x"), "{html}");
         assert!(
             html.contains("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;"),
@@ -665,8 +685,13 @@ mod tests {
             html.contains("samples held out: 10.0% → <b>–</b>"),
             "{html}"
         );
-        // the grid found is embedded; the missing projection and nearest images are left out
-        assert_eq!(html.matches("data:image/png;base64,").count(), 1, "{html}");
+        assert!(
+            html.contains("column by column: &lt;img src=x onerror=&quot;alert(1)&quot;&gt; → one"),
+            "{html}"
+        );
+        // the grid and the failures found are embedded; the missing projection and
+        // nearest images are left out
+        assert_eq!(html.matches("data:image/png;base64,").count(), 2, "{html}");
         assert!(!html.contains("image/svg+xml"));
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rand::seq::index::sample;
+use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -95,6 +96,53 @@ pub struct Scenario {
     pub source_labels: BTreeMap<i64, usize>,
     /// The classifier's predictions on the grid samples, in grid order.
     pub sample_predictions: Vec<i64>,
+    /// A few of its own failures, one per searched image, for a person to see what the
+    /// classifier got wrong (`distill/failures-<id>.png`: the images above, the
+    /// failures below, in this order).
+    #[serde(default)]
+    pub examples: Vec<Example>,
+}
+
+/// One failure shown for a scenario: a searched image and its perturbed decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    /// The image's index in the searched split.
+    pub source: usize,
+    /// Its label in the data set.
+    pub label: i64,
+    /// The classifier's prediction on the decoded failure, as shown.
+    pub predicted: i64,
+}
+
+/// Failures shown per scenario.
+pub const EXAMPLES: usize = 8;
+
+/// Up to `n` of component `component`'s failures (indices into `f`), each from a
+/// different searched image: the failures in an order shuffled by `(seed, scenario)`,
+/// the first failure of each image in that order, so the same job shows the same ones.
+pub fn example_failures(
+    f: &Failures,
+    assign: &[i64],
+    component: usize,
+    scenario: usize,
+    n: usize,
+    seed: u64,
+) -> Vec<usize> {
+    let mut members: Vec<usize> = (0..f.len())
+        .filter(|&i| assign.get(i) == Some(&(component as i64)))
+        .collect();
+    let mut rng = rng_for(
+        seed,
+        Step::Scenario,
+        &[scenario as u64, crate::correct::purpose::EXAMPLES],
+    );
+    members.shuffle(&mut rng);
+    let mut seen = std::collections::HashSet::new();
+    members
+        .into_iter()
+        .filter(|&i| seen.insert(f.source_index[i]))
+        .take(n)
+        .collect()
 }
 
 impl Scenario {
@@ -190,6 +238,7 @@ pub fn distill(
                     .unwrap_or(-1),
                 source_labels: sources,
                 sample_predictions: vec![],
+                examples: vec![],
             }
         })
         .collect();
@@ -381,6 +430,7 @@ mod tests {
             predicted: 0,
             source_labels: sources.iter().copied().collect(),
             sample_predictions: samples.to_vec(),
+            examples: vec![],
         }
     }
 

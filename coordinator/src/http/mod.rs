@@ -442,13 +442,15 @@ async fn job_page(
     Html(pages::page(&format!("Job {id}"), pages::job(&st, below))).into_response()
 }
 
-/// `grid.png` (samples of the scenario) or `nearest.png` (the nearest training images).
+/// `grid.png` (samples of the scenario), `failures.png` (some of its own failures) or
+/// `nearest.png` (the nearest training images).
 async fn scenario_png(
     State(app): State<App>,
     Path((id, sid, picture)): Path<(String, usize, String)>,
 ) -> Response {
     let file = match picture.as_str() {
         "grid.png" => crate::keys::files::scenario_grid(sid),
+        "failures.png" => crate::keys::files::scenario_failures(sid),
         "nearest.png" => crate::keys::files::nearest(sid),
         _ => return (StatusCode::NOT_FOUND, "no such picture").into_response(),
     };

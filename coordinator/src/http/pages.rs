@@ -178,10 +178,12 @@ pub(super) fn label_form(
     html! {
         h2 { "Label the failure scenarios" }
         p {
-            "Each scenario is a cluster of inputs the classifier gets wrong; the grid shows samples
-from it, with the classifier's prediction on each below it (row by row). Give each
-scenario the class a person would see, or discard it (not a failure, or unclear).
-Tab moves between scenarios; type to pick a class."
+            "Each scenario is a cluster of inputs the classifier gets wrong. First, some of its
+own failures: real images above, and below each the perturbed version the classifier
+got wrong. Then samples of the scenario's Gaussian (the paper's picture), with the
+classifier's prediction on each (row by row). Give each scenario the class a person
+would see, or discard it (not a failure, or unclear). Tab moves between scenarios;
+type to pick a class."
         }
         form method="post" action={ "/jobs/" (job) "/labels" } id="labels" {
             input type="hidden" name=(CSRF_FIELD) value=(csrf);
@@ -199,6 +201,13 @@ Tab moves between scenarios; type to pick a class."
                     };
                     section.scenario id={ "scenario-" (s.id) } {
                         h3 { "Scenario " (s.id) }
+                        @if !s.examples.is_empty() {
+                            img.failures src={ "/jobs/" (job) "/scenarios/" (s.id) "/failures.png" } alt={ "failures of scenario " (s.id) };
+                            p.preds {
+                                "labelled → read as (column by column): "
+                                (s.examples.iter().map(|e| format!("{} → {}", class_name(classes, e.label), class_name(classes, e.predicted))).collect::<Vec<_>>().join(", "))
+                            }
+                        }
                         img src={ "/jobs/" (job) "/scenarios/" (s.id) "/grid.png" } alt={ "samples of scenario " (s.id) };
                         p.preds { "predicted (row by row): " (preds.join(" ")) }
                         p { "Nearest real training images:" }
@@ -321,11 +330,21 @@ mod tests {
             predicted: 1,
             source_labels: [(0, 2)].into(),
             sample_predictions: vec![0, 1],
+            examples: vec![defuse_core::scenarios::Example {
+                source: 12,
+                label: 1,
+                predicted: 0,
+            }],
         };
         let form =
             label_form("j", "", &[scen], &["<b>zero</b>".into(), "one".into()]).into_string();
         assert!(!form.contains("<b>zero</b>"), "{form}");
         assert!(form.contains("&lt;b&gt;zero&lt;/b&gt;"), "{form}");
+        assert!(
+            form.contains("/jobs/j/scenarios/3/failures.png")
+                && form.contains("column by column): one → &lt;b&gt;zero&lt;/b&gt;"),
+            "{form}"
+        );
         assert!(
             form.contains(r#"name="scenario-3""#) && form.contains("autofocus"),
             "{form}"

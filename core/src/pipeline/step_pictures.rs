@@ -24,8 +24,8 @@ pub(super) fn run(
         return Ok(());
     }
     let started = Instant::now();
-    let dir = job.dir("pictures")?;
+    job.dir("pictures")?;
     let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
-    crate::pictures::write(&dir, vae, ds, scenarios, &failures.codes, &assign)?;
+    crate::pictures::write(&job.out, vae, ds, scenarios, &failures.codes, &assign)?;
     job.mark("pictures", &h_pictures, started)
 }

@@ -35,12 +35,8 @@ pub(super) fn run(job: &mut Job, h_correct: &str, input: Input) -> Result<report
         input.evaluation,
         timings,
     );
-    report::write(
-        &job.out.join("report"),
-        &summary,
-        &job.out.join("distill"),
-        &job.out.join("pictures"),
-    )?;
+    job.dir("report")?;
+    report::write(&job.out, &summary)?;
     job.mark("report", &h_report, started)?;
     Ok(summary)
 }
