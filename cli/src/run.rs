@@ -17,10 +17,7 @@ pub fn run(
     workers: usize,
     sets: &[String],
 ) -> anyhow::Result<Option<u8>> {
-    let mut cfg = JobConfig::load_with(config, sets)?;
-    if out.is_some() {
-        cfg.out = out;
-    }
+    let cfg = load_here(config, sets, out)?;
     if !cfg.data.in_bucket() && !cfg.data.path.is_dir() {
         return Err(defuse_core::Error::invalid(
             "data.path",
@@ -184,6 +181,19 @@ pub fn label(job_dir: &Path, file: Option<&Path>, pairs: &[String]) -> anyhow::R
     Ok(())
 }
 
+/// A job file for this process (`--out` over its `out`), every local path absolute: the
+/// steps' hashes cover the data's and the models' paths, so the same job file reached
+/// another way (`defuse run mnist.toml` in `examples/` after `defuse run
+/// examples/mnist.toml`) finds its finished steps instead of training the models again.
+fn load_here(config: &Path, sets: &[String], out: Option<PathBuf>) -> anyhow::Result<JobConfig> {
+    let mut cfg = JobConfig::load_with(config, sets)?;
+    if out.is_some() {
+        cfg.out = out;
+    }
+    cfg.resolve_paths(&std::env::current_dir()?);
+    Ok(cfg)
+}
+
 /// Class names of a job (written by `defuse run`).
 fn class_names(job_dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(layout::read_json(&job_dir.join(layout::CLASSES))?)
@@ -191,10 +201,7 @@ fn class_names(job_dir: &Path) -> anyhow::Result<Vec<String>> {
 
 /// `defuse sweep`: corrections for several lambdas from the same job outputs.
 pub fn sweep(config: &Path, out: Option<PathBuf>, lambdas: &[f64]) -> anyhow::Result<()> {
-    let mut cfg = JobConfig::load(config)?;
-    if out.is_some() {
-        cfg.out = out;
-    }
+    let cfg = load_here(config, &[], out)?;
     let s = pipeline::sweep(&cfg, lambdas)?;
     let dir = cfg.out_dir().join("sweep");
     println!(

@@ -265,6 +265,31 @@ fn small_run_is_complete_deterministic_and_resumable() {
     );
     assert_eq!(s, summary(&a));
 
+    // the same job spelled with relative paths and run from the job file's folder:
+    // the steps' hashes cover where the data are, not how the path was written
+    let data = repo().join("data/mnist");
+    let up: PathBuf = dir.path().components().skip(1).map(|_| "..").collect();
+    let rel_data = up.join(data.strip_prefix("/").unwrap());
+    let rel = config(
+        Path::new("a"),
+        "mode = \"source-majority\"\ndiscard_non_failures = false",
+    )
+    .replace(&data.display().to_string(), &rel_data.display().to_string());
+    assert!(rel.contains("path = \"../"), "{rel}");
+    std::fs::write(dir.path().join("rel.toml"), rel).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
+        .args(["run", "rel.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success(), "{log}");
+    assert_eq!(
+        reused(&log),
+        ["correct", "distill", "identify", "label", "models", "pictures"],
+        "{log}"
+    );
+
     // a change in [correct] redoes only correct and report
     let changed = config(
         &a,
@@ -418,6 +443,13 @@ fn config_errors_name_the_file_and_field() {
             "unknown field `keeep`",
         ),
         (good.replace("samples = 40", "samples = -40"), "samples"),
+        (
+            good.replace(
+                "samples_per_scenario = 40",
+                "samples_per_scenario = 40\nregion_scale = 0",
+            ),
+            "correct.region_scale",
+        ),
         (good.replace("keep = 3", "keep = 0"), "identify.keep"),
         (
             good.replace(

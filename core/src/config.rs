@@ -159,11 +159,12 @@ impl JobConfig {
 
     /// Takes the local relative paths the job names from `base` (the job file's
     /// folder): `examples/mnist.toml` naming `../data/mnist` reads `data/mnist`
-    /// whatever the current folder. `s3://` URLs and absolute paths stay.
+    /// whatever the current folder. Absolute paths stay where they point (their `x/..`
+    /// pairs taken away, as in relative ones); `s3://` URLs stay as written.
     pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             let url = p.to_str().is_some_and(|s| s.starts_with("s3://"));
-            if p.is_relative() && !url {
+            if !url {
                 *p = joined(base, p);
             }
         };
@@ -362,7 +363,7 @@ mod path_tests {
         let path = jobs.join("job.toml");
         std::fs::write(
             &path,
-            "out = \"../runs/x\"\n[data]\npath = \"../data/mnist\"\n[models]\nclassifier = \"m/c.pt\"\nvae = \"s3://bucket/vae.safetensors\"\n[label]\nfile = \"/abs/labels.json\"\n",
+            "out = \"../runs/x\"\n[data]\npath = \"../data/mnist\"\n[models]\nclassifier = \"m/c.pt\"\nvae = \"s3://bucket/vae.safetensors\"\n[label]\nfile = \"/abs/x/../labels.json\"\n",
         )
         .unwrap();
         let c = JobConfig::load(&path).unwrap();
@@ -370,6 +371,7 @@ mod path_tests {
         assert_eq!(c.out.as_deref(), Some(dir.path().join("runs/x").as_path()));
         assert_eq!(c.models.classifier, Some(jobs.join("m/c.pt")));
         assert_eq!(c.models.vae, Some("s3://bucket/vae.safetensors".into()));
+        // an absolute path stays where it points, written without `x/..`
         assert_eq!(c.label.file, Some("/abs/labels.json".into()));
         // a job file named from its own folder keeps relative paths relative
         assert_eq!(

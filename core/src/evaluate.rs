@@ -5,7 +5,8 @@
 //!   scenario's component is the most responsible one under the fitted mixture, with a
 //!   responsibility of at least [`MIN_RESPONSIBILITY`], and the code lies inside the
 //!   region the scenario's own failures occupy (a squared Mahalanobis distance to the
-//!   component no larger than the [`REGION_QUANTILE`] quantile of its failures'). Its
+//!   component no larger than `correct.region_scale` times the [`REGION_QUANTILE`]
+//!   quantile of its failures'). Its
 //!   *sources* are the images whose perturbed codes formed it. The classifier's accuracy
 //!   on both (against the images' true labels), before and after, sits beside the
 //!   synthetic figure.
@@ -30,8 +31,8 @@ use crate::scenarios::{Label, Labels, Scenario};
 /// A real image belongs to a scenario only when the scenario's component takes at least
 /// this share of it under the mixture.
 pub const MIN_RESPONSIBILITY: f64 = 0.5;
-/// ... and when it lies no farther from the component than this share of the
-/// scenario's own failures.
+/// ... and when its squared Mahalanobis distance to the component is at most
+/// `correct.region_scale` times this quantile of the scenario's own failures'.
 pub const REGION_QUANTILE: f64 = 0.95;
 
 /// Images classified right before and after correction.
@@ -215,12 +216,14 @@ fn mahalanobis_sq(codes: &Tensor, mean: &Tensor, chol: &Tensor) -> Tensor {
 
 impl Regions {
     /// The regions of `scenarios` under the mixture they came from, from the failures
-    /// and their components (`assign`).
+    /// and their components (`assign`), reaching `scale` times the failures' spread
+    /// (`correct.region_scale`).
     pub fn new(
         gmm: DpGmm,
         scenarios: &[Scenario],
         failures: &Failures,
         assign: &[i64],
+        scale: f64,
     ) -> Result<Regions> {
         let codes = failures.codes.to_kind(Kind::Double).to_device(Device::Cpu);
         let mut by_component = HashMap::new();
@@ -245,7 +248,7 @@ impl Regions {
                 let mut m = Vec::<f64>::try_from(mahalanobis_sq(&own, &mean, &chol))?;
                 m.sort_by(f64::total_cmp);
                 let at = ((REGION_QUANTILE * m.len() as f64).ceil() as usize).clamp(1, m.len());
-                m[at - 1]
+                scale * m[at - 1]
             };
             by_component.insert(s.component as i64, (s.id, mean, chol, limit));
         }

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use defuse_core::correct::CorrectOptions;
 use defuse_core::data::idx::write_idx;
 use defuse_core::data::{DataSpec, Dataset, SplitName};
 use defuse_core::dpgmm::DpGmm;
@@ -137,7 +138,11 @@ fn real_members_and_sources_of_the_planted_scenario() {
     assert!(!scenarios.is_empty());
     // as the pipeline does: the mixture read back from its JSON file
     let gmm: DpGmm = serde_json::from_str(&serde_json::to_string(&gmm).unwrap()).unwrap();
-    let regions = Regions::new(gmm.clone(), &scenarios, &f, &assign).unwrap();
+    // a reach other than the default's (`correct.region_scale`, 1): the limits below
+    // are scaled as asked
+    let scale = 2.0;
+    assert_ne!(scale, CorrectOptions::default().region_scale);
+    let regions = Regions::new(gmm.clone(), &scenarios, &f, &assign, scale).unwrap();
     let src = sources(&scenarios, &f, &assign);
     let m = measure_real(
         &ds,
@@ -161,7 +166,8 @@ fn real_members_and_sources_of_the_planted_scenario() {
         .collect();
     let comp_of_scenario: BTreeMap<usize, usize> =
         scenarios.iter().map(|s| (s.component, s.id)).collect();
-    // each scenario's limit: the REGION_QUANTILE quantile of its failures' distances
+    // each scenario's limit: `scale` times the REGION_QUANTILE quantile of its
+    // failures' distances
     let mut limit = BTreeMap::new();
     for s in &scenarios {
         let (mu, var) = (s.mean[0], s.covariance[0][0]);
@@ -176,7 +182,7 @@ fn real_members_and_sources_of_the_planted_scenario() {
             continue;
         }
         let at = ((REGION_QUANTILE * dist.len() as f64).ceil() as usize).clamp(1, dist.len());
-        limit.insert(s.id, dist[at - 1]);
+        limit.insert(s.id, scale * dist[at - 1]);
     }
     let member_of = |v: f64| -> Option<usize> {
         let lj: Vec<f64> = (0..gmm.n_components())

@@ -164,7 +164,13 @@ pub(super) struct Placed {
 pub(super) fn place(job: &Job, input: &Input) -> Result<Placed> {
     let gmm: DpGmm = read_json(&job.out.join(layout::GMM))?;
     let assign: Vec<i64> = read_json(&job.out.join(layout::ASSIGNMENTS))?;
-    let regions = evaluate::Regions::new(gmm, input.scenarios, input.failures, &assign)?;
+    let regions = evaluate::Regions::new(
+        gmm,
+        input.scenarios,
+        input.failures,
+        &assign,
+        job.cfg.correct.region_scale,
+    )?;
     let sources = evaluate::sources(input.scenarios, input.failures, &assign);
     let train_members = evaluate::train_members(&input.ds.train, input.vae, &regions)?;
     tracing::info!(
