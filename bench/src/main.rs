@@ -129,11 +129,13 @@ enum Cmd {
         work: PathBuf,
     },
     /// The planted-bug benchmark: a copy of MNIST whose thin 1s (the third of the
-    /// training 1s with the least ink) are labelled 7 in the training split only; `defuse
+    /// training 1s with the least ink; or `--slice bold-threes`, the third of the 3s
+    /// with the most ink, labelled 8) are labelled 7 in the training split only; `defuse
     /// run` trains on it, searches, distills, labels with the automatic oracle and
-    /// corrects. Prints whether a scenario of 1s read as 7 was found and labelled, and
-    /// the classifiers' accuracy on the real thin 1s of the test split (true label 1)
-    /// and on the rest, before and after correction.
+    /// corrects. Prints whether a scenario of the class read as the planted label was
+    /// found and labelled with the class, and the classifiers' accuracy on the real
+    /// images of the slice in the test split (true labels) and on the rest, before and
+    /// after correction.
     Planted {
         #[arg(long)]
         defuse: PathBuf,
@@ -161,6 +163,9 @@ enum Cmd {
         /// (precision).
         #[arg(long = "variant")]
         variants: Vec<String>,
+        /// The planted bug: `thin-ones` (1s labelled 7) or `bold-threes` (3s labelled 8).
+        #[arg(long, default_value = "thin-ones")]
+        slice: String,
     },
     /// The report's map of a finished run's failure codes: seconds for t-SNE, and how
     /// well it and the PCA projection keep the scenarios apart (the share of each
@@ -247,6 +252,7 @@ fn main() -> Result<()> {
             vae_epochs,
             lambdas,
             variants,
+            slice,
         } => bench_planted(
             &defuse,
             &mnist,
@@ -255,6 +261,7 @@ fn main() -> Result<()> {
             (classifier_epochs, vae_epochs),
             &lambdas,
             &variants,
+            defuse_core::planted::Slice::named(&slice)?,
         ),
         Cmd::DataLayout { data, out } => {
             let t = Instant::now();
@@ -886,6 +893,7 @@ fn bench_scaling(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_planted(
     defuse: &std::path::Path,
     mnist: &std::path::Path,
@@ -894,10 +902,11 @@ fn bench_planted(
     (classifier_epochs, vae_epochs): (usize, usize),
     lambdas: &[f64],
     variants: &[String],
+    slice: defuse_core::planted::Slice,
 ) -> Result<()> {
-    use defuse_core::planted::{slice_accuracy, thin_ones, write_planted_mnist};
+    use defuse_core::planted::{slice_accuracy, write_planted_mnist};
     let ds = DataSpec::from_path(mnist).load()?;
-    let planted = write_planted_mnist(mnist, &work.join("data"))?;
+    let planted = write_planted_mnist(mnist, &work.join("data"), slice)?;
     let threshold = planted.ink_threshold;
     let job = work.join("planted.toml");
     std::fs::write(
@@ -916,7 +925,7 @@ fn bench_planted(
         .as_array()
         .context("summary.json: scenarios")?
         .iter()
-        .filter(|s| s["label"] == json!(1) && s["predicted"] == json!(7))
+        .filter(|s| s["label"] == json!(slice.class) && s["predicted"] == json!(slice.as_label))
         .filter_map(|s| s["id"].as_u64())
         .collect();
     let tuned = PathBuf::from(summary["model"].as_str().context("summary.json: model")?);
@@ -926,7 +935,7 @@ fn bench_planted(
         work.join(tuned)
     };
     let accuracy = |path: &std::path::Path| -> Result<(f64, f64, usize, usize)> {
-        let a = slice_accuracy(path, &ds.test, threshold)?;
+        let a = slice_accuracy(path, &ds.test, &planted)?;
         Ok((a.slice, a.rest, a.slice_images, a.rest_images))
     };
     let (slice_before, rest_before, n_slice, n_rest) =
@@ -955,7 +964,7 @@ fn bench_planted(
         }
     }
     // the training members the default run flagged, against the planted labels
-    let planted_rows = thin_ones(&ds.train, threshold);
+    let planted_rows = slice.rows(&ds.train, threshold);
     let flagged = |run: &std::path::Path| -> Result<serde_json::Value> {
         let members: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(
             run.join(defuse_core::layout::TRAIN_MEMBERS),
@@ -1005,6 +1014,7 @@ fn bench_planted(
     println!(
         "{}",
         json!({
+            "slice": slice.name,
             "ink_threshold": threshold,
             "train_relabelled": planted.train_relabelled,
             "test_slice": n_slice,

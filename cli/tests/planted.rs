@@ -8,13 +8,13 @@ use std::path::Path;
 use std::process::Command;
 
 use defuse_core::data::DataSpec;
-use defuse_core::planted::{job_toml, slice_accuracy, thin_ones, write_planted_mnist};
+use defuse_core::planted::{job_toml, slice_accuracy, write_planted_mnist, THIN_ONES};
 
 #[test]
 fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     let mnist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
     let dir = tempfile::tempdir().unwrap();
-    let planted = write_planted_mnist(&mnist, &dir.path().join("data")).unwrap();
+    let planted = write_planted_mnist(&mnist, &dir.path().join("data"), THIN_ONES).unwrap();
     assert!(planted.train_relabelled > 2000, "{planted:?}");
     let job = dir.path().join("planted.toml");
     std::fs::write(&job, job_toml(1, 2, 2000)).unwrap();
@@ -49,7 +49,7 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     assert!(t["conflicting"].as_u64().unwrap() > 0, "{t}");
     assert_eq!(t["dropped"], t["conflicting"], "{t}");
     let original = DataSpec::from_path(&mnist).load().unwrap();
-    let planted_rows = thin_ones(&original.train, planted.ink_threshold);
+    let planted_rows = THIN_ONES.rows(&original.train, planted.ink_threshold);
     let members: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(run.join("correct/train-members.json")).unwrap())
             .unwrap();
@@ -67,18 +67,9 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     assert!(planted_share >= 0.9, "{planted_share}");
 
     let test = original.test;
-    let before = slice_accuracy(
-        &run.join("models/classifier.safetensors"),
-        &test,
-        planted.ink_threshold,
-    )
-    .unwrap();
-    let after = slice_accuracy(
-        Path::new(s["model"].as_str().unwrap()),
-        &test,
-        planted.ink_threshold,
-    )
-    .unwrap();
+    let before =
+        slice_accuracy(&run.join("models/classifier.safetensors"), &test, &planted).unwrap();
+    let after = slice_accuracy(Path::new(s["model"].as_str().unwrap()), &test, &planted).unwrap();
     eprintln!("before {before:?}\nafter  {after:?}");
     assert!(before.slice_images > 300, "{before:?}");
     assert!(before.slice < 0.5, "the planted bug took: {before:?}");

@@ -1,8 +1,10 @@
 //! A planted bug, to check that Defuse finds and fixes a failure whose answer is known
-//! (`defuse-bench planted` and `cli/tests/planted.rs`): a copy of MNIST whose **thin
-//! 1s** (the training 1s with the least ink, a third of them) are labelled 7 in the
-//! training split only. A classifier trained on the copy reads thin 1s as 7; the test
-//! split keeps the true labels, so its thin 1s are the real slice to fix.
+//! (`defuse-bench planted` and `cli/tests/planted.rs`): a copy of MNIST where a
+//! recognisable slice of one class is labelled as another in the training split only.
+//! [`THIN_ONES`] (the default): the third of the training 1s with the least ink,
+//! labelled 7; [`BOLD_THREES`]: the third of the 3s with the most ink, labelled 8. A
+//! classifier trained on the copy reads the slice as the planted label; the test split
+//! keeps the true labels, so its images of the slice are the real ones to fix.
 use std::path::{Path, PathBuf};
 
 use tch::Device;
@@ -12,12 +14,77 @@ use crate::data::{DataSpec, Split};
 use crate::error::{Error, Result};
 use crate::models::Classifier;
 
+/// Which end of a class's ink the slice takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ink {
+    /// the third with the least ink (thin strokes)
+    Least,
+    /// the third with the most ink (bold strokes)
+    Most,
+}
+
+/// A planted bug: a third of `class`, by ink, labelled `as_label` in the training split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    pub name: &'static str,
+    pub class: i64,
+    pub as_label: i64,
+    pub ink: Ink,
+}
+
+/// Thin 1s labelled 7.
+pub const THIN_ONES: Slice = Slice {
+    name: "thin-ones",
+    class: 1,
+    as_label: 7,
+    ink: Ink::Least,
+};
+/// Bold 3s labelled 8.
+pub const BOLD_THREES: Slice = Slice {
+    name: "bold-threes",
+    class: 3,
+    as_label: 8,
+    ink: Ink::Most,
+};
+
+impl Slice {
+    /// [`THIN_ONES`] or [`BOLD_THREES`] by name.
+    pub fn named(name: &str) -> Result<Slice> {
+        [THIN_ONES, BOLD_THREES]
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "slice",
+                    format!("'{name}': expected thin-ones or bold-threes"),
+                )
+            })
+    }
+
+    /// Which images of `split` are in the slice: images of the class with at most
+    /// (`Least`) or at least (`Most`) `threshold` ink.
+    pub fn rows(&self, split: &Split, threshold: u64) -> Vec<bool> {
+        ink(split)
+            .iter()
+            .zip(&split.labels)
+            .map(|(&k, &l)| {
+                l == self.class
+                    && match self.ink {
+                        Ink::Least => k <= threshold,
+                        Ink::Most => k >= threshold,
+                    }
+            })
+            .collect()
+    }
+}
+
 /// The planted copy.
 #[derive(Debug, Clone)]
 pub struct PlantedMnist {
-    /// A 1 with at most this much ink (sum of its pixels) is thin.
+    pub slice: Slice,
+    /// The ink bound of the slice (sum of an image's pixels).
     pub ink_threshold: u64,
-    /// Training images relabelled 7.
+    /// Training images relabelled.
     pub train_relabelled: usize,
 }
 
@@ -30,15 +97,6 @@ fn ink(split: &Split) -> Vec<u64> {
         .collect()
 }
 
-/// Which images of `split` are in the slice: 1s with at most `threshold` ink.
-pub fn thin_ones(split: &Split, threshold: u64) -> Vec<bool> {
-    ink(split)
-        .iter()
-        .zip(&split.labels)
-        .map(|(&k, &l)| l == 1 && k <= threshold)
-        .collect()
-}
-
 /// `name` or `name.gz` in an MNIST folder.
 fn find_idx(dir: &Path, name: &str) -> Result<PathBuf> {
     [name.to_string(), format!("{name}.gz")]
@@ -48,21 +106,28 @@ fn find_idx(dir: &Path, name: &str) -> Result<PathBuf> {
         .ok_or_else(|| Error::format(dir.join(name), "not found (nor .gz)"))
 }
 
-/// Writes the planted copy of the MNIST folder `mnist` into `out` (IDX files).
-pub fn write_planted_mnist(mnist: &Path, out: &Path) -> Result<PlantedMnist> {
+/// Writes the copy of the MNIST folder `mnist` with `slice` planted into `out` (IDX
+/// files).
+pub fn write_planted_mnist(mnist: &Path, out: &Path, slice: Slice) -> Result<PlantedMnist> {
     let ds = DataSpec::from_path(mnist).load()?;
-    let mut ones: Vec<u64> = ink(&ds.train)
+    let mut of_class: Vec<u64> = ink(&ds.train)
         .into_iter()
         .zip(&ds.train.labels)
-        .filter(|(_, &l)| l == 1)
+        .filter(|(_, &l)| l == slice.class)
         .map(|(k, _)| k)
         .collect();
-    if ones.is_empty() {
-        return Err(Error::invalid("planted", "the training split has no 1s"));
+    if of_class.is_empty() {
+        return Err(Error::invalid(
+            "planted",
+            format!("the training split has no image of class {}", slice.class),
+        ));
     }
-    ones.sort_unstable();
-    let ink_threshold = ones[ones.len() / 3];
-    let slice = thin_ones(&ds.train, ink_threshold);
+    of_class.sort_unstable();
+    let ink_threshold = match slice.ink {
+        Ink::Least => of_class[of_class.len() / 3],
+        Ink::Most => of_class[of_class.len() - 1 - of_class.len() / 3],
+    };
+    let rows = slice.rows(&ds.train, ink_threshold);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     for f in [
         "train-images-idx3-ubyte",
@@ -73,9 +138,9 @@ pub fn write_planted_mnist(mnist: &Path, out: &Path) -> Result<PlantedMnist> {
         write_idx(&out.join(f), &a.dims, &a.data)?;
     }
     let mut labels = read_idx(&find_idx(mnist, "train-labels-idx1-ubyte")?)?;
-    for (l, &s) in labels.data.iter_mut().zip(&slice) {
+    for (l, &s) in labels.data.iter_mut().zip(&rows) {
         if s {
-            *l = 7;
+            *l = slice.as_label as u8;
         }
     }
     write_idx(
@@ -84,8 +149,9 @@ pub fn write_planted_mnist(mnist: &Path, out: &Path) -> Result<PlantedMnist> {
         &labels.data,
     )?;
     Ok(PlantedMnist {
+        slice,
         ink_threshold,
-        train_relabelled: slice.iter().filter(|&&s| s).count(),
+        train_relabelled: rows.iter().filter(|&&s| s).count(),
     })
 }
 
@@ -121,11 +187,11 @@ pub struct SliceAccuracy {
     pub rest_images: usize,
 }
 
-/// The accuracy of the classifier at `model` (a 10-class MNIST classifier) on the thin
-/// 1s of `test` (true label 1) and on the rest.
-pub fn slice_accuracy(model: &Path, test: &Split, threshold: u64) -> Result<SliceAccuracy> {
+/// The accuracy of the classifier at `model` (a 10-class MNIST classifier) on the
+/// planted slice's images of `test` (true labels) and on the rest.
+pub fn slice_accuracy(model: &Path, test: &Split, planted: &PlantedMnist) -> Result<SliceAccuracy> {
     let clf = Classifier::load(model, [1, 28, 28], 10, Device::Cpu)?;
-    let slice = thin_ones(test, threshold);
+    let slice = planted.slice.rows(test, planted.ink_threshold);
     let pred = Vec::<i64>::try_from(
         clf.predict(&test.images(0..test.len(), Device::Cpu), 1000)?
             .0,
