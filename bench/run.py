@@ -252,7 +252,8 @@ def main():
         # a second bug: another class, the other end of the ink
         b3 = jline([bench, "planted", "--defuse", defuse, "--mnist", data, "--work", str(out / "planted-bold"),
                     "--slice", "bold-threes", "--variant", "correct.region_scale=2",
-                    "--variant", "correct.conflicting_labels=relabel"] + quick, env)
+                    "--variant", "correct.conflicting_labels=relabel",
+                    "--variant", "correct.samples=failures"] + quick, env)
         R["planted_bold_threes"] = b3
         rows.append(("planted bug", f"bold 3s labelled 8 ({b3['train_relabelled']:,} training images); "
                      f"{b3['test_slice']:,} real bold 3s in the test split",
