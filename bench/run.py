@@ -244,34 +244,29 @@ def main():
                    "--variant", "correct.region_scale=2"] + quick, env)
         R["planted"] = r
         pc = lambda x: f"{100 * x:.2f}%"
-        rows.append(("planted bug", f"thin 1s labelled 7 ({r['train_relabelled']:,} training images); "
-                     f"{r['test_slice']:,} real thin 1s in the test split",
-                     f"found: {'yes, scenarios ' + str(r['found_scenarios']) if r['found_scenarios'] else 'no'}",
-                     f"slice {pc(r['slice_accuracy_before'])} -> {pc(r['slice_accuracy_after'])}; "
-                     f"rest {pc(r['rest_accuracy_before'])} -> {pc(r['rest_accuracy_after'])}"))
+
+        def planted_rows(bug, slice_name, r):
+            """The rows of one planted bug: found, the slice and the rest before and after
+            the default correction and each other one (the lambda sweep, the variants)."""
+            rows.append(("planted bug", f"{bug} ({r['train_relabelled']:,} training images); "
+                         f"{r['test_slice']:,} real {slice_name} in the test split",
+                         f"found: {'yes, scenarios ' + str(r['found_scenarios']) if r['found_scenarios'] else 'no'}",
+                         f"slice {pc(r['slice_accuracy_before'])} -> {pc(r['slice_accuracy_after'])}; "
+                         f"rest {pc(r['rest_accuracy_before'])} -> {pc(r['rest_accuracy_after'])}"))
+            others = [(f"lambda = {p['lambda']}", p) for p in r["sweep"]] + [(p["set"], p) for p in r["variants"]]
+            for setting, p in others:
+                rows.append(("planted bug", f"{slice_name} corrected with {setting}", "",
+                             f"slice {pc(r['slice_accuracy_before'])} -> {pc(p['slice_accuracy'])}; "
+                             f"rest {pc(r['rest_accuracy_before'])} -> {pc(p['rest_accuracy'])}"))
+
+        planted_rows("thin 1s labelled 7", "thin 1s", r)
         # a second bug: another class, the other end of the ink
         b3 = jline([bench, "planted", "--defuse", defuse, "--mnist", data, "--work", str(out / "planted-bold"),
                     "--slice", "bold-threes", "--variant", "correct.region_scale=2",
                     "--variant", "correct.conflicting_labels=relabel",
                     "--variant", "correct.samples=failures"] + quick, env)
         R["planted_bold_threes"] = b3
-        rows.append(("planted bug", f"bold 3s labelled 8 ({b3['train_relabelled']:,} training images); "
-                     f"{b3['test_slice']:,} real bold 3s in the test split",
-                     f"found: {'yes, scenarios ' + str(b3['found_scenarios']) if b3['found_scenarios'] else 'no'}",
-                     f"slice {pc(b3['slice_accuracy_before'])} -> {pc(b3['slice_accuracy_after'])}; "
-                     f"rest {pc(b3['rest_accuracy_before'])} -> {pc(b3['rest_accuracy_after'])}"))
-        for p in b3["variants"]:
-            rows.append(("planted bug", f"bold 3s corrected with {p['set']}", "",
-                         f"slice {pc(b3['slice_accuracy_before'])} -> {pc(p['slice_accuracy'])}; "
-                         f"rest {pc(b3['rest_accuracy_before'])} -> {pc(p['rest_accuracy'])}"))
-        for p in r["sweep"]:
-            rows.append(("planted bug", f"the same scenarios corrected with lambda = {p['lambda']}", "",
-                         f"slice {pc(r['slice_accuracy_before'])} -> {pc(p['slice_accuracy'])}; "
-                         f"rest {pc(r['rest_accuracy_before'])} -> {pc(p['rest_accuracy'])}"))
-        for p in r["variants"]:
-            rows.append(("planted bug", f"the same scenarios corrected with {p['set']}", "",
-                         f"slice {pc(r['slice_accuracy_before'])} -> {pc(p['slice_accuracy'])}; "
-                         f"rest {pc(r['rest_accuracy_before'])} -> {pc(p['rest_accuracy'])}"))
+        planted_rows("bold 3s labelled 8", "bold 3s", b3)
         f = r["flagged"]
         rows.append(("planted bug", "training images labelled against their labelled scenario",
                      f"{f['conflicting']:,} flagged",

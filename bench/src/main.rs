@@ -907,7 +907,6 @@ fn bench_planted(
     use defuse_core::planted::{slice_accuracy, write_planted_mnist};
     let ds = DataSpec::from_path(mnist).load()?;
     let planted = write_planted_mnist(mnist, &work.join("data"), slice)?;
-    let threshold = planted.ink_threshold;
     let job = work.join("planted.toml");
     std::fs::write(
         &job,
@@ -964,7 +963,7 @@ fn bench_planted(
         }
     }
     // the training members the default run flagged, against the planted labels
-    let planted_rows = slice.rows(&ds.train, threshold);
+    let planted_rows = planted.rows(&ds.train);
     let flagged = |run: &std::path::Path| -> Result<serde_json::Value> {
         let members: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(
             run.join(defuse_core::layout::TRAIN_MEMBERS),
@@ -1015,7 +1014,7 @@ fn bench_planted(
         "{}",
         json!({
             "slice": slice.name,
-            "ink_threshold": threshold,
+            "ink_threshold": planted.ink_threshold,
             "train_relabelled": planted.train_relabelled,
             "test_slice": n_slice,
             "test_rest": n_rest,

@@ -49,7 +49,7 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     assert!(t["conflicting"].as_u64().unwrap() > 0, "{t}");
     assert_eq!(t["dropped"], t["conflicting"], "{t}");
     let original = DataSpec::from_path(&mnist).load().unwrap();
-    let planted_rows = THIN_ONES.rows(&original.train, planted.ink_threshold);
+    let planted_rows = planted.rows(&original.train);
     let members: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(run.join("correct/train-members.json")).unwrap())
             .unwrap();

@@ -68,14 +68,22 @@ fn summary(out: &Path) -> serde_json::Value {
     v
 }
 
-/// Runs a job (at the default log level) and returns its log; it must succeed.
-fn run_log(cfg: &Path) -> String {
+/// Runs `defuse <args>` in the folder `cwd` (at the default log level) and returns its
+/// log; it must succeed.
+fn log_of(args: &[&str], cwd: &Path) -> String {
     let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
-        .args(["run", cfg.to_str().unwrap()])
+        .args(args)
+        .current_dir(cwd)
         .output()
         .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    String::from_utf8_lossy(&r.stderr).into_owned()
+    let log = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success(), "{log}");
+    log
+}
+
+/// Runs a job and returns its log ([`log_of`]).
+fn run_log(cfg: &Path) -> String {
+    log_of(&["run", cfg.to_str().unwrap()], Path::new("."))
 }
 
 /// The steps a run's log says it reused.
@@ -277,13 +285,7 @@ fn small_run_is_complete_deterministic_and_resumable() {
     .replace(&data.display().to_string(), &rel_data.display().to_string());
     assert!(rel.contains("path = \"../"), "{rel}");
     std::fs::write(dir.path().join("rel.toml"), rel).unwrap();
-    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
-        .args(["run", "rel.toml"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&r.stderr).into_owned();
-    assert!(r.status.success(), "{log}");
+    let log = log_of(&["run", "rel.toml"], dir.path());
     assert_eq!(
         reused(&log),
         ["correct", "distill", "identify", "label", "models", "pictures"],
@@ -306,12 +308,8 @@ fn small_run_is_complete_deterministic_and_resumable() {
     assert_eq!(summary(&a)["n_failures"], s["n_failures"]);
 
     // the lambda sweep corrects from the same outputs: nothing before correct is redone
-    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
-        .args(["sweep", cfg_a.to_str().unwrap(), "--lambdas", "0,5"])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&r.stderr).into_owned();
-    assert!(r.status.success(), "{log}");
+    let sweep = ["sweep", cfg_a.to_str().unwrap(), "--lambdas", "0,5"];
+    let log = log_of(&sweep, Path::new("."));
     assert_eq!(
         reused(&log),
         ["correct", "distill", "identify", "label", "models", "pictures"],
@@ -338,11 +336,7 @@ fn small_run_is_complete_deterministic_and_resumable() {
         .contains("| 5 |"));
     assert!(a.join("sweep/lambda-5/classifier.safetensors").exists());
     // again: every point is reused
-    let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
-        .args(["sweep", cfg_a.to_str().unwrap(), "--lambdas", "0,5"])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&r.stderr).into_owned();
+    let log = log_of(&sweep, Path::new("."));
     assert!(
         reused(&log).contains(&"sweep/lambda-5".to_string()),
         "{log}"

@@ -63,7 +63,7 @@ impl Slice {
 
     /// Which images of `split` are in the slice: images of the class with at most
     /// (`Least`) or at least (`Most`) `threshold` ink.
-    pub fn rows(&self, split: &Split, threshold: u64) -> Vec<bool> {
+    fn rows(&self, split: &Split, threshold: u64) -> Vec<bool> {
         ink(split)
             .iter()
             .zip(&split.labels)
@@ -86,6 +86,15 @@ pub struct PlantedMnist {
     pub ink_threshold: u64,
     /// Training images relabelled.
     pub train_relabelled: usize,
+}
+
+impl PlantedMnist {
+    /// Which images of `split` are in the planted slice (by their true labels: on the
+    /// original data, the training images it relabelled; on the test split, the real
+    /// images to fix).
+    pub fn rows(&self, split: &Split) -> Vec<bool> {
+        self.slice.rows(split, self.ink_threshold)
+    }
 }
 
 /// Ink of each image of a 28x28 split: the sum of its pixels.
@@ -191,7 +200,7 @@ pub struct SliceAccuracy {
 /// planted slice's images of `test` (true labels) and on the rest.
 pub fn slice_accuracy(model: &Path, test: &Split, planted: &PlantedMnist) -> Result<SliceAccuracy> {
     let clf = Classifier::load(model, [1, 28, 28], 10, Device::Cpu)?;
-    let slice = planted.slice.rows(test, planted.ink_threshold);
+    let slice = planted.rows(test);
     let pred = Vec::<i64>::try_from(
         clf.predict(&test.images(0..test.len(), Device::Cpu), 1000)?
             .0,

@@ -24,7 +24,7 @@ fn each_slice_relabels_a_third_of_its_class_by_ink_in_the_training_split_only() 
             .count();
         let third = planted.train_relabelled as f64 / of_class as f64;
         assert!((0.32..0.36).contains(&third), "{slice:?}: {third}");
-        let rows = slice.rows(&original.train, planted.ink_threshold);
+        let rows = planted.rows(&original.train);
         let (mut changed, mut inside_min, mut inside_max) = (0, u64::MAX, 0);
         let (mut outside_min, mut outside_max) = (u64::MAX, 0);
         for (i, (&was, &now)) in original
