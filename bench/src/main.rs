@@ -920,13 +920,20 @@ fn bench_planted(
     let run = work.join("run");
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("report/summary.json"))?)?;
-    let found: Vec<u64> = summary["scenarios"]
-        .as_array()
-        .context("summary.json: scenarios")?
-        .iter()
-        .filter(|s| s["label"] == json!(slice.class) && s["predicted"] == json!(slice.as_label))
-        .filter_map(|s| s["id"].as_u64())
-        .collect();
+    // "found": a labelled scenario whose failures are read as the planted label and
+    // which the oracle labelled with the slice's true class
+    let found_in = |summary: &serde_json::Value| -> Result<Vec<u64>> {
+        Ok(summary["scenarios"]
+            .as_array()
+            .context("summary.json: scenarios")?
+            .iter()
+            .filter(|s| {
+                s["label"] == json!(slice.class) && s["predicted"] == json!(slice.as_label)
+            })
+            .filter_map(|s| s["id"].as_u64())
+            .collect())
+    };
+    let found = found_in(&summary)?;
     let tuned = PathBuf::from(summary["model"].as_str().context("summary.json: model")?);
     let tuned = if tuned.is_absolute() {
         tuned
@@ -1008,6 +1015,8 @@ fn bench_planted(
             "test_unsearched": s["test_unsearched"],
             "real_members_labelled": s["real_members_labelled"],
             "train_members_labelled": s["train_members_labelled"],
+            "flagged": flagged(&run)?,
+            "found_scenarios": found_in(&s)?,
         }));
     }
     println!(

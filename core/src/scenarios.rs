@@ -209,18 +209,25 @@ pub fn distill(
     };
     let gmm = DpGmm::fit(&fit_on, &o.gmm(), seed)?;
     let assign = gmm.predict(&codes)?;
+    // A component heavy enough can still have no failure assigned to it: the weights
+    // are fitted on a subsample and include the prior's share. It is no scenario:
+    // there is nothing of it to show, label or train on.
+    let mut members: Vec<Vec<usize>> = vec![vec![]; gmm.n_components()];
+    for (i, &k) in assign.iter().enumerate() {
+        members[k as usize].push(i);
+    }
     let mut heavy: Vec<usize> = (0..gmm.n_components())
-        .filter(|&k| gmm.weights[k] > o.weight_cutoff)
+        .filter(|&k| gmm.weights[k] > o.weight_cutoff && !members[k].is_empty())
         .collect();
     heavy.sort_by(|&a, &b| gmm.weights[b].total_cmp(&gmm.weights[a]).then(a.cmp(&b)));
     let scenarios = heavy
         .into_iter()
         .enumerate()
         .map(|(id, k)| {
-            let members: Vec<usize> = (0..f.len()).filter(|&i| assign[i] == k as i64).collect();
+            let members = &members[k];
             let mut preds: BTreeMap<i64, usize> = BTreeMap::new();
             let mut sources: BTreeMap<i64, usize> = BTreeMap::new();
-            for &i in &members {
+            for &i in members {
                 *preds.entry(f.predicted[i]).or_default() += 1;
                 *sources.entry(f.true_label[i]).or_default() += 1;
             }
