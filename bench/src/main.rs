@@ -517,7 +517,7 @@ fn bench_identify(run: IdentifyRun) -> Result<()> {
     let split = ds.split(SplitName::Test);
     let n = split.len();
     let o = IdentifyOptions {
-        only_correct: false, // the weights are random: search every image, as the authors did
+        search: defuse_core::identify::Search::All, // the weights are random: search every image, as the authors did
         samples: q,
         keep: 5,
         perturbation: Perturbation::default(),
@@ -810,7 +810,7 @@ classifier = "{m}/classifier.pt"
 vae = "{m}/encoder.pt"
 vae_decoder = "{m}/decoder.pt"
 [identify]
-only_correct = false
+search = "all"
 shard_size = 1
 "#,
         data = data.display(),
@@ -927,9 +927,7 @@ fn bench_planted(
             .as_array()
             .context("summary.json: scenarios")?
             .iter()
-            .filter(|s| {
-                s["label"] == json!(slice.class) && s["predicted"] == json!(slice.as_label)
-            })
+            .filter(|s| s["label"] == json!(slice.class) && s["predicted"] == json!(slice.as_label))
             .filter_map(|s| s["id"].as_u64())
             .collect())
     };

@@ -30,7 +30,7 @@ classifier = "{fx}/classifier_ok.pt"
 vae = "{fx}/encoder_ok.pt"
 vae_decoder = "{fx}/decoder_ok.pt"
 [identify]
-only_correct = false
+search = "all"
 hold_out = 0
 shard_size = 1
 "#,

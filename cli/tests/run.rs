@@ -173,7 +173,8 @@ fn small_run_is_complete_deterministic_and_resumable() {
     }
     // the real-image figures: 120 of the 500 test images searched, the other 380 steered
     // nothing; every searched image is in at most one scenario; the images whose
-    // failures formed a scenario were classified right as they are (only_correct)
+    // failures formed a scenario may be real failures (the default rule, consistent)
+    assert_eq!(s["search"], "consistent");
     let unsearched = &s["test_unsearched"];
     assert_eq!(unsearched["images"], 380, "{unsearched}");
     let (mut members, mut labelled_sources) = (0, 0);
@@ -181,7 +182,7 @@ fn small_run_is_complete_deterministic_and_resumable() {
         let (m, src) = (&sc["real_members"], &sc["real_sources"]);
         members += m["images"].as_u64().unwrap();
         assert!(m["right_after"].as_u64().unwrap() <= m["images"].as_u64().unwrap());
-        assert_eq!(src["right_before"], src["images"], "{sc}");
+        assert!(src["right_before"].as_u64().unwrap() <= src["images"].as_u64().unwrap());
         if !sc["label"].is_null() {
             labelled_sources += src["images"].as_u64().unwrap();
             assert_eq!(sc["held_out_curve"].as_array().unwrap().len(), 3, "{sc}");

@@ -247,7 +247,7 @@ fn tls_for_grpc_and_http_and_no_secret_in_any_log() {
     std::fs::write(
         &cfg,
         format!(
-            "name = \"tls\"\n[data]\npath = \"{}\"\nlimit_test = 200\n[models]\nclassifier = \"{fx}/classifier_ok.pt\"\nvae = \"{fx}/encoder_ok.pt\"\nvae_decoder = \"{fx}/decoder_ok.pt\"\n[identify]\nonly_correct = false\nsamples = 8\nshard_size = 100\n",
+            "name = \"tls\"\n[data]\npath = \"{}\"\nlimit_test = 200\n[models]\nclassifier = \"{fx}/classifier_ok.pt\"\nvae = \"{fx}/encoder_ok.pt\"\nvae_decoder = \"{fx}/decoder_ok.pt\"\n[identify]\nsearch = \"all\"\nsamples = 8\nshard_size = 100\n",
             repo().join("data/mnist").display(),
             fx = fx.display()
         ),

@@ -98,16 +98,109 @@ impl Perturbation {
     }
 }
 
+/// Which images of the searched range identify perturbs. Every rule first classifies
+/// each image as it is and as the VAE reconstructs it (its code decoded unperturbed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Search {
+    /// Images the classifier reads the same as they are and reconstructed, right or
+    /// wrong (the default). A real failure is searched from its own code, so the
+    /// failures cover where the classifier is already wrong, not only the border
+    /// around it; an image whose reconstruction the classifier reads otherwise is
+    /// skipped, since its failures would be the VAE's error as much as the
+    /// classifier's.
+    #[default]
+    Consistent,
+    /// Only images the classifier gets right both as they are and reconstructed:
+    /// every failure is new, made by the perturbation (Defuse's earlier default).
+    Right,
+    /// Every image (the authors' code).
+    All,
+}
+
+impl Search {
+    const NAMES: [(&'static str, Search); 3] = [
+        ("consistent", Search::Consistent),
+        ("right", Search::Right),
+        ("all", Search::All),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, s)| *s == self)
+            .map(|(n, _)| *n)
+            .expect("every rule is named")
+    }
+
+    /// What the rule searches and skips, in a sentence for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Search::Consistent => "Identify searches the images the classifier reads the same as they are and as the VAE reconstructs them, right or wrong; those whose reconstruction it reads otherwise are skipped (their failures would be the VAE's as much as the classifier's).",
+            Search::Right => "Identify searches the images the classifier gets right both as they are and as the VAE reconstructs them; the others are skipped.",
+            Search::All => "Identify searches every image.",
+        }
+    }
+
+    /// Whether an image is searched, from the classifier's reading of the image and of
+    /// its reconstruction against its label.
+    pub fn searches(self, label: i64, read: i64, reconstruction_read: i64) -> bool {
+        match self {
+            Search::Consistent => read == reconstruction_read,
+            Search::Right => read == label && reconstruction_read == label,
+            Search::All => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Search {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for Search {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// A rule's name, or the older `only_correct = true | false` (`right` | `all`).
+impl<'de> Deserialize<'de> for Search {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Search;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "\"consistent\", \"right\" or \"all\" (or, as only_correct, true or false)",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Search, E> {
+                Ok(if v { Search::Right } else { Search::All })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Search, E> {
+                Search::NAMES
+                    .iter()
+                    .find(|(n, _)| *n == v)
+                    .map(|(_, s)| *s)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Options of the search (the `[identify]` table of a job config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentifyOptions {
     /// Which split to search.
     pub split: SplitName,
-    /// Search only images the classifier gets right, both as they are and as the VAE
-    /// reconstructs them, so that every failure is new and comes from the
-    /// perturbation, not from the VAE's blur. The authors' code searched every image.
-    pub only_correct: bool,
+    /// Which images are searched: `consistent` (the default), `right` or `all` (the
+    /// authors'); see [`Search`]. `only_correct = true | false`, the older spelling,
+    /// still reads as `right` | `all`.
+    #[serde(alias = "only_correct")]
+    pub search: Search,
     /// Perturbations per image (`Q`).
     pub samples: usize,
     /// Failures kept per image, smallest `||eps||` first (`N`).
@@ -137,7 +230,7 @@ impl Default for IdentifyOptions {
     fn default() -> Self {
         IdentifyOptions {
             split: SplitName::Test,
-            only_correct: true,
+            search: Search::Consistent,
             samples: 100,
             keep: 5,
             perturbation: Perturbation::default(),
@@ -218,10 +311,13 @@ pub struct IdentifyStats {
     pub end: usize,
     /// Images in the range.
     pub n_images: usize,
-    /// Images searched (classified right when `only_correct`).
+    /// Images searched (those [`IdentifyOptions::search`] picks).
     pub n_searched: usize,
     /// Images whose plain reconstruction the classifier already gets wrong.
     pub n_recon_wrong: usize,
+    /// Images whose plain reconstruction the classifier reads otherwise than the image.
+    #[serde(default)]
+    pub n_recon_differs: usize,
     /// Images the classifier gets wrong as they are.
     pub n_wrong: usize,
     pub n_perturbations: usize,
@@ -241,6 +337,9 @@ pub struct ClassCounts {
     pub wrong: usize,
     /// whose plain VAE reconstruction is misclassified
     pub recon_wrong: usize,
+    /// whose plain VAE reconstruction is read otherwise than the image
+    #[serde(default)]
+    pub recon_differs: usize,
     pub searched: usize,
     pub with_failure: usize,
 }
@@ -250,6 +349,7 @@ impl ClassCounts {
         self.images += o.images;
         self.wrong += o.wrong;
         self.recon_wrong += o.recon_wrong;
+        self.recon_differs += o.recon_differs;
         self.searched += o.searched;
         self.with_failure += o.with_failure;
     }
@@ -275,6 +375,7 @@ impl IdentifyStats {
         self.n_images += s.n_images;
         self.n_searched += s.n_searched;
         self.n_recon_wrong += s.n_recon_wrong;
+        self.n_recon_differs += s.n_recon_differs;
         self.n_wrong += s.n_wrong;
         self.n_perturbations += s.n_perturbations;
         self.n_failures += s.n_failures;
@@ -426,28 +527,25 @@ pub fn identify(
         for start in range.clone().step_by(o.batch_size) {
             let end = (start + o.batch_size).min(range.end);
             let x = split.images(start..end, device);
-            let y = split.labels(start..end, device);
             let (mu, _) = vae.encode(&x)?;
-            let ok = if o.only_correct {
-                let (p, _) = clf.predict(&x, o.chunk as i64)?;
-                let (pr, _) = clf.predict(&vae.decode(&mu)?, o.chunk as i64)?;
-                let right = Vec::<bool>::try_from(p.eq_tensor(&y).to_device(Device::Cpu))?;
-                let recon_right = Vec::<bool>::try_from(pr.eq_tensor(&y).to_device(Device::Cpu))?;
-                for i in 0..end - start {
-                    let k = stats.class(split.label(start + i));
-                    k.wrong += usize::from(!right[i]);
-                    k.recon_wrong += usize::from(!recon_right[i]);
-                }
-                stats.n_wrong += right.iter().filter(|r| !**r).count();
-                stats.n_recon_wrong += recon_right.iter().filter(|r| !**r).count();
-                right
-                    .iter()
-                    .zip(&recon_right)
-                    .map(|(a, b)| *a && *b)
-                    .collect()
-            } else {
-                vec![true; end - start]
-            };
+            let (p, _) = clf.predict(&x, o.chunk as i64)?;
+            let (pr, _) = clf.predict(&vae.decode(&mu)?, o.chunk as i64)?;
+            let read = Vec::<i64>::try_from(p.to_device(Device::Cpu))?;
+            let recon_read = Vec::<i64>::try_from(pr.to_device(Device::Cpu))?;
+            let mut ok = Vec::with_capacity(end - start);
+            for i in 0..end - start {
+                let label = split.label(start + i);
+                let (wrong, recon_wrong) = (read[i] != label, recon_read[i] != label);
+                let differs = read[i] != recon_read[i];
+                let k = stats.class(label);
+                k.wrong += usize::from(wrong);
+                k.recon_wrong += usize::from(recon_wrong);
+                k.recon_differs += usize::from(differs);
+                stats.n_wrong += usize::from(wrong);
+                stats.n_recon_wrong += usize::from(recon_wrong);
+                stats.n_recon_differs += usize::from(differs);
+                ok.push(o.search.searches(label, read[i], recon_read[i]));
+            }
             for (i, &searched) in ok.iter().enumerate() {
                 let k = stats.class(split.label(start + i));
                 k.images += 1;
@@ -527,4 +625,55 @@ pub fn identify(
     let out = Failures::concat(parts, d);
     stats.n_failures = out.len();
     Ok((out, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rule_picks_its_images() {
+        // (label, read, reconstruction read) -> consistent, right, all
+        for (case, want) in [
+            ((1, 1, 1), [true, true, true]),   // right both ways
+            ((1, 7, 7), [true, false, true]),  // a real failure the VAE keeps
+            ((1, 1, 7), [false, false, true]), // the VAE's blur makes it fail
+            ((1, 7, 1), [false, false, true]), // the VAE loses what fails
+            ((1, 7, 4), [false, false, true]),
+        ] {
+            let (label, read, recon) = case;
+            let got = [Search::Consistent, Search::Right, Search::All]
+                .map(|s| s.searches(label, read, recon));
+            assert_eq!(got, want, "{case:?}");
+        }
+    }
+
+    #[test]
+    fn the_rule_reads_by_name_and_as_the_older_only_correct() {
+        let read = |t: &str| toml::from_str::<IdentifyOptions>(t).map(|o| o.search);
+        assert_eq!(read("").unwrap(), Search::Consistent);
+        for (t, s) in [
+            ("search = \"consistent\"", Search::Consistent),
+            ("search = \"right\"", Search::Right),
+            ("search = \"all\"", Search::All),
+            ("only_correct = true", Search::Right),
+            ("only_correct = false", Search::All),
+        ] {
+            assert_eq!(read(t).unwrap(), s, "{t}");
+            // written back under its name, and read back the same
+            let o = IdentifyOptions {
+                search: s,
+                ..Default::default()
+            };
+            let text = toml::to_string(&o).unwrap();
+            assert!(text.contains(&format!("search = \"{s}\"")), "{text}");
+            assert_eq!(read(&text).unwrap(), s);
+        }
+        let e = read("search = \"correct\"").unwrap_err().to_string();
+        assert!(e.contains("\"consistent\", \"right\" or \"all\""), "{e}");
+        let e = read("search = \"all\"\nonly_correct = true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate"), "{e}");
+    }
 }

@@ -12,7 +12,7 @@ use crate::correct::CorrectEpoch;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::evaluate::{Confusion, Measured, RealImages, TrainMembers};
-use crate::identify::{Failures, IdentifyStats};
+use crate::identify::{Failures, IdentifyStats, Search};
 use crate::layout;
 use crate::scenarios::{Example, Label, Labels, Scenario};
 
@@ -127,9 +127,13 @@ pub struct ClassCoverage {
     pub images: usize,
     /// misclassified as they are (skipped: not a hidden failure)
     pub wrong: usize,
-    /// whose plain VAE reconstruction is misclassified (skipped: any perturbation of
-    /// their code would count the VAE's error as the classifier's)
+    /// whose plain VAE reconstruction is misclassified
     pub reconstruction_wrong: usize,
+    /// whose plain VAE reconstruction is read otherwise than the image (skipped by
+    /// every rule but `all`: a perturbation of their code would count the VAE's error
+    /// as the classifier's)
+    #[serde(default)]
+    pub reconstruction_differs: usize,
     pub searched: usize,
     pub with_failure: usize,
     /// fewer than half of the class's images were searched: its failures are largely
@@ -165,6 +169,13 @@ pub struct Summary {
     pub n_images_in_split: usize,
     pub n_images_wrong: usize,
     pub n_reconstructions_wrong: usize,
+    /// Images whose reconstruction the classifier reads otherwise than the image.
+    #[serde(default)]
+    pub n_reconstructions_differ: usize,
+    /// Which images identify searched (`identify.search`); a summary written before
+    /// the setting existed searched `right`.
+    #[serde(default = "searched_right")]
+    pub search: Search,
     pub n_perturbations: usize,
     pub n_failures: usize,
     pub n_images_with_failure: usize,
@@ -211,6 +222,10 @@ pub struct Summary {
     class_names: Vec<String>,
 }
 
+fn searched_right() -> Search {
+    Search::Right
+}
+
 /// The per-class counts of a search, as the summary shows them.
 fn coverage(istats: &IdentifyStats, ds: &Dataset) -> Vec<ClassCoverage> {
     istats
@@ -224,6 +239,7 @@ fn coverage(istats: &IdentifyStats, ds: &Dataset) -> Vec<ClassCoverage> {
             images: k.images,
             wrong: k.wrong,
             reconstruction_wrong: k.recon_wrong,
+            reconstruction_differs: k.recon_differs,
             searched: k.searched,
             with_failure: k.with_failure,
             mostly_skipped: (k.searched as f64) < MOSTLY_SKIPPED_BELOW * k.images as f64,
@@ -300,6 +316,8 @@ impl Summary {
             n_images_in_split: istats.n_images,
             n_images_wrong: istats.n_wrong,
             n_reconstructions_wrong: istats.n_recon_wrong,
+            n_reconstructions_differ: istats.n_recon_differs,
+            search: cfg.identify.search,
             n_perturbations: istats.n_perturbations,
             n_failures: failures.len(),
             n_images_with_failure: istats.n_images_with_failure,
@@ -411,8 +429,9 @@ fn render_html(s: &Summary, out: &Path) -> String {
                 h1 { "Defuse report: " (s.job) }
                 p {
                     "Dataset " b { (s.dataset) } ", " (s.split) " split: searched " (s.n_images_searched)
-                    " of " (s.n_images_in_split) " images (" (s.n_images_wrong) " misclassified, "
-                    (s.n_reconstructions_wrong) " whose VAE reconstruction is misclassified, skipped), "
+                    " of " (s.n_images_in_split) " images (" (s.n_images_wrong) " misclassified as they are, "
+                    (s.n_reconstructions_wrong) " as the VAE reconstructs them, " (s.n_reconstructions_differ)
+                    " read otherwise once reconstructed; rule " code { (s.search) } "), "
                     (s.n_perturbations) " perturbations, " b { (s.n_failures) } " failures from "
                     (s.n_images_with_failure) " images (" (format!("{:.1}", 100.0 * s.failure_rate_per_image))
                     "% of searched images), distilled into " b { (s.n_scenarios) } " scenarios ("
@@ -467,26 +486,27 @@ fn render_html(s: &Summary, out: &Path) -> String {
                 }
                 p.small {
                     "Real images are checked against their true labels. Those inside a scenario are the images of the searched range whose own code "
-                    "the mixture places in it; those that formed it are the images whose perturbed codes did (the classifier gets them right as they are "
-                    "when identify searches only such images). Synthetic samples are drawn from each scenario's Gaussian N(mean, τ Σ) from their own "
+                    "the mixture places in it; those that formed it are the images whose perturbed codes did (with " code { "search = \"right\"" } ", all of them "
+                    "classified right as they are; with the default " code { "consistent" } ", the real failures among them too). Synthetic samples are drawn from each scenario's Gaussian N(mean, τ Σ) from their own "
                     "seed streams, never the training samples' draw; the wider τ show how far beyond the trained neighbourhood the correction holds."
                 }
                 p.small { "Fine-tuned model: " (s.model.display()) ". Step times: " (steps.join(", ")) "." }
                 @if !s.coverage.is_empty() {
                     h2 { "Coverage by class" }
                     p.small {
-                        "Identify searches the images the classifier gets right both as they are and as the VAE reconstructs them; "
-                        "the others are skipped. A class with fewer than half of its images searched is flagged: its failures are "
+                        (s.search.describe())
+                        " A class with fewer than half of its images searched is flagged: its failures are "
                         "largely unexplored, and a VAE that reconstructs it better is the fix."
                     }
                     table {
-                        tr { th { "class" } th { "images" } th { "misclassified" } th { "reconstruction misclassified" } th { "searched" } th { "with a failure" } th {} }
+                        tr { th { "class" } th { "images" } th { "misclassified" } th { "reconstruction misclassified" } th { "reconstruction read otherwise" } th { "searched" } th { "with a failure" } th {} }
                         @for c in &s.coverage {
                             tr {
                                 td { (c.name) }
                                 td { (c.images) }
                                 td { (c.wrong) }
                                 td { (c.reconstruction_wrong) }
+                                td { (c.reconstruction_differs) }
                                 td { (c.searched) " (" (format!("{:.0}", 100.0 * c.searched as f64 / c.images.max(1) as f64)) "%)" }
                                 td { (c.with_failure) }
                                 td { @if c.mostly_skipped { b { "mostly skipped: not searched" } } }
@@ -603,6 +623,8 @@ mod tests {
             n_images_in_split: 10,
             n_images_wrong: 0,
             n_reconstructions_wrong: 0,
+            n_reconstructions_differ: 0,
+            search: Search::Consistent,
             n_perturbations: 100,
             n_failures: 3,
             n_images_with_failure: 2,
@@ -626,6 +648,7 @@ mod tests {
                 images: 10,
                 wrong: 1,
                 reconstruction_wrong: 6,
+                reconstruction_differs: 6,
                 searched: 3,
                 with_failure: 2,
                 mostly_skipped: true,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use defuse_core::data::idx::write_idx;
 use defuse_core::data::{DataSpec, Dataset, SplitName};
-use defuse_core::identify::{identify, Failures, IdentifyOptions, Perturbation, Precision};
+use defuse_core::identify::{identify, Failures, IdentifyOptions, Perturbation, Precision, Search};
 use defuse_core::models::{load_vae, Classifier, Jit, Vae};
 use tch::Device;
 
@@ -292,31 +292,60 @@ fn failures_round_trip_through_safetensors() {
     );
 }
 
-/// Identify's counts per class: the mislabelled images are misclassified and skipped,
-/// in their (given) class; the counts add up to the totals, and shards add up to one
-/// range.
+/// Identify's counts per class, under each rule: the mislabelled images are
+/// misclassified, as are their reconstructions (the decoder paints the code), in their
+/// (given) class; `right` skips them, `consistent` and `all` search them from their
+/// own codes; the counts add up to the totals, and shards add up to one range.
 #[test]
 fn coverage_per_class_says_what_was_skipped_and_why() {
     let (_d, ds, values) = planted_with(6);
     let (clf, vae) = models();
+    let ones = values.iter().filter(|&&v| v > 0.5).count();
+    for search in [Search::Right, Search::Consistent, Search::All] {
+        let o = IdentifyOptions { search, ..opts(2) };
+        let (f, stats) = identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 4, |_| {
+            true
+        })
+        .unwrap();
+        let k = &stats.by_class;
+        assert_eq!(k.len(), 2, "{stats:?}");
+        assert_eq!((k[0].images, k[1].images), (40 - ones - 6, ones + 6));
+        // the six dark images labelled 1 are classified 0, as are their reconstructions
+        assert!(k[1].wrong >= 6 && k[1].recon_wrong >= 6, "{k:?}");
+        assert_eq!(stats.n_recon_differs, 0, "{stats:?}");
+        let mislabelled_searched = (0..6)
+            .filter(|&i| f.source_index.contains(&(i as i64)))
+            .count();
+        match search {
+            Search::Right => {
+                assert!(k[1].searched <= ones, "{k:?}");
+                assert_eq!(mislabelled_searched, 0);
+            }
+            Search::Consistent | Search::All => {
+                assert_eq!(stats.n_searched, 40, "{search}: {stats:?}");
+                // each real failure yields its two nearest perturbations, still read 0
+                assert_eq!(mislabelled_searched, 6, "{search}");
+                for (r, &src) in f.source_index.iter().enumerate() {
+                    if src < 6 {
+                        assert_eq!((f.true_label[r], f.predicted[r]), (1, 0));
+                        assert!(f.eps_norm[r] < 0.2, "{}", f.eps_norm[r]);
+                    }
+                }
+            }
+        }
+        let sum =
+            |f: fn(&defuse_core::identify::ClassCounts) -> usize| k.iter().map(f).sum::<usize>();
+        assert_eq!(sum(|c| c.images), stats.n_images);
+        assert_eq!(sum(|c| c.searched), stats.n_searched);
+        assert_eq!(sum(|c| c.wrong), stats.n_wrong);
+        assert_eq!(sum(|c| c.recon_wrong), stats.n_recon_wrong);
+        assert_eq!(sum(|c| c.with_failure), stats.n_images_with_failure);
+    }
     let o = opts(2);
     let (_, stats) = identify(&ds.test, SplitName::Test, 0..40, &clf, &vae, &o, 4, |_| {
         true
     })
     .unwrap();
-    let k = &stats.by_class;
-    assert_eq!(k.len(), 2, "{stats:?}");
-    let ones = values.iter().filter(|&&v| v > 0.5).count();
-    assert_eq!((k[0].images, k[1].images), (40 - ones - 6, ones + 6));
-    // the six dark images labelled 1 are classified 0, as are their reconstructions
-    assert!(k[1].wrong >= 6 && k[1].recon_wrong >= 6, "{k:?}");
-    assert!(k[1].searched <= ones, "{k:?}");
-    let sum = |f: fn(&defuse_core::identify::ClassCounts) -> usize| k.iter().map(f).sum::<usize>();
-    assert_eq!(sum(|c| c.images), stats.n_images);
-    assert_eq!(sum(|c| c.searched), stats.n_searched);
-    assert_eq!(sum(|c| c.wrong), stats.n_wrong);
-    assert_eq!(sum(|c| c.recon_wrong), stats.n_recon_wrong);
-    assert_eq!(sum(|c| c.with_failure), stats.n_images_with_failure);
     let mut shards = defuse_core::identify::IdentifyStats::default();
     for r in [0..9, 9..23, 23..40] {
         let (_, s) = identify(&ds.test, SplitName::Test, r, &clf, &vae, &o, 4, |_| true).unwrap();

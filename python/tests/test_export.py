@@ -74,7 +74,7 @@ limit_train = 200
 limit_test = 40
 {files.toml()}
 [identify]
-only_correct = false
+search = "all"
 samples = 8
 keep = 2
 shard_size = 20
