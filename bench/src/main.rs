@@ -1015,6 +1015,8 @@ fn bench_planted(
             "train_members_labelled": s["train_members_labelled"],
             "flagged": flagged(&run)?,
             "found_scenarios": found_in(&s)?,
+            "n_scenarios": s["n_scenarios"],
+            "n_labelled": s["n_labelled"],
         }));
     }
     println!(

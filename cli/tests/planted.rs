@@ -2,8 +2,8 @@
 //! its thin training 1s labelled 7 (`defuse_core::planted`), small models, the first
 //! 2,000 test images searched. Defuse must find a scenario of 1s read as 7 with the
 //! automatic oracle, flag the planted training labels inside it, and its correction must
-//! raise the accuracy on the real thin 1s of the test split by 7 points while the rest
-//! stays within 0.5 points.
+//! fix at least half of the real thin 1s of the test split (from under half: the bug
+//! took) while the rest stays within 0.5 points.
 use std::path::Path;
 use std::process::Command;
 
@@ -73,9 +73,10 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     eprintln!("before {before:?}\nafter  {after:?}");
     assert!(before.slice_images > 300, "{before:?}");
     assert!(before.slice < 0.5, "the planted bug took: {before:?}");
-    // measured: 14.4% -> 24.5% (drop, the default), 45.8% (relabel); 11.2% -> 18.0%
-    // with keep (the paper's; before the device noise generator)
-    assert!(after.slice > before.slice + 0.07, "{before:?} -> {after:?}");
+    // measured: 14.4% -> 77.1% (identify.search = consistent and drop, the defaults;
+    // 1,525 training images flagged, all planted); with search = right, which never
+    // searched the real thin 1s the classifier already reads as 7, 14.4% -> 24.5%
+    assert!(after.slice >= 0.5, "{before:?} -> {after:?}");
     assert!(
         (after.rest - before.rest).abs() <= 0.005,
         "{before:?} -> {after:?}"
