@@ -144,9 +144,19 @@ fn small_run_is_complete_deterministic_and_resumable() {
         ("searched", "n_images_searched"),
         ("wrong", "n_images_wrong"),
         ("reconstruction_wrong", "n_reconstructions_wrong"),
+        ("reconstruction_differs", "n_reconstructions_differ"),
     ] {
         let sum: u64 = cov.iter().map(|c| c[key].as_u64().unwrap()).sum();
         assert_eq!(sum, s[total].as_u64().unwrap(), "{key}");
+    }
+    // the default rule skips exactly the images whose reconstruction is read otherwise
+    for c in cov {
+        let n = |k: &str| c[k].as_u64().unwrap();
+        assert_eq!(
+            n("searched") + n("reconstruction_differs"),
+            n("images"),
+            "{c}"
+        );
     }
     assert!(s["n_scenarios"].as_u64().unwrap() >= 1);
     for key in [
