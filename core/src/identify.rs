@@ -102,26 +102,26 @@ impl Perturbation {
 /// each image as it is and as the VAE reconstructs it (its code decoded unperturbed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Search {
-    /// Images the classifier reads the same as they are and reconstructed, right or
-    /// wrong (the default). A real failure is searched from its own code, so the
-    /// failures cover where the classifier is already wrong, not only the border
-    /// around it; an image whose reconstruction the classifier reads otherwise is
-    /// skipped, since its failures would be the VAE's error as much as the
-    /// classifier's.
+    /// Every image (the default, and the authors' code). A real failure is searched
+    /// from its own code, so the failures cover where the classifier is already wrong,
+    /// not only the border around it.
     #[default]
+    All,
+    /// Images the classifier reads the same as they are and reconstructed, right or
+    /// wrong: an image whose reconstruction it reads otherwise is skipped, since its
+    /// failures could be the VAE's error as much as the classifier's.
     Consistent,
     /// Only images the classifier gets right both as they are and reconstructed:
-    /// every failure is new, made by the perturbation (Defuse's earlier default).
+    /// every failure is new, made by the perturbation (Defuse's default until
+    /// 2026-12-03).
     Right,
-    /// Every image (the authors' code).
-    All,
 }
 
 impl Search {
     const NAMES: [(&'static str, Search); 3] = [
+        ("all", Search::All),
         ("consistent", Search::Consistent),
         ("right", Search::Right),
-        ("all", Search::All),
     ];
 
     pub fn name(self) -> &'static str {
@@ -172,7 +172,7 @@ impl<'de> Deserialize<'de> for Search {
             type Value = Search;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str(
-                    "\"consistent\", \"right\" or \"all\" (or, as only_correct, true or false)",
+                    "\"all\", \"consistent\" or \"right\" (or, as only_correct, true or false)",
                 )
             }
             fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Search, E> {
@@ -196,8 +196,8 @@ impl<'de> Deserialize<'de> for Search {
 pub struct IdentifyOptions {
     /// Which split to search.
     pub split: SplitName,
-    /// Which images are searched: `consistent` (the default), `right` or `all` (the
-    /// authors'); see [`Search`]. `only_correct = true | false`, the older spelling,
+    /// Which images are searched: `all` (the default and the authors'), `consistent`
+    /// or `right`; see [`Search`]. `only_correct = true | false`, the older spelling,
     /// still reads as `right` | `all`.
     #[serde(alias = "only_correct")]
     pub search: Search,
@@ -230,7 +230,7 @@ impl Default for IdentifyOptions {
     fn default() -> Self {
         IdentifyOptions {
             split: SplitName::Test,
-            search: Search::Consistent,
+            search: Search::All,
             samples: 100,
             keep: 5,
             perturbation: Perturbation::default(),
@@ -651,7 +651,7 @@ mod tests {
     #[test]
     fn the_rule_reads_by_name_and_as_the_older_only_correct() {
         let read = |t: &str| toml::from_str::<IdentifyOptions>(t).map(|o| o.search);
-        assert_eq!(read("").unwrap(), Search::Consistent);
+        assert_eq!(read("").unwrap(), Search::All);
         for (t, s) in [
             ("search = \"consistent\"", Search::Consistent),
             ("search = \"right\"", Search::Right),
@@ -670,7 +670,7 @@ mod tests {
             assert_eq!(read(&text).unwrap(), s);
         }
         let e = read("search = \"correct\"").unwrap_err().to_string();
-        assert!(e.contains("\"consistent\", \"right\" or \"all\""), "{e}");
+        assert!(e.contains("\"all\", \"consistent\" or \"right\""), "{e}");
         let e = read("search = \"all\"\nonly_correct = true")
             .unwrap_err()
             .to_string();

@@ -487,7 +487,7 @@ fn render_html(s: &Summary, out: &Path) -> String {
                 p.small {
                     "Real images are checked against their true labels. Those inside a scenario are the images of the searched range whose own code "
                     "the mixture places in it; those that formed it are the images whose perturbed codes did (with " code { "search = \"right\"" } ", all of them "
-                    "classified right as they are; with the default " code { "consistent" } ", the real failures among them too). Synthetic samples are drawn from each scenario's Gaussian N(mean, τ Σ) from their own "
+                    "classified right as they are; with the default " code { "all" } ", the real failures among them too). Synthetic samples are drawn from each scenario's Gaussian N(mean, τ Σ) from their own "
                     "seed streams, never the training samples' draw; the wider τ show how far beyond the trained neighbourhood the correction holds."
                 }
                 p.small { "Fine-tuned model: " (s.model.display()) ". Step times: " (steps.join(", ")) "." }
@@ -624,7 +624,7 @@ mod tests {
             n_images_wrong: 0,
             n_reconstructions_wrong: 0,
             n_reconstructions_differ: 0,
-            search: Search::Consistent,
+            search: Search::All,
             n_perturbations: 100,
             n_failures: 3,
             n_images_with_failure: 2,
