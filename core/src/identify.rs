@@ -532,26 +532,25 @@ pub fn identify(
             let (pr, _) = clf.predict(&vae.decode(&mu)?, o.chunk as i64)?;
             let read = Vec::<i64>::try_from(p.to_device(Device::Cpu))?;
             let recon_read = Vec::<i64>::try_from(pr.to_device(Device::Cpu))?;
-            let mut ok = Vec::with_capacity(end - start);
+            let mut picked = Vec::with_capacity(end - start);
             for i in 0..end - start {
                 let label = split.label(start + i);
                 let (wrong, recon_wrong) = (read[i] != label, recon_read[i] != label);
                 let differs = read[i] != recon_read[i];
+                let searched = o.search.searches(label, read[i], recon_read[i]);
                 let k = stats.class(label);
+                k.images += 1;
                 k.wrong += usize::from(wrong);
                 k.recon_wrong += usize::from(recon_wrong);
                 k.recon_differs += usize::from(differs);
+                k.searched += usize::from(searched);
                 stats.n_wrong += usize::from(wrong);
                 stats.n_recon_wrong += usize::from(recon_wrong);
                 stats.n_recon_differs += usize::from(differs);
-                ok.push(o.search.searches(label, read[i], recon_read[i]));
+                if searched {
+                    picked.push(i);
+                }
             }
-            for (i, &searched) in ok.iter().enumerate() {
-                let k = stats.class(split.label(start + i));
-                k.images += 1;
-                k.searched += usize::from(searched);
-            }
-            let picked: Vec<usize> = (0..end - start).filter(|&i| ok[i]).collect();
             if !progress(end - start) {
                 return Err(Error::Cancelled);
             }

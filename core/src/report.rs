@@ -125,7 +125,7 @@ pub struct ClassCoverage {
     pub class: i64,
     pub name: String,
     pub images: usize,
-    /// misclassified as they are (skipped: not a hidden failure)
+    /// misclassified as they are (skipped by `right`: not a hidden failure)
     pub wrong: usize,
     /// whose plain VAE reconstruction is misclassified
     pub reconstruction_wrong: usize,
