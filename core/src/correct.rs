@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::identify::Failures;
 use crate::models::{Classifier, Vae};
 use crate::progress;
-use crate::scenarios::{Label, Labels, Scenario};
+use crate::scenarios::{Label, Labels, Scenario, Stream};
 use crate::seeds::{rng_for, Step};
 
 /// Options of the correct step (the `[correct]` table of a job config). Defaults
@@ -299,17 +299,6 @@ pub struct ScenarioData {
     pub train_labels: TrainLabels,
 }
 
-/// Seed streams of a scenario's samples (`Scenario::sample_codes`' `purpose`): the
-/// grid, the training samples, the held-out samples at `tau`, then one per wider tau.
-pub mod purpose {
-    pub const GRID: u64 = 0;
-    pub const TRAIN: u64 = 1;
-    pub const TEST: u64 = 2;
-    pub const WIDER: u64 = 3;
-    /// The failures shown per scenario (`scenarios::example_failures`).
-    pub const EXAMPLES: u64 = 4;
-}
-
 /// The failures distill clustered: their codes and each one's component.
 pub struct AssignedFailures<'a> {
     pub failures: &'a Failures,
@@ -365,21 +354,21 @@ pub fn scenario_data(
             scenario: ids,
         })
     };
-    let gaussian = |n: usize, tau: f64, purpose: u64| {
-        move |s: &Scenario, _: i64| s.sample_codes(n, tau, seed, purpose)
+    let gaussian = |n: usize, tau: f64, stream: Stream| {
+        move |s: &Scenario, _: i64| s.sample_codes(n, tau, seed, stream)
     };
     let train = match o.samples {
-        Samples::Gaussian => draw(n_train, tau, &gaussian(n_train, tau, purpose::TRAIN))?,
+        Samples::Gaussian => draw(n_train, tau, &gaussian(n_train, tau, Stream::Train))?,
         Samples::Failures => draw(n_train, tau, &|s: &Scenario, class: i64| {
             own_failure_codes(failures, s, class, n_train, seed)
         })?,
     };
-    let test = draw(n_test, tau, &gaussian(n_test, tau, purpose::TEST))?;
+    let test = draw(n_test, tau, &gaussian(n_test, tau, Stream::Test))?;
     let wider = o
         .test_taus
         .iter()
         .enumerate()
-        .map(|(j, &t)| draw(n_test, t, &gaussian(n_test, t, purpose::WIDER + j as u64)))
+        .map(|(j, &t)| draw(n_test, t, &gaussian(n_test, t, Stream::Wider(j))))
         .collect::<Result<Vec<_>>>()?;
     Ok(ScenarioData {
         train_x: train.x,
@@ -392,7 +381,7 @@ pub fn scenario_data(
     })
 }
 
-/// `n` codes drawn with replacement (the scenario's [`purpose::TRAIN`] stream) from
+/// `n` codes drawn with replacement (the scenario's [`Stream::Train`]) from
 /// scenario `s`'s own failures: those in its component whose real image is of `class`,
 /// the scenario's label (all of the component's when none is: a label a person gave
 /// against every source).
@@ -434,7 +423,7 @@ pub fn own_failure_codes(
             ),
         ));
     }
-    let mut rng = rng_for(seed, Step::Scenario, &[s.id as u64, purpose::TRAIN]);
+    let mut rng = Stream::Train.rng(seed, s.id);
     let pick: Vec<i64> = (0..n).map(|_| rows[rng.gen_range(0..rows.len())]).collect();
     Ok(f.failures
         .codes

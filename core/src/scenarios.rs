@@ -131,18 +131,43 @@ pub fn example_failures(
     let mut members: Vec<usize> = (0..f.len())
         .filter(|&i| assign.get(i) == Some(&(component as i64)))
         .collect();
-    let mut rng = rng_for(
-        seed,
-        Step::Scenario,
-        &[scenario as u64, crate::correct::purpose::EXAMPLES],
-    );
-    members.shuffle(&mut rng);
+    members.shuffle(&mut Stream::Examples.rng(seed, scenario));
     let mut seen = std::collections::HashSet::new();
     members
         .into_iter()
         .filter(|&i| seen.insert(f.source_index[i]))
         .take(n)
         .collect()
+}
+
+/// The seed streams of one scenario's draws, one per use, so that no two uses share
+/// numbers (the held-out samples are independent of the trained ones and of each other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The grid of samples shown for labelling.
+    Grid,
+    /// The samples (or own failures) the correction trains on.
+    Train,
+    /// The held-out samples at the scenario's `tau`.
+    Test,
+    /// The held-out samples at the `j`-th of `correct.test_taus`.
+    Wider(usize),
+    /// The order in which the scenario's own failures are shown.
+    Examples,
+}
+
+impl Stream {
+    /// The generator of this stream for `scenario` (its id) under the job's `seed`.
+    pub fn rng(self, seed: u64, scenario: usize) -> rand_chacha::ChaCha8Rng {
+        let id = scenario as u64;
+        match self {
+            Stream::Grid => rng_for(seed, Step::Scenario, &[id, 0]),
+            Stream::Train => rng_for(seed, Step::Scenario, &[id, 1]),
+            Stream::Test => rng_for(seed, Step::Scenario, &[id, 2]),
+            Stream::Wider(j) => rng_for(seed, Step::Scenario, &[id, 3, j as u64]),
+            Stream::Examples => rng_for(seed, Step::Scenario, &[id, 4]),
+        }
+    }
 }
 
 impl Scenario {
@@ -154,8 +179,8 @@ impl Scenario {
             .map(|(&l, _)| l)
     }
 
-    /// `n` codes from `N(mean, tau * Sigma)`, seeded by `(seed, scenario, purpose)`.
-    pub fn sample_codes(&self, n: usize, tau: f64, seed: u64, purpose: u64) -> Result<Tensor> {
+    /// `n` codes from `N(mean, tau * Sigma)`, drawn from `stream` of this scenario.
+    pub fn sample_codes(&self, n: usize, tau: f64, seed: u64, stream: Stream) -> Result<Tensor> {
         let d = self.mean.len() as i64;
         let cov = Tensor::from_slice(&self.covariance.concat()).view([d, d]) * tau;
         let chol = (cov + Tensor::eye(d, (Kind::Double, Device::Cpu)) * 1e-9)
@@ -169,7 +194,7 @@ impl Scenario {
                     ),
                 )
             })?;
-        let mut rng = rng_for(seed, Step::Scenario, &[self.id as u64, purpose]);
+        let mut rng = stream.rng(seed, self.id);
         let z: Vec<f64> = (0..n * d as usize)
             .map(|_| StandardNormal.sample(&mut rng))
             .collect();
@@ -439,6 +464,36 @@ mod tests {
             sample_predictions: samples.to_vec(),
             examples: vec![],
         }
+    }
+
+    #[test]
+    fn each_use_of_a_scenario_draws_from_its_own_stream() {
+        use rand::Rng;
+        let streams = [
+            Stream::Grid,
+            Stream::Train,
+            Stream::Test,
+            Stream::Wider(0),
+            Stream::Wider(1),
+            Stream::Wider(2),
+            Stream::Examples,
+        ];
+        let first = |st: Stream, id: usize| st.rng(7, id).gen::<u64>();
+        let mut seen = std::collections::HashSet::new();
+        for id in 0..3 {
+            for st in streams {
+                assert!(seen.insert(first(st, id)), "{st:?} of scenario {id} repeats a stream");
+                // and the same stream again gives the same numbers
+                assert_eq!(first(st, id), first(st, id));
+            }
+        }
+        // the samples follow their stream
+        let s = scenario(1, &[(0, 1)], &[]);
+        let a = s.sample_codes(5, 0.1, 7, Stream::Wider(1)).unwrap();
+        let b = s.sample_codes(5, 0.1, 7, Stream::Examples).unwrap();
+        let c = s.sample_codes(5, 0.1, 7, Stream::Wider(1)).unwrap();
+        assert!(a.equal(&c));
+        assert!(!a.equal(&b));
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub(super) fn run(
                 cfg.distill.grid_samples,
                 cfg.distill.tau,
                 cfg.seed,
-                crate::correct::purpose::GRID,
+                scenarios::Stream::Grid,
             )?;
             let (imgs, preds) = scenarios::decode_and_classify(vae, clf, &codes)?;
             // rows of 8: a block a person can take in at a glance
