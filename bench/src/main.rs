@@ -904,7 +904,7 @@ fn bench_planted(
     variants: &[String],
     slice: defuse_core::planted::Slice,
 ) -> Result<()> {
-    use defuse_core::planted::{slice_accuracy, write_planted_mnist};
+    use defuse_core::planted::{searched_range, slice_accuracy, write_planted_mnist};
     let ds = DataSpec::from_path(mnist).load()?;
     let planted = write_planted_mnist(mnist, &work.join("data"), slice)?;
     let job = work.join("planted.toml");
@@ -938,13 +938,23 @@ fn bench_planted(
     } else {
         work.join(tuned)
     };
-    let accuracy = |path: &std::path::Path| -> Result<(f64, f64, usize, usize)> {
-        let a = slice_accuracy(path, &ds.test, &planted)?;
-        Ok((a.slice, a.rest, a.slice_images, a.rest_images))
+    // the slice and the rest over the whole test split and over the unsearched images
+    let searched = searched_range(limit, ds.test.len());
+    let accuracy = |path: &std::path::Path| -> Result<serde_json::Value> {
+        let a = slice_accuracy(path, &ds.test, &planted, searched.clone())?;
+        Ok(json!({
+            "slice": a.all.slice,
+            "rest": a.all.rest,
+            "slice_unsearched": a.unsearched.slice,
+            "rest_unsearched": a.unsearched.rest,
+            "slice_images": a.all.slice_images,
+            "rest_images": a.all.rest_images,
+            "slice_images_unsearched": a.unsearched.slice_images,
+            "rest_images_unsearched": a.unsearched.rest_images,
+        }))
     };
-    let (slice_before, rest_before, n_slice, n_rest) =
-        accuracy(&run.join("models/classifier.safetensors"))?;
-    let (slice_after, rest_after, _, _) = accuracy(&tuned)?;
+    let before = accuracy(&run.join("models/classifier.safetensors"))?;
+    let after = accuracy(&tuned)?;
     let mut sweep = Vec::new();
     if !lambdas.is_empty() {
         let list: Vec<String> = lambdas.iter().map(|l| l.to_string()).collect();
@@ -960,11 +970,11 @@ fn bench_planted(
             bail!("defuse sweep {} failed: {status}", job.display());
         }
         for l in lambdas {
-            let (s, r, _, _) = accuracy(
+            let a = accuracy(
                 &run.join(format!("sweep/lambda-{l}"))
                     .join(tuned.file_name().context("the tuned model's file name")?),
             )?;
-            sweep.push(json!({"lambda": l, "slice_accuracy": s, "rest_accuracy": r}));
+            sweep.push(json!({"lambda": l, "accuracy": a}));
         }
     }
     // the training members the default run flagged, against the planted labels
@@ -1005,11 +1015,9 @@ fn bench_planted(
         }
         let s: serde_json::Value =
             serde_json::from_slice(&std::fs::read(run.join("report/summary.json"))?)?;
-        let (slice, rest, _, _) = accuracy(&tuned)?;
         corrected.push(json!({
             "set": set,
-            "slice_accuracy": slice,
-            "rest_accuracy": rest,
+            "accuracy": accuracy(&tuned)?,
             "test_unsearched": s["test_unsearched"],
             "real_members_labelled": s["real_members_labelled"],
             "train_members_labelled": s["train_members_labelled"],
@@ -1025,13 +1033,10 @@ fn bench_planted(
             "slice": slice.name,
             "ink_threshold": planted.ink_threshold,
             "train_relabelled": planted.train_relabelled,
-            "test_slice": n_slice,
-            "test_rest": n_rest,
+            "searched": [searched.start, searched.end],
             "found_scenarios": found,
-            "slice_accuracy_before": slice_before,
-            "slice_accuracy_after": slice_after,
-            "rest_accuracy_before": rest_before,
-            "rest_accuracy_after": rest_after,
+            "before": before,
+            "after": after,
             "real_members_labelled": summary["real_members_labelled"],
             "test_unsearched": summary["test_unsearched"],
             "n_scenarios": summary["n_scenarios"],

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use defuse_core::data::DataSpec;
-use defuse_core::planted::{job_toml, slice_accuracy, write_planted_mnist, THIN_ONES};
+use defuse_core::planted::{
+    job_toml, searched_range, slice_accuracy, write_planted_mnist, SliceAccuracy, THIN_ONES,
+};
 
 #[test]
 fn finds_the_planted_thin_ones_and_corrects_real_ones() {
@@ -17,7 +19,8 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     let planted = write_planted_mnist(&mnist, &dir.path().join("data"), THIN_ONES).unwrap();
     assert!(planted.train_relabelled > 2000, "{planted:?}");
     let job = dir.path().join("planted.toml");
-    std::fs::write(&job, job_toml(1, 2, 2000)).unwrap();
+    let limit = 2000;
+    std::fs::write(&job, job_toml(1, 2, limit)).unwrap();
     let r = Command::new(env!("CARGO_BIN_EXE_defuse"))
         .args(["run", job.to_str().unwrap()])
         .env("RUST_LOG", "warn")
@@ -35,10 +38,15 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
         .filter(|sc| sc["label"] == 1 && sc["predicted"] == 7)
         .collect();
     assert!(!found.is_empty(), "no scenario of 1s read as 7: {s}");
-    // its real members include images the classifier gets wrong
+    // its real members include images the classifier gets wrong, and more of them are
+    // right after the correction
     let m = &found[0]["real_members"];
     assert!(
         m["right_before"].as_u64().unwrap() < m["images"].as_u64().unwrap(),
+        "{m}"
+    );
+    assert!(
+        m["right_after"].as_u64().unwrap() > m["right_before"].as_u64().unwrap(),
         "{m}"
     );
 
@@ -67,10 +75,28 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     assert!(planted_share >= 0.9, "{planted_share}");
 
     let test = original.test;
-    let before =
-        slice_accuracy(&run.join("models/classifier.safetensors"), &test, &planted).unwrap();
-    let after = slice_accuracy(Path::new(s["model"].as_str().unwrap()), &test, &planted).unwrap();
+    let searched = searched_range(limit, test.len());
+    let accuracy = |model: &Path| slice_accuracy(model, &test, &planted, searched.clone()).unwrap();
+    let before = accuracy(&run.join("models/classifier.safetensors"));
+    let after = accuracy(Path::new(s["model"].as_str().unwrap()));
     eprintln!("before {before:?}\nafter  {after:?}");
+    // the test images identify did not search are counted apart: the searched thin 1s'
+    // own failures formed the scenarios the correction trained on
+    let unsearched = (before.unsearched, after.unsearched);
+    let (before, after) = (before.all, after.all);
+    assert!(unsearched.0.slice_images > 150, "{unsearched:?}");
+    // the summary's own figure for those images is the same count, measured apart
+    let u = &s["test_unsearched"];
+    let right = |a: &SliceAccuracy| {
+        (a.slice * a.slice_images as f64 + a.rest * a.rest_images as f64).round() as u64
+    };
+    assert_eq!(
+        u["images"].as_u64().unwrap() as usize,
+        unsearched.0.slice_images + unsearched.0.rest_images,
+        "{u}"
+    );
+    assert_eq!(u["right_before"].as_u64().unwrap(), right(&unsearched.0), "{u}");
+    assert_eq!(u["right_after"].as_u64().unwrap(), right(&unsearched.1), "{u}");
     assert!(before.slice_images > 300, "{before:?}");
     assert!(before.slice < 0.5, "the planted bug took: {before:?}");
     // measured: 14.4% -> 85.3% (identify.search = all and drop, the defaults; 1,868
@@ -78,6 +104,8 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
     // search = right, which never searched the real thin 1s the classifier already
     // reads as 7, 14.4% -> 24.5%
     assert!(after.slice >= 0.5, "{before:?} -> {after:?}");
+    // measured on the 251 unsearched thin 1s: 13.5% -> 82.9% (the rest 98.35 -> 98.50)
+    assert!(unsearched.1.slice >= 0.5, "{unsearched:?}");
     assert!(
         (after.rest - before.rest).abs() <= 0.005,
         "{before:?} -> {after:?}"

@@ -187,8 +187,8 @@ mode = "source-majority"
     )
 }
 
-/// A classifier's accuracy on the slice and on the rest of a split.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A classifier's accuracy on the slice and on the rest of a split (or of a part of it).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct SliceAccuracy {
     pub slice: f64,
     pub rest: f64,
@@ -196,28 +196,61 @@ pub struct SliceAccuracy {
     pub rest_images: usize,
 }
 
+/// [`SliceAccuracy`] on the whole test split, and on the test images identify did not
+/// search: under `identify.search = "all"` the searched slice images' own failures
+/// form the scenarios the correction trains on, so only the unsearched ones measure
+/// whether the fix holds on images it was not steered by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SliceAccuracies {
+    pub all: SliceAccuracy,
+    pub unsearched: SliceAccuracy,
+}
+
 /// The accuracy of the classifier at `model` (a 10-class MNIST classifier) on the
-/// planted slice's images of `test` (true labels) and on the rest.
-pub fn slice_accuracy(model: &Path, test: &Split, planted: &PlantedMnist) -> Result<SliceAccuracy> {
+/// planted slice's images of `test` (true labels) and on the rest, over the whole split
+/// and over the images outside `searched` (the job's
+/// [`IdentifyOptions::searched_range`](crate::identify::IdentifyOptions::searched_range)).
+pub fn slice_accuracy(
+    model: &Path,
+    test: &Split,
+    planted: &PlantedMnist,
+    searched: std::ops::Range<usize>,
+) -> Result<SliceAccuracies> {
     let clf = Classifier::load(model, [1, 28, 28], 10, Device::Cpu)?;
     let slice = planted.rows(test);
     let pred = Vec::<i64>::try_from(
         clf.predict(&test.images(0..test.len(), Device::Cpu), 1000)?
             .0,
     )?;
-    let (mut s, mut sn, mut r, mut rn) = (0, 0, 0, 0);
-    for (i, &p) in pred.iter().enumerate() {
-        let right = (p == test.labels[i]) as usize;
-        if slice[i] {
-            (s, sn) = (s + right, sn + 1);
-        } else {
-            (r, rn) = (r + right, rn + 1);
+    let tally = |rows: &mut dyn Iterator<Item = usize>| {
+        let (mut s, mut sn, mut r, mut rn) = (0, 0, 0, 0);
+        for i in rows {
+            let right = (pred[i] == test.labels[i]) as usize;
+            if slice[i] {
+                (s, sn) = (s + right, sn + 1);
+            } else {
+                (r, rn) = (r + right, rn + 1);
+            }
         }
-    }
-    Ok(SliceAccuracy {
-        slice: s as f64 / sn.max(1) as f64,
-        rest: r as f64 / rn.max(1) as f64,
-        slice_images: sn,
-        rest_images: rn,
+        SliceAccuracy {
+            slice: s as f64 / sn.max(1) as f64,
+            rest: r as f64 / rn.max(1) as f64,
+            slice_images: sn,
+            rest_images: rn,
+        }
+    };
+    Ok(SliceAccuracies {
+        all: tally(&mut (0..pred.len())),
+        unsearched: tally(&mut (0..pred.len()).filter(|i| !searched.contains(i))),
     })
+}
+
+/// The test images a [`job_toml`] job with `limit` searches (every other
+/// identify setting at its default).
+pub fn searched_range(limit: usize, test_images: usize) -> std::ops::Range<usize> {
+    crate::identify::IdentifyOptions {
+        limit,
+        ..Default::default()
+    }
+    .searched_range(test_images)
 }
