@@ -95,8 +95,16 @@ fn finds_the_planted_thin_ones_and_corrects_real_ones() {
         unsearched.0.slice_images + unsearched.0.rest_images,
         "{u}"
     );
-    assert_eq!(u["right_before"].as_u64().unwrap(), right(&unsearched.0), "{u}");
-    assert_eq!(u["right_after"].as_u64().unwrap(), right(&unsearched.1), "{u}");
+    assert_eq!(
+        u["right_before"].as_u64().unwrap(),
+        right(&unsearched.0),
+        "{u}"
+    );
+    assert_eq!(
+        u["right_after"].as_u64().unwrap(),
+        right(&unsearched.1),
+        "{u}"
+    );
     assert!(before.slice_images > 300, "{before:?}");
     assert!(before.slice < 0.5, "the planted bug took: {before:?}");
     // measured: 14.4% -> 85.3% (identify.search = all and drop, the defaults; 1,868

@@ -371,11 +371,11 @@ impl Rows {
         }
     }
 
-    /// `[N, K]`: `f(rows, their pair products)` `[B, K]` of each block, stacked.
+    /// `[N, K]`: `f(rows, their pair products)` `[K, B]` of each block, stacked.
     fn rows_of(&self, k: i64, f: impl Fn(&Tensor, &Tensor) -> Tensor) -> Tensor {
         let out = Tensor::empty([self.x.size()[0], k], (Kind::Double, Device::Cpu));
         self.each_block(|start, xb, zb| {
-            out.narrow(0, start, xb.size()[0]).copy_(&f(xb, zb));
+            out.narrow(0, start, xb.size()[0]).copy_(&f(xb, zb).tr());
         });
         out
     }
@@ -415,19 +415,19 @@ impl Stats {
         }
     }
 
-    /// Adds a block's responsibilities `r` `[B, K]` of rows `xb` with products `zb`.
+    /// Adds a block's responsibilities `r`, component-major `[K, B]`, of rows `xb`
+    /// with products `zb`.
     fn add(&mut self, r: &Tensor, xb: &Tensor, zb: &Tensor) {
-        let rt = r.transpose(0, 1);
-        self.nk += r.sum_dim_intlist([0].as_slice(), false, Kind::Double);
-        let _ = self.sx.addmm_(&rt, xb);
-        let _ = self.s2.addmm_(&rt, zb);
+        self.nk += r.sum_dim_intlist([1].as_slice(), false, Kind::Double);
+        let _ = self.sx.addmm_(r, xb);
+        let _ = self.s2.addmm_(r, zb);
     }
 
     /// Of given responsibilities `[N, K]` (the k-means start).
     fn of(rows: &Rows, resp: &Tensor) -> Stats {
         let (d, t) = (rows.x.size()[1], rows.tri.weight.size()[0]);
         let mut st = Stats::zeros(resp.size()[1], d, t);
-        rows.each_block(|start, xb, zb| st.add(&resp.narrow(0, start, xb.size()[0]), xb, zb));
+        rows.each_block(|start, xb, zb| st.add(&resp.narrow(0, start, xb.size()[0]).tr(), xb, zb));
         st
     }
 }
@@ -580,9 +580,17 @@ fn precision_cholesky(covs: &Tensor) -> Result<Tensor> {
 /// a product of the rows' pair products with the precisions' upper triangles; every
 /// per-component constant (and `extra`) is in the bias, so no pass over `[N, K]` is
 /// added.
+///
+/// A block's terms are computed component-major, `[K, B]` = `quad [K, T] @ products^T`:
+/// the product over 20,000 x 528 products at K = 20 took 18-20 ms on this machine's
+/// MKL (one thread) against 50-77 ms as `products [B, T] @ [T, K]`; the M-step's sums
+/// then take the `[K, B]` responsibilities as they come.
 struct GaussianTerms {
+    /// `[K, T]`
     quad: Tensor,
+    /// `[K, D]`
     lin: Tensor,
+    /// `[K, 1]`
     bias: Tensor,
 }
 
@@ -597,16 +605,19 @@ impl GaussianTerms {
         let prec = prec_chol.matmul(&prec_chol.transpose(1, 2)); // [K, D, D]
         let am = prec.matmul(&means.unsqueeze(2)).squeeze_dim(2); // [K, D]
         let c = (means * &am).sum_dim_intlist([1].as_slice(), false, Kind::Double); // [K]
+        let bias = log_det - c * 0.5 - d as f64 * 0.5 * (2.0 * std::f64::consts::PI).ln() + extra;
         GaussianTerms {
-            quad: (tri.pick(&prec) * tri.weight.unsqueeze(0) * -0.5).transpose(0, 1), // [T, K]
-            lin: am.transpose(0, 1),                                                  // [D, K]
-            bias: log_det - c * 0.5 - d as f64 * 0.5 * (2.0 * std::f64::consts::PI).ln() + extra,
+            quad: (tri.pick(&prec) * tri.weight.unsqueeze(0) * -0.5).contiguous(),
+            lin: am.contiguous(),
+            bias: bias.unsqueeze(1),
         }
     }
 
-    /// `[B, K]` for rows `xb` with pair products `zb`.
+    /// `[K, B]` for rows `xb` with pair products `zb`.
     fn block(&self, xb: &Tensor, zb: &Tensor) -> Tensor {
-        self.bias.addmm(zb, &self.quad).addmm(xb, &self.lin)
+        self.bias
+            .addmm(&self.quad, &zb.tr())
+            .addmm(&self.lin, &xb.tr())
     }
 }
 
@@ -649,10 +660,10 @@ fn e_step_terms(rows: &Rows, s: &State) -> GaussianTerms {
     GaussianTerms::new(&rows.tri, &s.means, &s.prec_chol, &extra)
 }
 
-/// Log responsibilities of a block `[B, K]`.
+/// Log responsibilities of a block, component-major `[K, B]`.
 fn log_resp_block(terms: &GaussianTerms, xb: &Tensor, zb: &Tensor) -> Tensor {
     let weighted = terms.block(xb, zb);
-    let norm = weighted.logsumexp([1], true);
+    let norm = weighted.logsumexp([0], true);
     weighted - norm
 }
 

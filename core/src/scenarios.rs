@@ -482,7 +482,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for id in 0..3 {
             for st in streams {
-                assert!(seen.insert(first(st, id)), "{st:?} of scenario {id} repeats a stream");
+                assert!(
+                    seen.insert(first(st, id)),
+                    "{st:?} of scenario {id} repeats a stream"
+                );
                 // and the same stream again gives the same numbers
                 assert_eq!(first(st, id), first(st, id));
             }
