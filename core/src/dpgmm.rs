@@ -363,7 +363,20 @@ struct Rows {
 impl Rows {
     fn new(x: &Tensor, tri: Triu) -> Rows {
         let (n, t) = (x.size()[0], tri.weight.size()[0]);
-        let products = (n * t * 8 <= PRODUCTS_CACHE_BYTES).then(|| tri.products(x));
+        // made a block at a time into their place: whole-matrix gathers would fault in
+        // three [N, T] tensors' pages (1.3 GB at 100,000 x 32) for one
+        let products = (n * t * 8 <= PRODUCTS_CACHE_BYTES).then(|| {
+            let z = Tensor::empty([n, t], (Kind::Double, Device::Cpu));
+            let b = block_rows(t);
+            for start in (0..n).step_by(b as usize) {
+                let len = b.min(n - start);
+                let xb = x.narrow(0, start, len);
+                let _ = xb
+                    .index_select(1, &tri.rows)
+                    .mul_out(&z.narrow(0, start, len), &xb.index_select(1, &tri.cols));
+            }
+            z
+        });
         Rows {
             x: x.shallow_clone(),
             tri,
@@ -615,9 +628,18 @@ impl GaussianTerms {
 
     /// `[K, B]` for rows `xb` with pair products `zb`.
     fn block(&self, xb: &Tensor, zb: &Tensor) -> Tensor {
-        self.bias
-            .addmm(&self.quad, &zb.tr())
-            .addmm(&self.lin, &xb.tr())
+        let out = Tensor::empty(
+            [self.bias.size()[0], xb.size()[0]],
+            (Kind::Double, Device::Cpu),
+        );
+        self.block_into(&out, xb, zb);
+        out
+    }
+
+    /// [`GaussianTerms::block`] written into `out` `[K, B]`.
+    fn block_into(&self, out: &Tensor, xb: &Tensor, zb: &Tensor) {
+        let mut out = self.bias.addmm_out(out, &self.quad, &zb.tr());
+        let _ = out.addmm_(&self.lin, &xb.tr());
     }
 }
 
@@ -678,11 +700,24 @@ fn e_step(rows: &Rows, s: &State) -> Tensor {
 fn e_step_stats(rows: &Rows, s: &State) -> Stats {
     let terms = e_step_terms(rows, s);
     let (d, t) = (rows.x.size()[1], rows.tri.weight.size()[0]);
-    let mut st = Stats::zeros(s.means.size()[0], d, t);
+    let k = s.means.size()[0];
+    let mut st = Stats::zeros(k, d, t);
+    // one buffer each for a block's log responsibilities and responsibilities, reused:
+    // a fresh [K, B] tensor per block is a fresh mmap (above glibc's 128 KB threshold)
+    // whose pages fault in again, a tenth of a fit's time at 100,000 x 32
+    let len_max = block_rows(t).min(rows.x.size()[0]);
+    let (log_buf, r_buf) = (
+        Tensor::empty([k * len_max], (Kind::Double, Device::Cpu)),
+        Tensor::empty([k * len_max], (Kind::Double, Device::Cpu)),
+    );
     rows.each_block(|_, xb, zb| {
-        let log_r = log_resp_block(&terms, xb, zb);
-        let r = log_r.exp();
-        st.r_log_r += (&r * &log_r).sum(Kind::Double);
+        let len = xb.size()[0];
+        let mut log_r = log_buf.narrow(0, 0, k * len).view([k, len]);
+        terms.block_into(&log_r, xb, zb);
+        let norm = log_r.logsumexp([0], true);
+        log_r -= &norm;
+        let r = log_r.exp_out(&r_buf.narrow(0, 0, k * len).view([k, len]));
+        st.r_log_r += r.view([-1]).dot(&log_r.view([-1]));
         st.add(&r, xb, zb);
     });
     st
