@@ -39,6 +39,7 @@ fmt:
 fuzz: setup
 	$(ENV) && PROPTEST_CASES=20000 cargo nextest run -p defuse-core --test fuzz
 
-# The benchmarks (bench/run.py; not part of `make test`). About 30 minutes.
+# The benchmarks (bench/run.py; not part of `make test`). About 2.5 hours on 2 cores
+# (the planted-bug rows are most of it; `python3 bench/run.py --skip planted` for less).
 bench: setup
 	python3 bench/run.py
