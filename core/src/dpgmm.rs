@@ -684,9 +684,19 @@ fn e_step_terms(rows: &Rows, s: &State) -> GaussianTerms {
 
 /// Log responsibilities of a block, component-major `[K, B]`.
 fn log_resp_block(terms: &GaussianTerms, xb: &Tensor, zb: &Tensor) -> Tensor {
-    let weighted = terms.block(xb, zb);
-    let norm = weighted.logsumexp([0], true);
-    weighted - norm
+    let mut log_r = Tensor::empty(
+        [terms.bias.size()[0], xb.size()[0]],
+        (Kind::Double, Device::Cpu),
+    );
+    log_resp_into(terms, &mut log_r, xb, zb);
+    log_r
+}
+
+/// [`log_resp_block`] written into `log_r` `[K, B]`.
+fn log_resp_into(terms: &GaussianTerms, log_r: &mut Tensor, xb: &Tensor, zb: &Tensor) {
+    terms.block_into(log_r, xb, zb);
+    let norm = log_r.logsumexp([0], true);
+    *log_r -= &norm;
 }
 
 /// Log responsibilities `[N, K]` (predictions).
@@ -713,9 +723,7 @@ fn e_step_stats(rows: &Rows, s: &State) -> Stats {
     rows.each_block(|_, xb, zb| {
         let len = xb.size()[0];
         let mut log_r = log_buf.narrow(0, 0, k * len).view([k, len]);
-        terms.block_into(&log_r, xb, zb);
-        let norm = log_r.logsumexp([0], true);
-        log_r -= &norm;
+        log_resp_into(&terms, &mut log_r, xb, zb);
         let r = log_r.exp_out(&r_buf.narrow(0, 0, k * len).view([k, len]));
         st.r_log_r += r.view([-1]).dot(&log_r.view([-1]));
         st.add(&r, xb, zb);

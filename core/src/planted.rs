@@ -188,7 +188,7 @@ mode = "source-majority"
 }
 
 /// A classifier's accuracy on the slice and on the rest of a split (or of a part of it).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SliceAccuracy {
     pub slice: f64,
     pub rest: f64,
