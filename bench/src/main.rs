@@ -555,6 +555,10 @@ fn bench_identify(run: IdentifyRun) -> Result<()> {
                 },
                 Device::Cpu,
             )?;
+            // prepared as a job prepares them (`--jit`)
+            let inference = |e: String| anyhow::anyhow!("built-in models for inference: {e}");
+            let clf = clf.into_inference(jit).map_err(inference)?;
+            let vae = vae.into_inference(jit).map_err(inference)?;
             return Ok((clf, vae));
         }
         let clf = Classifier::load_for_inference(

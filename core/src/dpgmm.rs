@@ -295,8 +295,6 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
 /// `x_i x_j` of a row carry everything its quadratic forms and scatter need.
 struct Triu {
     d: i64,
-    rows: Tensor,
-    cols: Tensor,
     /// Position of `(i, j)` in a flattened `D x D` matrix, and of `(j, i)`.
     upper: Tensor,
     lower: Tensor,
@@ -313,15 +311,33 @@ impl Triu {
             d,
             upper: &rows * d + &cols,
             lower: &cols * d + &rows,
-            rows,
-            cols,
             weight,
         }
     }
 
     /// `[B, T]`: each row's products `x_i x_j`, `i <= j`.
     fn products(&self, x: &Tensor) -> Tensor {
-        x.index_select(1, &self.rows) * x.index_select(1, &self.cols)
+        let out = Tensor::empty(
+            [x.size()[0], self.weight.size()[0]],
+            (Kind::Double, Device::Cpu),
+        );
+        self.products_into(x, &out);
+        out
+    }
+
+    /// [`Triu::products`] written into `out` `[B, T]`: the pairs are in row-major
+    /// order, so the products of row `i` of the triangle are one broadcast product,
+    /// `x_i * x_{i..D}`, into `D - i` adjacent columns (two column gathers and their
+    /// product, element by element, took three times as long).
+    fn products_into(&self, x: &Tensor, out: &Tensor) {
+        let mut at = 0;
+        for i in 0..self.d {
+            let width = self.d - i;
+            let _ = x
+                .narrow(1, i, 1)
+                .mul_out(&out.narrow(1, at, width), &x.narrow(1, i, width));
+            at += width;
+        }
     }
 
     /// `[K, T]` upper triangles of `[K, D, D]` matrices.
@@ -370,10 +386,7 @@ impl Rows {
             let b = block_rows(t);
             for start in (0..n).step_by(b as usize) {
                 let len = b.min(n - start);
-                let xb = x.narrow(0, start, len);
-                let _ = xb
-                    .index_select(1, &tri.rows)
-                    .mul_out(&z.narrow(0, start, len), &xb.index_select(1, &tri.cols));
+                tri.products_into(&x.narrow(0, start, len), &z.narrow(0, start, len));
             }
             z
         });
@@ -487,18 +500,22 @@ fn kmeans_labels(x: &Tensor, k: i64, seed: u64) -> Tensor {
     let var = x.var_dim([0].as_slice(), false, false).mean(Kind::Double);
     let tol = 1e-4 * f64::try_from(var).unwrap_or(0.0);
     // nearest centre of every row, and its squared distance; argmin over
-    // |c|^2 - 2 x.c (one product per block: |x|^2 is the same for every centre)
+    // |c|^2 - 2 x.c (one product per block: |x|^2 is the same for every centre), as
+    // [x, 1] @ [-2 c^T; |c|^2]: adding |c|^2 inside the product saves MKL a pass that
+    // broadcasts it into the output first (a tenth of a K = 20 start)
+    let ones = Tensor::ones([n, 1], (Kind::Double, Device::Cpu));
+    let x1 = Tensor::cat(&[x.shallow_clone(), ones], 1);
     let assign = |c: &Tensor| -> (Tensor, Tensor) {
         let c_sq = c
             .square()
             .sum_dim_intlist([1].as_slice(), false, Kind::Double);
-        let ct = c.transpose(0, 1) * -2.0;
+        let w = Tensor::cat(&[c.transpose(0, 1) * -2.0, c_sq.unsqueeze(0)], 0);
         // [B, K] scores of ~1 MB stay in cache between the product and the argmin
         let b = ((1 << 17) / k).max(64);
         let (mut labels, mut dist) = (Vec::new(), Vec::new());
         for start in (0..n).step_by(b as usize) {
             let len = b.min(n - start);
-            let scores = c_sq.addmm(&x.narrow(0, start, len), &ct);
+            let scores = x1.narrow(0, start, len).matmul(&w);
             let (v, i) = scores.min_dim(1, false);
             dist.push((v + x_sq.narrow(0, start, len)).clamp_min(0.0));
             labels.push(i);

@@ -137,6 +137,39 @@ impl FrozenModule {
 }
 
 impl FrozenModule {
+    /// Traces `f` on `example` into a TorchScript graph and prepares that per `jit`, on
+    /// `example`'s device: how Defuse's built-in models run for inference. What `f`
+    /// reads besides its input (the weights) becomes constants of the graph, so those
+    /// tensors must not require gradients (libtorch refuses them as constants); sizes
+    /// `f` reads from its input are baked in as well, except that the graph takes any
+    /// batch size as long as `f` never reads the first dimension. tch's tracer can only
+    /// save the traced module to a file: it passes through a temporary one.
+    pub fn trace(
+        example: &Tensor,
+        jit: Jit,
+        f: impl Fn(&Tensor) -> Tensor,
+    ) -> std::result::Result<Self, String> {
+        let mut closure = |xs: &[Tensor]| vec![f(&xs[0])];
+        let traced = tch::no_grad(|| {
+            tch::CModule::create_by_tracing(
+                "defuse_traced",
+                "forward",
+                &[example.shallow_clone()],
+                &mut closure,
+            )
+        })
+        .map_err(|e| format!("tracing failed: {e}"))?;
+        let file = tempfile::Builder::new()
+            .prefix("defuse-traced-")
+            .suffix(".pt")
+            .tempfile()
+            .map_err(|e| format!("no temporary file for the traced module: {e}"))?;
+        traced
+            .save(file.path())
+            .map_err(|e| format!("cannot save the traced module: {e}"))?;
+        FrozenModule::load(file.path(), example.device(), jit)
+    }
+
     /// `forward(x)` of a module that must return one tensor (`what` it is, for the
     /// error when it returns a tuple).
     pub fn forward_one(&self, x: &Tensor, what: &str) -> std::result::Result<Tensor, String> {

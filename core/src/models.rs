@@ -105,13 +105,23 @@ impl Cnn {
     }
 }
 
-/// `relu` then 2x2 max pooling. In inference it is computed as the maximum of four
+/// How [`relu_pool2`] pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// `max_pool2d`: training (its gradient goes to one input of each window), and the
+    /// traced graph, where `optimize_for_inference` runs it as an MKL-DNN pooling on
+    /// the convolution's own layout.
+    MaxPool2d,
+    /// The maximum of four strided views: eager inference.
+    StridedMax,
+}
+
+/// `relu` then 2x2 max pooling. Eager inference computes it as the maximum of four
 /// strided views, then `relu` (the two commute): the same numbers, about 7x faster on
-/// CPU than `max_pool2d`, which computes and discards the arg-max indices (30% of the
-/// classifier's time in the identify profile, bench/README.md). Training keeps
-/// `max_pool2d`, whose gradient goes to one input of each window.
-fn relu_pool2(x: Tensor, train: bool) -> Tensor {
-    if train {
+/// CPU than eager `max_pool2d`, which computes and discards the arg-max indices (30% of
+/// the classifier's time in the identify profile, bench/README.md).
+fn relu_pool2(x: Tensor, pool: Pool) -> Tensor {
+    if pool == Pool::MaxPool2d {
         return x.relu().max_pool2d_default(2);
     }
     let (h, w) = (x.size()[2] / 2 * 2, x.size()[3] / 2 * 2);
@@ -122,16 +132,27 @@ fn relu_pool2(x: Tensor, train: bool) -> Tensor {
         .relu()
 }
 
-impl ModuleT for Cnn {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let x = relu_pool2(xs.apply(&self.conv1), train);
-        relu_pool2(x.apply(&self.conv2), train)
+impl Cnn {
+    fn forward_pooled(&self, xs: &Tensor, train: bool, pool: Pool) -> Tensor {
+        let x = relu_pool2(xs.apply(&self.conv1), pool);
+        relu_pool2(x.apply(&self.conv2), pool)
             .flatten(1, -1)
             .dropout(0.25, train)
             .apply(&self.fc1)
             .relu()
             .dropout(0.5, train)
             .apply(&self.fc2)
+    }
+}
+
+impl ModuleT for Cnn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let pool = if train {
+            Pool::MaxPool2d
+        } else {
+            Pool::StridedMax
+        };
+        self.forward_pooled(xs, train, pool)
     }
 }
 
@@ -213,6 +234,10 @@ pub struct Classifier {
 
 enum ClassifierNet {
     BuiltIn(CnnArch, Box<Cnn>),
+    /// A built-in CNN for inference only ([`Classifier::into_inference`]): its eval
+    /// forward traced into TorchScript and prepared like a user's file; the var store
+    /// keeps the weights it is saved from.
+    BuiltInTraced(CnnArch, FrozenModule),
     /// TorchScript, trainable (the copy Defuse fine-tunes).
     Script(tch::TrainableCModule),
     /// TorchScript prepared for inference only ([`Classifier::load_for_inference`]),
@@ -224,6 +249,9 @@ impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.net {
             ClassifierNet::BuiltIn(a, _) => format!("built-in cnn {a:?}"),
+            ClassifierNet::BuiltInTraced(a, ..) => {
+                format!("built-in cnn {a:?}, traced for inference")
+            }
             ClassifierNet::Script(_) => "torchscript".to_string(),
             ClassifierNet::Inference(..) => "torchscript, for inference".to_string(),
         };
@@ -275,9 +303,9 @@ impl Classifier {
         Ok(this)
     }
 
-    /// Loads a classifier to run, never to train: a TorchScript one is prepared per
-    /// `jit` (frozen and optimised for inference by default, as a tuned Python loop
-    /// would); a built-in one loads as [`Classifier::load`] does.
+    /// Loads a classifier to run, never to train, prepared per `jit` (frozen and
+    /// optimised for inference by default, as a tuned Python loop would): a TorchScript
+    /// file directly, a built-in one through [`Classifier::into_inference`].
     pub fn load_for_inference(
         path: &Path,
         image_shape: [i64; 3],
@@ -286,7 +314,9 @@ impl Classifier {
         jit: Jit,
     ) -> Result<Self> {
         if is_safetensors(path) {
-            return Classifier::load(path, image_shape, num_classes, device);
+            return Classifier::load(path, image_shape, num_classes, device)?
+                .into_inference(jit)
+                .map_err(|e| Error::model(path, e));
         }
         let m = FrozenModule::load(path, device, jit)
             .map_err(|e| crate::frozen::load_error(path, &e))?;
@@ -299,9 +329,45 @@ impl Classifier {
         Ok(this)
     }
 
+    /// This classifier for inference only. A built-in one at `jit = optimize` (the
+    /// default) has its eval forward traced into a TorchScript graph, frozen and
+    /// optimised for inference: the frozen path a user's own files take, 1.2-1.3x the
+    /// eager net on a CPU (bench/README.md, "Built-in models through the frozen path").
+    /// At `freeze` or `as-loaded` it stays eager: freezing alone has nothing to fold in
+    /// it (no batch norm), and a lower `identify.precision` runs models at `freeze`
+    /// ([`crate::frozen::jit_for`]), where the eager net under autocast is the faster.
+    /// Anything else is returned as it is. The result cannot be trained.
+    pub fn into_inference(self, jit: Jit) -> std::result::Result<Self, String> {
+        let Classifier {
+            mut vs,
+            net,
+            num_classes,
+        } = self;
+        let net = match net {
+            ClassifierNet::BuiltIn(arch, cnn) if jit == Jit::Optimize => {
+                // the weights become constants of the graph: no gradients
+                vs.freeze();
+                let example = Tensor::zeros(
+                    [2, arch.channels, arch.height, arch.width],
+                    (Kind::Float, vs.device()),
+                );
+                let m = FrozenModule::trace(&example, jit, |x| {
+                    cnn.forward_pooled(x, false, Pool::MaxPool2d)
+                })?;
+                ClassifierNet::BuiltInTraced(arch, m)
+            }
+            net => net,
+        };
+        Ok(Classifier {
+            vs,
+            net,
+            num_classes,
+        })
+    }
+
     /// An error unless this classifier can be trained (not loaded for inference).
     pub fn trainable(&self) -> Result<()> {
-        if let ClassifierNet::Inference(..) = self.net {
+        if let ClassifierNet::Inference(..) | ClassifierNet::BuiltInTraced(..) = self.net {
             return Err(Error::invalid(
                 "classifier",
                 "this copy was loaded for inference (frozen) and cannot be trained; load it with Classifier::load",
@@ -311,7 +377,7 @@ impl Classifier {
     }
 
     fn check(&self, path: &Path, [c, h, w]: [i64; 3], num_classes: i64) -> Result<()> {
-        if let ClassifierNet::BuiltIn(a, _) = &self.net {
+        if let ClassifierNet::BuiltIn(a, _) | ClassifierNet::BuiltInTraced(a, ..) = &self.net {
             builtin_shape_matches(
                 path,
                 "classifier",
@@ -350,6 +416,10 @@ impl Classifier {
     fn try_forward(&self, x: &Tensor, train: bool) -> Result<Tensor, String> {
         match &self.net {
             ClassifierNet::BuiltIn(_, n) => Ok(n.forward_t(x, train)),
+            ClassifierNet::BuiltInTraced(..) if train => {
+                Err("this built-in classifier was traced for inference and cannot train".into())
+            }
+            ClassifierNet::BuiltInTraced(_, m) => m.forward_one(x, "logits"),
             ClassifierNet::Script(m) => m.forward_ts(&[x]).map_err(|e| e.to_string()),
             ClassifierNet::Inference(m, _) => m.forward_one(x, "logits"),
         }
@@ -402,7 +472,9 @@ impl Classifier {
     /// Saves in the format the model came in.
     pub fn save(&self, path: &Path) -> Result<()> {
         match &self.net {
-            ClassifierNet::BuiltIn(arch, _) => write_builtin(path, &self.vs, "cnn", arch),
+            ClassifierNet::BuiltIn(arch, _) | ClassifierNet::BuiltInTraced(arch, ..) => {
+                write_builtin(path, &self.vs, "cnn", arch)
+            }
             ClassifierNet::Script(m) => m
                 .save(path)
                 .map_err(|e| Error::model(path, format!("cannot save: {e}"))),
@@ -470,6 +542,14 @@ pub struct Vae {
 
 enum VaeNet {
     BuiltIn(Box<(nn::VarStore, ConvVae)>),
+    /// A built-in VAE for inference only ([`Vae::into_inference`]): the encoder (its
+    /// `mu` and `logvar` side by side in one tensor) and the decoder traced into
+    /// TorchScript and prepared like a user's files; the eager net keeps the weights.
+    BuiltInTraced {
+        builtin: Box<(nn::VarStore, ConvVae)>,
+        encoder: FrozenModule,
+        decoder: FrozenModule,
+    },
     Script {
         encoder: FrozenModule,
         decoder: FrozenModule,
@@ -478,10 +558,10 @@ enum VaeNet {
 
 impl std::fmt::Debug for Vae {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if matches!(self.net, VaeNet::BuiltIn(_)) {
-            "built-in"
-        } else {
-            "torchscript"
+        let kind = match self.net {
+            VaeNet::BuiltIn(_) => "built-in",
+            VaeNet::BuiltInTraced { .. } => "built-in, traced for inference",
+            VaeNet::Script { .. } => "torchscript",
         };
         write!(f, "Vae({kind}, latent {})", self.latent)
     }
@@ -514,6 +594,42 @@ impl Vae {
         Ok(v)
     }
 
+    /// This VAE for inference only: a built-in one at `jit = optimize` has its encoder
+    /// and decoder traced, frozen and optimised as [`Classifier::into_inference`] does;
+    /// anything else is returned as it is. The result cannot be trained.
+    pub fn into_inference(self, jit: Jit) -> std::result::Result<Self, String> {
+        let Vae {
+            net,
+            latent,
+            device,
+        } = self;
+        let net = match net {
+            VaeNet::BuiltIn(mut builtin) if jit == Jit::Optimize => {
+                builtin.0.freeze();
+                let (a, vae) = (builtin.1.arch, &builtin.1);
+                let images =
+                    Tensor::zeros([2, a.channels, a.height, a.width], (Kind::Float, device));
+                let encoder = FrozenModule::trace(&images, jit, |x| {
+                    let (mu, logvar) = vae.encode(x);
+                    Tensor::cat(&[mu, logvar], 1)
+                })?;
+                let codes = Tensor::zeros([2, a.latent], (Kind::Float, device));
+                let decoder = FrozenModule::trace(&codes, jit, |z| vae.decode(z))?;
+                VaeNet::BuiltInTraced {
+                    builtin,
+                    encoder,
+                    decoder,
+                }
+            }
+            net => net,
+        };
+        Ok(Vae {
+            net,
+            latent,
+            device,
+        })
+    }
+
     /// Loads a TorchScript VAE given as an encoder and a decoder file, prepared for
     /// inference per `jit` (a TorchScript VAE is never trained here).
     pub fn load_torchscript(
@@ -542,7 +658,7 @@ impl Vae {
     /// Dry run: the encoder must give `(mu, logvar)` of one latent size, the decoder
     /// must give back images of the dataset's shape.
     fn check(&mut self, enc_path: &Path, dec_path: &Path, [c, h, w]: [i64; 3]) -> Result<()> {
-        if let VaeNet::BuiltIn(b) = &self.net {
+        if let VaeNet::BuiltIn(b) | VaeNet::BuiltInTraced { builtin: b, .. } = &self.net {
             let a = b.1.arch;
             builtin_shape_matches(enc_path, "VAE", [a.channels, a.height, a.width], [c, h, w])?;
         }
@@ -599,6 +715,11 @@ impl Vae {
     fn try_encode(&self, x: &Tensor) -> Result<(Tensor, Tensor), String> {
         match &self.net {
             VaeNet::BuiltIn(b) => Ok(b.1.encode(x)),
+            VaeNet::BuiltInTraced { encoder, .. } => {
+                let both = encoder.forward_one(x, "codes")?;
+                let l = both.size()[1] / 2;
+                Ok((both.narrow(1, 0, l), both.narrow(1, l, l)))
+            }
             VaeNet::Script { encoder, .. } => {
                 let mut out = encoder.forward(x)?;
                 match out.len() {
@@ -620,6 +741,7 @@ impl Vae {
     fn try_decode(&self, z: &Tensor) -> Result<Tensor, String> {
         match &self.net {
             VaeNet::BuiltIn(b) => Ok(b.1.decode(z)),
+            VaeNet::BuiltInTraced { decoder, .. } => decoder.forward_one(z, "images"),
             VaeNet::Script { decoder, .. } => decoder
                 .forward_one(z, "images")
                 .map_err(|e| format!("decoder: {e}")),
@@ -642,24 +764,26 @@ impl Vae {
         self.device
     }
 
-    /// The trainable variables (built-in only).
+    /// The trainable variables (built-in only, and not traced for inference).
     pub fn var_store(&self) -> Option<&nn::VarStore> {
         match &self.net {
             VaeNet::BuiltIn(b) => Some(&b.0),
-            VaeNet::Script { .. } => None,
+            VaeNet::BuiltInTraced { .. } | VaeNet::Script { .. } => None,
         }
     }
 
     pub fn beta(&self) -> f64 {
         match &self.net {
-            VaeNet::BuiltIn(b) => b.1.arch.beta,
+            VaeNet::BuiltIn(b) | VaeNet::BuiltInTraced { builtin: b, .. } => b.1.arch.beta,
             VaeNet::Script { .. } => 1.0,
         }
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         match &self.net {
-            VaeNet::BuiltIn(b) => write_builtin(path, &b.0, "vae", &b.1.arch),
+            VaeNet::BuiltIn(b) | VaeNet::BuiltInTraced { builtin: b, .. } => {
+                write_builtin(path, &b.0, "vae", &b.1.arch)
+            }
             VaeNet::Script { .. } => Err(Error::model(
                 path,
                 "a TorchScript VAE is used as given; it is not saved again",
@@ -803,7 +927,9 @@ pub fn load_vae(
 ) -> Result<Vae> {
     match decoder {
         Some(dec) => Vae::load_torchscript(vae, dec, image_shape, device, jit),
-        None if is_safetensors(vae) => Vae::load_builtin(vae, image_shape, device),
+        None if is_safetensors(vae) => Vae::load_builtin(vae, image_shape, device)?
+            .into_inference(jit)
+            .map_err(|e| Error::model(vae, e)),
         None => Err(Error::model(
             vae,
             "a TorchScript VAE needs its decoder too (`vae_decoder` in the job's [models] table); only built-in VAEs are one .safetensors file",
@@ -813,7 +939,7 @@ pub fn load_vae(
 
 #[cfg(test)]
 mod pool_tests {
-    use super::relu_pool2;
+    use super::{relu_pool2, Pool};
     use tch::{Device, Kind, Tensor};
 
     #[test]
@@ -821,8 +947,8 @@ mod pool_tests {
         tch::manual_seed(3);
         for (h, w) in [(28, 28), (14, 14), (7, 9), (32, 31)] {
             let x = Tensor::randn([5, 3, h, w], (Kind::Float, Device::Cpu));
-            let slow = relu_pool2(x.shallow_clone(), true);
-            let fast = relu_pool2(x, false);
+            let slow = relu_pool2(x.shallow_clone(), Pool::MaxPool2d);
+            let fast = relu_pool2(x, Pool::StridedMax);
             assert_eq!(slow.size(), fast.size(), "{h}x{w}");
             assert!(slow.equal(&fast), "{h}x{w}: values differ");
         }

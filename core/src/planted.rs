@@ -12,6 +12,7 @@ use tch::Device;
 use crate::data::idx::{read_idx, write_idx};
 use crate::data::{DataSpec, Split};
 use crate::error::{Error, Result};
+use crate::frozen::Jit;
 use crate::models::Classifier;
 
 /// Which end of a class's ink the slice takes.
@@ -216,7 +217,8 @@ pub fn slice_accuracy(
     planted: &PlantedMnist,
     searched: std::ops::Range<usize>,
 ) -> Result<SliceAccuracies> {
-    let clf = Classifier::load(model, [1, 28, 28], 10, Device::Cpu)?;
+    // prepared as a job prepares it to measure (the default `models.jit`)
+    let clf = Classifier::load_for_inference(model, [1, 28, 28], 10, Device::Cpu, Jit::default())?;
     let slice = planted.rows(test);
     let pred = Vec::<i64>::try_from(
         clf.predict(&test.images(0..test.len(), Device::Cpu), 1000)?

@@ -406,6 +406,95 @@ fn builtin_vae_training_lowers_the_loss_and_reloads() {
     );
 }
 
+/// Built-in models loaded for inference at `jit = optimize` run as traced, frozen,
+/// optimised graphs: the same numbers as the eager nets to float tolerance at any batch
+/// size, saved as the same file, and never trained; `freeze` and `as-loaded` keep them
+/// eager (bit for bit).
+#[test]
+fn builtin_models_traced_for_inference_match_the_eager_nets() {
+    tch::manual_seed(5);
+    let dir = tempfile::tempdir().unwrap();
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        assert_eq!(a.size(), b.size(), "{what}");
+        let d = f64::try_from((a - b).abs().max()).unwrap();
+        assert!(d < 1e-4, "{what}: max difference {d}");
+    };
+    let x = Tensor::rand([37, 1, 28, 28], (Kind::Float, Device::Cpu));
+
+    let clf = Classifier::new_builtin(
+        CnnArch {
+            channels: 1,
+            height: 28,
+            width: 28,
+            num_classes: 10,
+            width_base: 8,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let p = dir.path().join("clf.safetensors");
+    clf.save(&p).unwrap();
+    let want = clf.forward(&x, false).unwrap();
+    for jit in [Jit::AsLoaded, Jit::Freeze] {
+        let c = Classifier::load_for_inference(&p, MNIST, 10, Device::Cpu, jit).unwrap();
+        assert!(
+            c.forward(&x, false).unwrap().equal(&want),
+            "{jit:?} stays eager"
+        );
+        assert!(c.trainable().is_ok(), "{jit:?}");
+    }
+    let traced = Classifier::load_for_inference(&p, MNIST, 10, Device::Cpu, Jit::Optimize).unwrap();
+    assert!(
+        !traced.is_torchscript(),
+        "still a built-in model to save and fine-tune"
+    );
+    let got = traced.forward(&x, false).unwrap();
+    close(&got, &want, "logits");
+    assert!(got.argmax(1, false).equal(&want.argmax(1, false)));
+    close(
+        &traced.forward(&x.narrow(0, 0, 1), false).unwrap(),
+        &want.narrow(0, 0, 1),
+        "one image",
+    );
+    assert!(traced.trainable().is_err());
+    assert!(traced.forward(&x, true).is_err(), "no training forward");
+    let again = dir.path().join("clf-again.safetensors");
+    traced.save(&again).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&again).unwrap());
+
+    let vae = Vae::new_builtin(
+        VaeArch {
+            channels: 1,
+            height: 28,
+            width: 28,
+            latent: 6,
+            width_base: 8,
+            hidden: 32,
+            beta: 1.0,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let vp = dir.path().join("vae.safetensors");
+    vae.save(&vp).unwrap();
+    let (mu, logvar) = tch::no_grad(|| vae.encode(&x)).unwrap();
+    let z = Tensor::randn([37, 6], (Kind::Float, Device::Cpu));
+    let images = tch::no_grad(|| vae.decode(&z)).unwrap();
+    let traced = load_vae(&vp, None, MNIST, Device::Cpu, Jit::Optimize).unwrap();
+    assert_eq!(traced.latent(), 6);
+    let (tmu, tlogvar) = traced.encode(&x).unwrap();
+    close(&tmu, &mu, "mu");
+    close(&tlogvar, &logvar, "logvar");
+    close(&traced.decode(&z).unwrap(), &images, "decoded images");
+    assert!(traced.var_store().is_none(), "not trainable");
+    let again = dir.path().join("vae-again.safetensors");
+    traced.save(&again).unwrap();
+    assert_eq!(std::fs::read(&vp).unwrap(), std::fs::read(&again).unwrap());
+    let eager = load_vae(&vp, None, MNIST, Device::Cpu, Jit::AsLoaded).unwrap();
+    assert!(eager.var_store().is_some());
+    assert!(eager.decode(&z).unwrap().equal(&images));
+}
+
 /// A fine-tune part trained on only its rows, read alone from the IDX files (what a
 /// worker does), ends with the same weights as one trained on the whole split.
 #[test]

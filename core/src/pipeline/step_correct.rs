@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+use tch::Device;
+
 use super::{hash_of, step_models, Job, RoundsDone, RoundsInput};
 use crate::correct;
 use crate::data::Dataset;
@@ -106,6 +108,7 @@ pub(super) fn run(
             clf.device(),
         )?;
         tuned.save(&tuned_path)?;
+        let tuned = load_to_measure(job, ds, &tuned_path, clf.device())?;
         let ev = evaluate(
             job,
             input,
@@ -148,7 +151,16 @@ pub(super) fn correct_and_evaluate(
     tch::manual_seed(cfg.seed as i64);
     let history = correct::fine_tune(&mut tuned, &input.ds.train, &data, o, cfg.seed)?;
     tuned.save(tuned_path)?;
+    let tuned = load_to_measure(job, input.ds, tuned_path, device)?;
     evaluate(job, input, placed, &tuned, &data, history, tuned_path)
+}
+
+/// The corrected classifier saved at `path`, loaded to be measured the way the original
+/// is (prepared for inference per the job's `models.jit`, as identify ran it), so that
+/// before and after differ by the weights alone.
+fn load_to_measure(job: &Job, ds: &Dataset, path: &Path, device: Device) -> Result<Classifier> {
+    let jit = crate::frozen::jit_for(job.cfg.models.jit, job.cfg.identify.precision);
+    Classifier::load_for_inference(path, ds.image_shape(), ds.num_classes() as i64, device, jit)
 }
 
 /// Where the scenarios lie in code space (under the mixture distill fitted), the

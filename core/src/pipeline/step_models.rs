@@ -4,7 +4,7 @@ use tch::Device;
 
 use super::Job;
 use crate::data::Dataset;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::{self, Classifier, CnnArch, Vae, VaeArch};
 use crate::train::{self, TrainOptions};
 
@@ -27,7 +27,7 @@ pub(super) fn load_or_train(
         None => {
             let p = job.out.join("models/classifier.safetensors");
             if done && p.exists() {
-                Classifier::load(&p, shape, nc, device)?
+                Classifier::load_for_inference(&p, shape, nc, device, jit)?
             } else {
                 tracing::info!("training the built-in classifier ([train] settings)");
                 tch::manual_seed(cfg.seed as i64);
@@ -57,7 +57,7 @@ pub(super) fn load_or_train(
                 train::train_classifier(data, &mut m, &o)?;
                 job.dir("models")?;
                 m.save(&p)?;
-                m
+                m.into_inference(jit).map_err(|e| Error::model(&p, e))?
             }
         }
     };
@@ -102,7 +102,7 @@ pub(super) fn load_or_train(
                     &[x.shallow_clone(), train::reconstruct(&m, &x)?],
                     3,
                 )?;
-                m
+                m.into_inference(jit).map_err(|e| Error::model(&p, e))?
             }
         }
     };
