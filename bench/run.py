@@ -117,6 +117,11 @@ def main():
             (jline([bench, "identify", "--models", "builtin", "--data", data, "--threads", str(T),
                     "--workers", str(w), "--chunk", str(c), "--images", str(n)], env)
              for w in (1, 2) for c in (128, 256)), key=lambda r: r["per_s"])
+        # the built-in models as they ran before they were traced into the frozen path
+        res["defuse_builtin_eager"] = jline([bench, "identify", "--models", "builtin", "--data", data,
+                                             "--threads", str(T), "--workers", str(res["defuse_builtin"]["workers"]),
+                                             "--chunk", str(res["defuse_builtin"]["chunk"]), "--jit", "as-loaded",
+                                             "--images", str(n)], env)
         R["identify"] = dict(res, flops_per_perturbation=fl, matmul_peak=peak,
                              matmul_peak_libtorch_rust=peak_rs, matmul_peak_python=peak_py)
         b = res["batched"]["per_s"]
@@ -124,7 +129,8 @@ def main():
                         ("batched", "batched PyTorch loop (best)"),
                         ("defuse_ts", "Defuse, same TorchScript files"),
                         ("defuse_ts_as_loaded", "Defuse, same files, not frozen (jit=as-loaded)"),
-                        ("defuse_builtin", "Defuse, built-in models")):
+                        ("defuse_builtin", "Defuse, built-in models (traced, frozen)"),
+                        ("defuse_builtin_eager", "Defuse, built-in models, eager (jit=as-loaded)")):
             r = res[k]
             cfg = ", ".join(f"{x}={r[x]}" for x in ("procs", "workers", "chunk", "jit") if x in r)
             rows.append(("identify", f"{name} ({cfg})", f"{r['per_s']:,.0f} pert/s",
