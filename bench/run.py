@@ -117,11 +117,12 @@ def main():
             (jline([bench, "identify", "--models", "builtin", "--data", data, "--threads", str(T),
                     "--workers", str(w), "--chunk", str(c), "--images", str(n)], env)
              for w in (1, 2) for c in (128, 256)), key=lambda r: r["per_s"])
-        # the built-in models as they ran before they were traced into the frozen path
-        res["defuse_builtin_eager"] = jline([bench, "identify", "--models", "builtin", "--data", data,
-                                             "--threads", str(T), "--workers", str(res["defuse_builtin"]["workers"]),
-                                             "--chunk", str(res["defuse_builtin"]["chunk"]), "--jit", "as-loaded",
-                                             "--images", str(n)], env)
+        # the built-in models as they ran before they were traced into the frozen path,
+        # over the same settings
+        res["defuse_builtin_eager"] = max(
+            (jline([bench, "identify", "--models", "builtin", "--data", data, "--threads", str(T),
+                    "--workers", str(w), "--chunk", str(c), "--jit", "as-loaded", "--images", str(n)], env)
+             for w in (1, 2) for c in (128, 256)), key=lambda r: r["per_s"])
         R["identify"] = dict(res, flops_per_perturbation=fl, matmul_peak=peak,
                              matmul_peak_libtorch_rust=peak_rs, matmul_peak_python=peak_py)
         b = res["batched"]["per_s"]

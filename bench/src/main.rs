@@ -475,7 +475,7 @@ struct IdentifyRun {
     /// Searches run side by side, each with threads/workers intra-op threads.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// How TorchScript models are run: optimize (Defuse's default), freeze, as-loaded.
+    /// How TorchScript models are run: optimize (Defuse's default; the built-in models are then traced into TorchScript), freeze, as-loaded (built-in models eager at these two).
     #[arg(long, default_value = "optimize")]
     jit: String,
     /// float32, bfloat16 or float16 (autocast of the decoder and classifier).
@@ -556,10 +556,7 @@ fn bench_identify(run: IdentifyRun) -> Result<()> {
                 Device::Cpu,
             )?;
             // prepared as a job prepares them (`--jit`)
-            let inference = |e: String| anyhow::anyhow!("built-in models for inference: {e}");
-            let clf = clf.into_inference(jit).map_err(inference)?;
-            let vae = vae.into_inference(jit).map_err(inference)?;
-            return Ok((clf, vae));
+            return Ok((clf.into_inference(jit), vae.into_inference(jit)));
         }
         let clf = Classifier::load_for_inference(
             &models.join("classifier.pt"),

@@ -363,9 +363,8 @@ fn block_rows(t: i64) -> i64 {
     ((1 << 20) / t.max(1)).max(64)
 }
 
-/// The pair products of all rows are made once per fit and kept up to this size
-/// (gathering them is most of their cost); above it they are made again for every
-/// block of every iteration.
+/// The pair products of all rows are made once per fit and kept up to this size;
+/// above it they are made again for every block of every iteration.
 const PRODUCTS_CACHE_BYTES: i64 = 512 << 20;
 
 /// The (centred) rows of a fit, and their pair products.
@@ -379,8 +378,8 @@ struct Rows {
 impl Rows {
     fn new(x: &Tensor, tri: Triu) -> Rows {
         let (n, t) = (x.size()[0], tri.weight.size()[0]);
-        // made a block at a time into their place: whole-matrix gathers would fault in
-        // three [N, T] tensors' pages (1.3 GB at 100,000 x 32) for one
+        // made a block at a time into their place: whole-matrix temporaries would fault
+        // in several [N, T] tensors' pages (1.3 GB at 100,000 x 32) for one
         let products = (n * t * 8 <= PRODUCTS_CACHE_BYTES).then(|| {
             let z = Tensor::empty([n, t], (Kind::Double, Device::Cpu));
             let b = block_rows(t);

@@ -143,11 +143,40 @@ impl FrozenModule {
     /// tensors must not require gradients (libtorch refuses them as constants); sizes
     /// `f` reads from its input are baked in as well, except that the graph takes any
     /// batch size as long as `f` never reads the first dimension. tch's tracer can only
-    /// save the traced module to a file: it passes through a temporary one.
+    /// save the traced module to a file: it passes through a temporary one. The
+    /// prepared graph must give what `f` gives on `example` (to 1e-3 of its scale), or
+    /// this is an error.
     pub fn trace(
         example: &Tensor,
         jit: Jit,
         f: impl Fn(&Tensor) -> Tensor,
+    ) -> std::result::Result<Self, String> {
+        let m = Self::trace_unchecked(example, jit, &f)?;
+        let (want, got) =
+            tch::no_grad(|| (f(example), m.forward_one(example, "the traced output")));
+        let got = got?;
+        if got.size() != want.size() {
+            return Err(format!(
+                "the traced graph returns shape {:?}, the model {:?}",
+                got.size(),
+                want.size()
+            ));
+        }
+        let scale = f64::try_from(want.abs().max()).map_err(|e| e.to_string())?;
+        let diff = f64::try_from((&got - &want).abs().max()).map_err(|e| e.to_string())?;
+        // NaN differences fail too
+        if diff.is_nan() || diff > 1e-3 * (1.0 + scale) {
+            return Err(format!(
+                "the traced graph differs from the model by {diff:e} on a probe batch"
+            ));
+        }
+        Ok(m)
+    }
+
+    fn trace_unchecked(
+        example: &Tensor,
+        jit: Jit,
+        f: &impl Fn(&Tensor) -> Tensor,
     ) -> std::result::Result<Self, String> {
         let mut closure = |xs: &[Tensor]| vec![f(&xs[0])];
         let traced = tch::no_grad(|| {
@@ -181,6 +210,17 @@ impl FrozenModule {
             )),
         }
     }
+}
+
+/// A fixed probe batch of `shape` in [0, 1] on `device` (`|sin|` of the element
+/// index): an input to trace models on and check the traces with, the same on every
+/// run and drawn from no random stream.
+pub fn probe(shape: &[i64], device: Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    Tensor::arange(n, (tch::Kind::Float, device))
+        .sin()
+        .abs()
+        .view(shape)
 }
 
 /// The number format of identify's decoder and classifier (`identify.precision`).

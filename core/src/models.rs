@@ -314,9 +314,9 @@ impl Classifier {
         jit: Jit,
     ) -> Result<Self> {
         if is_safetensors(path) {
-            return Classifier::load(path, image_shape, num_classes, device)?
-                .into_inference(jit)
-                .map_err(|e| Error::model(path, e));
+            return Ok(
+                Classifier::load(path, image_shape, num_classes, device)?.into_inference(jit)
+            );
         }
         let m = FrozenModule::load(path, device, jit)
             .map_err(|e| crate::frozen::load_error(path, &e))?;
@@ -331,13 +331,15 @@ impl Classifier {
 
     /// This classifier for inference only. A built-in one at `jit = optimize` (the
     /// default) has its eval forward traced into a TorchScript graph, frozen and
-    /// optimised for inference: the frozen path a user's own files take, 1.2-1.3x the
-    /// eager net on a CPU (bench/README.md, "Built-in models through the frozen path").
+    /// optimised for inference: the frozen path a user's own files take, 1.4x the eager
+    /// net on this CPU (bench/README.md, "Built-in models through the frozen path").
     /// At `freeze` or `as-loaded` it stays eager: freezing alone has nothing to fold in
     /// it (no batch norm), and a lower `identify.precision` runs models at `freeze`
     /// ([`crate::frozen::jit_for`]), where the eager net under autocast is the faster.
-    /// Anything else is returned as it is. The result cannot be trained.
-    pub fn into_inference(self, jit: Jit) -> std::result::Result<Self, String> {
+    /// Should tracing fail, or the traced graph disagree with the net on a probe batch,
+    /// it stays eager with a warning: the same results, only slower. Anything else is
+    /// returned as it is. A traced classifier cannot be trained.
+    pub fn into_inference(self, jit: Jit) -> Self {
         let Classifier {
             mut vs,
             net,
@@ -347,22 +349,26 @@ impl Classifier {
             ClassifierNet::BuiltIn(arch, cnn) if jit == Jit::Optimize => {
                 // the weights become constants of the graph: no gradients
                 vs.freeze();
-                let example = Tensor::zeros(
-                    [2, arch.channels, arch.height, arch.width],
-                    (Kind::Float, vs.device()),
-                );
-                let m = FrozenModule::trace(&example, jit, |x| {
+                let probe =
+                    crate::frozen::probe(&[2, arch.channels, arch.height, arch.width], vs.device());
+                match FrozenModule::trace(&probe, jit, |x| {
                     cnn.forward_pooled(x, false, Pool::MaxPool2d)
-                })?;
-                ClassifierNet::BuiltInTraced(arch, m)
+                }) {
+                    Ok(m) => ClassifierNet::BuiltInTraced(arch, m),
+                    Err(e) => {
+                        not_traced("classifier", &e);
+                        vs.unfreeze();
+                        ClassifierNet::BuiltIn(arch, cnn)
+                    }
+                }
             }
             net => net,
         };
-        Ok(Classifier {
+        Classifier {
             vs,
             net,
             num_classes,
-        })
+        }
     }
 
     /// An error unless this classifier can be trained (not loaded for inference).
@@ -441,6 +447,8 @@ impl Classifier {
         }
     }
 
+    /// The weights. Of a built-in classifier traced for inference, the weights it was
+    /// traced from: writing them does not change the traced graph (it cannot train).
     pub fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }
@@ -595,9 +603,10 @@ impl Vae {
     }
 
     /// This VAE for inference only: a built-in one at `jit = optimize` has its encoder
-    /// and decoder traced, frozen and optimised as [`Classifier::into_inference`] does;
-    /// anything else is returned as it is. The result cannot be trained.
-    pub fn into_inference(self, jit: Jit) -> std::result::Result<Self, String> {
+    /// and decoder traced, frozen and optimised as [`Classifier::into_inference`] does
+    /// (and stays eager, with a warning, where that fails); anything else is returned
+    /// as it is. A traced VAE cannot be trained.
+    pub fn into_inference(self, jit: Jit) -> Self {
         let Vae {
             net,
             latent,
@@ -607,27 +616,36 @@ impl Vae {
             VaeNet::BuiltIn(mut builtin) if jit == Jit::Optimize => {
                 builtin.0.freeze();
                 let (a, vae) = (builtin.1.arch, &builtin.1);
-                let images =
-                    Tensor::zeros([2, a.channels, a.height, a.width], (Kind::Float, device));
-                let encoder = FrozenModule::trace(&images, jit, |x| {
+                let images = crate::frozen::probe(&[2, a.channels, a.height, a.width], device);
+                let codes = crate::frozen::probe(&[2, a.latent], device) * 2.0 - 1.0;
+                let traced = FrozenModule::trace(&images, jit, |x| {
                     let (mu, logvar) = vae.encode(x);
                     Tensor::cat(&[mu, logvar], 1)
-                })?;
-                let codes = Tensor::zeros([2, a.latent], (Kind::Float, device));
-                let decoder = FrozenModule::trace(&codes, jit, |z| vae.decode(z))?;
-                VaeNet::BuiltInTraced {
-                    builtin,
-                    encoder,
-                    decoder,
+                })
+                .and_then(|encoder| {
+                    let decoder = FrozenModule::trace(&codes, jit, |z| vae.decode(z))?;
+                    Ok((encoder, decoder))
+                });
+                match traced {
+                    Ok((encoder, decoder)) => VaeNet::BuiltInTraced {
+                        builtin,
+                        encoder,
+                        decoder,
+                    },
+                    Err(e) => {
+                        not_traced("VAE", &e);
+                        builtin.0.unfreeze();
+                        VaeNet::BuiltIn(builtin)
+                    }
                 }
             }
             net => net,
         };
-        Ok(Vae {
+        Vae {
             net,
             latent,
             device,
-        })
+        }
     }
 
     /// Loads a TorchScript VAE given as an encoder and a decoder file, prepared for
@@ -839,6 +857,14 @@ fn is_safetensors(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some("safetensors")
 }
 
+/// The warning of a built-in model that stays eager because it could not be traced.
+fn not_traced(what: &str, e: &str) {
+    tracing::warn!(
+        error = e,
+        "the built-in {what} runs eagerly (slower, the same results): it could not be traced for inference; models.jit = \"as-loaded\" skips the attempt"
+    );
+}
+
 /// A failure inside a model's forward, as libtorch reported it.
 fn torch_error(msg: String) -> Error {
     Error::Torch(tch::TchError::Torch(msg))
@@ -908,9 +934,10 @@ pub struct ModelFiles {
     /// TorchScript decoder, when `vae` is a TorchScript encoder.
     #[serde(default)]
     pub vae_decoder: Option<PathBuf>,
-    /// How TorchScript models are run for search and evaluation: `optimize` (frozen
-    /// and optimised for inference, the default), `freeze`, or `as-loaded`. The copy
-    /// that is fine-tuned is never frozen.
+    /// How models are run for search and evaluation: `optimize` (frozen and optimised
+    /// for inference, the default; the built-in models are traced into TorchScript
+    /// first), `freeze`, or `as-loaded` (the built-in models run eagerly at these two).
+    /// The copy that is fine-tuned is never frozen.
     /// Left out of the serialised form at its default, so that the models step's hash
     /// of a job is what it was before the field existed.
     #[serde(default, skip_serializing_if = "Jit::is_default")]
@@ -927,9 +954,9 @@ pub fn load_vae(
 ) -> Result<Vae> {
     match decoder {
         Some(dec) => Vae::load_torchscript(vae, dec, image_shape, device, jit),
-        None if is_safetensors(vae) => Vae::load_builtin(vae, image_shape, device)?
-            .into_inference(jit)
-            .map_err(|e| Error::model(vae, e)),
+        None if is_safetensors(vae) => {
+            Ok(Vae::load_builtin(vae, image_shape, device)?.into_inference(jit))
+        }
         None => Err(Error::model(
             vae,
             "a TorchScript VAE needs its decoder too (`vae_decoder` in the job's [models] table); only built-in VAEs are one .safetensors file",

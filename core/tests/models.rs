@@ -509,6 +509,20 @@ fn builtin_models_traced_for_inference_match_the_eager_nets() {
     let eager = load_vae(&vp, None, MNIST, Device::Cpu, Jit::AsLoaded).unwrap();
     assert!(eager.var_store().is_some());
     assert!(eager.decode(&z).unwrap().equal(&images));
+
+    // where tracing fails (here: no temporary file for the trace) the models stay
+    // eager and trainable, with the eager numbers; last, as it changes this process's
+    // TMPDIR (nextest runs each test in its own process)
+    std::env::set_var("TMPDIR", dir.path().join("missing"));
+    let c = Classifier::load_for_inference(&p, MNIST, 10, Device::Cpu, Jit::Optimize).unwrap();
+    assert!(c.trainable().is_ok(), "eager after a failed trace");
+    assert!(c.forward(&x, false).unwrap().equal(&want));
+    let v = load_vae(&vp, None, MNIST, Device::Cpu, Jit::Optimize).unwrap();
+    assert!(v.var_store().is_some(), "eager after a failed trace");
+    assert!(v.decode(&z).unwrap().equal(&images));
+    let requires_grad =
+        |vs: &tch::nn::VarStore| vs.trainable_variables().iter().all(|t| t.requires_grad());
+    assert!(requires_grad(c.var_store()) && requires_grad(v.var_store().unwrap()));
 }
 
 /// A fine-tune part trained on only its rows, read alone from the IDX files (what a

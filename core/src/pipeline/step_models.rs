@@ -4,7 +4,7 @@ use tch::Device;
 
 use super::Job;
 use crate::data::Dataset;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::{self, Classifier, CnnArch, Vae, VaeArch};
 use crate::train::{self, TrainOptions};
 
@@ -57,7 +57,7 @@ pub(super) fn load_or_train(
                 train::train_classifier(data, &mut m, &o)?;
                 job.dir("models")?;
                 m.save(&p)?;
-                m.into_inference(jit).map_err(|e| Error::model(&p, e))?
+                m.into_inference(jit)
             }
         }
     };
@@ -102,7 +102,7 @@ pub(super) fn load_or_train(
                     &[x.shallow_clone(), train::reconstruct(&m, &x)?],
                     3,
                 )?;
-                m.into_inference(jit).map_err(|e| Error::model(&p, e))?
+                m.into_inference(jit)
             }
         }
     };
