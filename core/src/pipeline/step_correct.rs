@@ -101,14 +101,9 @@ pub(super) fn run(
             }));
         };
         let final_path = job.out.join(layout::rounds_final(clf.extension()));
-        let tuned = Classifier::load(
-            &final_path,
-            ds.image_shape(),
-            ds.num_classes() as i64,
-            clf.device(),
-        )?;
+        // loaded once, as it is measured; saved in its own format at the step's path
+        let tuned = load_to_measure(job, ds, &final_path, clf.device())?;
         tuned.save(&tuned_path)?;
-        let tuned = load_to_measure(job, ds, &tuned_path, clf.device())?;
         let ev = evaluate(
             job,
             input,
