@@ -363,6 +363,13 @@ fn block_rows(t: i64) -> i64 {
     ((1 << 20) / t.max(1)).max(64)
 }
 
+/// `(start, len)` of consecutive blocks of at most `b` of `n` rows.
+fn blocks(n: i64, b: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..n)
+        .step_by(b as usize)
+        .map(move |start| (start, b.min(n - start)))
+}
+
 /// The pair products of all rows are made once per fit and kept up to this size;
 /// above it they are made again for every block of every iteration.
 const PRODUCTS_CACHE_BYTES: i64 = 512 << 20;
@@ -382,9 +389,7 @@ impl Rows {
         // in several [N, T] tensors' pages (1.3 GB at 100,000 x 32) for one
         let products = (n * t * 8 <= PRODUCTS_CACHE_BYTES).then(|| {
             let z = Tensor::empty([n, t], (Kind::Double, Device::Cpu));
-            let b = block_rows(t);
-            for start in (0..n).step_by(b as usize) {
-                let len = b.min(n - start);
+            for (start, len) in blocks(n, block_rows(t)) {
                 tri.products_into(&x.narrow(0, start, len), &z.narrow(0, start, len));
             }
             z
@@ -408,9 +413,7 @@ impl Rows {
     /// `f(start, rows, their pair products)` over blocks of rows.
     fn each_block(&self, mut f: impl FnMut(i64, &Tensor, &Tensor)) {
         let n = self.x.size()[0];
-        let b = block_rows(self.tri.weight.size()[0]);
-        for start in (0..n).step_by(b as usize) {
-            let len = b.min(n - start);
+        for (start, len) in blocks(n, block_rows(self.tri.weight.size()[0])) {
             let xb = self.x.narrow(0, start, len);
             match &self.products {
                 Some(z) => f(start, &xb, &z.narrow(0, start, len)),
@@ -510,10 +513,8 @@ fn kmeans_labels(x: &Tensor, k: i64, seed: u64) -> Tensor {
             .sum_dim_intlist([1].as_slice(), false, Kind::Double);
         let w = Tensor::cat(&[c.transpose(0, 1) * -2.0, c_sq.unsqueeze(0)], 0);
         // [B, K] scores of ~1 MB stay in cache between the product and the argmin
-        let b = ((1 << 17) / k).max(64);
         let (mut labels, mut dist) = (Vec::new(), Vec::new());
-        for start in (0..n).step_by(b as usize) {
-            let len = b.min(n - start);
+        for (start, len) in blocks(n, ((1 << 17) / k).max(64)) {
             let scores = x1.narrow(0, start, len).matmul(&w);
             let (v, i) = scores.min_dim(1, false);
             dist.push((v + x_sq.narrow(0, start, len)).clamp_min(0.0));
